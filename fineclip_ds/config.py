@@ -1,0 +1,209 @@
+"""Typed run configuration: one dataclass tree, loaded from a recipe file plus `key=value` overrides.
+
+The DeepSpeed JSON stays the single source for ZeRO stage, precision, batch size per GPU,
+gradient accumulation and clipping; everything else about a run lives here. Validation happens in
+one place (`validate`) so a bad recipe fails at start with the field, the value and what was
+expected, never deep inside a step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+BACKENDS = ("auto", "triton", "torch")
+
+
+class ConfigError(ValueError):
+    """A recipe or override names an unknown field or gives a value outside what it allows."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "FineCLIP-ViT-T-8"  # an open_clip model name (ours are registered on import)
+    pretrained: str | None = None  # local open_clip / OpenAI checkpoint file; None = random init
+    freeze_text: bool = True  # FineCLIP trains the image tower only
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    w_gc: float = 1.0  # global image-text contrastive
+    w_sd: float = 1.0  # region self-distillation
+    w_rc: float = 1.0  # regional (region-caption) contrastive
+    sd_teacher_grad: bool = True  # FineCLIP's code lets gradient flow through the crop teacher
+    crop_enlarge: float = 1.5  # self-distillation crops are the box enlarged by this factor
+
+
+@dataclass
+class KernelConfig:
+    region_pool: str = "auto"  # triton | torch | auto (triton on CUDA)
+    contrastive: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | webdataset
+    train_shards: str | None = None  # brace pattern or path of webdataset shards
+    world_seed: int = 0  # seed of the built-in shapes world
+    world_image_size: int = 128  # resolution the shapes world renders at
+    max_boxes: int = 20
+    num_workers: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    seed: int = 0
+    output_dir: str = "runs/default"
+    resume: str | None = None  # None | "auto" | a checkpoint directory
+    save_every: int = 100
+    keep_last: int = 3
+    log_every: int = 10
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field's annotation, converting YAML ints to floats where allowed."""
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{path}: null is not allowed (expected {_type_names(allowed)})")
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool) and isinstance(value, kind):
+            return value
+    raise ConfigError(f"{path}: {value!r} is a {type(value).__name__}, expected {_type_names(allowed)}")
+
+
+def _type_names(kinds: tuple) -> str:
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _merge(section: Any, values: dict[str, Any], prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(section))
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(hints))})")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{path}.")
+        else:
+            setattr(section, key, _coerce(path, value, hints[key]))
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A recipe is a file path or the name of a built-in recipe in fineclip_ds/recipes."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    for suffix in (".yaml", ".yml", ".json"):
+        candidate = RECIPE_DIR / f"{recipe}{suffix}"
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    raise ConfigError(f"recipe '{recipe}' is neither a file nor a built-in recipe ({', '.join(known)})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=10` -> (["train", "max_steps"], 10); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults <- recipe file <- overrides, then validated."""
+    config = RunConfig()
+    if recipe is not None:
+        path = resolve_recipe_path(recipe)
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        _merge(config, values or {}, "")
+    for override in overrides:
+        keys, value = parse_override(override)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _merge(config, nested, "")
+    validate(config)
+    return config
+
+
+def _require(condition: bool, field_path: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_path}: got {value!r}, expected {expected}")
+
+
+def validate(config: RunConfig) -> None:
+    """Cross-field and range checks; each message names the field, the value and what is allowed."""
+    _require(config.kernels.region_pool in BACKENDS, "kernels.region_pool", config.kernels.region_pool, f"one of {BACKENDS}")
+    _require(config.kernels.contrastive in BACKENDS, "kernels.contrastive", config.kernels.contrastive, f"one of {BACKENDS}")
+    _require(config.data.source in ("synthetic", "webdataset"), "data.source", config.data.source, "'synthetic' or 'webdataset'")
+    _require(
+        config.data.source != "webdataset" or bool(config.data.train_shards),
+        "data.train_shards", config.data.train_shards, "a shard path or brace pattern when data.source is 'webdataset'",
+    )
+    _require(config.data.max_boxes >= 1, "data.max_boxes", config.data.max_boxes, "an integer >= 1")
+    _require(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "an integer >= 0")
+    _require(config.data.world_image_size >= 16, "data.world_image_size", config.data.world_image_size, "an integer >= 16")
+    for name in ("w_gc", "w_sd", "w_rc"):
+        weight = getattr(config.losses, name)
+        _require(weight >= 0, f"losses.{name}", weight, "a weight >= 0")
+    _require(
+        config.losses.w_gc + config.losses.w_sd + config.losses.w_rc > 0,
+        "losses", (config.losses.w_gc, config.losses.w_sd, config.losses.w_rc), "at least one positive loss weight",
+    )
+    _require(config.losses.crop_enlarge >= 1.0, "losses.crop_enlarge", config.losses.crop_enlarge, "a factor >= 1.0")
+    _require(config.optim.lr > 0, "optim.lr", config.optim.lr, "a learning rate > 0")
+    _require(config.optim.weight_decay >= 0, "optim.weight_decay", config.optim.weight_decay, "a value >= 0")
+    _require(0 <= config.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", config.optim.min_lr_ratio, "a value in [0, 1]")
+    _require(config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps, "an integer >= 0")
+    _require(config.train.max_steps >= 1, "train.max_steps", config.train.max_steps, "an integer >= 1")
+    _require(config.train.save_every >= 1, "train.save_every", config.train.save_every, "an integer >= 1")
+    _require(config.train.keep_last >= 1, "train.keep_last", config.train.keep_last, "an integer >= 1")
+    _require(config.train.log_every >= 1, "train.log_every", config.train.log_every, "an integer >= 1")
+    resume = config.train.resume
+    _require(
+        resume is None or resume == "auto" or Path(resume).is_dir(),
+        "train.resume", resume, "null, 'auto' or an existing checkpoint directory",
+    )
+    pretrained = config.model.pretrained
+    _require(pretrained is None or Path(pretrained).is_file(), "model.pretrained", pretrained, "null or an existing checkpoint file")

@@ -1,0 +1,54 @@
+"""Region operations on image tensors and dense token maps: RoIAlign pooling and teacher crops."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+
+def pool_regions(
+    dense: torch.Tensor,
+    boxes: torch.Tensor,
+    grid_hw: tuple[int, int],
+    spatial_scale: float,
+    box_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """RoIAlign (1x1, adaptive sampling, aligned=True) of each box on the token map, L2-normalised.
+
+    dense: [B, h*w, D]; boxes: [B, R, 4] xyxy input pixels; box_mask: [B, R] -> [B, R, D], masked rows 0.
+    """
+    del backend  # single torch path until the fused kernel lands
+    batch, regions = boxes.shape[:2]
+    channels = dense.shape[-1]
+    feature_map = dense.transpose(1, 2).reshape(batch, channels, *grid_hw)
+    pooled = roi_align(feature_map, list(boxes.to(dense.dtype)), output_size=1, spatial_scale=spatial_scale,
+                       sampling_ratio=-1, aligned=True).view(batch, regions, channels)
+    if box_mask is not None:
+        pooled = pooled * box_mask.unsqueeze(-1).to(pooled.dtype)
+    return F.normalize(pooled, dim=-1)
+
+
+def enlarge_boxes(boxes: torch.Tensor, factor: float, image_hw: tuple[int, int]) -> torch.Tensor:
+    """Scale boxes about their centres by `factor`, clipped to the image. boxes: [..., 4] xyxy."""
+    centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+    half = (boxes[..., 2:] - boxes[..., :2]) * factor / 2
+    upper = boxes.new_tensor([image_hw[1], image_hw[0]])
+    top_left = torch.maximum(centre - half, torch.zeros_like(centre))
+    bottom_right = torch.minimum(centre + half, upper)
+    return torch.cat([top_left, bottom_right], dim=-1)
+
+
+def crop_regions(
+    images: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor, enlarge: float, out_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Crops of every valid box, enlarged and resized to the model's input size (the teacher's view).
+
+    images: [B, 3, H, W]; boxes: [B, R, 4] xyxy pixels; box_mask: [B, R] -> [n_valid, 3, *out_hw],
+    in row-major (b, r) order of the valid boxes. Adaptive RoIAlign sampling averages several points
+    per output pixel, so large boxes are downsampled without aliasing.
+    """
+    crop_boxes = enlarge_boxes(boxes, enlarge, images.shape[-2:])
+    batch_index = torch.arange(images.shape[0], device=images.device).unsqueeze(1).expand_as(box_mask)
+    rois = torch.cat([batch_index[box_mask].unsqueeze(1).to(images.dtype), crop_boxes[box_mask].to(images.dtype)], dim=1)
+    return roi_align(images, rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
