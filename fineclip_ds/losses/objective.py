@@ -40,6 +40,7 @@ class FineCLIPObjective(nn.Module):
         return embeddings[:batch], region_embeddings
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns the weighted total and, detached for reporting, each loss term and the logit scale."""
         # batch: images [B,3,H,W], texts [B,L], boxes [B,R,4] xyxy pixels, box_mask [B,R], region_texts [B,R,L]
         images, boxes, box_mask = batch["images"], batch["boxes"], batch["box_mask"]
         logit_scale = self.model.logit_scale()
@@ -58,4 +59,6 @@ class FineCLIPObjective(nn.Module):
         if self.weights["rc"] > 0:
             terms["rc"] = self.regional_contrastive(region_features, region_text_embeddings, box_mask, logit_scale)
         total = sum(self.weights[name] * value for name, value in terms.items())
-        return total, {name: value.detach() for name, value in terms.items()}
+        report = {name: value.detach() for name, value in terms.items()}
+        report["logit_scale"] = logit_scale.detach()
+        return total, report

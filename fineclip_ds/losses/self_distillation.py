@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from fineclip_ds.losses.distributed import all_reduce_sum, world_size
@@ -21,9 +22,9 @@ class SelfDistillationLoss(nn.Module):
         self.group = group
 
     def forward(self, region_features: torch.Tensor, teacher_features: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
-        # region_features: [B, R, D] normalised; teacher_features: [n_valid, D] normalised, (b, r)
+        # region_features: [B, R, D]; teacher_features: [n_valid, D] in (b, r)
         # row-major order of the valid boxes; box_mask: [B, R]
-        cosine = (region_features[box_mask] * teacher_features).sum(dim=-1)
+        cosine = F.cosine_similarity(region_features[box_mask], teacher_features, dim=-1)
         total = all_reduce_sum(box_mask.sum().to(torch.float32), self.group)
         if total.item() == 0:
             return region_features.sum() * 0.0

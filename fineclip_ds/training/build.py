@@ -1,0 +1,33 @@
+"""Config -> the pieces a run needs: model, objective and this rank's data stream."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fineclip_ds.config import DataConfig
+from fineclip_ds.data.collate import RegionCollator
+from fineclip_ds.data.shapes_world import ShapesWorld
+from fineclip_ds.data.streams import SyntheticStream, WebDatasetStream
+from fineclip_ds.data.transforms import RegionTransform
+
+
+def build_train_stream(
+    config: DataConfig,
+    image_size: int,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    local_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+) -> SyntheticStream | WebDatasetStream:
+    """The built-in shapes world by default; webdataset shards in the training format otherwise."""
+    transform = RegionTransform(image_size, *normalization)
+    collator = RegionCollator(tokenizer, config.max_boxes)
+    if config.source == "synthetic":
+        world = ShapesWorld(seed=config.world_seed, image_size=config.world_image_size)
+        return SyntheticStream(world, transform, collator, local_batch, rank, world_size, num_workers=config.num_workers)
+    return WebDatasetStream(
+        config.train_shards, transform, collator, local_batch, rank, world_size, num_workers=config.num_workers, seed=seed
+    )

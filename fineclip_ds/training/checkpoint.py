@@ -1,0 +1,95 @@
+"""Checkpoints: DeepSpeed's model/optimizer/scheduler state plus, per rank, the data position and RNG.
+
+Layout: <output_dir>/checkpoints/<tag>/ with DeepSpeed's files and trainer_state_rank<r>.pt; the
+`latest` file beside the tags is written by DeepSpeed last, after every rank's own state is on disk.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TAG_PREFIX = "step_"
+
+
+def tag_for_step(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class ResumePoint:
+    directory: Path  # the folder holding the tags and `latest`
+    tag: str
+
+
+def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint | None:
+    """`auto`: the latest checkpoint under this run's checkpoint folder, or none (fresh start).
+    A path: a checkpoint folder (with `latest`) or one tag folder inside it."""
+    if resume is None:
+        return None
+    directory = checkpoint_dir if resume == "auto" else Path(resume)
+    latest = directory / "latest"
+    if latest.is_file():
+        return ResumePoint(directory, latest.read_text().strip())
+    if resume != "auto" and directory.is_dir() and directory.name.startswith(TAG_PREFIX):
+        return ResumePoint(directory.parent, directory.name)
+    if resume == "auto":
+        return None
+    raise FileNotFoundError(f"--resume {resume}: no 'latest' file and not a checkpoint tag folder ({TAG_PREFIX}N)")
+
+
+def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the tag folder."""
+    tag = tag_for_step(step)
+    tag_dir = checkpoint_dir / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({**trainer_state, "rng": rng_state()}, tag_dir / f"trainer_state_rank{engine.global_rank}.pt")
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step})
+    if dist.is_initialized():
+        dist.barrier()
+    if engine.global_rank == 0:
+        _prune(checkpoint_dir, keep_last)
+    return tag_dir
+
+
+def _prune(checkpoint_dir: Path, keep_last: int) -> None:
+    tags = sorted(p for p in checkpoint_dir.glob(f"{TAG_PREFIX}*") if p.is_dir())
+    for old in tags[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(engine, point: ResumePoint) -> dict[str, Any]:
+    """Collective. Restores engine state and RNG; returns this rank's trainer state (step, data position)."""
+    state_file = point.directory / point.tag / f"trainer_state_rank{engine.global_rank}.pt"
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"{state_file} is missing: the checkpoint was written by a different number of ranks "
+            f"or is incomplete; resume with the world size it was saved with"
+        )
+    loaded, _ = engine.load_checkpoint(str(point.directory), tag=point.tag)
+    if loaded is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint at {point.directory}/{point.tag}")
+    state = torch.load(state_file, weights_only=False)
+    set_rng_state(state.pop("rng"))
+    return state

@@ -1,0 +1,128 @@
+"""The training loop: build from config, apply DeepSpeed, step, report, checkpoint, resume."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fineclip_ds.config import RunConfig
+from fineclip_ds.losses.objective import FineCLIPObjective
+from fineclip_ds.models.factory import create_fineclip
+from fineclip_ds.training import checkpoint
+from fineclip_ds.training.build import build_train_stream
+from fineclip_ds.training.metrics import Throughput, peak_memory_mb
+from fineclip_ds.training.monitor import Monitor
+from fineclip_ds.training.optimizer import build_optimizer, build_scheduler
+from fineclip_ds.training.parallelize import adapt_precision_to_device, initialize, load_deepspeed_config
+
+log = logging.getLogger("fineclip_ds")
+BATCH_TENSORS = ("images", "texts", "boxes", "box_mask", "region_texts")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, image_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    moved = {key: batch[key].to(device, non_blocking=True) for key in BATCH_TENSORS}
+    moved["images"] = moved["images"].to(image_dtype)
+    return moved
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
+    names = sorted(values)
+    stacked = torch.stack([values[name].float().reshape(()) for name in names])
+    if world_size > 1:
+        dist.all_reduce(stacked)
+        stacked /= world_size
+    return dict(zip(names, stacked.tolist()))
+
+
+def _sum_counters_over_ranks(counter: Counter, world_size: int) -> Counter:
+    if world_size == 1:
+        return counter
+    gathered: list[Counter] = [Counter() for _ in range(world_size)]
+    dist.all_gather_object(gathered, counter)
+    return sum(gathered, Counter())
+
+
+def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
+    """Run to `config.train.max_steps`; returns the last step's rank-averaged loss terms."""
+    deepspeed.init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    on_gpu = torch.cuda.is_available()
+    output_dir = Path(config.train.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+
+    seed_everything(config.train.seed)
+    model, tokenizer, normalization = create_fineclip(config.model)
+    objective = FineCLIPObjective(model, config.losses, config.kernels)
+    optimizer = build_optimizer(objective, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
+    ds_config = adapt_precision_to_device(load_deepspeed_config(deepspeed_config_path), on_gpu)
+    engine = initialize(objective, optimizer, scheduler, ds_config, model.parameters_read_outside_owner_forward())
+    image_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    micro_batch, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+
+    stream = build_train_stream(
+        config.data, model.image_size[0], normalization, tokenizer, micro_batch, rank, world_size, config.train.seed
+    )
+    start_step = 0
+    resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
+    if resume_point is not None:
+        state = checkpoint.load(engine, resume_point)
+        start_step = state["step"]
+        stream.load_state_dict(state["stream"])
+        log.info("resumed from %s/%s at step %d", resume_point.directory, resume_point.tag, start_step)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    monitor = Monitor(output_dir, config.train.max_steps, start_step, enabled=rank == 0)
+    throughput = Throughput()
+    data_counts: Counter = Counter()
+    batches = iter(stream)
+    last: dict[str, float] = {}
+    engine.train()
+    for step in range(start_step, config.train.max_steps):
+        step_terms: list[dict[str, torch.Tensor]] = []
+        for _ in range(accumulation):
+            batch = next(batches)
+            data_counts.update(batch["data_stats"])
+            loss, terms = engine(_to_device(batch, engine.device, image_dtype))
+            engine.backward(loss)
+            engine.step()
+            step_terms.append({"total": loss.detach(), **terms})
+        throughput.update(micro_batch * accumulation * world_size)
+        averaged = {name: torch.stack([t[name] for t in step_terms]).mean() for name in step_terms[0]}
+        last = _mean_over_ranks(averaged, world_size)
+        done = step + 1
+        is_log_step = done % config.train.log_every == 0 or done == config.train.max_steps
+        speed = throughput.read() if is_log_step else None
+        monitor.step(done, last["total"], speed["samples_per_s"] if speed else None)
+        if is_log_step:
+            counts = _sum_counters_over_ranks(data_counts, world_size)
+            scalars = {f"loss/{name}": value for name, value in last.items() if name != "logit_scale"}
+            scalars.update({
+                "train/lr": engine.get_lr()[0],
+                "train/logit_scale": last["logit_scale"],
+                "perf/samples_per_s": speed["samples_per_s"],
+                "perf/step_time_s": speed["step_time_s"],
+                "perf/peak_memory_mb": peak_memory_mb(),
+            })
+            scalars.update({f"data/{reason}": float(count) for reason, count in counts.items()})
+            monitor.scalars(done, scalars)
+        if done % config.train.save_every == 0 or done == config.train.max_steps:
+            checkpoint.save(engine, checkpoint_dir, done, {"step": done, "stream": stream.state_dict()}, config.train.keep_last)
+    monitor.close()
+    return last

@@ -1,0 +1,54 @@
+"""Where a run reports: TensorBoard scalars, a JSON-lines log, plain log lines and a tqdm bar (rank 0)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger("fineclip_ds")
+
+
+class Monitor:
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self._writer = None
+        self._bar = None
+        self._jsonl = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._writer = SummaryWriter(str(output_dir / "tensorboard"))
+        self._jsonl = (output_dir / "metrics.jsonl").open("a")
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def step(self, step: int, loss: float, samples_per_s: float | None) -> None:
+        """Every step: the bar, and one JSON line (the loss curve that resume tests compare)."""
+        if not self.enabled:
+            return
+        self._bar.update(1)
+        postfix = {"loss": f"{loss:.4f}"}
+        if samples_per_s is not None:
+            postfix["samples/s"] = f"{samples_per_s:.1f}"
+        self._bar.set_postfix(postfix)
+        self._jsonl.write(json.dumps({"step": step, "loss": loss}) + "\n")
+        self._jsonl.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step)
+        self._writer.flush()
+        text = " ".join(f"{name}={value:.4g}" for name, value in sorted(values.items()))
+        self._bar.write(f"step {step}: {text}")
+        log.info("step %d: %s", step, text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.close()
+            self._writer.close()
+            self._jsonl.close()

@@ -1,0 +1,37 @@
+"""AdamW with open_clip's weight-decay split, and FineCLIP's warmup-then-cosine learning rate."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fineclip_ds.config import OptimConfig
+
+
+def _decays(name: str, param: nn.Parameter) -> bool:
+    """Biases, norms, embeddings-like 1-d tensors and the logit scale get no weight decay."""
+    return param.ndim >= 2 and "embedding" not in name and "logit_scale" not in name
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if _decays(n, p)], "weight_decay": config.weight_decay},
+        {"params": [p for n, p in named if not _decays(n, p)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup from 1/warmup to 1, then cosine down to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, config.warmup_steps, total_steps, config.min_lr_ratio)
+    )

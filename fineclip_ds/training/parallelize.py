@@ -1,0 +1,65 @@
+"""Apply DeepSpeed to a plain objective: read and check the JSON, pick the precision the device
+supports, tell ZeRO-3 about parameters read outside their owner's forward, initialise the engine."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class DeepSpeedConfigError(ValueError):
+    """The DeepSpeed JSON is missing, unreadable or asks for something this machine cannot do."""
+
+
+def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"--deepspeed_config: {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DeepSpeedConfigError(f"--deepspeed_config: {path} is not valid JSON ({error})") from error
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"{path}: zero_optimization.stage is {stage!r}, expected 0, 1, 2 or 3")
+    if "train_micro_batch_size_per_gpu" not in config and "train_batch_size" not in config:
+        raise DeepSpeedConfigError(f"{path}: set train_micro_batch_size_per_gpu (the batch size per GPU)")
+    return config
+
+
+def adapt_precision_to_device(config: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
+    """bf16/fp16 on a CPU run: an explicit, logged fallback to fp32 rather than a crash inside DeepSpeed."""
+    config = copy.deepcopy(config)
+    if on_gpu:
+        return config
+    for key in ("bf16", "fp16"):
+        if config.get(key, {}).get("enabled", False):
+            log.warning("%s is enabled in the DeepSpeed config but there is no GPU: training in fp32 instead", key)
+            config[key]["enabled"] = False
+    return config
+
+
+def register_zero3_external_parameters(objective: nn.Module, parameters: list[nn.Parameter]) -> None:
+    for parameter in parameters:
+        deepspeed.zero.register_external_parameter(objective, parameter)
+
+
+def initialize(
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: dict[str, Any],
+    external_parameters: list[nn.Parameter],
+) -> deepspeed.DeepSpeedEngine:
+    if config.get("zero_optimization", {}).get("stage", 0) == 3:
+        register_zero3_external_parameters(objective, external_parameters)
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine

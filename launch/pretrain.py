@@ -1,0 +1,59 @@
+"""FineCLIP pre-training entry point: `deepspeed launch/pretrain.py --deepspeed_config ds_configs/zero2.json`.
+
+Parse the command line, build the config, hand over to the training engine; no logic of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import deepspeed  # noqa: E402
+
+from fineclip_ds.config import ConfigError, load_config  # noqa: E402
+from fineclip_ds.training.engine import train  # noqa: E402
+from fineclip_ds.training.parallelize import DeepSpeedConfigError  # noqa: E402
+
+DEFAULT_RECIPE = "tiny-cpu"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or a YAML/JSON file")
+    parser.add_argument("--output_dir", help="run folder: tensorboard/, checkpoints/, metrics.jsonl")
+    parser.add_argument("--max_steps", type=int, help="optimizer steps to train for")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--resume", help="'auto' (latest checkpoint of this output_dir) or a checkpoint path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set losses.w_sd=0 (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.deepspeed_config:
+        parser.error("--deepspeed_config is required (e.g. ds_configs/zero2.json)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = list(args.set)
+    for field, value in (("output_dir", args.output_dir), ("max_steps", args.max_steps), ("seed", args.seed),
+                         ("resume", args.resume)):
+        if value is not None:
+            overrides.append(f"train.{field}={value}")
+    try:
+        config = load_config(args.recipe, overrides)
+        train(config, args.deepspeed_config)
+    except (ConfigError, DeepSpeedConfigError) as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from fineclip_ds.config import ModelConfig
+from fineclip_ds.models.factory import create_fineclip
+from fineclip_ds.models.regions import crop_regions, enlarge_boxes
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    model, tokenizer, _ = create_fineclip(ModelConfig(**overrides))
+    return model.eval(), tokenizer
+
+
+def test_global_head_equals_open_clip_encode_image():
+    model, _ = _model()
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.encode_image(images), F.normalize(model.clip.encode_image(images), dim=-1))
+
+
+def test_dense_path_is_value_only_last_block():
+    """Written out by hand: x + out_proj(v(ln_1 x)), then the MLP, then ln_post and proj per token."""
+    model, _ = _model()
+    images = torch.randn(2, 3, 64, 64)
+    dense, grid_hw = model.encode_dense(images)
+    block, visual = model.visual.transformer.resblocks[-1], model.visual
+    x = model._trunk(images)
+    width = x.shape[-1]
+    value = F.linear(block.ln_1(x), block.attn.in_proj_weight[2 * width:], block.attn.in_proj_bias[2 * width:])
+    x = x + block.attn.out_proj(value)
+    x = x + block.mlp(block.ln_2(x))
+    expected = F.normalize(visual.ln_post(x[:, 1:]) @ visual.proj, dim=-1)
+    assert grid_hw == (8, 8)
+    torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_region_features_are_roi_align_of_the_dense_map_normalised_and_masked():
+    model, _ = _model()
+    dense, grid_hw = model.encode_dense(torch.randn(2, 3, 64, 64))
+    boxes = torch.tensor([[[0.0, 0.0, 64.0, 64.0], [3.5, 9.0, 20.0, 17.5]], [[30.0, 1.0, 33.0, 60.0], [0, 0, 0, 0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    regions = model.region_features(dense, grid_hw, boxes, mask)
+    fmap = dense.transpose(1, 2).reshape(2, -1, *grid_hw)
+    expected = roi_align(fmap, list(boxes), output_size=1, spatial_scale=1 / 8, sampling_ratio=-1, aligned=True).flatten(1)
+    torch.testing.assert_close(regions[mask], F.normalize(expected, dim=-1)[mask.flatten()])
+    assert regions[1, 1].abs().max() == 0
+
+
+def test_logit_scale_is_a_vector_clamped_at_100():
+    model, _ = _model()
+    assert model.clip.logit_scale.shape == (1,)
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(10.0)
+    torch.testing.assert_close(model.logit_scale(), torch.tensor([100.0]))
+
+
+def test_text_tower_frozen_by_default_and_trainable_on_request():
+    frozen, _ = _model()
+    trainable, _ = _model(freeze_text=False)
+    assert not any(p.requires_grad for p in frozen.text_parameters())
+    assert all(p.requires_grad for p in trainable.text_parameters())
+    assert all(p.requires_grad for p in frozen.visual.parameters()) and frozen.clip.logit_scale.requires_grad
+
+
+def test_crops_are_enlarged_boxes_resized_to_the_input_size():
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    boxes = torch.tensor([[[4.0, 4.0, 8.0, 8.0]], [[0.0, 0.0, 16.0, 16.0]]])
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    torch.testing.assert_close(enlarge_boxes(boxes, 1.5, (16, 16)), torch.tensor([[[3.0, 3.0, 9.0, 9.0]], [[0.0, 0.0, 16.0, 16.0]]]))
+    crops = crop_regions(images, boxes, mask, 1.5, (16, 16))
+    assert crops.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(crops[1], images[1])  # the whole image, at its own size, is itself

@@ -1,0 +1,37 @@
+import pytest
+
+from fineclip_ds.config import ConfigError, load_config
+
+
+def test_recipe_then_overrides_take_precedence():
+    config = load_config("tiny-cpu", ["train.max_steps=7", "losses.w_sd=0", "optim.lr=2"])
+    assert config.train.max_steps == 7 and config.losses.w_sd == 0.0 and config.optim.lr == 2.0
+    assert config.model.name == "FineCLIP-ViT-T-8"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+    ("model.colour=red", "unknown config key 'model.colour'"),
+    ("optim.lr=fast", "optim.lr: 'fast' is a str, expected float"),
+    ("train.max_steps=0", "train.max_steps: got 0, expected an integer >= 1"),
+    ("kernels.region_pool=cuda", "kernels.region_pool: got 'cuda', expected one of"),
+    ("data.source=laion", "data.source: got 'laion'"),
+    ("data.source=webdataset", "data.train_shards"),
+    ("losses.w_gc=-1", "losses.w_gc: got -1.0"),
+    ("train.resume=/no/such/dir", "train.resume"),
+    ("model.pretrained=/no/such/file.pt", "model.pretrained"),
+    ("nonsense", "must look like section.key=value"),
+])
+def test_bad_values_are_rejected_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("tiny-cpu", [override])
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="tiny-cpu"):
+        load_config("no-such-recipe")
+
+
+def test_all_built_in_recipes_load():
+    for name in ("tiny-cpu", "vit-b-16", "vit-l-14-336"):
+        load_config(name)
