@@ -70,7 +70,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
+    max_steps: int = 300  # length of the run and of its learning-rate schedule
+    stop_at_step: int | None = None  # end this job early (with a checkpoint), e.g. to fit a cluster time slot
     seed: int = 0
     output_dir: str = "runs/default"
     resume: str | None = None  # None | "auto" | a checkpoint directory
@@ -197,6 +198,8 @@ def validate(config: RunConfig) -> None:
     _require(0 <= config.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", config.optim.min_lr_ratio, "a value in [0, 1]")
     _require(config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps, "an integer >= 0")
     _require(config.train.max_steps >= 1, "train.max_steps", config.train.max_steps, "an integer >= 1")
+    stop = config.train.stop_at_step
+    _require(stop is None or 1 <= stop <= config.train.max_steps, "train.stop_at_step", stop, "null or 1..train.max_steps")
     _require(config.train.save_every >= 1, "train.save_every", config.train.save_every, "an integer >= 1")
     _require(config.train.keep_last >= 1, "train.keep_last", config.train.keep_last, "an integer >= 1")
     _require(config.train.log_every >= 1, "train.log_every", config.train.log_every, "an integer >= 1")

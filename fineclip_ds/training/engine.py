@@ -94,7 +94,8 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     batches = iter(stream)
     last: dict[str, float] = {}
     engine.train()
-    for step in range(start_step, config.train.max_steps):
+    stop_step = config.train.stop_at_step or config.train.max_steps
+    for step in range(start_step, stop_step):
         step_terms: list[dict[str, torch.Tensor]] = []
         for _ in range(accumulation):
             batch = next(batches)
@@ -107,7 +108,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         averaged = {name: torch.stack([t[name] for t in step_terms]).mean() for name in step_terms[0]}
         last = _mean_over_ranks(averaged, world_size)
         done = step + 1
-        is_log_step = done % config.train.log_every == 0 or done == config.train.max_steps
+        is_log_step = done % config.train.log_every == 0 or done == stop_step
         speed = throughput.read() if is_log_step else None
         monitor.step(done, last["total"], speed["samples_per_s"] if speed else None)
         if is_log_step:
@@ -122,7 +123,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             })
             scalars.update({f"data/{reason}": float(count) for reason, count in counts.items()})
             monitor.scalars(done, scalars)
-        if done % config.train.save_every == 0 or done == config.train.max_steps:
+        if done % config.train.save_every == 0 or done == stop_step:
             checkpoint.save(engine, checkpoint_dir, done, {"step": done, "stream": stream.state_dict()}, config.train.keep_last)
     monitor.close()
     return last

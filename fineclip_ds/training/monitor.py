@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from tqdm import tqdm
-
-log = logging.getLogger("fineclip_ds")
 
 
 class Monitor:
@@ -45,7 +42,6 @@ class Monitor:
         self._writer.flush()
         text = " ".join(f"{name}={value:.4g}" for name, value in sorted(values.items()))
         self._bar.write(f"step {step}: {text}")
-        log.info("step %d: %s", step, text)
 
     def close(self) -> None:
         if self.enabled:

@@ -1,0 +1,43 @@
+"""Run launch/pretrain.py under the real `deepspeed` launcher in a subprocess, as a user would."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_ds_config(path: Path, micro_batch: int, stage: int, accumulation: int = 1) -> Path:
+    base = json.loads((REPO / "ds_configs" / f"zero{3 if stage == 3 else 2}.json").read_text())
+    base["train_micro_batch_size_per_gpu"] = micro_batch
+    base["gradient_accumulation_steps"] = accumulation
+    path.write_text(json.dumps(base))
+    return path
+
+
+def run_pretrain(processes: int, ds_config: Path, output_dir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LOCAL_SIZE": str(processes), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()),
+        str(REPO / "launch" / "pretrain.py"), "--deepspeed_config", str(ds_config), "--output_dir", str(output_dir),
+        "--set", "data.num_workers=0", "--set", "train.log_every=1", *args,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def losses(output_dir: Path) -> list[tuple[int, float]]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [(record["step"], record["loss"]) for record in map(json.loads, lines)]
