@@ -18,6 +18,7 @@ import yaml
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 BACKENDS = ("auto", "triton", "torch")
+ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "math")
 
 
 class ConfigError(ValueError):
@@ -29,7 +30,8 @@ class ModelConfig:
     name: str = "FineCLIP-ViT-T-8"  # an open_clip model name (ours are registered on import)
     pretrained: str | None = None  # local open_clip / OpenAI checkpoint file; None = random init
     freeze_text: bool = True  # FineCLIP trains the image tower only
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute each image block in backward (non-reentrant)
+    attention: str = "auto"  # auto | flash_attn | sdpa | math
 
 
 @dataclass
@@ -175,6 +177,7 @@ def _require(condition: bool, field_path: str, value: Any, expected: str) -> Non
 
 def validate(config: RunConfig) -> None:
     """Cross-field and range checks; each message names the field, the value and what is allowed."""
+    _require(config.model.attention in ATTENTION_BACKENDS, "model.attention", config.model.attention, f"one of {ATTENTION_BACKENDS}")
     _require(config.kernels.region_pool in BACKENDS, "kernels.region_pool", config.kernels.region_pool, f"one of {BACKENDS}")
     _require(config.kernels.contrastive in BACKENDS, "kernels.contrastive", config.kernels.contrastive, f"one of {BACKENDS}")
     _require(config.data.source in ("synthetic", "webdataset"), "data.source", config.data.source, "'synthetic' or 'webdataset'")

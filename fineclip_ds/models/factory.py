@@ -24,7 +24,9 @@ def create_fineclip(config: ModelConfig) -> tuple[FineCLIP, Tokenizer, tuple[tup
     if config.name not in open_clip.list_models():
         raise ValueError(f"model.name: '{config.name}' is not an open_clip model (see open_clip.list_models())")
     clip = open_clip.create_model(config.name, pretrained=config.pretrained, nonscalar_logit_scale=True)
-    model = FineCLIP(clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing)
+    model = FineCLIP(
+        clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing, attention=config.attention
+    )
     tokenizer = open_clip.get_tokenizer(config.name)
     mean = tuple(getattr(clip.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(getattr(clip.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)

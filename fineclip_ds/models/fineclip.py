@@ -5,9 +5,9 @@ both heads:
   - global: the last block as trained, class token -> ln_post -> proj (CLIP's image embedding);
   - dense: the last block with attention reduced to its value and output projections (no q.k
     mixing, as in CLIPSelf/FineCLIP), every patch token -> ln_post -> proj, L2-normalised.
-The value-only attention is run through the block's own forward with a diagonal attention mask
-(each token attends only to itself, so softmax weights are exactly 1 and the output is
-out_proj(v)); that keeps every parameter read inside its owner's forward, which ZeRO-3 needs.
+Attention runs through `fineclip_ds.models.attention.Attention` (flash-attn, SDPA or math), which
+keeps open_clip's parameter names and offers the value-only call; every submodule is still called
+through its own forward, which ZeRO-3 needs to gather its parameters.
 """
 from __future__ import annotations
 
@@ -18,13 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fineclip_ds.models.attention import use_attention_backend
 from fineclip_ds.models.regions import pool_regions
 
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
 class FineCLIP(nn.Module):
-    def __init__(self, clip: nn.Module, freeze_text: bool = True, grad_checkpointing: bool = False):
+    def __init__(
+        self, clip: nn.Module, freeze_text: bool = True, grad_checkpointing: bool = False, attention: str = "auto"
+    ):
         super().__init__()
         visual = clip.visual
         if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "transformer"):
@@ -34,6 +37,8 @@ class FineCLIP(nn.Module):
             )
         if tuple(clip.logit_scale.shape) != (1,):
             raise ValueError("the CLIP model must be built with nonscalar_logit_scale=True (DeepSpeed needs shape [1])")
+        use_attention_backend(visual.transformer, attention)
+        use_attention_backend(clip.transformer, attention)
         self.clip = clip
         self.grad_checkpointing = grad_checkpointing
         if freeze_text:
@@ -75,29 +80,31 @@ class FineCLIP(nn.Module):
         # tokens: [N, L] -> [N, D] L2-normalised
         return F.normalize(self.clip.encode_text(tokens), dim=-1)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training:
-            return checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
-        return block(x, attn_mask=attn_mask)
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def _trunk(self, images: torch.Tensor) -> torch.Tensor:
         # images: [B, 3, H, W] -> tokens before the last block, [B, 1 + h*w, width] batch-first
         x = self.visual._embeds(images)
-        transformer = self.visual.transformer
-        if not transformer.batch_first:
-            x = x.transpose(0, 1)
-        for block in transformer.resblocks[:-1]:
+        for block in self.visual.transformer.resblocks[:-1]:
             x = self._run_block(block, x)
         return x
 
+    @staticmethod
+    def _value_only_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The last block with attention reduced to out_proj(v): no token mixing."""
+        x = x + block.ls_1(block.attn(block.ln_1(x), value_only=True)[0])
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
     def _last_block(self, x: torch.Tensor, value_only: bool) -> torch.Tensor:
-        transformer = self.visual.transformer
-        mask = None
-        if value_only:
-            n = x.shape[1] if transformer.batch_first else x.shape[0]
-            eye = torch.eye(n, dtype=torch.bool, device=x.device)
-            mask = torch.zeros(n, n, dtype=x.dtype, device=x.device).masked_fill_(~eye, float("-inf"))
-        return self._run_block(transformer.resblocks[-1], x, mask)
+        block = self.visual.transformer.resblocks[-1]
+        if not value_only:
+            return self._run_block(block, x)
+        if self.grad_checkpointing and self.training:
+            return checkpoint(self._value_only_block, block, x, use_reentrant=False)
+        return self._value_only_block(block, x)
 
     def _global_head(self, trunk: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.visual._pool(self._last_block(trunk, value_only=False))

@@ -1,0 +1,61 @@
+import copy
+
+import open_clip
+import pytest
+import torch
+from torch import nn
+
+import fineclip_ds.models.factory  # noqa: F401  (registers our model configs)
+from fineclip_ds.models.attention import Attention, use_attention_backend
+
+
+def _pair(backend: str, seed: int = 0):
+    torch.manual_seed(seed)
+    reference = nn.MultiheadAttention(48, 4, batch_first=True).double()
+    nn.init.normal_(reference.in_proj_bias)
+    ours = Attention.replacing(copy.deepcopy(reference), backend)
+    return reference, ours
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", "auto", "flash_attn"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_torch_multihead_attention_forward_and_backward(backend, causal):
+    reference, ours = _pair(backend)
+    x = torch.randn(3, 11, 48, dtype=torch.float64, requires_grad=True)
+    mask = torch.full((11, 11), float("-inf"), dtype=torch.float64).triu(1) if causal else None
+    expected = reference(x, x, x, need_weights=False, attn_mask=mask)[0]
+    got = ours(x, attn_mask=mask)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(got)
+    expected_grads = torch.autograd.grad(expected, [x, *reference.parameters()], grad)
+    got_grads = torch.autograd.grad(got, [x, *ours.parameters()], grad)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+
+
+def test_value_only_is_out_proj_of_value_projection():
+    reference, ours = _pair("sdpa")
+    x = torch.randn(2, 5, 48, dtype=torch.float64)
+    value = x @ reference.in_proj_weight[96:].T + reference.in_proj_bias[96:]
+    torch.testing.assert_close(ours(x, value_only=True)[0], reference.out_proj(value))
+
+
+def test_sdpa_agrees_with_math_in_float32():
+    _, sdpa = _pair("sdpa")
+    math_backend = copy.deepcopy(sdpa)
+    math_backend.backend = "math"
+    x = torch.randn(2, 17, 48, dtype=torch.float64).float()
+    torch.testing.assert_close(sdpa.float()(x)[0], math_backend.float()(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_open_clip_state_dict_names_are_unchanged():
+    clip = open_clip.create_model("FineCLIP-ViT-T-8")
+    before = {k: v.shape for k, v in clip.state_dict().items()}
+    use_attention_backend(clip.visual.transformer, "sdpa")
+    use_attention_backend(clip.transformer, "sdpa")
+    assert {k: v.shape for k, v in clip.state_dict().items()} == before
+
+
+def test_bad_backend_is_rejected():
+    with pytest.raises(ValueError, match="model.attention"):
+        Attention(8, 2, "xformers")
