@@ -1,0 +1,1 @@
+"""Region-text data: the built-in shapes world, webdataset shards, transforms and batching."""

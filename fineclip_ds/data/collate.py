@@ -1,0 +1,58 @@
+"""A list of transformed samples -> one padded batch, with the data counters it carries."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class TransformedSample:
+    image: torch.Tensor  # [3, S, S] normalised
+    caption: str
+    boxes: torch.Tensor  # [k, 4] xyxy pixels at S
+    region_captions: list[str]  # k, aligned with boxes
+    drops: Counter = field(default_factory=Counter)  # boxes and samples dropped on the way here
+
+
+class RegionCollator:
+    """Pads boxes to the batch's largest count (at most `max_boxes`) and tokenises every caption.
+
+    Boxes beyond `max_boxes` are dropped and counted ("box_over_max"). `data_stats` carries the
+    counts of everything dropped since the previous batch, plus the samples and regions kept.
+    """
+
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor], max_boxes: int):
+        if max_boxes < 1:
+            raise ValueError(f"max_boxes={max_boxes}: expected at least 1")
+        self.tokenizer = tokenizer
+        self.max_boxes = max_boxes
+
+    def __call__(self, samples: list[TransformedSample]) -> dict[str, object]:
+        stats: Counter = Counter()
+        for sample in samples:
+            stats.update(sample.drops)
+            stats["box_over_max"] += max(0, len(sample.boxes) - self.max_boxes)
+        counts = [min(len(sample.boxes), self.max_boxes) for sample in samples]
+        slots = max(1, max(counts))
+        boxes = torch.zeros(len(samples), slots, 4)
+        box_mask = torch.zeros(len(samples), slots, dtype=torch.bool)
+        region_captions = [[""] * slots for _ in samples]
+        for row, (sample, count) in enumerate(zip(samples, counts)):
+            boxes[row, :count] = sample.boxes[:count]
+            box_mask[row, :count] = True
+            region_captions[row][:count] = sample.region_captions[:count]
+        texts = self.tokenizer([sample.caption for sample in samples])
+        region_texts = self.tokenizer([caption for row in region_captions for caption in row])
+        stats["samples"] += len(samples)
+        stats["regions"] += sum(counts)
+        return {
+            "images": torch.stack([sample.image for sample in samples]),
+            "texts": texts,
+            "boxes": boxes,
+            "box_mask": box_mask,
+            "region_texts": region_texts.view(len(samples), slots, -1),
+            "data_stats": dict(+stats),  # a plain dict: DataLoader conversion would re-add a Counter into itself
+        }

@@ -1,0 +1,170 @@
+"""Endless, resumable per-rank batch streams: the built-in shapes world and webdataset shards.
+
+Both yield collated batches forever (epochs are an accounting detail at this scale) and expose
+state_dict()/load_state_dict() describing the batches the trainer has consumed, not the ones
+workers have prefetched, so a resumed run continues exactly where the checkpoint was taken.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from fineclip_ds.data.collate import RegionCollator, TransformedSample
+from fineclip_ds.data.records import decode_record
+from fineclip_ds.data.shapes_world import ShapesWorld
+from fineclip_ds.data.transforms import RegionTransform
+
+
+class _WorldSamples(Dataset):
+    def __init__(self, world: ShapesWorld, transform: RegionTransform):
+        self.world = world
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> TransformedSample:
+        sample = self.world.sample(index)
+        image, boxes, kept, drops = self.transform(sample.image, sample.boxes)
+        return TransformedSample(image, sample.caption, boxes, [sample.region_captions[i] for i in kept], drops)
+
+
+class SyntheticStream:
+    """Step s on rank r of a world of size w with local batch b draws world indices s*w*b + r*b + [0, b).
+
+    The concatenation of all ranks' batches is then the same global batch whatever w is, which is
+    what makes a 2-process run comparable to a 1-process run with twice the local batch.
+    """
+
+    def __init__(self, world: ShapesWorld, transform: RegionTransform, collator: RegionCollator, local_batch: int,
+                 rank: int, world_size: int, num_workers: int = 1):
+        self.world, self.transform, self.collator = world, transform, collator
+        self.local_batch, self.rank, self.world_size = local_batch, rank, world_size
+        self.num_workers = num_workers
+        self.next_step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_step": self.next_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_step = int(state["next_step"])
+
+    def _batch_indices(self, start_step: int) -> Iterator[list[int]]:
+        global_batch = self.local_batch * self.world_size
+        for step in itertools.count(start_step):
+            first = step * global_batch + self.rank * self.local_batch
+            yield list(range(first, first + self.local_batch))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = DataLoader(_WorldSamples(self.world, self.transform), batch_sampler=self._batch_indices(self.next_step),
+                            num_workers=self.num_workers, collate_fn=self.collator)
+        for batch in loader:
+            self.next_step += 1
+            yield batch
+
+
+def expand_shard_urls(urls: str | list[str]) -> list[str]:
+    """Brace patterns ("shards-{000000..000009}.tar") and '::'-separated lists -> shard URLs."""
+    from webdataset.shardlists import expand_urls
+
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    return [url for pattern in patterns for url in expand_urls(pattern)]
+
+
+class _ShardBatches(IterableDataset):
+    """Batches from one rank's shards; each DataLoader worker reads its own subset of them.
+
+    Every batch carries `position` = (reader, epoch, raw records read this epoch) so the stream can
+    record exactly where each reader stands in what the trainer consumed. DataLoader hands out
+    batches round-robin from worker 0, so on resume worker i plays reader (i + first_reader) % workers:
+    the reader whose turn was next when the checkpoint was taken goes first.
+    """
+
+    def __init__(self, shards: list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,
+                 seed: int, positions: dict[int, tuple[int, int]], first_reader: int):
+        self.shards, self.transform, self.collator = shards, transform, collator
+        self.local_batch, self.seed, self.positions = local_batch, seed, positions
+        self.first_reader = first_reader
+
+    def _records(self, shards: list[str], skip: int, pending: Counter) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        def count_and_continue(error: Exception) -> bool:
+            pending["corrupt_shard"] += 1
+            return True
+
+        dataset = wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                 handler=count_and_continue, empty_check=False)
+        return itertools.islice(iter(dataset), skip, None)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (worker + self.first_reader) % workers
+        shards = self.shards[worker::workers]
+        epoch, read = self.positions.get(worker, (0, 0))
+        pending: Counter = Counter()
+        while True:
+            order = np.random.default_rng([self.seed, worker, epoch]).permutation(len(shards))
+            samples: list[TransformedSample] = []
+            for record in self._records([shards[i] for i in order], read, pending):
+                read += 1
+                sample, drops = decode_record(record, self.transform)
+                pending.update(drops)
+                if sample is None:
+                    continue
+                samples.append(sample)
+                if len(samples) == self.local_batch:
+                    samples[0].drops.update(pending)
+                    pending.clear()
+                    batch = self.collator(samples)
+                    batch["position"] = (worker, epoch, read)
+                    yield batch
+                    samples = []
+            if read == 0:
+                raise RuntimeError(f"no readable records in shards {shards}")
+            epoch, read = epoch + 1, 0  # an incomplete last batch rolls into the next epoch's records
+
+
+class WebDatasetStream:
+    """Training-format webdataset shards (image, txt, json {boxes, region_captions}), split by rank then worker.
+
+    Corrupt images, bad annotations, missing fields and unreadable shards are skipped and counted in
+    each batch's data_stats; resuming restarts every worker at its recorded raw-record position.
+    """
+
+    def __init__(self, urls: str | list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,
+                 rank: int, world_size: int, num_workers: int = 1, seed: int = 0):
+        shards = expand_shard_urls(urls)
+        readers = world_size * max(1, num_workers)
+        if len(shards) < readers:
+            raise ValueError(f"data.train_shards={urls!r}: {len(shards)} shards for {world_size} ranks x "
+                             f"{max(1, num_workers)} workers; expected at least {readers} (one per reader)")
+        self.shards = shards[rank::world_size]
+        self.transform, self.collator, self.local_batch = transform, collator, local_batch
+        self.num_workers, self.seed = num_workers, seed
+        self.positions: dict[int, tuple[int, int]] = {}
+        self.batches = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "batches": self.batches, "positions": dict(self.positions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_workers"] != self.num_workers:
+            raise ValueError(f"data.num_workers={self.num_workers}: the checkpoint's data positions were recorded "
+                             f"with {state['num_workers']} workers; resume with the same number")
+        self.positions = {int(worker): tuple(position) for worker, position in state["positions"].items()}
+        self.batches = int(state["batches"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        readers = max(1, self.num_workers)
+        dataset = _ShardBatches(self.shards, self.transform, self.collator, self.local_batch, self.seed,
+                                dict(self.positions), first_reader=self.batches % readers)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        for batch in loader:
+            reader, epoch, read = batch.pop("position")
+            self.positions[int(reader)] = (int(epoch), int(read))
+            self.batches += 1
+            yield batch

@@ -1,0 +1,62 @@
+"""Image + boxes -> model-ready tensors, with every dropped box counted by reason.
+
+Images are resized to the model's square input without cropping, so that no box is cut off by a
+centre crop; boxes are scaled with the image. A bad box is dropped and counted, never fatal.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+MIN_BOX_SIDE_PX = 1.0  # at model resolution: thinner boxes pool less than one token's worth
+
+
+def validate_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) -> tuple[list[list[float]], list[int], Counter]:
+    """Keep boxes that overlap the image (clipped to it); returns (kept, their indices, drops by reason)."""
+    kept: list[list[float]] = []
+    kept_index: list[int] = []
+    drops: Counter = Counter()
+    for index, box in enumerate(boxes):
+        if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
+            drops["box_not_finite"] += 1
+            continue
+        x1, y1, x2, y2 = map(float, box)
+        if x2 <= x1 or y2 <= y1:
+            drops["box_non_positive"] += 1
+            continue
+        x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
+        if x2 <= x1 or y2 <= y1:
+            drops["box_outside"] += 1
+            continue
+        kept.append([x1, y1, x2, y2])
+        kept_index.append(index)
+    return kept, kept_index, drops
+
+
+class RegionTransform:
+    """PIL image + xyxy pixel boxes -> (normalised [3, S, S] tensor, [k, 4] boxes at S, kept indices, drops)."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.image_size = image_size
+        self.mean = list(mean)
+        self.std = list(std)
+
+    def __call__(self, image: Image.Image, boxes: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, list[int], Counter]:
+        width, height = image.size
+        kept, kept_index, drops = validate_boxes(boxes, width, height)
+        resized = TF.resize(image.convert("RGB"), [self.image_size, self.image_size],
+                            interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        tensor = TF.normalize(TF.to_tensor(resized), self.mean, self.std)
+        scale = torch.tensor([self.image_size / width, self.image_size / height] * 2)
+        scaled = torch.tensor(kept, dtype=torch.float32).reshape(-1, 4) * scale
+        large_enough = ((scaled[:, 2:] - scaled[:, :2]) >= MIN_BOX_SIDE_PX).all(dim=1)
+        if not bool(large_enough.all()):
+            drops["box_too_small"] += int((~large_enough).sum())
+            kept_index = [index for index, keep in zip(kept_index, large_enough.tolist()) if keep]
+            scaled = scaled[large_enough]
+        return tensor, scaled, kept_index, drops

@@ -1,0 +1,110 @@
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fineclip_ds.data.collate import RegionCollator
+from fineclip_ds.data.shapes_world import ShapesWorld
+from fineclip_ds.data.streams import SyntheticStream, WebDatasetStream
+from fineclip_ds.data.transforms import RegionTransform
+from tests.data.helpers import MEAN, STD, captions, char_tokenizer, defective_records, world_records, write_shard
+
+IMAGE_SIZE = 32
+
+
+def _parts():
+    return RegionTransform(IMAGE_SIZE, MEAN, STD), RegionCollator(char_tokenizer, max_boxes=6)
+
+
+def _synthetic(local_batch: int, rank: int, world_size: int, workers: int = 0) -> SyntheticStream:
+    return SyntheticStream(ShapesWorld(seed=1, image_size=48), *_parts(), local_batch, rank, world_size, num_workers=workers)
+
+
+def _take(stream, count: int) -> list[dict]:
+    return list(itertools.islice(iter(stream), count))
+
+
+def _same_batch(a: dict, b: dict) -> None:
+    for key in ("images", "texts", "boxes", "box_mask", "region_texts"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_ranks_split_the_same_global_batch_as_one_process():
+    single = _take(_synthetic(4, 0, 1), 2)
+    rank0, rank1 = _take(_synthetic(2, 0, 2), 2), _take(_synthetic(2, 1, 2), 2)
+    for step in range(2):
+        joined_captions = captions(rank0[step]["texts"]) + captions(rank1[step]["texts"])
+        assert joined_captions == captions(single[step]["texts"])
+        torch.testing.assert_close(torch.cat([rank0[step]["images"], rank1[step]["images"]]), single[step]["images"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_synthetic_stream_resumes_at_the_consumed_step_despite_prefetch(workers):
+    uninterrupted = _take(_synthetic(3, 0, 1, workers), 5)
+    first = _synthetic(3, 0, 1, workers)
+    _take(first, 3)
+    resumed = _synthetic(3, 0, 1, workers)
+    resumed.load_state_dict(first.state_dict())
+    for expected, got in zip(uninterrupted[3:], _take(resumed, 2)):
+        _same_batch(expected, got)
+
+
+@pytest.fixture
+def shard_dir(tmp_path: Path) -> Path:
+    world = ShapesWorld(seed=2, image_size=40)
+    for shard in range(4):
+        write_shard(tmp_path / f"good-{shard}.tar", world_records(world, range(shard * 5, shard * 5 + 5)))
+    write_shard(tmp_path / "good-4.tar", world_records(world, range(20, 22)) + defective_records())
+    (tmp_path / "good-5.tar").write_bytes(b"this is not a tar archive" * 40)
+    return tmp_path
+
+
+def _wds(shard_dir: Path, local_batch: int, rank: int = 0, world_size: int = 1, workers: int = 0) -> WebDatasetStream:
+    return WebDatasetStream(str(shard_dir / "good-{0..5}.tar"), *_parts(), local_batch, rank, world_size,
+                            num_workers=workers, seed=7)
+
+
+def test_one_epoch_reads_every_good_record_once_and_counts_every_defect(shard_dir):
+    # 22 good records + 1 readable record with bad boxes = 23 samples; batches of 23 -> one epoch each
+    epoch = _take(_wds(shard_dir, local_batch=23), 2)
+    seen = captions(epoch[0]["texts"])
+    world = ShapesWorld(seed=2, image_size=40)
+    expected = [world.sample(i).caption for i in range(22)] + ["bad boxes"]
+    assert sorted(seen) == sorted(expected)
+    stats = epoch[0]["data_stats"]
+    assert stats["corrupt_image"] == 1 and stats["missing_image"] == 1 and stats["bad_json"] == 2
+    assert stats["box_non_positive"] == 1 and stats["box_outside"] == 1 and stats["box_too_small"] == 1
+    assert stats["box_not_finite"] == 1 and stats["corrupt_shard"] >= 1
+    assert stats["samples"] == 23
+    bad_boxes_row = seen.index("bad boxes")
+    assert epoch[0]["box_mask"][bad_boxes_row].sum() == 1
+    assert sorted(captions(epoch[1]["texts"])) == sorted(expected)  # the next epoch, reshuffled, complete again
+
+
+def test_ranks_and_workers_read_disjoint_shards(shard_dir):
+    seen: list[str] = []
+    for rank in range(2):
+        stream = _wds(shard_dir, local_batch=1, rank=rank, world_size=2, workers=2)
+        batches = _take(stream, 24)
+        seen += [c for batch in batches for c in captions(batch["texts"])]
+    world = ShapesWorld(seed=2, image_size=40)
+    assert set(seen) >= {world.sample(i).caption for i in range(22)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_stream_resumes_exactly(shard_dir, workers):
+    uninterrupted = _take(_wds(shard_dir, 4, workers=workers), 9)
+    first = _wds(shard_dir, 4, workers=workers)
+    _take(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoints must survive serialisation
+    resumed = _wds(shard_dir, 4, workers=workers)
+    resumed.load_state_dict(state)
+    for expected, got in zip(uninterrupted[5:], _take(resumed, 4)):
+        _same_batch(expected, got)
+
+
+def test_too_few_shards_for_the_readers_is_a_clear_error(shard_dir):
+    with pytest.raises(ValueError, match="6 shards for 4 ranks x 2 workers"):
+        _wds(shard_dir, 2, rank=0, world_size=4, workers=2)

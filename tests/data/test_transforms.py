@@ -1,0 +1,28 @@
+import torch
+from PIL import Image
+
+from fineclip_ds.data.transforms import RegionTransform, validate_boxes
+from tests.data.helpers import MEAN, STD
+
+
+def test_each_bad_box_is_dropped_and_counted_by_reason():
+    boxes = [[0, 0, 10, 10], [5, 5, 2, 9], [float("inf"), 0, 1, 1], [200, 200, 300, 300], [-5, 90, 20, 140], [1, 2, 3]]
+    kept, index, drops = validate_boxes(boxes, width=100, height=100)
+    assert kept == [[0, 0, 10, 10], [0, 90, 20, 100]]
+    assert index == [0, 4]
+    assert drops == {"box_non_positive": 1, "box_not_finite": 2, "box_outside": 1}
+
+
+def test_boxes_scale_with_the_image_and_thin_boxes_are_dropped():
+    image = Image.new("RGB", (200, 100), (255, 0, 0))
+    transform = RegionTransform(50, MEAN, STD)
+    tensor, boxes, index, drops = transform(image, [[20, 10, 120, 90], [0, 0, 3, 50]])
+    assert tensor.shape == (3, 50, 50)
+    torch.testing.assert_close(tensor[0], torch.full((50, 50), 2.0))  # (1 - 0.5) / 0.25
+    torch.testing.assert_close(boxes, torch.tensor([[5.0, 5.0, 30.0, 45.0]]))
+    assert index == [0] and drops == {"box_too_small": 1}
+
+
+def test_no_boxes_gives_an_empty_box_tensor():
+    _, boxes, index, drops = RegionTransform(32, MEAN, STD)(Image.new("RGB", (64, 64)), [])
+    assert boxes.shape == (0, 4) and index == [] and not drops
