@@ -96,7 +96,9 @@ class RunConfig:
 
 
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against a field's annotation, converting YAML ints to floats where allowed."""
+    """Check `value` against a field's annotation, converting YAML ints to floats where allowed.
+
+    PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; such strings become floats too."""
     allowed = typing.get_args(annotation) or (annotation,)
     if value is None:
         if type(None) in allowed:
@@ -105,11 +107,21 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
     for kind in allowed:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if kind is float and isinstance(value, str) and _is_float(value):
+            return float(value)
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind in (str, bool) and isinstance(value, kind):
             return value
     raise ConfigError(f"{path}: {value!r} is a {type(value).__name__}, expected {_type_names(allowed)}")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _type_names(kinds: tuple) -> str:

@@ -9,6 +9,11 @@ def test_recipe_then_overrides_take_precedence():
     assert config.model.name == "FineCLIP-ViT-T-8"
 
 
+def test_exponent_floats_without_a_dot_are_floats():
+    # YAML 1.1 reads `1e-4` as a string; a learning rate written that way must still work
+    assert load_config("tiny-cpu", ["optim.lr=1e-4"]).optim.lr == 1e-4
+
+
 @pytest.mark.parametrize("override,message", [
     ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
     ("model.colour=red", "unknown config key 'model.colour'"),

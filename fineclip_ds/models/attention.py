@@ -63,7 +63,7 @@ class Attention(nn.Module):
         value_only: bool = False,
     ) -> tuple[torch.Tensor, None]:
         # q_x: [B, N, C] (self-attention: k_x and v_x must be None or q_x itself) -> ([B, N, C], None)
-        if (k_x is not None and k_x is not q_x) or (v_x is not None and v_x is not q_x) or need_weights:
+        if not (_same_tensor(k_x, q_x) and _same_tensor(v_x, q_x)) or need_weights:
             raise NotImplementedError("Attention serves self-attention without returned weights only")
         batch, tokens, width = q_x.shape
         if value_only:
@@ -83,6 +83,12 @@ class Attention(nn.Module):
             out = (F.scaled_dot_product_attention(q, k, v, attn_mask=mask) if backend == "sdpa"
                    else math_attention(q, k, v, mask)).transpose(1, 2)
         return self.out_proj(out.reshape(batch, tokens, width)), None
+
+
+def _same_tensor(other: torch.Tensor | None, q_x: torch.Tensor) -> bool:
+    """open_clip passes q_x as k_x and v_x; ZeRO-3's module hooks may hand them over as distinct
+    tensor objects that alias the same memory, so compare storage, not identity."""
+    return other is None or other is q_x or (other.shape == q_x.shape and other.data_ptr() == q_x.data_ptr())
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:

@@ -59,3 +59,12 @@ def test_open_clip_state_dict_names_are_unchanged():
 def test_bad_backend_is_rejected():
     with pytest.raises(ValueError, match="model.attention"):
         Attention(8, 2, "xformers")
+
+
+def test_key_and_value_may_alias_the_query_but_not_differ_from_it():
+    # ZeRO-3's hooks hand open_clip's q_x, k_x, v_x over as distinct objects sharing memory
+    _, ours = _pair("sdpa")
+    x = torch.randn(2, 5, 48, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, x.detach(), x.view_as(x))[0], ours(x)[0])
+    with pytest.raises(NotImplementedError, match="self-attention"):
+        ours(x, x.clone(), x)
