@@ -1,0 +1,35 @@
+"""A real (1-process) DeepSpeed run on webdataset shards with defects: it trains, skips and counts them."""
+from __future__ import annotations
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fineclip_ds.data.shapes_world import ShapesWorld
+from tests.data.helpers import defective_records, world_records, write_shard
+from tests.training.launcher import losses, run_pretrain, write_ds_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_trains_on_shards_and_reports_every_defect_to_tensorboard(tmp_path):
+    world = ShapesWorld(seed=5, image_size=64)
+    write_shard(tmp_path / "part-0.tar", world_records(world, range(0, 10)) + defective_records())
+    write_shard(tmp_path / "part-1.tar", world_records(world, range(10, 20)))
+    (tmp_path / "part-2.tar").write_bytes(b"garbage" * 100)
+    output_dir = tmp_path / "run"
+    run_pretrain(1, write_ds_config(tmp_path / "ds.json", micro_batch=8, stage=2), output_dir,
+                 "--max_steps", "4", "--set", "data.source=webdataset",
+                 "--set", f"data.train_shards={tmp_path}/part-{{0..2}}.tar", "--set", "train.save_every=4")
+    assert [step for step, _ in losses(output_dir)] == [1, 2, 3, 4]
+    events = EventAccumulator(str(output_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/gc", "loss/sd", "loss/rc", "train/lr", "perf/samples_per_s"} <= tags
+
+    def last(tag: str) -> float:
+        return events.Scalars(tag)[-1].value
+
+    # 4 steps x 8 samples = 32 > 21 usable records: the run went through the defects at least once
+    assert last("data/corrupt_image") >= 1 and last("data/missing_image") >= 1 and last("data/bad_json") >= 2
+    assert last("data/box_non_positive") >= 1 and last("data/box_outside") >= 1 and last("data/corrupt_shard") >= 1
+    assert (output_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
