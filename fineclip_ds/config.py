@@ -83,6 +83,13 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # evaluate on the built-in world's held-out split every N steps (0: never)
+    images: int = 256  # held-out images per evaluation
+    batch_size: int = 32
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     losses: LossConfig = field(default_factory=LossConfig)
@@ -90,6 +97,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,6 +226,9 @@ def validate(config: RunConfig) -> None:
     _require(config.train.save_every >= 1, "train.save_every", config.train.save_every, "an integer >= 1")
     _require(config.train.keep_last >= 1, "train.keep_last", config.train.keep_last, "an integer >= 1")
     _require(config.train.log_every >= 1, "train.log_every", config.train.log_every, "an integer >= 1")
+    _require(config.eval.every >= 0, "eval.every", config.eval.every, "an integer >= 0 (0 disables)")
+    _require(config.eval.images >= 1, "eval.images", config.eval.images, "an integer >= 1")
+    _require(config.eval.batch_size >= 1, "eval.batch_size", config.eval.batch_size, "an integer >= 1")
     resume = config.train.resume
     _require(
         resume is None or resume == "auto" or Path(resume).is_dir(),

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from fineclip_ds.config import RunConfig
+from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
 from fineclip_ds.training import checkpoint
@@ -23,6 +24,7 @@ from fineclip_ds.training.build import build_train_stream
 from fineclip_ds.training.metrics import Throughput, peak_memory_mb
 from fineclip_ds.training.monitor import Monitor
 from fineclip_ds.training.optimizer import build_optimizer, build_scheduler
+from fineclip_ds.training.periodic_eval import evaluate_during_training
 from fineclip_ds.training.parallelize import adapt_precision_to_device, initialize, load_deepspeed_config
 
 log = logging.getLogger("fineclip_ds")
@@ -139,6 +141,12 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             })
             scalars.update({f"data/{reason}": float(count) for reason, count in counts.items()})
             monitor.scalars(done, scalars)
+        if config.eval.every and (done % config.eval.every == 0 or done == config.train.max_steps):
+            held_out = ShapesWorld(seed=config.data.world_seed, image_size=config.data.world_image_size)
+            results, picture = evaluate_during_training(engine, model, tokenizer, normalization, held_out, config.eval,
+                                                        image_dtype)
+            monitor.scalars(done, results)
+            monitor.image(done, "eval/dense_features", picture)
         if done % config.train.save_every == 0 or done == stop_step:
             checkpoint.save(engine, checkpoint_dir, done, {"step": done, "stream": stream.state_dict()}, config.train.keep_last)
     monitor.close()

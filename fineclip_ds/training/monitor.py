@@ -43,6 +43,12 @@ class Monitor:
         text = " ".join(f"{name}={value:.4g}" for name, value in sorted(values.items()))
         self._bar.write(f"step {step}: {text}")
 
+    def image(self, step: int, tag: str, picture) -> None:
+        """picture: [H, W, 3] uint8 array."""
+        if self.enabled:
+            self._writer.add_image(tag, picture, step, dataformats="HWC")
+            self._writer.flush()
+
     def close(self) -> None:
         if self.enabled:
             self._bar.close()

@@ -9,6 +9,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+STEPS = 4
+GLOBAL_BATCH = 8
+COMMON = ("--max_steps", str(STEPS), "--set", "optim.lr=1e-4", "--set", "optim.warmup_steps=1",
+          "--set", "train.save_every=2", "--set", "data.max_boxes=4", "--set", "eval.every=2",
+          "--set", "eval.images=16", "--set", "eval.batch_size=8")
 
 
 def free_port() -> int:
@@ -41,3 +46,13 @@ def run_pretrain(processes: int, ds_config: Path, output_dir: Path, *args: str, 
 def losses(output_dir: Path) -> list[tuple[int, float]]:
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     return [(record["step"], record["loss"]) for record in map(json.loads, lines)]
+
+
+def reference_runs(root: Path) -> dict[str, Path]:
+    """The same 4-step job as 1 process (ZeRO-2), 2 processes (ZeRO-2) and 2 processes (ZeRO-3)."""
+    results = {}
+    for name, processes, stage in (("one_zero2", 1, 2), ("two_zero2", 2, 2), ("two_zero3", 2, 3)):
+        config = write_ds_config(root / f"{name}.json", GLOBAL_BATCH // processes, stage)
+        run_pretrain(processes, config, root / name, *COMMON)
+        results[name] = root / name
+    return results

@@ -4,29 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.training.launcher import losses, run_pretrain, write_ds_config
+from tests.training.launcher import COMMON, GLOBAL_BATCH, STEPS, losses, run_pretrain, write_ds_config
 
 pytestmark = pytest.mark.slow
-STEPS = 4
-GLOBAL_BATCH = 8
-COMMON = ("--max_steps", str(STEPS), "--set", "optim.lr=1e-4", "--set", "optim.warmup_steps=1",
-          "--set", "train.save_every=2", "--set", "data.max_boxes=4")
 
 
 def final_parameters(output_dir):
     return get_fp32_state_dict_from_zero_checkpoint(str(output_dir / "checkpoints"), tag=f"step_{STEPS:08d}")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    results = {}
-    for name, processes, stage in (("one_zero2", 1, 2), ("two_zero2", 2, 2), ("two_zero3", 2, 3)):
-        config = write_ds_config(root / f"{name}.json", GLOBAL_BATCH // processes, stage)
-        run_pretrain(processes, config, root / name, *COMMON)
-        results[name] = root / name
-    return results
 
 
 def _assert_same_parameters(left, right, rtol=1e-5, atol=1e-6):
@@ -48,6 +34,19 @@ def test_two_process_zero3_matches_one_process(runs):
         rtol=1e-5, atol=1e-5,
     )
     _assert_same_parameters(final_parameters(runs["two_zero3"]), final_parameters(runs["one_zero2"]))
+
+
+def test_held_out_evaluation_runs_under_zero3_and_agrees_with_one_process(runs):
+    def evaluation(run) -> dict[str, float]:
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("eval/")}
+
+    one, three = evaluation(runs["one_zero2"]), evaluation(runs["two_zero3"])
+    assert {"eval/box_top1", "eval/box_top5", "eval/i2t_r1", "eval/t2i_r1"} <= one.keys()
+    assert one.keys() == three.keys()
+    for tag in one:
+        assert abs(one[tag] - three[tag]) < 1e-3, tag
 
 
 def test_training_moved_the_parameters(runs):

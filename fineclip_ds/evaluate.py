@@ -1,0 +1,110 @@
+"""Evaluate a trained model: zero-shot box classification, retrieval, dense-feature pictures, or the
+built-in world's held-out split.
+
+    python -m fineclip_ds.evaluate --checkpoint runs/tiny-cpu --task box-cls \\
+        --annotations instances_val2017.json --images val2017/ --output box_cls.json
+
+`--checkpoint` is a run folder, its checkpoints folder, one tag folder (ZeRO-2 or ZeRO-3), or an
+open_clip state-dict file (then `--model` names the open_clip architecture).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fineclip_ds.config import ModelConfig
+from fineclip_ds.data.shapes_world import ShapesWorld
+from fineclip_ds.evaluation.box_classification import evaluate_box_classification, load_coco_boxes
+from fineclip_ds.evaluation.dense_viz import write_dense_pictures
+from fineclip_ds.evaluation.retrieval import evaluate_retrieval, load_caption_file
+from fineclip_ds.evaluation.world import evaluate_on_world
+from fineclip_ds.evaluation.zero_shot import TEMPLATE_SETS
+from fineclip_ds.export import model_name_of, open_clip_state_dict, resolve_checkpoint
+from fineclip_ds.models.factory import Tokenizer, create_fineclip
+from fineclip_ds.models.fineclip import FineCLIP
+
+TASKS = ("box-cls", "retrieval", "dense-viz", "world")
+
+
+def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None,
+                        device: torch.device | str = "cpu") -> tuple[FineCLIP, Tokenizer, tuple]:
+    """Any checkpoint form -> the FineCLIP model in eval mode, through open_clip's own loading code."""
+    source = resolve_checkpoint(checkpoint)
+    name = model_name_of(source, model_name)
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = source.path
+        if source.tag is not None:
+            weights = Path(scratch) / "open_clip.pt"
+            torch.save(open_clip_state_dict(source), weights)
+        model, tokenizer, normalization = create_fineclip(ModelConfig(name=name, pretrained=str(weights)))
+    return model.to(device).eval(), tokenizer, normalization
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" and not args.fp32 else torch.float32
+    model, tokenizer, normalization = load_for_evaluation(args.checkpoint, args.model, device)
+    if args.task == "box-cls":
+        dataset = load_coco_boxes(_required(args, "annotations"), _required(args, "images"))
+        return evaluate_box_classification(model, tokenizer, normalization, dataset, args.templates, args.batch_size,
+                                           not args.no_crop_baseline, device, dtype)
+    if args.task == "retrieval":
+        items = load_caption_file(_required(args, "annotations"), _required(args, "images"), args.split)
+        return evaluate_retrieval(model, tokenizer, normalization, items, args.batch_size, device, dtype)
+    if args.task == "dense-viz":
+        folder = _required(args, "images")
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+        output_dir = args.output.parent / "dense_viz" if args.output else folder.parent / "dense_viz"
+        written, unreadable = write_dense_pictures(model, normalization, paths[:args.max_images], output_dir, device)
+        return {"pictures": [str(path) for path in written], "skipped_unreadable_image": unreadable}
+    world = ShapesWorld(seed=args.world_seed, image_size=args.world_image_size)
+    return evaluate_on_world(model, tokenizer, normalization, world, args.max_images, args.batch_size, device,
+                             crop_baseline=not args.no_crop_baseline, dtype=dtype, progress=True)
+
+
+def _required(args: argparse.Namespace, name: str) -> Path:
+    value = getattr(args, name)
+    if value is None:
+        raise SystemExit(f"--task {args.task} needs --{name}")
+    if not value.exists():
+        raise SystemExit(f"--{name} {value}: does not exist")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--model", default=None, help="open_clip model name (default: from the run's config.json)")
+    parser.add_argument("--annotations", type=Path, help="COCO instances/panoptic JSON (box-cls) or caption JSON (retrieval)")
+    parser.add_argument("--images", type=Path, help="image folder")
+    parser.add_argument("--templates", default="vild", choices=sorted(TEMPLATE_SETS))
+    parser.add_argument("--split", default="test", help="Karpathy split for retrieval")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_images", type=int, default=256, help="dense-viz and world tasks")
+    parser.add_argument("--world_seed", type=int, default=0)
+    parser.add_argument("--world_image_size", type=int, default=128)
+    parser.add_argument("--no_crop_baseline", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
+    parser.add_argument("--output", type=Path, default=None, help="results JSON (default: eval_<task>.json here)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    results = {"task": args.task, "checkpoint": str(args.checkpoint), **run(args)}
+    output = args.output or Path(f"eval_{args.task}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

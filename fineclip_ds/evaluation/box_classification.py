@@ -1,0 +1,128 @@
+"""Zero-shot box classification: RoIAlign region features of ground-truth boxes against class-name
+embeddings, the same region path as training; plus the crop baseline (global embedding of each box crop)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from fineclip_ds.data.transforms import RegionTransform
+from fineclip_ds.evaluation.metrics import box_classification_metrics
+from fineclip_ds.evaluation.zero_shot import class_embeddings
+from fineclip_ds.models.fineclip import FineCLIP
+from fineclip_ds.models.regions import crop_regions
+
+
+@dataclass
+class BoxImage:
+    image: Callable[[], Image.Image]  # opened lazily: a folder of images never sits in memory at once
+    boxes: list[list[float]]  # xyxy pixels
+    labels: list[int]  # contiguous class indices
+    name: str = ""
+
+
+@dataclass
+class BoxDataset:
+    class_names: list[str]
+    images: list[BoxImage]
+    skipped: Counter = field(default_factory=Counter)
+
+
+def load_coco_boxes(annotation_file: Path, image_dir: Path) -> BoxDataset:
+    """COCO instances (bbox per annotation) or panoptic (segments_info per image), iscrowd skipped."""
+    coco = json.loads(Path(annotation_file).read_text())
+    categories = sorted(coco["categories"], key=lambda category: category["id"])
+    index_of = {category["id"]: index for index, category in enumerate(categories)}
+    per_image: dict[int, list[dict]] = {image["id"]: [] for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        segments = annotation.get("segments_info")
+        for segment in segments if segments is not None else [annotation]:
+            per_image[annotation["image_id"]].append(segment)
+    dataset = BoxDataset([category["name"] for category in categories], [])
+    for image in coco["images"]:
+        boxes, labels = [], []
+        for segment in per_image[image["id"]]:
+            if segment.get("iscrowd", 0):
+                dataset.skipped["crowd_box"] += 1
+                continue
+            if segment["category_id"] not in index_of:
+                dataset.skipped["unknown_category"] += 1
+                continue
+            x, y, w, h = segment["bbox"]
+            boxes.append([x, y, x + w, y + h])
+            labels.append(index_of[segment["category_id"]])
+        if boxes:
+            path = Path(image_dir) / image["file_name"]
+            dataset.images.append(BoxImage(lambda path=path: Image.open(path), boxes, labels, image["file_name"]))
+    return dataset
+
+
+def _batches(images: Sequence[BoxImage], transform: RegionTransform, batch_size: int, skipped: Counter) -> Iterator[tuple]:
+    """Transformed images with padded boxes; unreadable images and invalid boxes are counted in `skipped`."""
+    pending: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
+    for item in images:
+        try:
+            image = item.image()
+            image.load()
+        except Exception:  # PIL raises many types for missing, truncated or foreign files
+            skipped["unreadable_image"] += 1
+            continue
+        tensor, boxes, kept, drops = transform(image, item.boxes)
+        skipped.update(drops)
+        if kept:
+            pending.append((tensor, boxes, [item.labels[i] for i in kept]))
+        if len(pending) == batch_size:
+            yield _pad(pending)
+            pending = []
+    if pending:
+        yield _pad(pending)
+
+
+def _pad(items: list[tuple[torch.Tensor, torch.Tensor, list[int]]]) -> tuple:
+    slots = max(len(labels) for _, _, labels in items)
+    boxes = torch.zeros(len(items), slots, 4)
+    mask = torch.zeros(len(items), slots, dtype=torch.bool)
+    for row, (_, item_boxes, labels) in enumerate(items):
+        boxes[row, :len(labels)] = item_boxes
+        mask[row, :len(labels)] = True
+    labels = torch.tensor([label for _, _, item_labels in items for label in item_labels])
+    return torch.stack([tensor for tensor, _, _ in items]), boxes, mask, labels
+
+
+@torch.no_grad()
+def evaluate_box_classification(
+    model: FineCLIP, tokenizer: Callable[[list[str]], torch.Tensor], normalization: tuple, dataset: BoxDataset,
+    templates: str = "vild", batch_size: int = 16, crop_baseline: bool = True, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32, progress: bool = True,
+) -> dict[str, float]:
+    """Region (dense-path) and, optionally, crop-baseline top-1/top-5; per-class mean and overall."""
+    device = torch.device(device)
+    classes = class_embeddings(model, tokenizer, dataset.class_names, templates, device)
+    transform = RegionTransform(model.image_size[0], *normalization)
+    skipped = Counter(dataset.skipped)
+    region_scores, crop_scores, labels = [], [], []
+    batches = _batches(dataset.images, transform, batch_size, skipped)
+    for images, boxes, mask, batch_labels in tqdm(batches, desc="box classification", unit="batch", disable=not progress):
+        images, boxes, mask = images.to(device, dtype), boxes.to(device), mask.to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            dense, grid_hw = model.encode_dense(images)
+            regions = model.region_features(dense, grid_hw, boxes.to(dense.dtype), mask)[mask]
+            region_scores.append((regions.float() @ classes.T).cpu())
+            if crop_baseline:
+                crops = crop_regions(images, boxes.to(images.dtype), mask, 1.0, model.image_size)
+                crop_scores.append((model.encode_image(crops).float() @ classes.T).cpu())
+        labels.append(batch_labels)
+    all_labels = torch.cat(labels)
+    results = {f"region_{k}": v for k, v in box_classification_metrics(torch.cat(region_scores), all_labels,
+                                                                        len(dataset.class_names)).items()}
+    if crop_baseline:
+        crop = box_classification_metrics(torch.cat(crop_scores), all_labels, len(dataset.class_names))
+        results.update({f"crop_{k}": v for k, v in crop.items() if k.startswith("top")})
+    results.update({f"skipped_{reason}": float(count) for reason, count in skipped.items()})
+    return results

@@ -1,0 +1,47 @@
+"""Ranking metrics on similarity matrices. Ties count against the model: a true item that only
+ties with a wrong one is not ranked above it, so a constant model scores chance, never 100%."""
+from __future__ import annotations
+
+import torch
+
+
+def rank_of_true(scores: torch.Tensor, true_scores: torch.Tensor) -> torch.Tensor:
+    """How many other candidates score at least as high as the true one. scores: [n, K]; true_scores: [n]."""
+    return (scores >= true_scores.unsqueeze(1)).sum(dim=1) - 1
+
+
+def box_classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Top-1/top-5 as the mean of per-class accuracies over classes that have boxes (FineCLIP, CLIPSelf), and overall.
+
+    scores: [n, K] box-to-class similarity; labels: [n] class indices.
+    """
+    if scores.shape[0] == 0:
+        raise ValueError("no boxes to evaluate")
+    ranks = rank_of_true(scores, scores.gather(1, labels.unsqueeze(1)).squeeze(1))
+    metrics: dict[str, float] = {"boxes": float(labels.numel())}
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    metrics["classes_with_boxes"] = float(present.sum())
+    for k in (1, 5):
+        correct = (ranks < k).float()
+        per_class = torch.zeros(num_classes).index_add_(0, labels, correct) / torch.bincount(labels, minlength=num_classes).clamp(min=1)
+        metrics[f"top{k}"] = 100.0 * float(per_class[present].mean())
+        metrics[f"top{k}_overall"] = 100.0 * float(correct.mean())
+    return metrics
+
+
+def retrieval_metrics(similarity: torch.Tensor, text_to_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Image->text and text->image Recall@K. similarity: [n_images, n_texts]; text_to_image: [n_texts] image index.
+
+    An image is retrieved correctly at K when its best-scoring own caption is ranked within K.
+    """
+    n_images = similarity.shape[0]
+    own = text_to_image.unsqueeze(0) == torch.arange(n_images).unsqueeze(1)  # [n_images, n_texts]
+    best_own = similarity.masked_fill(~own, float("-inf")).max(dim=1).values
+    image_ranks = (similarity.masked_fill(own, float("-inf")) >= best_own.unsqueeze(1)).sum(dim=1)
+    text_scores = similarity.T  # [n_texts, n_images]
+    text_ranks = rank_of_true(text_scores, text_scores.gather(1, text_to_image.unsqueeze(1)).squeeze(1))
+    metrics: dict[str, float] = {}
+    for k in ks:
+        metrics[f"i2t_r{k}"] = 100.0 * float((image_ranks < k).float().mean())
+        metrics[f"t2i_r{k}"] = 100.0 * float((text_ranks < k).float().mean())
+    return metrics

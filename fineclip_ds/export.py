@@ -1,0 +1,95 @@
+"""Training checkpoints (ZeRO-2 or ZeRO-3) -> one open_clip state dict, and back into a model.
+
+    python -m fineclip_ds.export --checkpoint runs/tiny-cpu --output fineclip.pt
+
+writes `fineclip.pt` (loadable by `open_clip.create_model_and_transforms(name, pretrained=...)`) and
+`fineclip.json`, the open_clip model config, so that names open_clip does not ship (our tiny
+configs) can be registered with `open_clip.add_model_config`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+
+TRAINING_PREFIX = "model.clip."  # FineCLIPObjective.model (FineCLIP).clip (open_clip CLIP)
+
+
+@dataclass
+class CheckpointSource:
+    """Where a run's weights are: a DeepSpeed tag folder, or an open_clip state-dict file."""
+    path: Path
+    tag: str | None  # DeepSpeed tag (None: `path` is a state-dict file)
+    run_config: dict | None  # the run's config.json when it can be found
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> CheckpointSource:
+    """Accept a run's output folder, its checkpoints folder, one tag folder, or a state-dict file."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return CheckpointSource(path, None, None)
+    for folder in (path / "checkpoints", path, path.parent):
+        if (folder / "latest").is_file():
+            tag = path.name if folder == path.parent else (folder / "latest").read_text().strip()
+            config_file = folder.parent / "config.json"
+            config = json.loads(config_file.read_text()) if config_file.is_file() else None
+            return CheckpointSource(folder, tag, config)
+    raise FileNotFoundError(f"--checkpoint {checkpoint}: not a state-dict file, a run folder, a checkpoints "
+                            "folder with 'latest', or a tag folder inside one")
+
+
+def training_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the trainer's module prefix; the logit scale goes back to open_clip's default scalar."""
+    clip_state = {key[len(TRAINING_PREFIX):]: value for key, value in state.items() if key.startswith(TRAINING_PREFIX)}
+    if not clip_state:
+        raise ValueError(f"no '{TRAINING_PREFIX}*' parameters in the checkpoint: not a fineclip_ds training checkpoint")
+    clip_state["logit_scale"] = clip_state["logit_scale"].reshape(())
+    return clip_state
+
+
+def open_clip_state_dict(source: CheckpointSource) -> dict[str, torch.Tensor]:
+    if source.tag is None:
+        state = torch.load(source.path, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return training_to_open_clip(get_fp32_state_dict_from_zero_checkpoint(str(source.path), tag=source.tag))
+
+
+def model_name_of(source: CheckpointSource, model_name: str | None) -> str:
+    if model_name:
+        return model_name
+    if source.run_config:
+        return source.run_config["model"]["name"]
+    raise ValueError(f"--model is needed: {source.path} has no run config.json to read the model name from")
+
+
+def export(checkpoint: str | Path, output: Path, model_name: str | None = None) -> tuple[str, Path]:
+    """Write the state dict and its open_clip model config; returns (model name, state-dict path)."""
+    import fineclip_ds.models.factory  # noqa: F401  registers our model configs with open_clip
+
+    source = resolve_checkpoint(checkpoint)
+    name = model_name_of(source, model_name)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(open_clip_state_dict(source), output)
+    output.with_suffix(".json").write_text(json.dumps(open_clip.get_model_config(name), indent=2))
+    return name, output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder, tag folder or state dict")
+    parser.add_argument("--output", type=Path, required=True, help="where to write the open_clip state dict (.pt)")
+    parser.add_argument("--model", default=None, help="open_clip model name (default: from the run's config.json)")
+    args = parser.parse_args()
+    name, path = export(args.checkpoint, args.output, args.model)
+    print(f"wrote {path} and {path.with_suffix('.json')}; load with "
+          f"open_clip.create_model_and_transforms('{name}', pretrained='{path}')")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""`python -m fineclip_ds.evaluate` end to end on COCO / Karpathy files the test writes over synthetic images."""
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+import fineclip_ds.models.factory  # noqa: F401  registers the tiny model configs
+from fineclip_ds.data.shapes_world import ShapesWorld
+from fineclip_ds.evaluate import main
+
+IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval_data")
+    (root / "images").mkdir()
+    world = ShapesWorld(seed=9, image_size=96)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 10 + i, "name": name} for i, name in enumerate(world.classes)]}
+    panoptic = {"images": [], "annotations": [], "categories": coco["categories"]}
+    karpathy = {"images": []}
+    for index in range(IMAGES):
+        sample = world.sample(index)
+        file_name = f"{index:03d}.png"
+        sample.image.save(root / "images" / file_name)
+        coco["images"].append({"id": index, "file_name": file_name, "width": 96, "height": 96})
+        panoptic["images"].append({"id": index, "file_name": file_name})
+        segments = []
+        for box, label in zip(sample.boxes, sample.labels):
+            x1, y1, x2, y2 = box
+            annotation = {"id": len(coco["annotations"]), "image_id": index, "category_id": 10 + label,
+                          "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": 0}
+            coco["annotations"].append(annotation)
+            segments.append({"category_id": 10 + label, "bbox": annotation["bbox"], "iscrowd": 0})
+        panoptic["annotations"].append({"image_id": index, "segments_info": segments})
+        karpathy["images"].append({"filename": file_name, "split": "test", "sentences": [{"raw": sample.caption}]})
+    # defects: a crowd box, a box with no area, an image that cannot be read
+    coco["annotations"].append({"id": 999, "image_id": 0, "category_id": 10, "bbox": [1, 1, 5, 5], "iscrowd": 1})
+    coco["annotations"].append({"id": 998, "image_id": 1, "category_id": 10, "bbox": [5, 5, 0, 9], "iscrowd": 0})
+    (root / "images" / "broken.png").write_bytes(b"not a png")
+    coco["images"].append({"id": 77, "file_name": "broken.png"})
+    coco["annotations"].append({"id": 997, "image_id": 77, "category_id": 11, "bbox": [1, 1, 20, 20], "iscrowd": 0})
+    karpathy["images"].append({"filename": "broken.png", "split": "test", "sentences": [{"raw": "nothing"}]})
+    karpathy["images"].append({"filename": "000.png", "split": "train", "sentences": [{"raw": "train split"}]})
+    (root / "instances.json").write_text(json.dumps(coco))
+    (root / "panoptic.json").write_text(json.dumps(panoptic))
+    (root / "karpathy.json").write_text(json.dumps(karpathy))
+    clip = open_clip.create_model("FineCLIP-ViT-T-8")
+    torch.save(clip.state_dict(), root / "weights.pt")
+    return root
+
+
+def _evaluate(data: Path, tmp_path: Path, *args: str) -> dict:
+    output = tmp_path / "result.json"
+    main(["--checkpoint", str(data / "weights.pt"), "--model", "FineCLIP-ViT-T-8", "--output", str(output),
+          "--batch_size", "4", *args])
+    return json.loads(output.read_text())
+
+
+def test_box_classification_from_coco_instances_counts_what_it_skips(data, tmp_path):
+    result = _evaluate(data, tmp_path, "--task", "box-cls", "--annotations", str(data / "instances.json"),
+                       "--images", str(data / "images"), "--templates", "shapes")
+    world = ShapesWorld(seed=9, image_size=96)
+    boxes = sum(len(world.sample(i).boxes) for i in range(IMAGES))
+    assert result["region_boxes"] == boxes
+    assert result["skipped_crowd_box"] == 1 and result["skipped_box_non_positive"] == 1
+    assert result["skipped_unreadable_image"] == 1
+    for key in ("region_top1", "region_top5", "crop_top1", "crop_top5", "region_top1_overall"):
+        assert 0.0 <= result[key] <= 100.0
+    assert result["region_top5"] >= result["region_top1"]
+
+
+def test_panoptic_annotations_give_the_same_boxes(data, tmp_path):
+    instances = _evaluate(data, tmp_path, "--task", "box-cls", "--annotations", str(data / "instances.json"),
+                          "--images", str(data / "images"), "--templates", "shapes", "--no_crop_baseline")
+    panoptic = _evaluate(data, tmp_path, "--task", "box-cls", "--annotations", str(data / "panoptic.json"),
+                         "--images", str(data / "images"), "--templates", "shapes", "--no_crop_baseline")
+    assert panoptic["region_top1"] == pytest.approx(instances["region_top1"])
+    assert panoptic["region_boxes"] == instances["region_boxes"]
+
+
+def test_retrieval_on_a_karpathy_file(data, tmp_path):
+    result = _evaluate(data, tmp_path, "--task", "retrieval", "--annotations", str(data / "karpathy.json"),
+                       "--images", str(data / "images"))
+    assert result["images"] == IMAGES and result["texts"] == IMAGES and result["skipped_unreadable_image"] == 1
+    assert result["i2t_r10"] == 100.0 and result["t2i_r10"] == 100.0  # 6 candidates: everything is within 10
+
+
+def test_dense_pictures_are_written_beside_the_results(data, tmp_path):
+    result = _evaluate(data, tmp_path, "--task", "dense-viz", "--images", str(data / "images"))
+    assert len(result["pictures"]) == IMAGES and all(Path(p).is_file() for p in result["pictures"])
+    assert result["skipped_unreadable_image"] == 1
+
+
+def test_a_missing_input_is_a_clear_exit(data, tmp_path):
+    with pytest.raises(SystemExit, match="needs --annotations"):
+        _evaluate(data, tmp_path, "--task", "retrieval", "--images", str(data / "images"))

@@ -1,0 +1,46 @@
+"""Export from ZeRO-2 and ZeRO-3 checkpoints to one open_clip state dict that open_clip loads by itself."""
+import json
+
+import open_clip
+import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from fineclip_ds.config import LossConfig, ModelConfig, KernelConfig
+from fineclip_ds.export import export, resolve_checkpoint
+from fineclip_ds.losses.objective import FineCLIPObjective
+from fineclip_ds.models.factory import create_fineclip
+
+pytestmark = pytest.mark.slow
+
+
+def _training_model(run_dir):
+    """The model as training held it: the objective's module tree, filled from the consolidated fp32 state."""
+    source = resolve_checkpoint(run_dir)
+    model, tokenizer, _ = create_fineclip(ModelConfig(name="FineCLIP-ViT-T-8", freeze_text=False))
+    objective = FineCLIPObjective(model, LossConfig(), KernelConfig())
+    objective.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(source.path), tag=source.tag), strict=True)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("run_name", ["one_zero2", "two_zero3"])
+def test_exported_state_dict_loads_in_open_clip_and_gives_the_training_features(runs, tmp_path, run_name):
+    name, path = export(runs[run_name], tmp_path / "fineclip.pt")
+    assert name == "FineCLIP-ViT-T-8"
+    assert json.loads(path.with_suffix(".json").read_text())["embed_dim"] == 64
+    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
+    clip.eval()
+    trained, tokenizer = _training_model(runs[run_name])
+    images = torch.randn(3, 3, 64, 64)
+    tokens = tokenizer(["a red circle", "a photo of a blue square and a cyan diamond", "x"])
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(images, normalize=True), trained.encode_image(images),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(clip.encode_text(tokens, normalize=True), trained.encode_text(tokens),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(clip.logit_scale.exp().reshape(1), trained.logit_scale())
+
+
+def test_unknown_checkpoint_paths_are_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a state-dict file"):
+        resolve_checkpoint(tmp_path)
