@@ -80,6 +80,7 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 3
     log_every: int = 10
+    max_consecutive_nonfinite: int = 5  # micro-batches with a NaN/inf loss skipped in a row before the run stops
 
 
 @dataclass
@@ -226,6 +227,8 @@ def validate(config: RunConfig) -> None:
     _require(config.train.save_every >= 1, "train.save_every", config.train.save_every, "an integer >= 1")
     _require(config.train.keep_last >= 1, "train.keep_last", config.train.keep_last, "an integer >= 1")
     _require(config.train.log_every >= 1, "train.log_every", config.train.log_every, "an integer >= 1")
+    _require(config.train.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite",
+             config.train.max_consecutive_nonfinite, "an integer >= 1")
     _require(config.eval.every >= 0, "eval.every", config.eval.every, "an integer >= 0 (0 disables)")
     _require(config.eval.images >= 1, "eval.images", config.eval.images, "an integer >= 1")
     _require(config.eval.batch_size >= 1, "eval.batch_size", config.eval.batch_size, "an integer >= 1")

@@ -16,6 +16,7 @@ import deepspeed  # noqa: E402
 
 from fineclip_ds.config import ConfigError, load_config  # noqa: E402
 from fineclip_ds.training.engine import train  # noqa: E402
+from fineclip_ds.training.nonfinite import NonFiniteLossError  # noqa: E402
 from fineclip_ds.training.parallelize import DeepSpeedConfigError  # noqa: E402
 
 DEFAULT_RECIPE = "tiny-cpu"
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DeepSpeedConfigError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        print(f"training stopped: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

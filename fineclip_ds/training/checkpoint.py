@@ -1,11 +1,15 @@
 """Checkpoints: DeepSpeed's model/optimizer/scheduler state plus, per rank, the data position and RNG.
 
-Layout: <output_dir>/checkpoints/<tag>/ with DeepSpeed's files and trainer_state_rank<r>.pt; the
-`latest` file beside the tags is written by DeepSpeed last, after every rank's own state is on disk.
+Layout: <output_dir>/checkpoints/<tag>/ with DeepSpeed's files and trainer_state_rank<r>.pt, and
+`latest` beside the tags. Saving is atomic: everything is written under `<tag>.tmp`, renamed to
+`<tag>` once every rank has finished, and only then is `latest` replaced (write + os.replace). A
+job killed mid-save leaves a `.tmp` folder that resume never reads and the next save clears.
 """
 from __future__ import annotations
 
+import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 TAG_PREFIX = "step_"
+TAG_PATTERN = re.compile(rf"{TAG_PREFIX}\d{{8}}")
+PARTIAL_SUFFIX = ".tmp"
 
 
 def tag_for_step(step: int) -> str:
@@ -59,22 +65,36 @@ def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint |
     raise FileNotFoundError(f"--resume {resume}: no 'latest' file and not a checkpoint tag folder ({TAG_PREFIX}N)")
 
 
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any], keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the tag folder."""
     tag = tag_for_step(step)
-    tag_dir = checkpoint_dir / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({**trainer_state, "rng": rng_state()}, tag_dir / f"trainer_state_rank{engine.global_rank}.pt")
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step})
-    if dist.is_initialized():
-        dist.barrier()
+    partial_tag = tag + PARTIAL_SUFFIX
+    partial_dir, final_dir = checkpoint_dir / partial_tag, checkpoint_dir / tag
     if engine.global_rank == 0:
+        shutil.rmtree(partial_dir, ignore_errors=True)  # left by a job killed while saving
+    _barrier()
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({**trainer_state, "rng": rng_state()}, partial_dir / f"trainer_state_rank{engine.global_rank}.pt")
+    engine.save_checkpoint(str(checkpoint_dir), tag=partial_tag, client_state={"step": step}, save_latest=False)
+    _barrier()
+    if engine.global_rank == 0:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(partial_dir, final_dir)
+        pointer = checkpoint_dir / ("latest" + PARTIAL_SUFFIX)
+        pointer.write_text(tag)
+        os.replace(pointer, checkpoint_dir / "latest")
         _prune(checkpoint_dir, keep_last)
-    return tag_dir
+    _barrier()
+    return final_dir
 
 
 def _prune(checkpoint_dir: Path, keep_last: int) -> None:
-    tags = sorted(p for p in checkpoint_dir.glob(f"{TAG_PREFIX}*") if p.is_dir())
+    tags = sorted(p for p in checkpoint_dir.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name))
     for old in tags[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -24,7 +24,9 @@ from fineclip_ds.training.build import build_train_stream
 from fineclip_ds.training.metrics import Throughput, peak_memory_mb
 from fineclip_ds.training.monitor import Monitor
 from fineclip_ds.training.optimizer import build_optimizer, build_scheduler
+from fineclip_ds.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from fineclip_ds.training.periodic_eval import evaluate_during_training
+from fineclip_ds.training.preemption import PreemptionWatch
 from fineclip_ds.training.parallelize import adapt_precision_to_device, initialize, load_deepspeed_config
 
 log = logging.getLogger("fineclip_ds")
@@ -113,12 +115,23 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     last: dict[str, float] = {}
     engine.train()
     stop_step = config.train.stop_at_step or config.train.max_steps
+    preemption = PreemptionWatch()
+    nonfinite = NonFiniteGuard(config.train.max_consecutive_nonfinite)
     for step in range(start_step, stop_step):
         step_terms: list[dict[str, torch.Tensor]] = []
-        for _ in range(accumulation):
+        while len(step_terms) < accumulation:
             batch = next(batches)
             data_counts.update(batch["data_stats"])
             loss, terms = engine(_to_device(batch, engine.device, image_dtype))
+            if not nonfinite.all_ranks_finite(loss, world_size):
+                if nonfinite.exhausted:
+                    checkpoint.save(engine, checkpoint_dir, step, {"step": step, "stream": stream.state_dict()},
+                                    config.train.keep_last)
+                    raise NonFiniteLossError(
+                        f"{nonfinite.in_a_row} micro-batches in a row gave a non-finite loss at step {step}; the last "
+                        f"good state is saved in {checkpoint_dir}/{checkpoint.tag_for_step(step)}. Lower optim.lr or "
+                        f"check the data; train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}")
+                continue  # skipped on every rank together: no backward, no optimizer step
             engine.backward(loss)
             engine.step()
             step_terms.append({"total": loss.detach(), **terms})
@@ -135,6 +148,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             scalars.update({
                 "train/lr": engine.get_lr()[0],
                 "train/logit_scale": last["logit_scale"],
+                "train/skipped_nonfinite": float(nonfinite.skipped),
                 "perf/samples_per_s": speed["samples_per_s"],
                 "perf/step_time_s": speed["step_time_s"],
                 "perf/peak_memory_mb": peak_memory_mb(),
@@ -147,7 +161,11 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                                                         image_dtype)
             monitor.scalars(done, results)
             monitor.image(done, "eval/dense_features", picture)
-        if done % config.train.save_every == 0 or done == stop_step:
+        preempted = preemption.requested(world_size)
+        if done % config.train.save_every == 0 or done == stop_step or preempted:
             checkpoint.save(engine, checkpoint_dir, done, {"step": done, "stream": stream.state_dict()}, config.train.keep_last)
+        if preempted:
+            log.warning("stopped by signal after step %d; resume with --resume auto", done)
+            break
     monitor.close()
     return last

@@ -30,15 +30,24 @@ def write_ds_config(path: Path, micro_batch: int, stage: int, accumulation: int 
     return path
 
 
-def run_pretrain(processes: int, ds_config: Path, output_dir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LOCAL_SIZE": str(processes), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [
+def pretrain_command(ds_config: Path, output_dir: Path, *args: str, script: Path = REPO / "launch" / "pretrain.py") -> list[str]:
+    return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()),
-        str(REPO / "launch" / "pretrain.py"), "--deepspeed_config", str(ds_config), "--output_dir", str(output_dir),
+        str(script), "--deepspeed_config", str(ds_config), "--output_dir", str(output_dir),
         "--set", "data.num_workers=0", "--set", "train.log_every=1", *args,
     ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
+
+
+def launcher_env(processes: int, **extra: str) -> dict[str, str]:
+    return {**os.environ, "LOCAL_SIZE": str(processes), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_pretrain(processes: int, ds_config: Path, output_dir: Path, *args: str, timeout: int = 300,
+                 script: Path = REPO / "launch" / "pretrain.py", check: bool = True,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(pretrain_command(ds_config, output_dir, *args, script=script), cwd=REPO,
+                            env=launcher_env(processes, **(env or {})), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
         raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
 

@@ -1,0 +1,35 @@
+"""Graceful stop on the signals clusters send before a kill (SLURM: SIGTERM, or SIGUSR1 with --signal).
+
+The handler only sets a flag; the training loop asks `requested()` once per step, which all-reduces
+the flag so that every rank stops after the same step, writes the same checkpoint and exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("fineclip_ds")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionWatch:
+    def __init__(self) -> None:
+        self._received: int | None = None
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self._received = signum
+
+    def requested(self, world_size: int) -> bool:
+        """Collective: True on every rank when any rank received a stop signal."""
+        flag = torch.tensor([1.0 if self._received is not None else 0.0])
+        if world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self._received is not None:
+            log.warning("received %s: finishing this step, saving a checkpoint and exiting",
+                        signal.Signals(self._received).name)
+        return flag.item() > 0

@@ -1,0 +1,100 @@
+"""Fault injection with 2 real processes: preemption by signal, a save killed half-way, NaN losses."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.training.launcher import (REPO, launcher_env, losses, pretrain_command, run_pretrain,
+                                     write_ds_config)
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+JOB = ("--max_steps", str(STEPS), "--set", "optim.lr=1e-4", "--set", "optim.warmup_steps=1",
+       "--set", "train.save_every=4", "--set", "data.max_boxes=4")
+NAN_SCRIPT = Path(__file__).with_name("nan_pretrain.py")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("faults")
+    config = write_ds_config(root / "ds.json", micro_batch=16, stage=2)
+    run_pretrain(2, config, root / "uninterrupted", *JOB)
+    return config, root / "uninterrupted"
+
+
+def _signal_workers_when(process: subprocess.Popen, output_dir: Path, steps_logged: int, signum: int) -> None:
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps_logged:
+            break
+        time.sleep(0.05)
+    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
+               if any(arg.startswith("--local_rank=") for arg in child.cmdline())]  # not DeepSpeed's launch.py
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_stops_with_a_checkpoint_and_resume_gives_the_uninterrupted_curve(reference, tmp_path, signum):
+    config, uninterrupted = reference
+    output_dir = tmp_path / "preempted"
+    process = subprocess.Popen(pretrain_command(config, output_dir, *JOB), cwd=REPO, env=launcher_env(2),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _signal_workers_when(process, output_dir, steps_logged=2, signum=signum)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-3000:]
+    stopped_at = len(losses(output_dir))
+    assert 2 <= stopped_at < STEPS, "the run ended before the signal arrived"
+    assert (output_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+    run_pretrain(2, config, output_dir, *JOB, "--resume", "auto")
+    assert losses(output_dir) == losses(uninterrupted)
+
+
+def test_a_save_killed_half_way_is_never_resumed_from(reference, tmp_path):
+    config, uninterrupted = reference
+    output_dir = tmp_path / "killed"
+    run_pretrain(2, config, output_dir, *JOB, "--set", "train.stop_at_step=4")
+    # what kill -9 during the save at step 8 leaves: a partial folder, `latest` still at step 4
+    partial = output_dir / "checkpoints" / "step_00000008.tmp"
+    partial.mkdir()
+    (partial / "trainer_state_rank0.pt").write_bytes(b"truncated")
+    run_pretrain(2, config, output_dir, *JOB, "--resume", "auto")
+    assert losses(output_dir) == losses(uninterrupted)
+    assert not partial.exists()
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir() if p.is_dir()) == [
+        "step_00000004", "step_00000008", "step_00000012"]
+
+
+def test_nan_losses_are_skipped_on_every_rank_and_counted(reference, tmp_path):
+    config, _ = reference
+    output_dir = tmp_path / "nan"
+    run_pretrain(2, config, output_dir, *JOB, script=NAN_SCRIPT,
+                 env={"FINECLIP_TEST_NAN_CALLS": "3,4,9", "FINECLIP_TEST_NAN_RANK": "1"})
+    curve = losses(output_dir)
+    assert [step for step, _ in curve] == list(range(1, STEPS + 1))
+    assert all(loss == loss for _, loss in curve)  # no NaN reached the logged (applied) steps
+    events = EventAccumulator(str(output_dir / "tensorboard"))
+    events.Reload()
+    assert events.Scalars("train/skipped_nonfinite")[-1].value == 3
+    assert events.Scalars("data/samples")[-1].value == (STEPS + 3) * 32  # skipped batches were consumed
+
+
+def test_too_many_nan_losses_in_a_row_stop_with_the_last_good_state_saved(reference, tmp_path):
+    config, _ = reference
+    output_dir = tmp_path / "nan_stop"
+    result = run_pretrain(2, config, output_dir, *JOB, "--set", "train.max_consecutive_nonfinite=3",
+                          script=NAN_SCRIPT, check=False,
+                          env={"FINECLIP_TEST_NAN_CALLS": ",".join(str(c) for c in range(6, 40)), "FINECLIP_TEST_NAN_RANK": "0"})
+    assert result.returncode != 0
+    assert "non-finite loss at step 5" in result.stdout + result.stderr
+    assert (output_dir / "checkpoints" / "latest").read_text() == "step_00000005"
+    assert [step for step, _ in losses(output_dir)] == [1, 2, 3, 4, 5]
