@@ -28,25 +28,37 @@ class FineCLIPObjective(nn.Module):
         self.self_distillation = SelfDistillationLoss(group)
         self.regional_contrastive = RegionalContrastiveLoss(group)
 
-    def _encode_texts(self, texts: torch.Tensor, region_texts: torch.Tensor, box_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_texts(self, texts: torch.Tensor, region_texts: torch.Tensor | None,
+                      box_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Captions and valid region captions in one text-tower pass; [B, D] and [B, R, D] (0 where masked)."""
-        tokens = torch.cat([texts, region_texts[box_mask]])
+        tokens = texts if region_texts is None else torch.cat([texts, region_texts[box_mask]])
         text_frozen = not any(p.requires_grad for p in self.model.text_parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not text_frozen):
             embeddings = self.model.encode_text(tokens)
         batch = texts.shape[0]
+        if region_texts is None:
+            return embeddings, None
         region_embeddings = embeddings.new_zeros(*box_mask.shape, embeddings.shape[-1])
         region_embeddings[box_mask] = embeddings[batch:]
         return embeddings[:batch], region_embeddings
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns the weighted total and, detached for reporting, each loss term and the logit scale."""
+        """Returns the weighted total and, detached for reporting, each loss term and the logit scale.
+
+        Only what the enabled losses read is computed: no dense path without L_SD or L_RC, no region
+        captions without L_RC (the L_GC-only baseline costs what CLIP costs)."""
         # batch: images [B,3,H,W], texts [B,L], boxes [B,R,4] xyxy pixels, box_mask [B,R], region_texts [B,R,L]
         images, boxes, box_mask = batch["images"], batch["boxes"], batch["box_mask"]
+        use_regions = self.weights["sd"] > 0 or self.weights["rc"] > 0
         logit_scale = self.model.logit_scale()
-        image_embeddings, dense, grid_hw = self.model.encode_image_and_dense(images)
-        text_embeddings, region_text_embeddings = self._encode_texts(batch["texts"], batch["region_texts"], box_mask)
-        region_features = self.model.region_features(dense, grid_hw, boxes.to(dense.dtype), box_mask, self.region_pool_backend)
+        if use_regions:
+            image_embeddings, dense, grid_hw = self.model.encode_image_and_dense(images)
+            region_features = self.model.region_features(dense, grid_hw, boxes.to(dense.dtype), box_mask,
+                                                         self.region_pool_backend)
+        else:
+            image_embeddings = self.model.encode_image(images)
+        region_texts = batch["region_texts"] if self.weights["rc"] > 0 else None
+        text_embeddings, region_text_embeddings = self._encode_texts(batch["texts"], region_texts, box_mask)
 
         terms: dict[str, torch.Tensor] = {}
         if self.weights["gc"] > 0:

@@ -21,7 +21,8 @@ from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
 from fineclip_ds.training import checkpoint
 from fineclip_ds.training.build import build_train_stream
-from fineclip_ds.training.metrics import Throughput, peak_memory_mb
+from fineclip_ds.models.flops import FineCLIPShapes, step_flops
+from fineclip_ds.training.metrics import Throughput, device_name, peak_memory_mb, peak_tflops
 from fineclip_ds.training.monitor import Monitor
 from fineclip_ds.training.optimizer import build_optimizer, build_scheduler
 from fineclip_ds.training.nonfinite import NonFiniteGuard, NonFiniteLossError
@@ -109,7 +110,16 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     monitor = Monitor(output_dir, config.train.max_steps, start_step, enabled=rank == 0)
-    throughput = Throughput()
+    throughput, whole_run = Throughput(), Throughput()
+    shapes = FineCLIPShapes.of(model.clip)
+    text_trainable = any(p.requires_grad for p in model.text_parameters())
+    peak = peak_tflops(device_name())
+
+    def batch_flops(batch: dict[str, Any]) -> int:
+        images, slots = batch["box_mask"].shape
+        return step_flops(shapes, images, int(batch["box_mask"].sum()), images * slots, world_size, text_trainable,
+                          config.losses.sd_teacher_grad, objective.weights)
+
     data_counts: Counter = Counter()
     batches = iter(stream)
     last: dict[str, float] = {}
@@ -119,6 +129,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     nonfinite = NonFiniteGuard(config.train.max_consecutive_nonfinite)
     for step in range(start_step, stop_step):
         step_terms: list[dict[str, torch.Tensor]] = []
+        flops = 0
         while len(step_terms) < accumulation:
             batch = next(batches)
             data_counts.update(batch["data_stats"])
@@ -135,7 +146,9 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             engine.backward(loss)
             engine.step()
             step_terms.append({"total": loss.detach(), **terms})
-        throughput.update(micro_batch * accumulation * world_size)
+            flops += batch_flops(batch)
+        throughput.update(micro_batch * accumulation * world_size, flops)
+        whole_run.update(micro_batch * accumulation * world_size, flops)
         averaged = {name: torch.stack([t[name] for t in step_terms]).mean() for name in step_terms[0]}
         last = _mean_over_ranks(averaged, world_size)
         done = step + 1
@@ -151,8 +164,11 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                 "train/skipped_nonfinite": float(nonfinite.skipped),
                 "perf/samples_per_s": speed["samples_per_s"],
                 "perf/step_time_s": speed["step_time_s"],
+                "perf/tflops_per_device": speed["tflops_per_device"],
                 "perf/peak_memory_mb": peak_memory_mb(),
             })
+            if peak is not None:
+                scalars["perf/mfu"] = speed["tflops_per_device"] / peak
             scalars.update({f"data/{reason}": float(count) for reason, count in counts.items()})
             monitor.scalars(done, scalars)
         if config.eval.every and (done % config.eval.every == 0 or done == config.train.max_steps):
@@ -167,5 +183,10 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         if preempted:
             log.warning("stopped by signal after step %d; resume with --resume auto", done)
             break
+    summary = {**whole_run.read(),
+               "peak_memory_mb": peak_memory_mb(), "device": device_name(), "world_size": world_size}
+    if peak is not None:
+        summary["mfu"] = summary["tflops_per_device"] / peak
+    monitor.summary(summary)
     monitor.close()
     return last

@@ -1,4 +1,4 @@
-"""Throughput, step time and peak memory in one place."""
+"""Throughput, step time, achieved TFLOPs, MFU and peak memory in one place."""
 from __future__ import annotations
 
 import resource
@@ -16,20 +16,37 @@ def peak_memory_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; SXM parts.
+PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The bf16 peak of a known GPU, or None (CPU, unknown GPU): MFU is then not reported."""
+    return next((peak for name, peak in PEAK_BF16_TFLOPS.items() if name in device_name), None)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 class Throughput:
-    """Samples/s and seconds/step over the steps since the last `read`."""
+    """Samples/s, seconds/step and achieved model TFLOP/s on this rank since the last `read`."""
 
     def __init__(self) -> None:
         self._start = time.perf_counter()
         self._samples = 0
         self._steps = 0
+        self._flops = 0
 
-    def update(self, samples: int) -> None:
+    def update(self, samples: int, flops: int) -> None:
+        """samples: global samples of the step; flops: model FLOPs this rank computed in it."""
         self._samples += samples
         self._steps += 1
+        self._flops += flops
 
     def read(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self._start, 1e-9)
-        result = {"samples_per_s": self._samples / elapsed, "step_time_s": elapsed / max(self._steps, 1)}
+        result = {"steps": self._steps, "samples_per_s": self._samples / elapsed, "step_time_s": elapsed / max(self._steps, 1),
+                  "tflops_per_device": self._flops / elapsed / 1e12}
         self.__init__()
         return result

@@ -18,6 +18,7 @@ class Monitor:
         from torch.utils.tensorboard import SummaryWriter
 
         output_dir.mkdir(parents=True, exist_ok=True)
+        self._output_dir = output_dir
         self._writer = SummaryWriter(str(output_dir / "tensorboard"))
         self._jsonl = (output_dir / "metrics.jsonl").open("a")
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -48,6 +49,14 @@ class Monitor:
         if self.enabled:
             self._writer.add_image(tag, picture, step, dataformats="HWC")
             self._writer.flush()
+
+    def summary(self, values: dict[str, float | str]) -> None:
+        """End of run: printed, and written to summary.json beside the metrics."""
+        if not self.enabled:
+            return
+        self._bar.write("run summary: " + " ".join(
+            f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}" for name, value in values.items()))
+        (self._output_dir / "summary.json").write_text(json.dumps(values, indent=2))
 
     def close(self) -> None:
         if self.enabled:
