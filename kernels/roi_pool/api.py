@@ -1,0 +1,80 @@
+"""Region pooling as callers use it: the functional `region_pool` and the `RegionPool` module."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.roi_pool.function import RegionPoolFunction
+from kernels.roi_pool.launch import SUPPORTED_DTYPES
+from kernels.roi_pool.reference import region_pool_torch
+
+BACKENDS = ("triton", "torch", "auto")
+
+
+def _check_inputs(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[int, int],
+                  box_mask: torch.Tensor | None, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: got {backend!r}, expected one of {BACKENDS}")
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens: got shape {tuple(tokens.shape)}, expected [B, H*W, C]")
+    height, width = grid_hw
+    if height < 1 or width < 1 or height * width != tokens.shape[1]:
+        raise ValueError(f"grid_hw: got {tuple(grid_hw)}, expected H * W == tokens.shape[1] == {tokens.shape[1]}")
+    if boxes.dim() != 3 or boxes.shape[0] != tokens.shape[0] or boxes.shape[2] != 4:
+        raise ValueError(f"boxes: got shape {tuple(boxes.shape)}, expected [{tokens.shape[0]}, R, 4]")
+    if box_mask is not None and box_mask.shape != boxes.shape[:2]:
+        raise ValueError(f"box_mask: got shape {tuple(box_mask.shape)}, expected {tuple(boxes.shape[:2])}")
+
+
+def region_pool(
+    tokens: torch.Tensor,
+    boxes: torch.Tensor,
+    grid_hw: tuple[int, int],
+    spatial_scale: float,
+    box_mask: torch.Tensor | None = None,
+    sampling_ratio: int = -1,
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """1x1 RoIAlign (aligned=True) of each box on the token map, read in place as [B, H*W, C].
+
+    Equals torchvision's roi_align on the NCHW view; masked boxes give zero rows and no gradient;
+    `normalize` L2-normalises the rows (F.normalize, eps 1e-12). Only `tokens` gets a gradient.
+    `backend="auto"` runs Triton on CUDA tensors and torch elsewhere.
+    """
+    # tokens: [B, H*W, C]; boxes: [B, R, 4] xyxy input pixels; box_mask: [B, R] bool -> [B, R, C]
+    _check_inputs(tokens, boxes, grid_hw, box_mask, backend)
+    grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
+    if box_mask is not None:
+        box_mask = box_mask.bool()
+    use_triton = backend == "triton" or (backend == "auto" and tokens.is_cuda)
+    if use_triton and tokens.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"tokens.dtype: got {tokens.dtype}, the triton backend expects one of {SUPPORTED_DTYPES}")
+    if not use_triton or boxes.shape[1] == 0 or tokens.shape[0] == 0 or tokens.shape[2] == 0:
+        # Empty outputs go through torch too: no kernel launches on an empty grid, and autograd still links them.
+        return region_pool_torch(tokens, boxes, grid_hw, spatial_scale, box_mask, sampling_ratio, normalize)
+    return RegionPoolFunction.apply(tokens, boxes, box_mask, grid_hw, float(spatial_scale), int(sampling_ratio), normalize)
+
+
+class RegionPool(nn.Module):
+    """Module form of `region_pool` with the map geometry and options fixed at construction."""
+
+    def __init__(self, grid_hw: tuple[int, int], spatial_scale: float, sampling_ratio: int = -1,
+                 normalize: bool = False, backend: str = "auto"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: got {backend!r}, expected one of {BACKENDS}")
+        self.grid_hw = tuple(grid_hw)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.normalize = normalize
+        self.backend = backend
+
+    def forward(self, tokens: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # tokens: [B, H*W, C]; boxes: [B, R, 4] xyxy pixels; box_mask: [B, R] -> [B, R, C]
+        return region_pool(tokens, boxes, self.grid_hw, self.spatial_scale, box_mask,
+                           self.sampling_ratio, self.normalize, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"grid_hw={self.grid_hw}, spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}, "
+                f"normalize={self.normalize}, backend={self.backend!r}")

@@ -1,0 +1,37 @@
+"""The autograd Function of the Triton region pooling: factors and pooling forward, token gradient back."""
+from __future__ import annotations
+
+import torch
+
+from kernels.roi_pool import launch
+
+
+class RegionPoolFunction(torch.autograd.Function):
+    """Saves only the small axis factors (and, when normalising, the output and norms) for backward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        tokens: torch.Tensor,
+        boxes: torch.Tensor,
+        box_mask: torch.Tensor | None,
+        grid_hw: tuple[int, int],
+        spatial_scale: float,
+        sampling_ratio: int,
+        normalize: bool,
+    ) -> torch.Tensor:
+        # tokens: [B, H*W, C]; boxes: [B, R, 4] xyxy pixels; box_mask: [B, R] bool -> [B, R, C]
+        rows, cols = launch.region_factors(boxes, box_mask, grid_hw, spatial_scale, sampling_ratio)
+        out, norms = launch.pool_forward(tokens, rows, cols, grid_hw, normalize)
+        ctx.grid_hw = grid_hw
+        ctx.save_for_backward(rows, cols, out if normalize else None, norms)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, cols, out, norms = ctx.saved_tensors
+        grad_tokens = None
+        if ctx.needs_input_grad[0]:
+            pooled = grad_out if out is None else out  # only read when normalising
+            grad_tokens = launch.pool_backward(grad_out, pooled, norms, rows, cols, ctx.grid_hw)
+        return grad_tokens, None, None, None, None, None, None

@@ -1,0 +1,101 @@
+"""Launchers of the region-pooling kernels: output buffers, tile sizes and grids.
+
+Tiles are powers of two of at least 16 (the `tl.dot` minimum). They were chosen for H100-class
+GPUs and small enough that odd, tiny test shapes waste little work under the CPU interpreter.
+fp32 tokens use exact fp32 dots; half-precision tokens use TF32, whose 10-bit mantissa holds every
+bf16/fp16 token exactly and rounds the weights below the output's own rounding.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from kernels.roi_pool.reference import NORMALIZE_EPS
+from kernels.roi_pool.triton_kernels import region_factors_kernel, region_pool_bwd_kernel, region_pool_fwd_kernel
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _tile(size: int, largest: int) -> int:
+    return max(16, min(largest, triton.next_power_of_2(size)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def region_factors(
+    boxes: torch.Tensor,
+    box_mask: torch.Tensor | None,
+    grid_hw: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-box row factors (divided by the sample count) and column factors, zero for masked boxes."""
+    # boxes: [B, R, 4] xyxy pixels; box_mask: [B, R] -> rows: [B, R, H], cols: [B, R, W] fp32
+    batch, regions = boxes.shape[:2]
+    height, width = grid_hw
+    rows = boxes.new_empty(batch, regions, height, dtype=torch.float32)
+    cols = boxes.new_empty(batch, regions, width, dtype=torch.float32)
+    boxes = boxes.detach().contiguous()
+    mask = boxes if box_mask is None else box_mask.contiguous()
+    region_factors_kernel[(batch * regions,)](
+        boxes, mask, rows, cols, float(spatial_scale), int(sampling_ratio), height, width,
+        HAS_MASK=box_mask is not None,
+        BLOCK_H=triton.next_power_of_2(height), BLOCK_W=triton.next_power_of_2(width),
+    )
+    return rows, cols
+
+
+def pool_forward(
+    tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, grid_hw: tuple[int, int], normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pooled (optionally L2-normalised) box features, and the pre-normalisation norms when normalising."""
+    # tokens: [B, H*W, C]; rows: [B, R, H]; cols: [B, R, W] -> out: [B, R, C], norms: [B, R] fp32 or None
+    batch, regions = rows.shape[:2]
+    channels = tokens.shape[-1]
+    out = tokens.new_empty(batch, regions, channels)
+    norms = rows.new_empty(batch, regions) if normalize else None
+    block_r = _tile(regions, 64)
+    block_c = _tile(channels, 128)
+    channel_programs = 1 if normalize else triton.cdiv(channels, block_c)
+    grid = (batch, triton.cdiv(regions, block_r), channel_programs)
+    region_pool_fwd_kernel[grid](
+        tokens, rows, cols, out, rows if norms is None else norms,
+        regions, channels, *grid_hw,
+        *tokens.stride(),
+        NORMALIZE_EPS,
+        NORMALIZE=normalize, DOT_PRECISION=_dot_precision(tokens.dtype),
+        BLOCK_R=block_r, BLOCK_T=_tile(grid_hw[0] * grid_hw[1], 64), BLOCK_C=block_c,
+    )
+    return out, norms
+
+
+def pool_backward(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    norms: torch.Tensor | None,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    grid_hw: tuple[int, int],
+) -> torch.Tensor:
+    """Gradient of the tokens, in the dtype of the pooled output, without atomics."""
+    # grad_out, out: [B, R, C]; norms: [B, R] fp32 or None (no normalisation); rows/cols as above
+    # -> grad_tokens: [B, H*W, C]
+    batch, regions, channels = grad_out.shape
+    n_tokens = grid_hw[0] * grid_hw[1]
+    grad_tokens = out.new_empty(batch, n_tokens, channels)
+    normalize = norms is not None
+    row_dots = (grad_out.float() * out.float()).sum(-1) if normalize else rows
+    block_t = _tile(n_tokens, 64)
+    block_c = _tile(channels, 128)
+    grid = (batch, triton.cdiv(n_tokens, block_t), triton.cdiv(channels, block_c))
+    region_pool_bwd_kernel[grid](
+        grad_out, out, row_dots, rows if norms is None else norms, rows, cols, grad_tokens,
+        regions, channels, *grid_hw,
+        *grad_out.stride(),
+        NORMALIZE_EPS,
+        NORMALIZE=normalize, DOT_PRECISION=_dot_precision(out.dtype),
+        BLOCK_R=_tile(regions, 32), BLOCK_T=block_t, BLOCK_C=block_c,
+    )
+    return grad_tokens
