@@ -30,7 +30,8 @@ class ModelConfig:
     name: str = "FineCLIP-ViT-T-8"  # an open_clip model name (ours are registered on import)
     pretrained: str | None = None  # local open_clip / OpenAI checkpoint file; None = random init
     freeze_text: bool = True  # FineCLIP trains the image tower only
-    grad_checkpointing: bool = False  # recompute each image block in backward (non-reentrant)
+    grad_checkpointing: bool = False  # recompute image blocks in backward (non-reentrant)
+    checkpoint_every: int = 1  # with grad_checkpointing: every k-th block (1 = all; 2 = half the recompute)
     attention: str = "auto"  # auto | flash_attn | sdpa | math
 
 
@@ -206,6 +207,7 @@ def validate(config: RunConfig) -> None:
         config.data.source != "webdataset" or bool(config.data.train_shards),
         "data.train_shards", config.data.train_shards, "a shard path or brace pattern when data.source is 'webdataset'",
     )
+    _require(config.model.checkpoint_every >= 1, "model.checkpoint_every", config.model.checkpoint_every, "an integer >= 1")
     _require(config.data.max_boxes >= 1, "data.max_boxes", config.data.max_boxes, "an integer >= 1")
     _require(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "an integer >= 0")
     _require(config.data.world_image_size >= 16, "data.world_image_size", config.data.world_image_size, "an integer >= 16")

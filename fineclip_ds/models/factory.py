@@ -25,7 +25,8 @@ def create_fineclip(config: ModelConfig) -> tuple[FineCLIP, Tokenizer, tuple[tup
         raise ValueError(f"model.name: '{config.name}' is not an open_clip model (see open_clip.list_models())")
     clip = open_clip.create_model(config.name, pretrained=config.pretrained, nonscalar_logit_scale=True)
     model = FineCLIP(
-        clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing, attention=config.attention
+        clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing,
+        checkpoint_every=config.checkpoint_every, attention=config.attention,
     )
     tokenizer = open_clip.get_tokenizer(config.name)
     mean = tuple(getattr(clip.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)

@@ -26,7 +26,8 @@ LOGIT_SCALE_MAX = math.log(100.0)
 
 class FineCLIP(nn.Module):
     def __init__(
-        self, clip: nn.Module, freeze_text: bool = True, grad_checkpointing: bool = False, attention: str = "auto"
+        self, clip: nn.Module, freeze_text: bool = True, grad_checkpointing: bool = False, checkpoint_every: int = 1,
+        attention: str = "auto",
     ):
         super().__init__()
         visual = clip.visual
@@ -41,6 +42,7 @@ class FineCLIP(nn.Module):
         use_attention_backend(clip.transformer, attention)
         self.clip = clip
         self.grad_checkpointing = grad_checkpointing
+        self.checkpoint_every = checkpoint_every
         if freeze_text:
             for param in self.text_parameters():
                 param.requires_grad_(False)
@@ -80,16 +82,19 @@ class FineCLIP(nn.Module):
         # tokens: [N, L] -> [N, D] L2-normalised
         return F.normalize(self.clip.encode_text(tokens), dim=-1)
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training:
+    def _recompute(self, block_index: int) -> bool:
+        return self.grad_checkpointing and self.training and block_index % self.checkpoint_every == 0
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, block_index: int) -> torch.Tensor:
+        if self._recompute(block_index):
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
     def _trunk(self, images: torch.Tensor) -> torch.Tensor:
         # images: [B, 3, H, W] -> tokens before the last block, [B, 1 + h*w, width] batch-first
         x = self.visual._embeds(images)
-        for block in self.visual.transformer.resblocks[:-1]:
-            x = self._run_block(block, x)
+        for index, block in enumerate(self.visual.transformer.resblocks[:-1]):
+            x = self._run_block(block, x, index)
         return x
 
     @staticmethod
@@ -100,9 +105,10 @@ class FineCLIP(nn.Module):
 
     def _last_block(self, x: torch.Tensor, value_only: bool) -> torch.Tensor:
         block = self.visual.transformer.resblocks[-1]
+        last_index = len(self.visual.transformer.resblocks) - 1
         if not value_only:
-            return self._run_block(block, x)
-        if self.grad_checkpointing and self.training:
+            return self._run_block(block, x, last_index)
+        if self._recompute(last_index):
             return checkpoint(self._value_only_block, block, x, use_reentrant=False)
         return self._value_only_block(block, x)
 

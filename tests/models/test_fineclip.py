@@ -71,3 +71,23 @@ def test_crops_are_enlarged_boxes_resized_to_the_input_size():
     crops = crop_regions(images, boxes, mask, 1.5, (16, 16))
     assert crops.shape == (2, 3, 16, 16)
     torch.testing.assert_close(crops[1], images[1])  # the whole image, at its own size, is itself
+
+
+def test_activation_checkpointing_leaves_gradients_unchanged():
+    boxes = torch.tensor([[[2.0, 3.0, 40.0, 30.0], [10.0, 10.0, 60.0, 60.0]]]).repeat(2, 1, 1).double()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+
+    def gradients(**checkpointing):
+        model, _ = _model(**checkpointing)
+        model = model.double().train()
+        global_embedding, dense, grid_hw = model.encode_image_and_dense(images)
+        regions = model.region_features(dense, grid_hw, boxes)
+        (global_embedding.square().sum() + regions.sin().sum()).backward()
+        return {name: p.grad for name, p in model.visual.named_parameters() if p.grad is not None}
+
+    reference = gradients()
+    for every in (1, 2):
+        recomputed = gradients(grad_checkpointing=True, checkpoint_every=every)
+        assert recomputed.keys() == reference.keys()
+        for name in reference:
+            torch.testing.assert_close(recomputed[name], reference[name], rtol=1e-10, atol=1e-12, msg=name)

@@ -62,3 +62,13 @@ def test_resume_continues_exactly(runs, tmp_path):
     run_pretrain(2, config, output_dir, *COMMON, "--resume", "auto")
     assert losses(output_dir) == losses(runs["two_zero2"])
     _assert_same_parameters(final_parameters(output_dir), final_parameters(runs["two_zero2"]), rtol=0, atol=0)
+
+
+def test_zero3_with_activation_checkpointing_and_sdpa_matches_one_process(runs, tmp_path):
+    config = write_ds_config(tmp_path / "ds.json", GLOBAL_BATCH // 2, 3)
+    output_dir = tmp_path / "zero3_checkpointed"
+    run_pretrain(2, config, output_dir, *COMMON, "--set", "model.grad_checkpointing=true",
+                 "--set", "model.attention=sdpa")
+    torch.testing.assert_close(torch.tensor([l for _, l in losses(output_dir)]),
+                               torch.tensor([l for _, l in losses(runs["one_zero2"])]), rtol=1e-5, atol=1e-5)
+    _assert_same_parameters(final_parameters(output_dir), final_parameters(runs["one_zero2"]))
