@@ -1,0 +1,313 @@
+"""Region pooling against torchvision's roi_align in float64: values and token gradients, both backends.
+
+Under TRITON_INTERPRET=1 (tests/conftest.py) the Triton backend runs on the CPU interpreter, so
+shapes stay small. Box kinds cover the rules torchvision applies at the map borders. Exact-border
+boxes only use power-of-two scales: with a scale such as 9/37 a box ending on the image border
+lands within one float32 ulp of an integer in grid units, and ceil() of its size, the sample
+count, then depends on rounding (float32 here, float64 in the reference), not on the kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+import kernels
+from kernels.roi_pool import RegionPool, region_pool
+
+BACKENDS = ("triton", "torch")
+# fp32: kernel coordinates are float32, so sample positions near 10 carry ~1e-6 absolute error.
+# bf16 / fp16: the output and gradient are rounded to the dtype (8 / 11 significant bits), and
+# with normalize the pooled row is rounded once before and once after the rescale.
+TOLERANCES = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+    torch.float16: {"rtol": 3e-3, "atol": 3e-3},
+}
+BOX_KINDS = ("inside", "border", "partly_outside", "subpixel", "zero_size", "outside")
+
+# (seed, batch, regions, (H, W), channels, spatial_scale)
+CASES = [
+    (0, 2, 5, (7, 9), 33, 0.25),
+    (1, 3, 6, (9, 11), 40, 9 / 37),
+    (2, 1, 4, (5, 3), 17, 0.5),
+    (3, 2, 3, (1, 7), 3, 1.0),
+    (4, 3, 6, (11, 9), 20, 0.125),
+    (5, 2, 6, (8, 5), 1, 3 / 32),
+    (6, 1, 1, (3, 3), 7, 0.3),
+    (7, 2, 6, (9, 9), 24, 1 / 16),
+]
+
+
+def _is_power_of_two(scale: float) -> bool:
+    return math.frexp(scale)[0] == 0.5
+
+
+def random_boxes(generator: torch.Generator, batch: int, regions: int, grid_hw: tuple[int, int],
+                 spatial_scale: float) -> torch.Tensor:
+    """Boxes of every kind in BOX_KINDS, cycling so each case holds a mix."""
+    # -> [B, R, 4] xyxy float32 pixels of an image of grid_hw / spatial_scale
+    cell = 1 / spatial_scale
+    image = torch.tensor([grid_hw[1], grid_hw[0]]) * cell
+    boxes = []
+    for index in range(batch * regions):
+        kind = BOX_KINDS[index % len(BOX_KINDS)]
+        u = torch.rand(4, generator=generator)
+        low, high = torch.minimum(u[:2], u[2:]) * image, torch.maximum(u[:2], u[2:]) * image
+        if kind == "border" and _is_power_of_two(spatial_scale):
+            low = torch.where(u[:2] < 0.5, 0.0, low)  # each side either on the border or free
+            high = torch.where(u[2:] < 0.5, image, high)
+        elif kind == "partly_outside":
+            low, high = low * 1.6 - 0.5 * image, high * 1.6 - 0.1 * image
+        elif kind == "subpixel":
+            high = low + u[2:] * 0.9 * cell
+        elif kind == "zero_size":
+            high = low.clone() if index % 2 else torch.stack([low[0], high[1]])  # a point, or a vertical line
+        elif kind == "outside":
+            low, high = low + 1.3 * image, high + 1.3 * image
+        boxes.append(torch.cat([low, high]))
+    return torch.stack(boxes).view(batch, regions, 4)
+
+
+def make_case(seed: int, batch: int, regions: int, grid_hw: tuple[int, int], channels: int, spatial_scale: float,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, boxes, a box mask with some padding (a whole image when batch > 1) and a gradient probe."""
+    # -> tokens [B, H*W, C] dtype, boxes [B, R, 4] fp32, box_mask [B, R] bool, probe [B, R, C] dtype
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, grid_hw[0] * grid_hw[1], channels, generator=generator).to(dtype)
+    boxes = random_boxes(generator, batch, regions, grid_hw, spatial_scale)
+    box_mask = torch.rand(batch, regions, generator=generator) < 0.8
+    if batch > 1:
+        box_mask[-1] = False
+    probe = torch.randn(batch, regions, channels, generator=generator).to(dtype)
+    return tokens, boxes, box_mask, probe
+
+
+def torchvision_reference(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[int, int], spatial_scale: float,
+                          box_mask: torch.Tensor, sampling_ratio: int, normalize: bool,
+                          aligned: bool = True) -> torch.Tensor:
+    """The contract, in float64: roi_align on the NCHW view, masked rows zeroed, then F.normalize."""
+    # tokens: [B, H*W, C]; boxes: [B, R, 4] -> [B, R, C] float64
+    batch, regions = boxes.shape[:2]
+    channels = tokens.shape[-1]
+    feature_map = tokens.double().transpose(1, 2).reshape(batch, channels, *grid_hw)
+    pooled = roi_align(feature_map, list(boxes.double()), output_size=1, spatial_scale=spatial_scale,
+                       sampling_ratio=sampling_ratio, aligned=aligned).view(batch, regions, channels)
+    pooled = pooled * box_mask[..., None]
+    return F.normalize(pooled, dim=-1, eps=1e-12) if normalize else pooled
+
+
+def pooled_and_grad(tokens: torch.Tensor, probe: torch.Tensor, pool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output of `pool(tokens)` and the gradient of <output, probe> with respect to the tokens."""
+    tokens = tokens.detach().clone().requires_grad_()
+    pooled = pool(tokens)
+    (grad,) = torch.autograd.grad((pooled.double() * probe.double()).sum(), tokens)
+    return pooled, grad
+
+
+def check_against_torchvision(case, dtype: torch.dtype, backend: str, normalize: bool, sampling_ratio: int) -> None:
+    seed, batch, regions, grid_hw, channels, spatial_scale = case
+    tokens, boxes, box_mask, probe = make_case(seed, batch, regions, grid_hw, channels, spatial_scale, dtype)
+    got, got_grad = pooled_and_grad(tokens, probe, lambda t: region_pool(
+        t, boxes, grid_hw, spatial_scale, box_mask, sampling_ratio, normalize, backend))
+    want, want_grad = pooled_and_grad(tokens.double(), probe, lambda t: torchvision_reference(
+        t, boxes, grid_hw, spatial_scale, box_mask, sampling_ratio, normalize))
+    assert got.dtype == dtype and got.shape == (batch, regions, channels)
+    assert got_grad.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype])
+    torch.testing.assert_close(got_grad.double(), want_grad, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: f"seed{case[0]}")
+def test_fp32_matches_torchvision_float64(case, backend, normalize, sampling_ratio):
+    check_against_torchvision(case, torch.float32, backend, normalize, sampling_ratio)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda case: f"seed{case[0]}")
+def test_half_precision_matches_torchvision_float64(case, dtype, backend, normalize):
+    check_against_torchvision(case, dtype, backend, normalize, sampling_ratio=-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_box_kind_is_exercised_and_nonzero_where_it_should_be(backend):
+    """Guards the generator: inside/border/partly-outside/subpixel boxes pool something, outside ones nothing."""
+    seed, batch, regions, grid_hw, channels, spatial_scale = CASES[0]
+    tokens, boxes, _, _ = make_case(seed, 1, 12, grid_hw, channels, spatial_scale, torch.float32)
+    pooled = region_pool(tokens, boxes, grid_hw, spatial_scale, backend=backend)
+    nonzero = pooled.abs().sum(-1) > 0
+    for index in range(12):
+        kind = BOX_KINDS[index % len(BOX_KINDS)]
+        assert bool(nonzero[0, index]) == (kind not in ("outside", "zero_size")), (kind, boxes[0, index])
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 1])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_samples_on_the_border_limits_follow_torchvision(backend, sampling_ratio):
+    """One-sample boxes centred exactly on -1 and on H / W count (clamped onto the edge); just beyond, they do not."""
+    height, width = 3, 4
+    centres = torch.tensor([[-1, 1], [width, 1], [1, -1], [1, height], [-1, -1], [width, height], [-0.5, 2.5],
+                            [-1.25, 1], [width + 0.25, 1], [1, -1.25], [1, height + 0.25], [3.5, 0], [0.5, 2]])
+    centres = centres + 0.5  # grid coordinates -> pixels at scale 1 with aligned=True
+    boxes = torch.cat([centres - 0.5, centres + 0.5], dim=-1)[None]
+    tokens = torch.randn(1, height * width, 5)
+    mask = torch.ones(1, boxes.shape[1], dtype=torch.bool)
+    got = region_pool(tokens, boxes, (height, width), 1.0, sampling_ratio=sampling_ratio, backend=backend)
+    want = torchvision_reference(tokens, boxes, (height, width), 1.0, mask, sampling_ratio, False)
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
+    assert (got[0, :7].abs().sum(-1) > 0).all() and (got[0, 7:11] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_point_and_line_boxes_pool_with_a_fixed_sampling_ratio(backend):
+    """A zero-size box has no adaptive samples (zero row) but a fixed ratio still samples its point."""
+    tokens = torch.randn(1, 15, 4)
+    boxes = torch.tensor([[[4.0, 6.0, 4.0, 6.0]]])
+    adaptive = region_pool(tokens, boxes, (3, 5), 0.5, sampling_ratio=-1, backend=backend)
+    fixed = region_pool(tokens, boxes, (3, 5), 0.5, sampling_ratio=2, backend=backend)
+    torch.testing.assert_close(adaptive, torch.zeros_like(adaptive))
+    torch.testing.assert_close(fixed[0, 0], tokens.view(3, 5, 4)[2, 1] * 0.5 + tokens.view(3, 5, 4)[2, 2] * 0.5)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_boxes_give_zero_rows_and_zero_gradient(backend, normalize):
+    tokens, boxes, _, probe = make_case(11, 2, 4, (5, 7), 9, 0.25, torch.float32)
+    box_mask = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    pooled, grad = pooled_and_grad(tokens, probe, lambda t: region_pool(
+        t, boxes, (5, 7), 0.25, box_mask, normalize=normalize, backend=backend))
+    assert torch.equal(pooled[~box_mask], torch.zeros_like(pooled[~box_mask]))
+    assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+    _, grad_kept = pooled_and_grad(tokens, probe * box_mask[..., None], lambda t: region_pool(
+        t, boxes, (5, 7), 0.25, box_mask, normalize=normalize, backend=backend))
+    torch.testing.assert_close(grad, grad_kept, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_regions_gives_an_empty_output_and_zero_gradient(backend):
+    tokens = torch.randn(2, 12, 5, requires_grad=True)
+    pooled = region_pool(tokens, torch.zeros(2, 0, 4), (3, 4), 0.5, backend=backend)
+    assert pooled.shape == (2, 0, 5)
+    pooled.sum().backward()
+    assert torch.equal(tokens.grad, torch.zeros_like(tokens))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_boxes_get_no_gradient(backend):
+    tokens, boxes, box_mask, _ = make_case(12, 2, 3, (5, 5), 6, 0.5, torch.float32)
+    tokens.requires_grad_()
+    boxes.requires_grad_()
+    region_pool(tokens, boxes, (5, 5), 0.5, box_mask, backend=backend).sum().backward()
+    assert boxes.grad is None and tokens.grad is not None
+
+
+def test_triton_backward_is_bitwise_deterministic():
+    tokens, boxes, box_mask, probe = make_case(13, 3, 6, (9, 11), 40, 0.25, torch.float32)
+    pool = lambda t: region_pool(t, boxes, (9, 11), 0.25, box_mask, normalize=True, backend="triton")  # noqa: E731
+    _, first = pooled_and_grad(tokens, probe, pool)
+    _, second = pooled_and_grad(tokens, probe, pool)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_triton_reads_strided_tokens_in_place(normalize):
+    """A channel slice of a wider map (non-unit strides) pools like its contiguous copy."""
+    tokens, boxes, box_mask, probe = make_case(14, 2, 4, (7, 5), 10, 0.5, torch.float32)
+    wide = torch.randn(2, 35, 25)
+    wide[..., 3:23:2] = tokens
+    strided = wide[..., 3:23:2]
+    assert not strided.is_contiguous()
+    pool = lambda t: region_pool(t, boxes, (7, 5), 0.5, box_mask, normalize=normalize, backend="triton")  # noqa: E731
+    got, got_grad = pooled_and_grad(strided, probe, pool)
+    want, want_grad = pooled_and_grad(tokens, probe, pool)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+
+
+def test_the_comparison_detects_a_half_pixel_shift():
+    """The tolerances are tight enough to tell aligned=True from aligned=False (off by half a pixel)."""
+    seed, batch, regions, grid_hw, channels, spatial_scale = CASES[0]
+    tokens, boxes, box_mask, _ = make_case(seed, batch, regions, grid_hw, channels, spatial_scale, torch.float32)
+    got = region_pool(tokens, boxes, grid_hw, spatial_scale, box_mask, backend="torch").double()
+    shifted = torchvision_reference(tokens, boxes, grid_hw, spatial_scale, box_mask, -1, False, aligned=False)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got, shifted, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["cuda", "Triton", "", None])
+def test_unknown_backend_raises_value_error_naming_it(backend):
+    tokens, boxes = torch.randn(1, 4, 3), torch.tensor([[[0.0, 0.0, 2.0, 2.0]]])
+    with pytest.raises(ValueError, match=repr(backend)):
+        kernels.region_pool(tokens, boxes, (2, 2), 1.0, backend=backend)
+    with pytest.raises(ValueError, match=repr(backend)):
+        RegionPool((2, 2), 1.0, backend=backend)
+
+
+def test_grid_that_does_not_match_the_tokens_raises():
+    with pytest.raises(ValueError, match="grid_hw"):
+        region_pool(torch.randn(1, 12, 3), torch.zeros(1, 1, 4), (3, 5), 1.0)
+
+
+def test_auto_backend_runs_torch_on_cpu(monkeypatch):
+    import kernels.roi_pool.api as api
+
+    calls = []
+    monkeypatch.setattr(api, "region_pool_torch", lambda *args: calls.append(args) or torch.zeros(1, 1, 3))
+    region_pool(torch.randn(1, 4, 3), torch.zeros(1, 1, 4), (2, 2), 1.0, backend="auto")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_and_entry_point_match_the_function(backend):
+    seed, batch, regions, grid_hw, channels, spatial_scale = CASES[2]
+    tokens, boxes, box_mask, _ = make_case(seed, batch, regions, grid_hw, channels, spatial_scale, torch.float32)
+    module = RegionPool(grid_hw, spatial_scale, sampling_ratio=2, normalize=True, backend=backend)
+    want = region_pool(tokens, boxes, grid_hw, spatial_scale, box_mask, 2, True, backend)
+    assert torch.equal(module(tokens, boxes, box_mask), want)
+    assert torch.equal(kernels.region_pool(tokens, boxes, grid_hw, spatial_scale, box_mask, 2, True, backend), want)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# (seed, batch, regions, (H, W), channels, spatial_scale): model-sized maps, boxes and widths
+GPU_CASES = [
+    (20, 8, 37, (14, 14), 768, 14 / 224),
+    (21, 4, 100, (23, 17), 1000, 1 / 16),
+    (22, 2, 64, (40, 40), 1024, 40 / 640),
+]
+
+
+def _to_cuda(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(tensor.cuda() for tensor in tensors)
+
+
+@requires_cuda
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda case: f"seed{case[0]}")
+def test_gpu_triton_matches_torchvision_float64(case, dtype, normalize):
+    seed, batch, regions, grid_hw, channels, spatial_scale = case
+    tokens, boxes, box_mask, probe = _to_cuda(*make_case(seed, batch, regions, grid_hw, channels, spatial_scale, dtype))
+    got, got_grad = pooled_and_grad(tokens, probe, lambda t: region_pool(
+        t, boxes, grid_hw, spatial_scale, box_mask, normalize=normalize, backend="triton"))
+    want, want_grad = pooled_and_grad(tokens.double(), probe, lambda t: torchvision_reference(
+        t, boxes, grid_hw, spatial_scale, box_mask, -1, normalize))
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype])
+    torch.testing.assert_close(got_grad.double(), want_grad, **TOLERANCES[dtype])
+
+
+@requires_cuda
+def test_gpu_triton_backward_is_bitwise_deterministic():
+    seed, batch, regions, grid_hw, channels, spatial_scale = GPU_CASES[1]
+    tokens, boxes, box_mask, probe = _to_cuda(*make_case(
+        seed, batch, regions, grid_hw, channels, spatial_scale, torch.bfloat16))
+    pool = lambda t: region_pool(t, boxes, grid_hw, spatial_scale, box_mask, normalize=True)  # noqa: E731
+    grads = [pooled_and_grad(tokens, probe, pool)[1] for _ in range(3)]
+    assert all(torch.equal(grads[0], grad) for grad in grads[1:])
