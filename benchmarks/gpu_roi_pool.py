@@ -1,0 +1,142 @@
+"""Time region pooling on a CUDA GPU (bf16): Triton `region_pool` vs torchvision roi_align, forward and fwd+bwd.
+
+Run from the repository root: `python benchmarks/gpu_roi_pool.py [--output BENCHMARKS.md]`.
+Each run appends one Markdown section (device, date, command, one row per size) to the output file:
+median times from triton.testing.do_bench, peak memory of one fwd+bwd step, the fwd+bwd speed-up
+(target: >= 3x) and the largest forward difference between the two. The baseline is the model's
+previous path: NCHW copy of the tokens, roi_align, mask, F.normalize.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_roi_pool import make_inputs, torchvision_pool  # noqa: E402
+from benchmarks.memory import peak_memory_bytes  # noqa: E402
+from kernels.roi_pool import region_pool  # noqa: E402
+
+DTYPE = torch.bfloat16
+TARGET_SPEEDUP = 3.0
+BATCHES = (32, 128, 256)
+REGIONS = (5, 20, 100)
+GRIDS = ((14, 14), (24, 24), (40, 40))
+CHANNELS = (768, 1024)
+COLUMNS = ("B", "R", "H x W", "C", "fwd triton ms", "fwd torchvision ms", "fwd+bwd triton ms",
+           "fwd+bwd torchvision ms", "fwd+bwd speed-up", "peak MiB triton", "peak MiB torchvision", "max abs diff")
+
+
+def triton_pool(*args) -> torch.Tensor:
+    return region_pool(*args, normalize=True, backend="triton")
+
+
+def measure(pool: Callable[..., torch.Tensor], inputs: tuple, grid_hw: tuple[int, int]) -> dict[str, float]:
+    """Median forward and fwd+bwd milliseconds and the peak memory (bytes) of one fwd+bwd step."""
+    tokens, boxes, box_mask, scale = inputs
+    tokens = tokens.detach().requires_grad_()
+    grad_out = torch.randn(*boxes.shape[:2], tokens.shape[-1], device=tokens.device, dtype=tokens.dtype)
+
+    def forward() -> torch.Tensor:
+        return pool(tokens, boxes, grid_hw, scale, box_mask)
+
+    def forward_backward() -> None:
+        forward().backward(grad_out)
+
+    def forward_no_grad() -> None:
+        with torch.no_grad():
+            forward()
+
+    forward_backward()
+    tokens.grad = None
+    peak = peak_memory_bytes(forward_backward, tokens.device)
+    tokens.grad = None
+    return {
+        "forward_ms": triton.testing.do_bench(forward_no_grad, return_mode="median"),
+        "step_ms": triton.testing.do_bench(forward_backward, grad_to_none=[tokens], return_mode="median"),
+        "peak_bytes": peak,
+    }
+
+
+def backward_is_deterministic(inputs: tuple, grid_hw: tuple[int, int]) -> bool:
+    tokens, boxes, box_mask, scale = inputs
+    grads = []
+    for _ in range(3):
+        leaf = tokens.detach().requires_grad_()
+        triton_pool(leaf, boxes, grid_hw, scale, box_mask).float().square().sum().backward()
+        grads.append(leaf.grad)
+    return all(torch.equal(grads[0], grad) for grad in grads[1:])
+
+
+def sweep_rows() -> tuple[list[list[str]], list[float], bool]:
+    rows, speedups = [], []
+    deterministic = True
+    for batch, regions, grid_hw, channels in itertools.product(BATCHES, REGIONS, GRIDS, CHANNELS):
+        inputs = make_inputs(batch, regions, grid_hw, channels, torch.device("cuda"), DTYPE)
+        tokens, boxes, box_mask, scale = inputs
+        with torch.no_grad():
+            ours_out = triton_pool(tokens, boxes, grid_hw, scale, box_mask).float()
+            diff = (ours_out - torchvision_pool(tokens, boxes, grid_hw, scale, box_mask).float()).abs().max().item()
+        ours = measure(triton_pool, inputs, grid_hw)
+        baseline = measure(torchvision_pool, inputs, grid_hw)
+        speedup = baseline["step_ms"] / ours["step_ms"]
+        speedups.append(speedup)
+        if (batch, regions, grid_hw, channels) == (BATCHES[-1], REGIONS[-1], GRIDS[-1], CHANNELS[-1]):
+            deterministic = backward_is_deterministic(inputs, grid_hw)
+        rows.append([str(batch), str(regions), f"{grid_hw[0]} x {grid_hw[1]}", str(channels),
+                     f"{ours['forward_ms']:.3f}", f"{baseline['forward_ms']:.3f}",
+                     f"{ours['step_ms']:.3f}", f"{baseline['step_ms']:.3f}", f"{speedup:.2f}x",
+                     f"{ours['peak_bytes'] / 2**20:.1f}", f"{baseline['peak_bytes'] / 2**20:.1f}", f"{diff:.2e}"])
+        print(" | ".join(rows[-1]), flush=True)
+        del inputs, tokens, boxes, box_mask, ours_out
+        torch.cuda.empty_cache()
+    return rows, speedups, deterministic
+
+
+def markdown_section(rows: list[list[str]], speedups: list[float], deterministic: bool) -> str:
+    device = torch.cuda.get_device_name()
+    today = datetime.date.today().isoformat()
+    geomean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+    lines = [
+        f"## region_pool (Triton) vs torchvision roi_align, {device}, {today}",
+        "",
+        f"Command: `python benchmarks/gpu_roi_pool.py`; dtype {str(DTYPE).removeprefix('torch.')}; "
+        f"normalize=True, sampling_ratio=-1, ~20% masked boxes; torch {torch.__version__}. "
+        f"Times are medians of triton.testing.do_bench; peak memory is one fwd+bwd step above the inputs.",
+        "",
+        f"fwd+bwd speed-up: geometric mean {geomean:.2f}x, min {min(speedups):.2f}x, max {max(speedups):.2f}x "
+        f"(target >= {TARGET_SPEEDUP:.0f}x: {'met' if min(speedups) >= TARGET_SPEEDUP else 'not met on every size'}); "
+        f"Triton backward bitwise repeatable over 3 runs: {'yes' if deterministic else 'NO'}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_roi_pool.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+                 "on CPU run `python -m pytest benchmarks/bench_roi_pool.py --benchmark-only` instead.")
+    section = markdown_section(*sweep_rows())
+    if not args.output.exists():
+        args.output.write_text("# Benchmarks\n")
+    with args.output.open("a") as handle:
+        handle.write("\n" + section)
+    print(f"appended {len(section.splitlines())} lines to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
