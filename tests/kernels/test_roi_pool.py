@@ -65,7 +65,8 @@ def random_boxes(generator: torch.Generator, batch: int, regions: int, grid_hw: 
         elif kind == "subpixel":
             high = low + u[2:] * 0.9 * cell
         elif kind == "zero_size":
-            high = low.clone() if index % 2 else torch.stack([low[0], high[1]])  # a point, or a vertical line
+            point = (index // len(BOX_KINDS)) % 2 == 1
+            high = low.clone() if point else torch.stack([low[0], high[1]])  # a point, or a vertical line
         elif kind == "outside":
             low, high = low + 1.3 * image, high + 1.3 * image
         boxes.append(torch.cat([low, high]))
@@ -260,7 +261,12 @@ def test_auto_backend_runs_torch_on_cpu(monkeypatch):
     import kernels.roi_pool.api as api
 
     calls = []
-    monkeypatch.setattr(api, "region_pool_torch", lambda *args: calls.append(args) or torch.zeros(1, 1, 3))
+
+    def record(*args):
+        calls.append(args)
+        return torch.zeros(1, 1, 3)
+
+    monkeypatch.setattr(api, "region_pool_torch", record)
     region_pool(torch.randn(1, 4, 3), torch.zeros(1, 1, 4), (2, 2), 1.0, backend="auto")
     assert len(calls) == 1
 
