@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kernels.roi_pool.function import RegionPoolFunction
-from kernels.roi_pool.launch import SUPPORTED_DTYPES
+from kernels.roi_pool.launch import INTERPRETED, SUPPORTED_DTYPES
 from kernels.roi_pool.reference import region_pool_torch
 
 BACKENDS = ("triton", "torch", "auto")
@@ -50,6 +50,9 @@ def region_pool(
     use_triton = backend == "triton" or (backend == "auto" and tokens.is_cuda)
     if use_triton and tokens.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"tokens.dtype: got {tokens.dtype}, the triton backend expects one of {SUPPORTED_DTYPES}")
+    if use_triton and not (tokens.is_cuda or INTERPRETED):
+        raise ValueError(f"backend: got 'triton' for tokens on {tokens.device}, expected CUDA tensors "
+                         "(or TRITON_INTERPRET=1 set before kernels.roi_pool is imported)")
     if not use_triton or boxes.shape[1] == 0 or tokens.shape[0] == 0 or tokens.shape[2] == 0:
         # Empty outputs go through torch too: no kernel launches on an empty grid, and autograd still links them.
         return region_pool_torch(tokens, boxes, grid_hw, spatial_scale, box_mask, sampling_ratio, normalize)

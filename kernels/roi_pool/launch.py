@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from kernels.roi_pool.reference import NORMALIZE_EPS
 from kernels.roi_pool.triton_kernels import region_factors_kernel, region_pool_bwd_kernel, region_pool_fwd_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# TRITON_INTERPRET=1 at import time runs the kernels on the CPU interpreter (the tests do this).
+INTERPRETED = isinstance(region_pool_fwd_kernel, InterpretedFunction)
 
 
 def _tile(size: int, largest: int) -> int:

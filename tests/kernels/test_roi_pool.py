@@ -252,6 +252,11 @@ def test_unknown_backend_raises_value_error_naming_it(backend):
         RegionPool((2, 2), 1.0, backend=backend)
 
 
+def test_triton_rejects_float64_tokens_naming_the_dtype():
+    with pytest.raises(ValueError, match="float64"):
+        region_pool(torch.randn(1, 4, 3, dtype=torch.float64), torch.zeros(1, 1, 4), (2, 2), 1.0, backend="triton")
+
+
 def test_grid_that_does_not_match_the_tokens_raises():
     with pytest.raises(ValueError, match="grid_hw"):
         region_pool(torch.randn(1, 12, 3), torch.zeros(1, 1, 4), (3, 5), 1.0)
