@@ -5,6 +5,7 @@ Parse the command line, build the config, hand over to the training engine; no l
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -17,7 +18,8 @@ import deepspeed  # noqa: E402
 from fineclip_ds.config import ConfigError, load_config  # noqa: E402
 from fineclip_ds.training.engine import train  # noqa: E402
 from fineclip_ds.training.nonfinite import NonFiniteLossError  # noqa: E402
-from fineclip_ds.training.parallelize import DeepSpeedConfigError  # noqa: E402
+from fineclip_ds.training.dry_run import plan  # noqa: E402
+from fineclip_ds.training.parallelize import DeepSpeedConfigError, load_deepspeed_config  # noqa: E402
 
 DEFAULT_RECIPE = "tiny-cpu"
 
@@ -31,6 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", help="'auto' (latest checkpoint of this output_dir) or a checkpoint path")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set losses.w_sd=0 (repeatable)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the resolved config, world, batch, memory estimate per GPU and FLOPs; do not train")
+    parser.add_argument("--world_size", type=int, default=None,
+                        help="with --dry_run: plan for this many GPUs (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--gpus_per_node", type=int, default=8, help="with --dry_run: GPUs per node")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -50,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"train.{field}={value}")
     try:
         config = load_config(args.recipe, overrides)
+        if args.dry_run:
+            world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+            report = plan(config, load_deepspeed_config(args.deepspeed_config), world_size,
+                          min(args.gpus_per_node, world_size))
+            print(json.dumps(report, indent=2))
+            return 0
         train(config, args.deepspeed_config)
     except (ConfigError, DeepSpeedConfigError) as error:
         print(f"config error: {error}", file=sys.stderr)

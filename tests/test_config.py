@@ -1,6 +1,6 @@
 import pytest
 
-from fineclip_ds.config import ConfigError, load_config
+from fineclip_ds.config import RECIPE_DIR, ConfigError, load_config
 
 
 def test_recipe_then_overrides_take_precedence():
@@ -38,5 +38,7 @@ def test_unknown_recipe_lists_the_known_ones():
 
 
 def test_all_built_in_recipes_load():
-    for name in ("tiny-cpu", "vit-b-16", "vit-l-14-336"):
+    recipes = sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
+    assert {"tiny-cpu", "vit-b-16", "vit-l-14", "vit-l-14-336", "vit-h-14", "vit-g-14", "vit-bigg-14"} <= set(recipes)
+    for name in recipes:
         load_config(name)

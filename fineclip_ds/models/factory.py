@@ -16,14 +16,16 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
-def create_fineclip(config: ModelConfig) -> tuple[FineCLIP, Tokenizer, tuple[tuple[float, ...], tuple[float, ...]]]:
+def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
+                    ) -> tuple[FineCLIP, Tokenizer, tuple[tuple[float, ...], tuple[float, ...]]]:
     """Return the model, its tokenizer and its (mean, std) image normalisation.
 
     `config.pretrained` is a local checkpoint file (open_clip or OpenAI format); nothing is downloaded.
+    `device="meta"` (inside `with torch.device("meta")`) builds the structure without memory, for planning.
     """
     if config.name not in open_clip.list_models():
         raise ValueError(f"model.name: '{config.name}' is not an open_clip model (see open_clip.list_models())")
-    clip = open_clip.create_model(config.name, pretrained=config.pretrained, nonscalar_logit_scale=True)
+    clip = open_clip.create_model(config.name, pretrained=config.pretrained, nonscalar_logit_scale=True, device=device)
     model = FineCLIP(
         clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing,
         checkpoint_every=config.checkpoint_every, attention=config.attention,
