@@ -22,6 +22,9 @@ def _check_inputs(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[int,
         raise ValueError(f"grid_hw: got {tuple(grid_hw)}, expected H * W == tokens.shape[1] == {tokens.shape[1]}")
     if boxes.dim() != 3 or boxes.shape[0] != tokens.shape[0] or boxes.shape[2] != 4:
         raise ValueError(f"boxes: got shape {tuple(boxes.shape)}, expected [{tokens.shape[0]}, R, 4]")
+    for name, tensor in (("boxes", boxes), ("box_mask", box_mask)):
+        if tensor is not None and tensor.device != tokens.device:
+            raise ValueError(f"{name}: got device {tensor.device}, expected the tokens' device {tokens.device}")
     if box_mask is not None and box_mask.shape != boxes.shape[:2]:
         raise ValueError(f"box_mask: got shape {tuple(box_mask.shape)}, expected {tuple(boxes.shape[:2])}")
 
