@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchvision.ops import roi_align
+
+from kernels import region_pool
 
 
 def pool_regions(
@@ -16,17 +17,12 @@ def pool_regions(
 ) -> torch.Tensor:
     """RoIAlign (1x1, adaptive sampling, aligned=True) of each box on the token map, L2-normalised.
 
+    The fused kernel (`kernels.region_pool`, Triton on CUDA, torch elsewhere or by `backend`) reads
+    the map as the model holds it, so no NCHW copy is made.
     dense: [B, h*w, D]; boxes: [B, R, 4] xyxy input pixels; box_mask: [B, R] -> [B, R, D], masked rows 0.
     """
-    del backend  # single torch path until the fused kernel lands
-    batch, regions = boxes.shape[:2]
-    channels = dense.shape[-1]
-    feature_map = dense.transpose(1, 2).reshape(batch, channels, *grid_hw)
-    pooled = roi_align(feature_map, list(boxes.to(dense.dtype)), output_size=1, spatial_scale=spatial_scale,
-                       sampling_ratio=-1, aligned=True).view(batch, regions, channels)
-    if box_mask is not None:
-        pooled = pooled * box_mask.unsqueeze(-1).to(pooled.dtype)
-    return F.normalize(pooled, dim=-1)
+    return region_pool(dense, boxes.to(dense.dtype), grid_hw, spatial_scale, box_mask=box_mask, normalize=True,
+                       backend=backend)
 
 
 def enlarge_boxes(boxes: torch.Tensor, factor: float, image_hw: tuple[int, int]) -> torch.Tensor:

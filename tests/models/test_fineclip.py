@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -35,12 +36,13 @@ def test_dense_path_is_value_only_last_block():
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_region_features_are_roi_align_of_the_dense_map_normalised_and_masked():
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the fused kernel, interpreted on CPU
+def test_region_features_are_roi_align_of_the_dense_map_normalised_and_masked(backend):
     model, _ = _model()
     dense, grid_hw = model.encode_dense(torch.randn(2, 3, 64, 64))
     boxes = torch.tensor([[[0.0, 0.0, 64.0, 64.0], [3.5, 9.0, 20.0, 17.5]], [[30.0, 1.0, 33.0, 60.0], [0, 0, 0, 0]]])
     mask = torch.tensor([[True, True], [True, False]])
-    regions = model.region_features(dense, grid_hw, boxes, mask)
+    regions = model.region_features(dense, grid_hw, boxes, mask, backend=backend)
     fmap = dense.transpose(1, 2).reshape(2, -1, *grid_hw)
     expected = roi_align(fmap, list(boxes), output_size=1, spatial_scale=1 / 8, sampling_ratio=-1, aligned=True).flatten(1)
     torch.testing.assert_close(regions[mask], F.normalize(expected, dim=-1)[mask.flatten()])
