@@ -26,6 +26,7 @@ LOSS_SETS: dict[str, dict[str, float]] = {
     "L_GC+L_SD+L_RC": {"w_gc": 1.0, "w_sd": 1.0, "w_rc": 1.0},
 }
 TABLE_COLUMNS = (("box_top1", "box top-1"), ("box_top5", "box top-5"), ("crop_top1", "crop top-1"),
+                 ("seg_miou", "seg mIoU"),
                  ("i2t_r1", "I2T R@1"), ("t2i_r1", "T2I R@1"), ("i2t_r5", "I2T R@5"), ("t2i_r5", "T2I R@5"))
 
 

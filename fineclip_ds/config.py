@@ -33,6 +33,7 @@ class ModelConfig:
     grad_checkpointing: bool = False  # recompute image blocks in backward (non-reentrant)
     checkpoint_every: int = 1  # with grad_checkpointing: every k-th block (1 = all; 2 = half the recompute)
     attention: str = "auto"  # auto | flash_attn | sdpa | math
+    image_size: int | list[int] | None = None  # train/evaluate at this size (H or [H, W]); None = the model's own
 
 
 @dataclass
@@ -123,6 +124,8 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             return value
         if kind in (str, bool) and isinstance(value, kind):
             return value
+        if typing.get_origin(kind) is list and isinstance(value, list):
+            return [_coerce(f"{path}[{index}]", item, typing.get_args(kind)[0]) for index, item in enumerate(value)]
     raise ConfigError(f"{path}: {value!r} is a {type(value).__name__}, expected {_type_names(allowed)}")
 
 
@@ -207,6 +210,10 @@ def validate(config: RunConfig) -> None:
         config.data.source != "webdataset" or bool(config.data.train_shards),
         "data.train_shards", config.data.train_shards, "a shard path or brace pattern when data.source is 'webdataset'",
     )
+    size = config.model.image_size
+    sizes = [size] if isinstance(size, int) else size or []
+    _require(size is None or (len(sizes) in (1, 2) and all(s >= 16 for s in sizes)), "model.image_size", size,
+             "null, an integer >= 16, or [height, width]")
     _require(config.model.checkpoint_every >= 1, "model.checkpoint_every", config.model.checkpoint_every, "an integer >= 1")
     _require(config.data.max_boxes >= 1, "data.max_boxes", config.data.max_boxes, "an integer >= 1")
     _require(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "an integer >= 0")

@@ -22,17 +22,18 @@ from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.evaluation.box_classification import evaluate_box_classification, load_coco_boxes
 from fineclip_ds.evaluation.dense_viz import write_dense_pictures
 from fineclip_ds.evaluation.retrieval import evaluate_retrieval, load_caption_file
+from fineclip_ds.evaluation.segmentation import evaluate_segmentation, load_label_folder
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.evaluation.zero_shot import TEMPLATE_SETS
 from fineclip_ds.export import model_name_of, open_clip_state_dict, resolve_checkpoint
 from fineclip_ds.models.factory import Tokenizer, create_fineclip
 from fineclip_ds.models.fineclip import FineCLIP
 
-TASKS = ("box-cls", "retrieval", "dense-viz", "world")
+TASKS = ("box-cls", "retrieval", "segmentation", "dense-viz", "world")
 
 
-def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None,
-                        device: torch.device | str = "cpu") -> tuple[FineCLIP, Tokenizer, tuple]:
+def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None, device: torch.device | str = "cpu",
+                        image_size: int | list[int] | None = None) -> tuple[FineCLIP, Tokenizer, tuple]:
     """Any checkpoint form -> the FineCLIP model in eval mode, through open_clip's own loading code."""
     source = resolve_checkpoint(checkpoint)
     name = model_name_of(source, model_name)
@@ -41,14 +42,16 @@ def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None,
         if source.tag is not None:
             weights = Path(scratch) / "open_clip.pt"
             torch.save(open_clip_state_dict(source), weights)
-        model, tokenizer, normalization = create_fineclip(ModelConfig(name=name, pretrained=str(weights)))
+        model, tokenizer, normalization = create_fineclip(ModelConfig(name=name, pretrained=str(weights),
+                                                                      image_size=image_size))
     return model.to(device).eval(), tokenizer, normalization
 
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" and not args.fp32 else torch.float32
-    model, tokenizer, normalization = load_for_evaluation(args.checkpoint, args.model, device)
+    size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
+    model, tokenizer, normalization = load_for_evaluation(args.checkpoint, args.model, device, size)
     if args.task == "box-cls":
         dataset = load_coco_boxes(_required(args, "annotations"), _required(args, "images"))
         return evaluate_box_classification(model, tokenizer, normalization, dataset, args.templates, args.batch_size,
@@ -56,6 +59,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.task == "retrieval":
         items = load_caption_file(_required(args, "annotations"), _required(args, "images"), args.split)
         return evaluate_retrieval(model, tokenizer, normalization, items, args.batch_size, device, dtype)
+    if args.task == "segmentation":
+        class_names, items = load_label_folder(_required(args, "images"), _required(args, "labels"),
+                                               _required(args, "classes"))
+        return evaluate_segmentation(model, tokenizer, normalization, class_names, items, args.templates, args.slide,
+                                     device, dtype)
     if args.task == "dense-viz":
         folder = _required(args, "images")
         paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
@@ -83,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="open_clip model name (default: from the run's config.json)")
     parser.add_argument("--annotations", type=Path, help="COCO instances/panoptic JSON (box-cls) or caption JSON (retrieval)")
     parser.add_argument("--images", type=Path, help="image folder")
+    parser.add_argument("--labels", type=Path, help="segmentation: folder of label PNGs named like the images")
+    parser.add_argument("--classes", type=Path, help="segmentation: text file, one class name per line")
+    parser.add_argument("--slide", action="store_true", help="segmentation: sliding model-sized windows")
+    parser.add_argument("--image_size", type=int, nargs="+", default=None,
+                        help="evaluate at this size (H or H W); positional embeddings are interpolated")
     parser.add_argument("--templates", default="vild", choices=sorted(TEMPLATE_SETS))
     parser.add_argument("--split", default="test", help="Karpathy split for retrieval")
     parser.add_argument("--batch_size", type=int, default=32)

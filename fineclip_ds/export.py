@@ -3,8 +3,9 @@
     python -m fineclip_ds.export --checkpoint runs/tiny-cpu --output fineclip.pt
 
 writes `fineclip.pt` (loadable by `open_clip.create_model_and_transforms(name, pretrained=...)`) and
-`fineclip.json`, the open_clip model config, so that names open_clip does not ship (our tiny
-configs) can be registered with `open_clip.add_model_config`.
+`fineclip.json`, the open_clip model config (with the image size the run trained at), so that names
+open_clip does not ship (our tiny configs) can be registered with `open_clip.add_model_config`; a
+model trained at another size loads with `force_image_size=` that size.
 """
 from __future__ import annotations
 
@@ -76,7 +77,11 @@ def export(checkpoint: str | Path, output: Path, model_name: str | None = None) 
     name = model_name_of(source, model_name)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(open_clip_state_dict(source), output)
-    output.with_suffix(".json").write_text(json.dumps(open_clip.get_model_config(name), indent=2))
+    model_config = open_clip.get_model_config(name)
+    trained_size = (source.run_config or {}).get("model", {}).get("image_size")
+    if trained_size is not None:  # trained at another size: the positional embeddings are for that grid
+        model_config["vision_cfg"]["image_size"] = trained_size
+    output.with_suffix(".json").write_text(json.dumps(model_config, indent=2))
     return name, output
 
 

@@ -31,6 +31,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 EVAL_INDEX_OFFSET = 1 << 40  # held-out samples: indices training never reaches
+IGNORE_LABEL = 255  # background pixels in label maps: no class, not scored
 MAX_PLACEMENT_OVERLAP = 0.3
 
 
@@ -41,6 +42,7 @@ class RegionSample:
     boxes: list[list[float]]  # x1, y1, x2, y2 in image pixels
     region_captions: list[str]
     labels: list[int]  # class index of each box, into ShapesWorld.classes
+    label_map: Image.Image  # "L" mode: class index per pixel, IGNORE_LABEL for background
 
 
 def _iou(a: list[float], b: list[float]) -> float:
@@ -71,7 +73,8 @@ class ShapesWorld:
         rng = np.random.default_rng([self.seed, index])
         size = self.image_size
         image = Image.fromarray(self._background(rng))
-        draw = ImageDraw.Draw(image)
+        label_map = Image.new("L", image.size, IGNORE_LABEL)
+        draw, draw_labels = ImageDraw.Draw(image), ImageDraw.Draw(label_map)
         boxes: list[list[float]] = []
         labels: list[int] = []
         for _ in range(int(rng.integers(1, self.max_objects + 1))):
@@ -81,11 +84,12 @@ class ShapesWorld:
             label = int(rng.integers(len(self.classes)))
             colour, shape = self.classes[label].split(" ")
             self._draw(draw, shape, box, COLOURS[colour])
+            self._draw(draw_labels, shape, box, label)  # same geometry: later objects cover earlier ones
             boxes.append(box)
             labels.append(label)
         region_captions = [f"a {self.classes[label]}" for label in labels]
         caption = f"a photo of {_join(region_captions)}"
-        return RegionSample(image, caption, boxes, region_captions, labels)
+        return RegionSample(image, caption, boxes, region_captions, labels, label_map)
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         """A low-saturation gradient with noise, so that shapes are the only saturated colours."""
@@ -109,7 +113,7 @@ class ShapesWorld:
         return None
 
     @staticmethod
-    def _draw(draw: ImageDraw.ImageDraw, shape: str, box: list[float], colour: tuple[int, int, int]) -> None:
+    def _draw(draw: ImageDraw.ImageDraw, shape: str, box: list[float], colour: tuple[int, int, int] | int) -> None:
         x1, y1, x2, y2 = box
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         if shape == "circle":

@@ -39,20 +39,20 @@ def validate_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) ->
 
 
 class RegionTransform:
-    """PIL image + xyxy pixel boxes -> (normalised [3, S, S] tensor, [k, 4] boxes at S, kept indices, drops)."""
+    """PIL image + xyxy pixel boxes -> (normalised [3, H, W] tensor, [k, 4] boxes at H x W, kept indices, drops)."""
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
-        self.image_size = image_size
+    def __init__(self, image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]):
+        self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.mean = list(mean)
         self.std = list(std)
 
     def __call__(self, image: Image.Image, boxes: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, list[int], Counter]:
         width, height = image.size
         kept, kept_index, drops = validate_boxes(boxes, width, height)
-        resized = TF.resize(image.convert("RGB"), [self.image_size, self.image_size],
+        resized = TF.resize(image.convert("RGB"), [self.height, self.width],
                             interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         tensor = TF.normalize(TF.to_tensor(resized), self.mean, self.std)
-        scale = torch.tensor([self.image_size / width, self.image_size / height] * 2)
+        scale = torch.tensor([self.width / width, self.height / height] * 2)
         scaled = torch.tensor(kept, dtype=torch.float32).reshape(-1, 4) * scale
         large_enough = ((scaled[:, 2:] - scaled[:, :2]) >= MIN_BOX_SIDE_PX).all(dim=1)
         if not bool(large_enough.all()):

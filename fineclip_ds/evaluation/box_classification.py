@@ -104,7 +104,7 @@ def evaluate_box_classification(
     """Region (dense-path) and, optionally, crop-baseline top-1/top-5; per-class mean and overall."""
     device = torch.device(device)
     classes = class_embeddings(model, tokenizer, dataset.class_names, templates, device)
-    transform = RegionTransform(model.image_size[0], *normalization)
+    transform = RegionTransform(model.image_size, *normalization)
     skipped = Counter(dataset.skipped)
     region_scores, crop_scores, labels = [], [], []
     batches = _batches(dataset.images, transform, batch_size, skipped)

@@ -45,3 +45,26 @@ def retrieval_metrics(similarity: torch.Tensor, text_to_image: torch.Tensor, ks:
         metrics[f"i2t_r{k}"] = 100.0 * float((image_ranks < k).float().mean())
         metrics[f"t2i_r{k}"] = 100.0 * float((text_ranks < k).float().mean())
     return metrics
+
+
+def confusion_matrix(predicted: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_label: int) -> torch.Tensor:
+    """[K, K] counts, rows = target class, columns = predicted class; ignored pixels left out."""
+    keep = target != ignore_label
+    pairs = target[keep].long() * num_classes + predicted[keep].long()
+    return torch.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """mIoU over classes present in the ground truth or the prediction (an absent class predicted
+    nowhere has no IoU and is left out, as mmsegmentation does), and pixel accuracy."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    present = union > 0
+    iou = true_positive[present] / union[present]
+    total = confusion.sum()
+    return {
+        "miou": 100.0 * float(iou.mean()) if present.any() else 0.0,
+        "pixel_accuracy": 100.0 * float(true_positive.sum() / total) if total > 0 else 0.0,
+        "classes_scored": float(present.sum()),
+    }

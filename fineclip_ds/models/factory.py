@@ -25,7 +25,10 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
     """
     if config.name not in open_clip.list_models():
         raise ValueError(f"model.name: '{config.name}' is not an open_clip model (see open_clip.list_models())")
-    clip = open_clip.create_model(config.name, pretrained=config.pretrained, nonscalar_logit_scale=True, device=device)
+    size = config.image_size
+    force_image_size = tuple(size) if isinstance(size, list) else size  # positional embeddings interpolated
+    clip = open_clip.create_model(config.name, pretrained=config.pretrained, nonscalar_logit_scale=True, device=device,
+                                  force_image_size=force_image_size)
     model = FineCLIP(
         clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing,
         checkpoint_every=config.checkpoint_every, attention=config.attention,

@@ -14,7 +14,7 @@ from fineclip_ds.data.transforms import RegionTransform
 
 def build_train_stream(
     config: DataConfig,
-    image_size: int,
+    image_size: tuple[int, int],
     normalization: tuple[tuple[float, ...], tuple[float, ...]],
     tokenizer: Callable[[list[str]], torch.Tensor],
     local_batch: int,

@@ -96,7 +96,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     micro_batch, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
 
     stream = build_train_stream(
-        config.data, model.image_size[0], normalization, tokenizer, micro_batch, rank, world_size, config.train.seed
+        config.data, model.image_size, normalization, tokenizer, micro_batch, rank, world_size, config.train.seed
     )
     start_step = 0
     resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)

@@ -38,3 +38,17 @@ def test_held_out_samples_differ_from_training_samples():
     world = ShapesWorld()
     assert world.eval_sample(2).caption == world.sample(EVAL_INDEX_OFFSET + 2).caption
     assert not np.array_equal(np.asarray(world.eval_sample(2).image), np.asarray(world.sample(2).image))
+
+
+def test_label_maps_mark_each_shape_with_its_class_and_background_as_ignored():
+    from fineclip_ds.data.shapes_world import IGNORE_LABEL
+
+    world = ShapesWorld(image_size=128)
+    for index in range(10):
+        sample = world.sample(index)
+        labels = np.asarray(sample.label_map)
+        assert labels.shape == (128, 128)
+        assert set(np.unique(labels)) <= set(sample.labels) | {IGNORE_LABEL}
+        x1, y1, x2, y2 = (int(round(v)) for v in sample.boxes[-1])
+        assert labels[(y1 + y2) // 2, (x1 + x2) // 2] == sample.labels[-1]
+        assert labels[0, 0] == IGNORE_LABEL or any(b[0] < 1 and b[1] < 1 for b in sample.boxes)

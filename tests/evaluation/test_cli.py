@@ -97,3 +97,22 @@ def test_dense_pictures_are_written_beside_the_results(data, tmp_path):
 def test_a_missing_input_is_a_clear_exit(data, tmp_path):
     with pytest.raises(SystemExit, match="needs --annotations"):
         _evaluate(data, tmp_path, "--task", "retrieval", "--images", str(data / "images"))
+
+
+def test_segmentation_on_a_label_folder_and_at_another_resolution(data, tmp_path):
+    world = ShapesWorld(seed=9, image_size=96)
+    (tmp_path / "labels").mkdir()
+    for index in range(IMAGES):
+        world.sample(index).label_map.save(tmp_path / "labels" / f"{index:03d}.png")
+    (tmp_path / "classes.txt").write_text("\n".join(world.classes))
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(IMAGES):
+        (images / f"{index:03d}.png").write_bytes((data / "images" / f"{index:03d}.png").read_bytes())
+    common = ("--task", "segmentation", "--images", str(images), "--labels", str(tmp_path / "labels"),
+              "--classes", str(tmp_path / "classes.txt"), "--templates", "shapes")
+    plain = _evaluate(data, tmp_path, *common)
+    assert 0.0 <= plain["miou"] <= 100.0 and 0.0 <= plain["pixel_accuracy"] <= 100.0
+    assert plain["classes_scored"] >= 1
+    sliding = _evaluate(data, tmp_path, *common, "--slide", "--image_size", "48")
+    assert 0.0 <= sliding["miou"] <= 100.0

@@ -49,3 +49,18 @@ def test_retrieval_recall_by_hand():
 def test_no_boxes_is_an_error():
     with pytest.raises(ValueError, match="no boxes"):
         box_classification_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 3)
+
+
+def test_segmentation_metrics_by_hand_with_absent_classes_and_ignored_pixels():
+    from fineclip_ds.evaluation.metrics import confusion_matrix, segmentation_metrics
+
+    target = torch.tensor([[0, 0, 1, 255], [1, 1, 255, 255]])
+    predicted = torch.tensor([[0, 1, 1, 2], [1, 3, 0, 0]])
+    confusion = confusion_matrix(predicted, target, num_classes=5, ignore_label=255)
+    assert confusion.sum() == 5  # the three ignored pixels are not scored
+    metrics = segmentation_metrics(confusion)
+    # class 0: tp 1, fp 0, fn 1 -> 1/2; class 1: tp 2, fp 1, fn 1 -> 2/4; class 3: predicted once, absent -> 0/1
+    # class 2 and 4: neither in the target nor predicted on scored pixels -> left out
+    assert metrics["classes_scored"] == 3
+    assert metrics["miou"] == pytest.approx(100 * (0.5 + 0.5 + 0.0) / 3)
+    assert metrics["pixel_accuracy"] == pytest.approx(100 * 3 / 5)

@@ -1,0 +1,101 @@
+"""Zero-shot semantic segmentation from the dense feature map: every token against the class-name
+embeddings, logits upsampled to the image, argmax per pixel. Measures what region-aware training
+is for: dense features that name what is under them."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+from fineclip_ds.evaluation.metrics import confusion_matrix, segmentation_metrics
+from fineclip_ds.evaluation.zero_shot import class_embeddings
+from fineclip_ds.models.fineclip import FineCLIP
+
+IGNORE_LABEL = 255
+
+
+@dataclass
+class LabelledImage:
+    image: Callable[[], Image.Image]
+    labels: Callable[[], Image.Image]  # "L"/"P" PNG: class index per pixel, IGNORE_LABEL unscored
+
+
+def load_label_folder(image_dir: Path, label_dir: Path, class_file: Path) -> tuple[list[str], list[LabelledImage]]:
+    """ADE20K / Pascal Context style: images, label PNGs of the same stem, one class name per line."""
+    class_names = [line.strip() for line in Path(class_file).read_text().splitlines() if line.strip()]
+    items = []
+    for image_path in sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+        label_path = Path(label_dir) / f"{image_path.stem}.png"
+        items.append(LabelledImage(lambda p=image_path: Image.open(p), lambda p=label_path: Image.open(p)))
+    return class_names, items
+
+
+def _window_logits(model: FineCLIP, window: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    # window: [1, 3, h, w] at the model's input size -> [K, h, w] per-pixel cosine logits
+    dense, grid_hw = model.encode_dense(window)
+    logits = (dense[0].float() @ classes.T).T.reshape(-1, *grid_hw)
+    return F.interpolate(logits.unsqueeze(0), size=window.shape[-2:], mode="bilinear", align_corners=False)[0]
+
+
+def segment(model: FineCLIP, image: torch.Tensor, classes: torch.Tensor, slide: bool) -> torch.Tensor:
+    """image: [3, H, W] normalised -> [H, W] class per pixel. Without `slide` the image is resized to
+    the model's input; with it, model-sized windows at 2/3 stride are averaged (large images)."""
+    height, width = image.shape[-2:]
+    size = model.image_size
+    if not slide:
+        resized = F.interpolate(image.unsqueeze(0), size=size, mode="bilinear", align_corners=False)
+        logits = _window_logits(model, resized, classes)
+        return F.interpolate(logits.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False)[0].argmax(0)
+    padded = F.pad(image, (0, max(0, size[1] - width), 0, max(0, size[0] - height)))
+    logits = padded.new_zeros(classes.shape[0], *padded.shape[-2:], dtype=torch.float32)
+    counts = torch.zeros_like(logits[:1])
+    stride = (max(1, size[0] * 2 // 3), max(1, size[1] * 2 // 3))
+    tops = list(range(0, padded.shape[-2] - size[0] + 1, stride[0]))
+    lefts = list(range(0, padded.shape[-1] - size[1] + 1, stride[1]))
+    tops += [padded.shape[-2] - size[0]] if tops[-1] != padded.shape[-2] - size[0] else []
+    lefts += [padded.shape[-1] - size[1]] if lefts[-1] != padded.shape[-1] - size[1] else []
+    for top in tops:
+        for left in lefts:
+            window = padded[:, top:top + size[0], left:left + size[1]].unsqueeze(0)
+            logits[:, top:top + size[0], left:left + size[1]] += _window_logits(model, window, classes)
+            counts[:, top:top + size[0], left:left + size[1]] += 1
+    return (logits / counts)[:, :height, :width].argmax(0)
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: FineCLIP, tokenizer: Callable[[list[str]], torch.Tensor], normalization: tuple,
+                          class_names: list[str], items: Iterable[LabelledImage], templates: str = "openai",
+                          slide: bool = False, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                          progress: bool = True) -> dict[str, float]:
+    device = torch.device(device)
+    classes = class_embeddings(model, tokenizer, class_names, templates, device)
+    confusion = torch.zeros(len(class_names), len(class_names), dtype=torch.long)
+    skipped: Counter = Counter()
+    for item in tqdm(list(items), desc="segmentation", unit="img", disable=not progress):
+        try:
+            image, labels = item.image(), item.labels()
+            image.load()
+            labels.load()
+        except Exception:  # PIL raises many types for missing, truncated or foreign files
+            skipped["unreadable_image"] += 1
+            continue
+        if labels.size != image.size:
+            skipped["label_size_mismatch"] += 1
+            continue
+        tensor = TF.normalize(TF.to_tensor(image.convert("RGB")), *normalization).to(device, dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            predicted = segment(model, tensor, classes, slide).cpu()
+        target = torch.from_numpy(np.asarray(labels, dtype=np.int64))  # [H, W] class indices
+        unknown = (target >= len(class_names)) & (target != IGNORE_LABEL)
+        skipped["unknown_label_pixels"] += int(unknown.sum())
+        target[unknown] = IGNORE_LABEL
+        confusion += confusion_matrix(predicted, target, len(class_names), IGNORE_LABEL)
+    return {**segmentation_metrics(confusion), **{f"skipped_{reason}": float(n) for reason, n in skipped.items() if n}}
