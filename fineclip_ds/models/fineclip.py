@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fineclip_ds.models.attention import use_attention_backend
 from fineclip_ds.models.regions import pool_regions
+from fineclip_ds.models.vision_towers import OpenClipViT, vision_tower_for
 
 LOGIT_SCALE_MAX = math.log(100.0)
 
@@ -30,16 +31,14 @@ class FineCLIP(nn.Module):
         attention: str = "auto",
     ):
         super().__init__()
-        visual = clip.visual
-        if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "transformer"):
-            raise ValueError(
-                f"model.name: {type(visual).__name__} is not supported; the dense path needs an open_clip "
-                "VisionTransformer without attentional pooling"
-            )
         if tuple(clip.logit_scale.shape) != (1,):
             raise ValueError("the CLIP model must be built with nonscalar_logit_scale=True (DeepSpeed needs shape [1])")
-        use_attention_backend(visual.transformer, attention)
-        use_attention_backend(clip.transformer, attention)
+        self.tower = vision_tower_for(clip.visual)
+        if isinstance(self.tower, OpenClipViT):  # timm's Eva already runs torch SDPA
+            use_attention_backend(clip.visual.transformer, attention)
+        text = getattr(clip, "text", clip)  # CustomTextCLIP (EVA02) keeps its text tower under .text
+        if hasattr(text, "transformer") and hasattr(text.transformer, "resblocks"):
+            use_attention_backend(text.transformer, attention)
         self.clip = clip
         self.grad_checkpointing = grad_checkpointing
         self.checkpoint_every = checkpoint_every
@@ -54,13 +53,11 @@ class FineCLIP(nn.Module):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        size = self.visual.image_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return self.tower.image_size
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        size = self.visual.patch_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return self.tower.patch_size
 
     def text_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the text tower (all of CLIP but the visual tower and the logit scale)."""
@@ -68,10 +65,10 @@ class FineCLIP(nn.Module):
         return [p for n, p in self.clip.named_parameters() if id(p) not in visual_ids and n != "logit_scale"]
 
     def parameters_read_outside_owner_forward(self) -> list[nn.Parameter]:
-        """Direct parameters of CLIP and its visual tower, read by methods rather than by their owner's
-        forward (class/positional embeddings, projections, logit scale); ZeRO-3 must be told to gather
-        them for the whole forward of the module that wraps this one."""
-        return list(self.clip.parameters(recurse=False)) + list(self.visual.parameters(recurse=False))
+        """Parameters read by methods rather than by their owner's forward (class/positional embeddings,
+        projections, logit scale); ZeRO-3 must be told to gather them for the whole forward of the
+        module that wraps this one."""
+        return list(self.clip.parameters(recurse=False)) + self.tower.parameters_read_outside_owner_forward()
 
     def logit_scale(self) -> torch.Tensor:
         """The contrastive temperature multiplier exp(t), t clamped to ln(100) as in CLIP ([1])."""
@@ -85,52 +82,36 @@ class FineCLIP(nn.Module):
     def _recompute(self, block_index: int) -> bool:
         return self.grad_checkpointing and self.training and block_index % self.checkpoint_every == 0
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor, block_index: int) -> torch.Tensor:
+    def _run(self, block_fn, block: nn.Module, x: torch.Tensor, context, block_index: int) -> torch.Tensor:
         if self._recompute(block_index):
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block_fn, block, x, context, use_reentrant=False)
+        return block_fn(block, x, context)
 
-    def _trunk(self, images: torch.Tensor) -> torch.Tensor:
-        # images: [B, 3, H, W] -> tokens before the last block, [B, 1 + h*w, width] batch-first
-        x = self.visual._embeds(images)
-        for index, block in enumerate(self.visual.transformer.resblocks[:-1]):
-            x = self._run_block(block, x, index)
-        return x
+    def _trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, object]:
+        # images: [B, 3, H, W] -> (tokens before the last block [B, prefix + h*w, width], tower context)
+        x, context = self.tower.embed(images)
+        for index, block in enumerate(self.tower.blocks[:-1]):
+            x = self._run(self.tower.run_block, block, x, context, index)
+        return x, context
 
-    @staticmethod
-    def _value_only_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The last block with attention reduced to out_proj(v): no token mixing."""
-        x = x + block.ls_1(block.attn(block.ln_1(x), value_only=True)[0])
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-    def _last_block(self, x: torch.Tensor, value_only: bool) -> torch.Tensor:
-        block = self.visual.transformer.resblocks[-1]
-        last_index = len(self.visual.transformer.resblocks) - 1
-        if not value_only:
-            return self._run_block(block, x, last_index)
-        if self._recompute(last_index):
-            return checkpoint(self._value_only_block, block, x, use_reentrant=False)
-        return self._value_only_block(block, x)
-
-    def _global_head(self, trunk: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.visual._pool(self._last_block(trunk, value_only=False))
-        return F.normalize(pooled @ self.visual.proj, dim=-1)
-
-    def _dense_head(self, trunk: torch.Tensor) -> torch.Tensor:
-        tokens = self._last_block(trunk, value_only=True)[:, 1:]
-        return F.normalize(self.visual.ln_post(tokens) @ self.visual.proj, dim=-1)
+    def _last_block(self, x: torch.Tensor, context, value_only: bool) -> torch.Tensor:
+        block_fn = self.tower.value_only_block if value_only else self.tower.run_block
+        return self._run(block_fn, self.tower.blocks[-1], x, context, len(self.tower.blocks) - 1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         # images: [B, 3, H, W] -> [B, D] L2-normalised global embedding
-        return self._global_head(self._trunk(images))
+        x, context = self._trunk(images)
+        return F.normalize(self.tower.global_head(self._last_block(x, context, value_only=False)), dim=-1)
 
     def encode_image_and_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Global embedding and dense token map from one trunk pass.
 
         Returns ([B, D], [B, h*w, D] row-major over the (h, w) patch grid, (h, w)); both normalised."""
-        trunk = self._trunk(images)
+        x, context = self._trunk(images)
         grid_hw = (images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1])
-        return self._global_head(trunk), self._dense_head(trunk), grid_hw
+        global_embedding = self.tower.global_head(self._last_block(x, context, value_only=False))
+        dense = self.tower.dense_head(self._last_block(x, context, value_only=True))
+        return F.normalize(global_embedding, dim=-1), F.normalize(dense, dim=-1), grid_hw
 
     def encode_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         _, dense, grid_hw = self.encode_image_and_dense(images)

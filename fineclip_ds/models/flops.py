@@ -45,8 +45,11 @@ class FineCLIPShapes:
     embed_dim: int
 
     @classmethod
-    def of(cls, clip: nn.Module) -> "FineCLIPShapes":
+    def of(cls, clip: nn.Module) -> "FineCLIPShapes | None":
+        """Shapes of an open_clip ViT pair; None for other towers (timm Eva), whose FLOPs are not modelled."""
         visual = clip.visual
+        if not hasattr(visual, "conv1") or not hasattr(clip, "transformer"):
+            return None
         grid = visual.grid_size
         patches = grid[0] * grid[1]
         conv = visual.conv1

@@ -116,6 +116,8 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     peak = peak_tflops(device_name())
 
     def batch_flops(batch: dict[str, Any]) -> int:
+        if shapes is None:
+            return 0
         images, slots = batch["box_mask"].shape
         return step_flops(shapes, images, int(batch["box_mask"].sum()), images * slots, world_size, text_trainable,
                           config.losses.sd_teacher_grad, objective.weights)
@@ -164,10 +166,11 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                 "train/skipped_nonfinite": float(nonfinite.skipped),
                 "perf/samples_per_s": speed["samples_per_s"],
                 "perf/step_time_s": speed["step_time_s"],
-                "perf/tflops_per_device": speed["tflops_per_device"],
                 "perf/peak_memory_mb": peak_memory_mb(),
             })
-            if peak is not None:
+            if shapes is not None:
+                scalars["perf/tflops_per_device"] = speed["tflops_per_device"]
+            if shapes is not None and peak is not None:
                 scalars["perf/mfu"] = speed["tflops_per_device"] / peak
             scalars.update({f"data/{reason}": float(count) for reason, count in counts.items()})
             monitor.scalars(done, scalars)
@@ -185,7 +188,9 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             break
     summary = {**whole_run.read(),
                "peak_memory_mb": peak_memory_mb(), "device": device_name(), "world_size": world_size}
-    if peak is not None:
+    if shapes is None:
+        del summary["tflops_per_device"]  # FLOPs of this tower are not modelled
+    elif peak is not None:
         summary["mfu"] = summary["tflops_per_device"] / peak
     monitor.summary(summary)
     monitor.close()

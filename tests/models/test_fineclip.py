@@ -26,7 +26,7 @@ def test_dense_path_is_value_only_last_block():
     images = torch.randn(2, 3, 64, 64)
     dense, grid_hw = model.encode_dense(images)
     block, visual = model.visual.transformer.resblocks[-1], model.visual
-    x = model._trunk(images)
+    x, _ = model._trunk(images)
     width = x.shape[-1]
     value = F.linear(block.ln_1(x), block.attn.in_proj_weight[2 * width:], block.attn.in_proj_bias[2 * width:])
     x = x + block.attn.out_proj(value)

@@ -1,6 +1,7 @@
 """Real multi-process DeepSpeed runs on CPU (gloo): ZeRO-2 and ZeRO-3, gradient sync, exact resume."""
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -90,3 +91,15 @@ def test_torchrun_gives_the_deepspeed_launcher_run(runs, tmp_path):
     # same losses up to float reassociation (torchrun sets OMP_NUM_THREADS=1, the deepspeed launcher does not)
     torch.testing.assert_close(torch.tensor(losses(output_dir)), torch.tensor(losses(runs["two_zero2"])),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_eva02_trains_under_zero3_with_every_parameter_partitioned(tmp_path):
+    config = write_ds_config(tmp_path / "ds.json", 2, 3)
+    settings = json.loads(config.read_text())
+    settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # nothing stays whole
+    config.write_text(json.dumps(settings))
+    output_dir = tmp_path / "eva"
+    run_pretrain(2, config, output_dir, "--max_steps", "2", "--set", "model.name=FineCLIP-EVA02-T-14",
+                 "--set", "data.max_boxes=2", "--set", "optim.lr=1e-4")
+    curve = losses(output_dir)
+    assert [step for step, _ in curve] == [1, 2] and all(loss == loss for _, loss in curve)
