@@ -32,10 +32,12 @@ class _WorldSamples(Dataset):
 
 
 class SyntheticStream:
-    """Step s on rank r of a world of size w with local batch b draws world indices s*w*b + r*b + [0, b).
+    """Each step draws the next global batch of world indices; rank r of w with local batch b takes
+    next_sample + r*b + [0, b), then next_sample advances by w*b on every rank.
 
-    The concatenation of all ranks' batches is then the same global batch whatever w is, which is
-    what makes a 2-process run comparable to a 1-process run with twice the local batch.
+    The concatenation of all ranks' batches is then the same global batch whatever w is (a 2-process
+    run is comparable to a 1-process run with twice the local batch), and the position is one global
+    number, so a run resumed at another world size continues with the next unseen sample.
     """
 
     def __init__(self, world: ShapesWorld, transform: RegionTransform, collator: RegionCollator, local_batch: int,
@@ -43,25 +45,25 @@ class SyntheticStream:
         self.world, self.transform, self.collator = world, transform, collator
         self.local_batch, self.rank, self.world_size = local_batch, rank, world_size
         self.num_workers = num_workers
-        self.next_step = 0
+        self.next_sample = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_step": self.next_step}
+        return {"next_sample": self.next_sample}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.next_step = int(state["next_step"])
+        self.next_sample = int(state["next_sample"])
 
-    def _batch_indices(self, start_step: int) -> Iterator[list[int]]:
+    def _batch_indices(self, start_sample: int) -> Iterator[list[int]]:
         global_batch = self.local_batch * self.world_size
-        for step in itertools.count(start_step):
-            first = step * global_batch + self.rank * self.local_batch
+        for step in itertools.count():
+            first = start_sample + step * global_batch + self.rank * self.local_batch
             yield list(range(first, first + self.local_batch))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        loader = DataLoader(_WorldSamples(self.world, self.transform), batch_sampler=self._batch_indices(self.next_step),
+        loader = DataLoader(_WorldSamples(self.world, self.transform), batch_sampler=self._batch_indices(self.next_sample),
                             num_workers=self.num_workers, collate_fn=self.collator)
         for batch in loader:
-            self.next_step += 1
+            self.next_sample += self.local_batch * self.world_size
             yield batch
 
 
@@ -143,15 +145,21 @@ class WebDatasetStream:
             raise ValueError(f"data.train_shards={urls!r}: {len(shards)} shards for {world_size} ranks x "
                              f"{max(1, num_workers)} workers; expected at least {readers} (one per reader)")
         self.shards = shards[rank::world_size]
+        self.world_size = world_size
         self.transform, self.collator, self.local_batch = transform, collator, local_batch
         self.num_workers, self.seed = num_workers, seed
         self.positions: dict[int, tuple[int, int]] = {}
         self.batches = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_workers": self.num_workers, "batches": self.batches, "positions": dict(self.positions)}
+        return {"num_workers": self.num_workers, "batches": self.batches, "positions": dict(self.positions),
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("world_size", self.world_size) != self.world_size:
+            raise ValueError(f"the checkpoint's webdataset positions were recorded by {state['world_size']} ranks and "
+                             f"this run has {self.world_size}: shards are split per rank, so a webdataset run "
+                             "resumes only at the world size that wrote it (the synthetic world resumes at any)")
         if state["num_workers"] != self.num_workers:
             raise ValueError(f"data.num_workers={self.num_workers}: the checkpoint's data positions were recorded "
                              f"with {state['num_workers']} workers; resume with the same number")

@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed's model/optimizer/scheduler state plus, per rank, the data position and RNG.
 
 Layout: <output_dir>/checkpoints/<tag>/ with DeepSpeed's files and trainer_state_rank<r>.pt, and
-`latest` beside the tags. Saving is atomic: everything is written under `<tag>.tmp`, renamed to
+`latest` beside the tags. The client state carries DeepSpeed's `universal_checkpoint_info` so that
+`ds_to_universal` can convert a checkpoint for a resume at another world size. Saving is atomic: everything is written under `<tag>.tmp`, renamed to
 `<tag>` once every rank has finished, and only then is `latest` replaced (write + os.replace). A
 job killed mid-save leaves a `.tmp` folder that resume never reads and the next save clears.
 """
@@ -11,6 +12,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
 TAG_PREFIX = "step_"
 TAG_PATTERN = re.compile(rf"{TAG_PREFIX}\d{{8}}")
 PARTIAL_SUFFIX = ".tmp"
+UNIVERSAL_SUFFIX = "_universal"  # a tag converted for a resume at another world size
 
 
 def tag_for_step(step: int) -> str:
@@ -80,7 +85,8 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
     _barrier()
     partial_dir.mkdir(parents=True, exist_ok=True)
     torch.save({**trainer_state, "rng": rng_state()}, partial_dir / f"trainer_state_rank{engine.global_rank}.pt")
-    engine.save_checkpoint(str(checkpoint_dir), tag=partial_tag, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(str(checkpoint_dir), tag=partial_tag, save_latest=False,
+                           client_state={"step": step, UNIVERSAL_CHECKPOINT_INFO: {}})
     _barrier()
     if engine.global_rank == 0:
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -97,16 +103,42 @@ def _prune(checkpoint_dir: Path, keep_last: int) -> None:
     tags = sorted(p for p in checkpoint_dir.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name))
     for old in tags[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def saved_world_size(point: ResumePoint) -> int:
+    """How many ranks wrote the checkpoint (one trainer-state file each)."""
+    return len(list((point.directory / point.tag).glob("trainer_state_rank*.pt")))
+
+
+
+def convert_to_universal(point: ResumePoint, rank: int) -> ResumePoint:
+    """Collective. DeepSpeed's universal format (parameters and Adam states per parameter, not per
+    rank) is what a different world size can load; rank 0 converts once, beside the original tag."""
+    universal = point.directory / (point.tag + UNIVERSAL_SUFFIX)
+    if rank == 0 and not universal.is_dir():
+        partial = point.directory / (point.tag + UNIVERSAL_SUFFIX + PARTIAL_SUFFIX)
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(point.directory / point.tag), "--output_folder", str(partial)],
+                       check=True, capture_output=True, text=True)
+        for trainer_state in (point.directory / point.tag).glob("trainer_state_rank*.pt"):
+            shutil.copy2(trainer_state, partial / trainer_state.name)
+        os.replace(partial, universal)
+    _barrier()
+    return ResumePoint(point.directory, universal.name)
 
 
 def load(engine, point: ResumePoint) -> dict[str, Any]:
-    """Collective. Restores engine state and RNG; returns this rank's trainer state (step, data position)."""
-    state_file = point.directory / point.tag / f"trainer_state_rank{engine.global_rank}.pt"
-    if not state_file.is_file():
-        raise FileNotFoundError(
-            f"{state_file} is missing: the checkpoint was written by a different number of ranks "
-            f"or is incomplete; resume with the world size it was saved with"
-        )
+    """Collective. Restores engine state and RNG; returns this rank's trainer state (step, data position).
+
+    After a change of world size, rank r reads the trainer state of saved rank r mod (saved ranks):
+    the step and the synthetic data position are the same on every rank; streams that cannot be
+    re-split refuse the state themselves."""
+    saved_ranks = saved_world_size(point)
+    if saved_ranks == 0:
+        raise FileNotFoundError(f"{point.directory / point.tag} has no trainer_state_rank*.pt: not a complete checkpoint")
+    state_file = point.directory / point.tag / f"trainer_state_rank{engine.global_rank % saved_ranks}.pt"
     loaded, _ = engine.load_checkpoint(str(point.directory), tag=point.tag)
     if loaded is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint at {point.directory}/{point.tag}")

@@ -91,6 +91,12 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     optimizer = build_optimizer(objective, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     ds_config = adapt_precision_to_device(load_deepspeed_config(deepspeed_config_path), on_gpu)
+    resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
+    if resume_point is not None and checkpoint.saved_world_size(resume_point) not in (0, world_size):
+        log.info("checkpoint %s was written by %d ranks, this run has %d: resuming through DeepSpeed's "
+                 "universal checkpoint", resume_point.tag, checkpoint.saved_world_size(resume_point), world_size)
+        resume_point = checkpoint.convert_to_universal(resume_point, rank)
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     engine = initialize(objective, optimizer, scheduler, ds_config, model.parameters_read_outside_owner_forward())
     image_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     micro_batch, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
@@ -99,7 +105,6 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         config.data, model.image_size, normalization, tokenizer, micro_batch, rank, world_size, config.train.seed
     )
     start_step = 0
-    resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
     if resume_point is not None:
         state = checkpoint.load(engine, resume_point)
         start_step = state["step"]
@@ -138,8 +143,8 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             loss, terms = engine(_to_device(batch, engine.device, image_dtype))
             if not nonfinite.all_ranks_finite(loss, world_size):
                 if nonfinite.exhausted:
-                    checkpoint.save(engine, checkpoint_dir, step, {"step": step, "stream": stream.state_dict()},
-                                    config.train.keep_last)
+                    checkpoint.save(engine, checkpoint_dir, step, {"step": step, "stream": stream.state_dict(),
+                                                                   "world_size": world_size}, config.train.keep_last)
                     raise NonFiniteLossError(
                         f"{nonfinite.in_a_row} micro-batches in a row gave a non-finite loss at step {step}; the last "
                         f"good state is saved in {checkpoint_dir}/{checkpoint.tag_for_step(step)}. Lower optim.lr or "
@@ -182,7 +187,8 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             monitor.image(done, "eval/dense_features", picture)
         preempted = preemption.requested(world_size)
         if done % config.train.save_every == 0 or done == stop_step or preempted:
-            checkpoint.save(engine, checkpoint_dir, done, {"step": done, "stream": stream.state_dict()}, config.train.keep_last)
+            checkpoint.save(engine, checkpoint_dir, done, {"step": done, "stream": stream.state_dict(),
+                                                           "world_size": world_size}, config.train.keep_last)
         if preempted:
             log.warning("stopped by signal after step %d; resume with --resume auto", done)
             break

@@ -108,3 +108,20 @@ def test_webdataset_stream_resumes_exactly(shard_dir, workers):
 def test_too_few_shards_for_the_readers_is_a_clear_error(shard_dir):
     with pytest.raises(ValueError, match="6 shards for 4 ranks x 2 workers"):
         _wds(shard_dir, 2, rank=0, world_size=4, workers=2)
+
+
+def test_synthetic_stream_resumes_at_another_world_size_with_the_next_unseen_samples():
+    uninterrupted = _take(_synthetic(4, 0, 1), 3)
+    halves = [_synthetic(2, rank, 2) for rank in range(2)]
+    for stream in halves:
+        _take(stream, 2)
+    resumed = _synthetic(4, 0, 1)
+    resumed.load_state_dict(halves[0].state_dict())
+    _same_batch(_take(resumed, 1)[0], uninterrupted[2])
+
+
+def test_webdataset_positions_refuse_another_world_size(shard_dir):
+    first = _wds(shard_dir, 2, rank=0, world_size=2)
+    _take(first, 1)
+    with pytest.raises(ValueError, match="recorded by 2 ranks and this run has 1"):
+        _wds(shard_dir, 2).load_state_dict(first.state_dict())

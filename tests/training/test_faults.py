@@ -98,3 +98,24 @@ def test_too_many_nan_losses_in_a_row_stop_with_the_last_good_state_saved(refere
     assert "non-finite loss at step 5" in result.stdout + result.stderr
     assert (output_dir / "checkpoints" / "latest").read_text() == "step_00000005"
     assert [step for step, _ in losses(output_dir)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_at_another_world_size_continues_the_same_run(runs, tmp_path, stage):
+    """2 ranks to step 2, then 1 rank (twice the micro-batch: the same global batch) to the end."""
+    from tests.training.launcher import COMMON, GLOBAL_BATCH, STEPS
+
+    output_dir = tmp_path / f"resized_zero{stage}"
+    run_pretrain(2, write_ds_config(tmp_path / "two.json", GLOBAL_BATCH // 2, stage), output_dir, *COMMON,
+                 "--set", f"train.stop_at_step={STEPS // 2}")
+    run_pretrain(1, write_ds_config(tmp_path / "one.json", GLOBAL_BATCH, stage), output_dir, *COMMON,
+                 "--resume", "auto")
+    assert (output_dir / "checkpoints" / f"step_{STEPS // 2:08d}_universal").is_dir()
+    resumed, reference = losses(output_dir), losses(runs["two_zero2"])
+    assert [step for step, _ in resumed] == [step for step, _ in reference]
+    # ZeRO-2 continues exactly. ZeRO-3: the first resumed step matches to 1e-7, the step after it
+    # differs by ~4e-4 relative (measured 2026-11-25): DeepSpeed's universal load for stage 3 does not
+    # restore the optimizer exactly; a wrong load (fresh weights or moments) is off by far more.
+    tolerance = 1e-5 if stage == 2 else 2e-3
+    for (_, got), (_, expected) in zip(resumed, reference):
+        assert got == pytest.approx(expected, rel=tolerance, abs=1e-5)
