@@ -9,6 +9,7 @@ from typing import Any
 from PIL import Image
 
 from fineclip_ds.data.collate import TransformedSample
+from fineclip_ds.data.images import open_image
 from fineclip_ds.data.transforms import RegionTransform
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -36,10 +37,8 @@ def decode_record(record: dict[str, Any], transform: RegionTransform) -> tuple[T
             raise ValueError("boxes and region_captions must be lists of equal length")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return None, Counter(bad_json=1)
-    try:
-        image = Image.open(io.BytesIO(record[image_key]))
-        image.load()
-    except Exception:  # PIL raises many types for truncated or foreign bytes
+    image = open_image(lambda: Image.open(io.BytesIO(record[image_key])))
+    if image is None:
         return None, Counter(corrupt_image=1)
     tensor, kept_boxes, kept_index, drops = transform(image, boxes)
     sample = TransformedSample(tensor, _text(record["txt"]).strip(), kept_boxes,

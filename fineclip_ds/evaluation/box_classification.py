@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from fineclip_ds.data.images import open_image
 from fineclip_ds.data.transforms import RegionTransform
 from fineclip_ds.evaluation.metrics import box_classification_metrics
 from fineclip_ds.evaluation.zero_shot import class_embeddings
@@ -67,10 +68,8 @@ def _batches(images: Sequence[BoxImage], transform: RegionTransform, batch_size:
     """Transformed images with padded boxes; unreadable images and invalid boxes are counted in `skipped`."""
     pending: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
     for item in images:
-        try:
-            image = item.image()
-            image.load()
-        except Exception:  # PIL raises many types for missing, truncated or foreign files
+        image = open_image(item.image)
+        if image is None:
             skipped["unreadable_image"] += 1
             continue
         tensor, boxes, kept, drops = transform(image, item.boxes)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from fineclip_ds.data.images import open_image
 from fineclip_ds.models.fineclip import FineCLIP
 
 
@@ -45,10 +46,8 @@ def write_dense_pictures(model: FineCLIP, normalization: tuple, image_paths: lis
     output_dir.mkdir(parents=True, exist_ok=True)
     written, unreadable = [], 0
     for path in image_paths:
-        try:
-            image = Image.open(path)
-            image.load()
-        except Exception:  # PIL raises many types for missing, truncated or foreign files
+        image = open_image(lambda: Image.open(path))
+        if image is None:
             unreadable += 1
             continue
         target = output_dir / f"{Path(path).stem}_dense.png"

@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 from torchvision.transforms import functional as TF
 
+from fineclip_ds.data.images import open_image
 from fineclip_ds.evaluation.metrics import retrieval_metrics
 from fineclip_ds.models.fineclip import FineCLIP
 
@@ -62,10 +63,8 @@ def evaluate_retrieval(
         pending.clear()
 
     for item in tqdm(items, desc="retrieval: images", unit="img", disable=not progress):
-        try:
-            image = item.image()
-            image.load()
-        except Exception:  # PIL raises many types for missing, truncated or foreign files
+        image = open_image(item.image)
+        if image is None:
             skipped["unreadable_image"] += 1
             continue
         resized = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from fineclip_ds.data.images import open_image
 from fineclip_ds.evaluation.metrics import confusion_matrix, segmentation_metrics
 from fineclip_ds.evaluation.zero_shot import class_embeddings
 from fineclip_ds.models.fineclip import FineCLIP
@@ -80,11 +81,8 @@ def evaluate_segmentation(model: FineCLIP, tokenizer: Callable[[list[str]], torc
     confusion = torch.zeros(len(class_names), len(class_names), dtype=torch.long)
     skipped: Counter = Counter()
     for item in tqdm(list(items), desc="segmentation", unit="img", disable=not progress):
-        try:
-            image, labels = item.image(), item.labels()
-            image.load()
-            labels.load()
-        except Exception:  # PIL raises many types for missing, truncated or foreign files
+        image, labels = open_image(item.image), open_image(item.labels)
+        if image is None or labels is None:
             skipped["unreadable_image"] += 1
             continue
         if labels.size != image.size:
