@@ -59,6 +59,7 @@ class DataConfig:
     world_image_size: int = 128  # resolution the shapes world renders at
     max_boxes: int = 20
     num_workers: int = 1
+    max_bad_fraction: float = 0.1  # a shard with more unusable records than this is reported by name
 
 
 @dataclass
@@ -216,6 +217,8 @@ def validate(config: RunConfig) -> None:
              "null, an integer >= 16, or [height, width]")
     _require(config.model.checkpoint_every >= 1, "model.checkpoint_every", config.model.checkpoint_every, "an integer >= 1")
     _require(config.data.max_boxes >= 1, "data.max_boxes", config.data.max_boxes, "an integer >= 1")
+    _require(0 <= config.data.max_bad_fraction <= 1, "data.max_bad_fraction", config.data.max_bad_fraction,
+             "a fraction in [0, 1]")
     _require(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "an integer >= 0")
     _require(config.data.world_image_size >= 16, "data.world_image_size", config.data.world_image_size, "an integer >= 16")
     for name in ("w_gc", "w_sd", "w_rc"):

@@ -7,6 +7,7 @@ workers have prefetched, so a resumed run continues exactly where the checkpoint
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import Counter
 from typing import Any, Iterator
 
@@ -18,6 +19,8 @@ from fineclip_ds.data.collate import RegionCollator, TransformedSample
 from fineclip_ds.data.records import decode_record
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.data.transforms import RegionTransform
+
+log = logging.getLogger("fineclip_ds")
 
 
 class _WorldSamples(Dataset):
@@ -75,6 +78,39 @@ def expand_shard_urls(urls: str | list[str]) -> list[str]:
     return [url for pattern in patterns for url in expand_urls(pattern)]
 
 
+class ShardHealth:
+    """Names the shards where more than `max_bad_fraction` of the records were unusable, once each.
+
+    Records arrive shard after shard, so a shard is judged when the next one starts (or the epoch ends).
+    """
+
+    def __init__(self, max_bad_fraction: float):
+        self.max_bad_fraction = max_bad_fraction
+        self.current: str | None = None
+        self.records = self.bad = 0
+        self.reported: set[str] = set()
+
+    def record(self, shard: str, usable: bool) -> Counter:
+        verdict = Counter()
+        if shard != self.current:
+            verdict = self.finish()
+            self.current = shard
+        self.records += 1
+        self.bad += 0 if usable else 1
+        return verdict
+
+    def finish(self) -> Counter:
+        """Judge the shard read so far; returns {"bad_shard": 1} when it is reported."""
+        shard, records, bad = self.current, self.records, self.bad
+        self.current, self.records, self.bad = None, 0, 0
+        if shard is None or records == 0 or bad / records <= self.max_bad_fraction or shard in self.reported:
+            return Counter()
+        self.reported.add(shard)
+        log.warning("shard %s: %d of %d records unusable (more than data.max_bad_fraction=%.2f)",
+                    shard, bad, records, self.max_bad_fraction)
+        return Counter(bad_shard=1)
+
+
 class _ShardBatches(IterableDataset):
     """Batches from one rank's shards; each DataLoader worker reads its own subset of them.
 
@@ -85,16 +121,18 @@ class _ShardBatches(IterableDataset):
     """
 
     def __init__(self, shards: list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,
-                 seed: int, positions: dict[int, tuple[int, int]], first_reader: int):
+                 seed: int, positions: dict[int, tuple[int, int]], first_reader: int, max_bad_fraction: float):
         self.shards, self.transform, self.collator = shards, transform, collator
         self.local_batch, self.seed, self.positions = local_batch, seed, positions
         self.first_reader = first_reader
+        self.shard_health = ShardHealth(max_bad_fraction)
 
     def _records(self, shards: list[str], skip: int, pending: Counter) -> Iterator[dict[str, Any]]:
         import webdataset as wds
 
         def count_and_continue(error: Exception) -> bool:
             pending["corrupt_shard"] += 1
+            log.warning("skipping unreadable shard data: %s", error)  # webdataset's message names the shard
             return True
 
         dataset = wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
@@ -115,6 +153,7 @@ class _ShardBatches(IterableDataset):
                 read += 1
                 sample, drops = decode_record(record, self.transform)
                 pending.update(drops)
+                pending.update(self.shard_health.record(record.get("__url__", "?"), usable=sample is not None))
                 if sample is None:
                     continue
                 samples.append(sample)
@@ -125,6 +164,7 @@ class _ShardBatches(IterableDataset):
                     batch["position"] = (worker, epoch, read)
                     yield batch
                     samples = []
+            pending.update(self.shard_health.finish())
             if read == 0:
                 raise RuntimeError(f"no readable records in shards {shards}")
             epoch, read = epoch + 1, 0  # an incomplete last batch rolls into the next epoch's records
@@ -138,7 +178,7 @@ class WebDatasetStream:
     """
 
     def __init__(self, urls: str | list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,
-                 rank: int, world_size: int, num_workers: int = 1, seed: int = 0):
+                 rank: int, world_size: int, num_workers: int = 1, seed: int = 0, max_bad_fraction: float = 0.1):
         shards = expand_shard_urls(urls)
         readers = world_size * max(1, num_workers)
         if len(shards) < readers:
@@ -147,7 +187,7 @@ class WebDatasetStream:
         self.shards = shards[rank::world_size]
         self.world_size = world_size
         self.transform, self.collator, self.local_batch = transform, collator, local_batch
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.max_bad_fraction = num_workers, seed, max_bad_fraction
         self.positions: dict[int, tuple[int, int]] = {}
         self.batches = 0
 
@@ -169,7 +209,8 @@ class WebDatasetStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         readers = max(1, self.num_workers)
         dataset = _ShardBatches(self.shards, self.transform, self.collator, self.local_batch, self.seed,
-                                dict(self.positions), first_reader=self.batches % readers)
+                                dict(self.positions), first_reader=self.batches % readers,
+                                max_bad_fraction=self.max_bad_fraction)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
         for batch in loader:
             reader, epoch, read = batch.pop("position")

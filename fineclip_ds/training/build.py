@@ -29,5 +29,6 @@ def build_train_stream(
         world = ShapesWorld(seed=config.world_seed, image_size=config.world_image_size)
         return SyntheticStream(world, transform, collator, local_batch, rank, world_size, num_workers=config.num_workers)
     return WebDatasetStream(
-        config.train_shards, transform, collator, local_batch, rank, world_size, num_workers=config.num_workers, seed=seed
+        config.train_shards, transform, collator, local_batch, rank, world_size, num_workers=config.num_workers, seed=seed,
+        max_bad_fraction=config.max_bad_fraction,
     )

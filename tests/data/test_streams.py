@@ -125,3 +125,19 @@ def test_webdataset_positions_refuse_another_world_size(shard_dir):
     _take(first, 1)
     with pytest.raises(ValueError, match="recorded by 2 ranks and this run has 1"):
         _wds(shard_dir, 2).load_state_dict(first.state_dict())
+
+
+def test_a_mostly_bad_shard_is_reported_by_name(shard_dir, caplog):
+    # good-4.tar: 2 good records, 4 unusable ones (+1 usable with bad boxes) -> 4/7 > 0.1
+    with caplog.at_level("WARNING", logger="fineclip_ds"):
+        batch = _take(_wds(shard_dir, local_batch=23), 1)[0]
+    assert batch["data_stats"]["bad_shard"] == 1
+    reports = [r.getMessage() for r in caplog.records if "records unusable" in r.getMessage()]
+    assert len(reports) == 1 and "good-4.tar" in reports[0] and "4 of 7" in reports[0]
+    assert any("good-5.tar" in r.getMessage() for r in caplog.records)  # the unreadable one, named too
+
+
+def test_shards_under_the_bad_fraction_are_not_reported(shard_dir):
+    stream = WebDatasetStream(str(shard_dir / "good-{0..5}.tar"), *_parts(), 23, 0, 1, num_workers=0, seed=7,
+                              max_bad_fraction=0.6)
+    assert "bad_shard" not in _take(stream, 1)[0]["data_stats"]
