@@ -1,0 +1,111 @@
+"""FineCLIP training steps on one CUDA GPU (bf16): samples/s, model TFLOPs, MFU and peak memory for
+ViT-B/16 and ViT-L/14 at 224 px, per attention backend, with and without activation checkpointing.
+
+Run from the repository root: `python benchmarks/gpu_training_step.py [--output BENCHMARKS.md]`.
+Appends one Markdown section (device, date, command, one row per setting). The step is the full
+FineCLIP objective (L_GC + L_SD + L_RC, crops through the trainable tower, text tower frozen) with
+AdamW on bf16 weights, no DeepSpeed: it measures the model, not the sharding. Target (issue 7):
+ViT-L/14 at 224 at >= 40% MFU on an H100. ViT-bigG/14 with ZeRO-3 + checkpointing is a real run:
+`deepspeed launch/pretrain.py --recipe vit-bigg-14 --deepspeed_config ds_configs/zero3_vit_bigg.json
+--set data.source=synthetic --set data.world_image_size=224 --max_steps 20` (its summary.json has MFU).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fineclip_ds.config import KernelConfig, LossConfig, ModelConfig  # noqa: E402
+from fineclip_ds.losses.objective import FineCLIPObjective  # noqa: E402
+from fineclip_ds.models.factory import create_fineclip  # noqa: E402
+from fineclip_ds.models.flops import FineCLIPShapes, step_flops  # noqa: E402
+from fineclip_ds.training.metrics import peak_tflops  # noqa: E402
+
+SETTINGS = (("ViT-B-16", 64), ("ViT-L-14", 32))  # model, images per step
+BOXES = 5
+COLUMNS = ("model", "attention", "checkpointing", "batch", "samples/s", "model TFLOP/s", "MFU", "peak GiB")
+
+
+def synthetic_batch(tokenizer, images: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    corners = torch.rand(images, BOXES, 2, generator=generator) * size * 0.6
+    extent = 16 + torch.rand(images, BOXES, 2, generator=generator) * size * 0.4
+    boxes = torch.cat([corners, (corners + extent).clamp(max=size)], dim=-1)
+    return {
+        "images": torch.randn(images, 3, size, size, generator=generator).to(device, torch.bfloat16),
+        "texts": tokenizer(["a photo of a cat and a dog"] * images).to(device),
+        "boxes": boxes.to(device),
+        "box_mask": torch.ones(images, BOXES, dtype=torch.bool, device=device),
+        "region_texts": tokenizer(["a cat"] * images * BOXES).view(images, BOXES, -1).to(device),
+    }
+
+
+def measure(name: str, images: int, attention: str, checkpointing: bool, steps: int) -> dict[str, float]:
+    device = torch.device("cuda")
+    model, tokenizer, _ = create_fineclip(ModelConfig(name=name, attention=attention, grad_checkpointing=checkpointing))
+    model = model.to(device, torch.bfloat16).train()
+    objective = FineCLIPObjective(model, LossConfig(), KernelConfig())
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    batch = synthetic_batch(tokenizer, images, model.image_size[0], device)
+
+    def step() -> None:
+        total, _ = objective(batch)
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / steps
+    flops = step_flops(FineCLIPShapes.of(model.clip), images, images * BOXES, images * BOXES, 1, False, True,
+                       objective.weights)
+    tflops = flops / seconds / 1e12
+    peak = peak_tflops(torch.cuda.get_device_name())
+    return {"samples/s": images / seconds, "model TFLOP/s": tflops, "MFU": tflops / peak if peak else float("nan"),
+            "peak GiB": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_training_step.py needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+    backends = ["sdpa", "math"] + (["flash_attn"] if importlib.util.find_spec("flash_attn") else [])
+    lines = [f"\n## FineCLIP training step, {torch.cuda.get_device_name()}, {datetime.date.today().isoformat()}\n",
+             f"`python benchmarks/gpu_training_step.py --steps {args.steps}`; bf16 weights, AdamW, "
+             f"{BOXES} boxes per image, text tower frozen.\n",
+             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for name, images in SETTINGS:
+        for attention in backends:
+            for checkpointing in (False, True):
+                try:
+                    row = measure(name, images, attention, checkpointing, args.steps)
+                    cells = [f"{row[c]:.1f}" if c != "MFU" else f"{100 * row[c]:.1f}%" for c in COLUMNS[4:]]
+                except torch.OutOfMemoryError:
+                    cells = ["out of memory"] + [""] * (len(COLUMNS) - 5)
+                torch.cuda.empty_cache()
+                line = "| " + " | ".join([name, attention, str(checkpointing), str(images), *cells]) + " |"
+                print(line, flush=True)
+                lines.append(line)
+    with args.output.open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
