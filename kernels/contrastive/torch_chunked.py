@@ -1,0 +1,114 @@
+"""The tiled algorithm in plain torch: the same one-pass statistics and recomputing backward as the
+Triton kernels, one [tile x tile] block of logits at a time (CPU, or any device without Triton).
+
+Statistics are triples (max, sum of exp(x - max), sum of exp(x - max) * dot) over the valid entries
+of a row or column, where x = scale * dot. The third member gives the softmax-expected dot product,
+which is what the logit-scale gradient needs, so that gradient costs no extra pass.
+"""
+from __future__ import annotations
+
+import torch
+
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def empty_stats(size: int, device: torch.device, dtype: torch.dtype) -> Stats:
+    # -> ([size], [size], [size])
+    return (torch.full((size,), float("-inf"), device=device, dtype=dtype),
+            torch.zeros(size, device=device, dtype=dtype), torch.zeros(size, device=device, dtype=dtype))
+
+
+def _finite_or_zero(values: torch.Tensor) -> torch.Tensor:
+    """Shift for exp(): the max itself, or 0 where nothing was seen (-inf), so exp never sees inf - inf."""
+    return torch.where(torch.isneginf(values), 0.0, values)
+
+
+def merge_stats(first: Stats, second: Stats) -> Stats:
+    """Online log-sum-exp merge of two partial statistics over disjoint sets of entries."""
+    # each member: [n] -> [n]
+    top = torch.maximum(first[0], second[0])
+    shift = _finite_or_zero(top)
+    weight_first, weight_second = torch.exp(first[0] - shift), torch.exp(second[0] - shift)
+    return (top, first[1] * weight_first + second[1] * weight_second,
+            first[2] * weight_first + second[2] * weight_second)
+
+
+def tile_stats(dot: torch.Tensor, logits: torch.Tensor, dim: int) -> Stats:
+    """Statistics of one tile along `dim`; excluded entries hold -inf logits."""
+    # dot, logits: [m, n] -> members: [n] (dim=0) or [m] (dim=1)
+    top = logits.amax(dim)
+    weights = torch.exp(logits - _finite_or_zero(top).unsqueeze(dim))
+    return top, weights.sum(dim), (weights * dot).sum(dim)
+
+
+def finish_stats(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-sum-exp and softmax-expected dot; 0 for rows that saw no valid entry (never used, never NaN)."""
+    # members: [n] -> lse: [n], expected_dot: [n]
+    top, total, weighted_dot = stats
+    seen = total > 0
+    safe_total = torch.where(seen, total, 1.0)
+    lse = torch.where(seen, _finite_or_zero(top) + torch.log(safe_total), 0.0)
+    return lse, torch.where(seen, weighted_dot / safe_total, 0.0)
+
+
+class TorchTiles:
+    """Tile passes in torch; at most one [tile x tile] logits block is alive at a time."""
+
+    def __init__(self, tile: int = 2048):
+        if tile < 1:
+            raise ValueError(f"tile: got {tile}, expected a positive number of rows")
+        self.tile = tile
+
+    def _logits(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
+                row_valid: torch.Tensor, col_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # images: [m, D]; texts: [n, D]; row_valid: [m]; col_valid: [n] -> dot, logits: [m, n]
+        compute = torch.promote_types(images.dtype, torch.float32)
+        dot = images.to(compute) @ texts.to(compute).T
+        keep = row_valid.unsqueeze(1) & col_valid.unsqueeze(0)
+        return dot, torch.where(keep, dot * scale, float("-inf"))
+
+    def stats(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
+              row_valid: torch.Tensor, col_valid: torch.Tensor) -> tuple[Stats, Stats]:
+        """Row (image -> text) and column (text -> image) statistics from one pass over the tiles."""
+        # images: [b, D] local; texts: [N, D] gathered; scale: []; row_valid: [b]; col_valid: [N]
+        compute = torch.promote_types(images.dtype, torch.float32)
+        rows, cols = images.shape[0], texts.shape[0]
+        row_stats = empty_stats(rows, images.device, compute)
+        col_stats = empty_stats(cols, images.device, compute)
+        for r0 in range(0, rows, self.tile):
+            r1 = min(r0 + self.tile, rows)
+            block_row = empty_stats(r1 - r0, images.device, compute)
+            for c0 in range(0, cols, self.tile):
+                c1 = min(c0 + self.tile, cols)
+                dot, logits = self._logits(images[r0:r1], texts[c0:c1], scale, row_valid[r0:r1], col_valid[c0:c1])
+                block_row = merge_stats(block_row, tile_stats(dot, logits, dim=1))
+                merged = merge_stats(tuple(s[c0:c1] for s in col_stats), tile_stats(dot, logits, dim=0))
+                for target, value in zip(col_stats, merged):
+                    target[c0:c1] = value
+            for target, value in zip(row_stats, block_row):
+                target[r0:r1] = value
+        return row_stats, col_stats
+
+    def grads(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
+              row_valid: torch.Tensor, col_valid: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
+              row_coef: torch.Tensor, col_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of sum(row_coef * lse_row) + sum(col_coef * lse_col) w.r.t. images and texts.
+
+        Each tile is recomputed (1 GEMM), turned into d(loss)/d(dot) and used twice (2 GEMMs).
+        """
+        # images: [b, D]; texts: [N, D]; row_*: [b]; col_*: [N] -> image_grad: [b, D], text_grad: [N, D]
+        compute = torch.promote_types(images.dtype, torch.float32)
+        rows, cols = images.shape[0], texts.shape[0]
+        image_grad = torch.zeros(images.shape, device=images.device, dtype=compute)
+        text_grad = torch.zeros(texts.shape, device=texts.device, dtype=compute)
+        for r0 in range(0, rows, self.tile):
+            r1 = min(r0 + self.tile, rows)
+            for c0 in range(0, cols, self.tile):
+                c1 = min(c0 + self.tile, cols)
+                _, logits = self._logits(images[r0:r1], texts[c0:c1], scale, row_valid[r0:r1], col_valid[c0:c1])
+                grad_logits = (row_coef[r0:r1, None] * torch.exp(logits - row_lse[r0:r1, None])
+                               + col_coef[None, c0:c1] * torch.exp(logits - col_lse[None, c0:c1]))
+                grad_dot = grad_logits * scale
+                image_grad[r0:r1] += grad_dot @ texts[c0:c1].to(compute)
+                text_grad[c0:c1] += grad_dot.T @ images[r0:r1].to(compute)
+        return image_grad, text_grad
