@@ -1,0 +1,251 @@
+"""Chunked contrastive loss against a float64 naive reference and open_clip's ClipLoss.
+
+Both backends, odd shapes (b and D not multiples of any tile), masks of every kind, logit_scale with
+a gradient. The Triton kernels run in the CPU interpreter here (tests/conftest.py), so shapes stay
+small; the launcher's interpreter tiles are at most 32, so b = 37 or 70 already spans several tiles
+in both directions, and `TINY_TILES` forces many tiles on every case. Multi-process cases start real
+gloo ranks on the CPU and compare each rank with open_clip (local_loss, gather_with_grad).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+import kernels
+from kernels.contrastive import ContrastiveLoss, contrastive_loss, reference_losses
+from kernels.contrastive.function import ContrastiveLossFunction
+from kernels.contrastive.launch import TritonTiles
+from kernels.contrastive.torch_chunked import TorchTiles
+from tests.kernels.contrastive_worker import MASK_KINDS, global_batch, run
+from tests.training.launcher import free_port
+
+# fp32: exact fp32 tile dots, fp32 log-sum-exp; what is left is summation order (~1e-7 relative).
+# bf16 / fp16: inputs are rounded before both sides see them, so the reference sees the same numbers;
+# the loss stays fp32, the gradients are returned in the input dtype (8 / 11 significant bits) and
+# the GPU kernel feeds d(loss)/d(logits) to the tensor cores in that dtype too.
+TOLERANCES = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-3},
+    torch.float16: {"rtol": 3e-3, "atol": 3e-4},
+}
+PASSES = ("triton", "torch", "triton_tiny_tiles", "torch_tiny_tiles")
+TINY_TILES = {"triton_tiny_tiles": TritonTiles(16, 16, 16), "torch_tiny_tiles": TorchTiles(tile=4)}
+
+# (seed, rows b, dim D, mask kind)
+CASES = [
+    (0, 37, 33, "none"),
+    (1, 5, 5, "random"),
+    (2, 70, 70, "random"),
+    (3, 1, 7, "none"),
+    (4, 19, 16, "all_true"),
+    (5, 33, 20, "all_false"),
+    (6, 24, 3, "one_valid"),
+]
+
+
+def make_case(seed: int, rows: int, dim: int, mask_kind: str, scale_shape: tuple[int, ...] = ()):
+    """Normalised float64 features, an exponentiated logit scale and a mask of the given kind."""
+    # -> images, texts: [b, D] float64; logit_scale: scale_shape float64; mask: [b] bool or None
+    generator = torch.Generator().manual_seed(seed)
+    images = F.normalize(torch.randn(rows, dim, generator=generator, dtype=torch.float64), dim=-1)
+    texts = F.normalize(torch.randn(rows, dim, generator=generator, dtype=torch.float64), dim=-1)
+    logit_scale = torch.full(scale_shape, 5.0 + 10 * torch.rand(1, generator=generator).item(), dtype=torch.float64)
+    mask = {
+        "none": None,
+        "all_true": torch.ones(rows, dtype=torch.bool),
+        "all_false": torch.zeros(rows, dtype=torch.bool),
+        "random": torch.rand(rows, generator=generator) < 0.6,
+        "one_valid": torch.arange(rows) == rows // 2,
+    }[mask_kind]
+    return images, texts, logit_scale, mask
+
+
+def loss_and_grads(loss_fn, images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor):
+    """Loss and the gradients of the loss w.r.t. both feature tensors and the logit scale."""
+    images, texts = images.detach().clone().requires_grad_(), texts.detach().clone().requires_grad_()
+    logit_scale = logit_scale.detach().clone().requires_grad_()
+    loss = loss_fn(images, texts, logit_scale)
+    grads = torch.autograd.grad(loss, (images, texts, logit_scale))
+    return loss.detach(), grads
+
+
+def ours(passes: str, mask: torch.Tensor | None):
+    """The loss under test: the public API, or the autograd Function with tiny tiles forced."""
+    if passes in TINY_TILES:
+        return lambda i, t, s: ContrastiveLossFunction.apply(
+            i, t, s, torch.ones(i.shape[0], dtype=torch.bool) if mask is None else mask, None, TINY_TILES[passes])
+    return lambda i, t, s: contrastive_loss(i, t, s, mask, backend=passes)
+
+
+def check_case(case, passes: str, dtype: torch.dtype, scale_shape: tuple[int, ...]) -> None:
+    images, texts, logit_scale, mask = make_case(*case, scale_shape=scale_shape)
+    images, texts = images.to(dtype), texts.to(dtype)  # the reference sees the same rounded inputs
+    got, got_grads = loss_and_grads(ours(passes, mask), images, texts, logit_scale.float())
+    want, want_grads = loss_and_grads(lambda i, t, s: reference_losses(i, t, s, 1, mask)[0],
+                                      images.double(), texts.double(), logit_scale)
+    assert got.shape == () and torch.isfinite(got)
+    assert [g.dtype for g in got_grads] == [dtype, dtype, torch.float32]
+    assert got_grads[2].shape == scale_shape
+    tolerance = TOLERANCES[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tolerance["rtol"], atol=tolerance["atol"] * 10)
+    for name, got_grad, want_grad in zip(("images", "texts", "logit_scale"), got_grads, want_grads):
+        torch.testing.assert_close(got_grad.double(), want_grad, **tolerance, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("passes", PASSES)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: f"seed{case[0]}-b{case[1]}-D{case[2]}-{case[3]}")
+def test_fp32_matches_float64_reference(case, passes):
+    check_case(case, passes, torch.float32, scale_shape=(1,) if case[0] % 2 else ())
+
+
+@pytest.mark.parametrize("passes", ("triton", "torch"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=lambda case: f"seed{case[0]}")
+def test_half_precision_matches_float64_reference(case, dtype, passes):
+    check_case(case, passes, dtype, scale_shape=())
+
+
+@pytest.mark.parametrize("passes", PASSES)
+def test_no_valid_rows_gives_zero_and_zero_gradients(passes):
+    images, texts, logit_scale, _ = make_case(0, 9, 6, "none")
+    mask = torch.zeros(9, dtype=torch.bool)
+    loss, grads = loss_and_grads(ours(passes, mask), images.float(), texts.float(), logit_scale.float())
+    assert loss.item() == 0.0
+    for grad in grads:
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("passes", PASSES)
+def test_two_backward_passes_are_bitwise_equal(passes):
+    images, texts, logit_scale, mask = make_case(2, 70, 70, "random")
+    first = loss_and_grads(ours(passes, mask), images.float(), texts.float(), logit_scale.float())
+    second = loss_and_grads(ours(passes, mask), images.float(), texts.float(), logit_scale.float())
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+@pytest.mark.parametrize("scale_shape", [(), (1,)])
+def test_single_process_matches_open_clip(backend, scale_shape):
+    images, texts, logit_scale, _ = make_case(7, 29, 40, "none", scale_shape)
+    images, texts, logit_scale = images.float(), texts.float(), logit_scale.float()
+    got, got_grads = loss_and_grads(lambda i, t, s: contrastive_loss(i, t, s, backend=backend),
+                                    images, texts, logit_scale)
+    want, want_grads = loss_and_grads(ClipLoss(local_loss=True, gather_with_grad=True), images, texts, logit_scale)
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad, **TOLERANCES[torch.float32])
+
+
+def test_module_and_package_entry_point_match_the_function():
+    images, texts, logit_scale, mask = make_case(1, 5, 5, "random")
+    module = ContrastiveLoss(backend="torch")
+    assert "torch" in repr(module)
+    expected = contrastive_loss(images, texts, logit_scale, mask, backend="torch")
+    assert torch.equal(module(images, texts, logit_scale, mask), expected)
+    assert torch.equal(kernels.contrastive_loss(images, texts, logit_scale, mask, backend="torch"), expected)
+
+
+def test_bad_arguments_raise_value_errors_naming_them():
+    images, texts, logit_scale, _ = make_case(1, 5, 5, "none")
+    with pytest.raises(ValueError, match="'cuda'"):
+        contrastive_loss(images, texts, logit_scale, backend="cuda")
+    with pytest.raises(ValueError, match="'fast'"):
+        ContrastiveLoss(backend="fast")
+    with pytest.raises(ValueError, match="mask"):
+        contrastive_loss(images, texts, logit_scale, mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="logit_scale"):
+        contrastive_loss(images, texts, torch.ones(2))
+    with pytest.raises(ValueError, match="text_features"):
+        contrastive_loss(images, texts[:, :3], logit_scale)
+
+
+def _reference_per_rank(batch: dict, mask: torch.Tensor, world: int, rows: int) -> dict:
+    """Every rank's loss and gradients in float64, rank r's loss scaled by its upstream gradient."""
+    images = batch["images"].double().requires_grad_()
+    texts = batch["texts"].double().requires_grad_()
+    logit_scale = batch["logit_scale"].double().requires_grad_()
+    losses = reference_losses(images, texts, logit_scale, world, mask)
+    weighted = losses * batch["upstream"].double()
+    image_grad, text_grad = torch.autograd.grad(weighted.sum(), (images, texts), retain_graph=True)
+    per_rank = {}
+    for rank in range(world):
+        (scale_grad,) = torch.autograd.grad(weighted[rank], logit_scale, retain_graph=True)
+        own = slice(rank * rows, (rank + 1) * rows)
+        per_rank[rank] = {"loss": losses[rank].detach(), "images": image_grad[own], "texts": text_grad[own],
+                          "logit_scale": scale_grad}
+    return per_rank
+
+
+def _assert_same(got: dict, want: dict, what: str) -> None:
+    for name in ("loss", "images", "texts", "logit_scale"):
+        torch.testing.assert_close(got[name].double(), want[name].double(), **TOLERANCES[torch.float32],
+                                   msg=lambda m: f"{what} {name}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, rows, dim", [(2, 5, 7), (4, 3, 20)])
+def test_gloo_ranks_match_open_clip_and_float64_reference(world, rows, dim, tmp_path):
+    seed = 100 + world
+    mp.spawn(run, args=(world, free_port(), rows, dim, seed, str(tmp_path)), nprocs=world)
+    batch = global_batch(world, rows, dim, seed)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    for kind, mask in zip(MASK_KINDS, batch["masks"]):
+        want = _reference_per_rank(batch, mask, world, rows)
+        for rank, result in enumerate(results):
+            for backend in ("torch", "triton"):
+                _assert_same(result[(backend, kind)], want[rank], f"rank {rank} {backend} mask={kind} vs float64")
+                if kind == "none":
+                    _assert_same(result[(backend, kind)], result[("open_clip", "none")],
+                                 f"rank {rank} {backend} vs open_clip")
+    # the gradient each rank gets includes the other ranks' losses, so ranks really exchanged rows
+    assert not torch.allclose(results[0][("torch", "none")]["images"],
+                              _reference_per_rank({**batch, "upstream": torch.eye(world)[0]},
+                                                  batch["masks"][0], world, rows)[0]["images"].float())
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@GPU
+@pytest.mark.parametrize("dtype, rows, dim", [(torch.float32, 1000, 70), (torch.bfloat16, 4103, 512),
+                                              (torch.float16, 2049, 768)], ids=str)
+def test_gpu_triton_matches_float64_reference(dtype, rows, dim):
+    images, texts, logit_scale, mask = (t.cuda() if t is not None else None
+                                        for t in make_case(11, rows, dim, "random"))
+    images, texts = images.to(dtype), texts.to(dtype)
+    got, got_grads = loss_and_grads(lambda i, t, s: contrastive_loss(i, t, s, mask, backend="triton"),
+                                    images, texts, logit_scale.float())
+    want, want_grads = loss_and_grads(lambda i, t, s: reference_losses(i, t, s, 1, mask)[0],
+                                      images.double(), texts.double(), logit_scale)
+    tolerance = TOLERANCES[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tolerance["rtol"], atol=tolerance["atol"] * 10)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        scale = want_grad.abs().max()  # gradients shrink like 1/N: compare relative to their size
+        torch.testing.assert_close(got_grad.double() / scale, want_grad / scale, **tolerance)
+
+
+@GPU
+def test_gpu_backward_is_bitwise_deterministic_and_flat_in_memory():
+    rows, dim = 16384, 512
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    images = F.normalize(torch.randn(rows, dim, device="cuda", generator=generator), dim=-1).bfloat16()
+    texts = F.normalize(torch.randn(rows, dim, device="cuda", generator=generator), dim=-1).bfloat16()
+    logit_scale = torch.tensor(100.0, device="cuda")
+    runs = [loss_and_grads(lambda i, t, s: contrastive_loss(i, t, s, backend="triton"), images, texts, logit_scale)
+            for _ in range(3)]
+    for loss, grads in runs[1:]:
+        assert torch.equal(loss, runs[0][0])
+        for a, b in zip(grads, runs[0][1]):
+            assert torch.equal(a, b)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss_and_grads(lambda i, t, s: contrastive_loss(i, t, s, backend="triton"), images, texts, logit_scale)
+    peak = torch.cuda.max_memory_allocated() - before
+    logits_bytes = rows * rows * 4
+    assert peak < logits_bytes / 16, f"peak {peak} bytes vs one fp32 logits matrix of {logits_bytes}"
