@@ -1,0 +1,146 @@
+"""Time the contrastive loss on a CUDA GPU (bf16, world 1, b = N): Triton vs ClipLoss vs inf-cl.
+
+Run from the repository root: `python benchmarks/gpu_contrastive.py [--sizes 4096 ... --dims 512 1024]
+[--output BENCHMARKS.md]`. Each run appends one Markdown section (device, date, command, one row per
+N and D) to the output file: forward and fwd+bwd milliseconds (median of CUDA-event timed repeats),
+peak memory of one fwd+bwd step above the inputs, the loss difference to ClipLoss where that fits,
+and the Triton backward's bitwise repeatability. ClipLoss is skipped where its N x N logits would
+not fit; inf-cl is timed only when `import inf_cl` works.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_contrastive import IMPLEMENTATIONS, cal_inf_loss, make_inputs  # noqa: E402
+from benchmarks.memory import peak_memory_bytes  # noqa: E402
+
+DTYPE = torch.bfloat16
+SIZES = (4096, 16384, 65536, 262144, 1048576)
+DIMS = (512, 1024)
+# ClipLoss holds two N x N logits, their softmax and gradients: ~5 * N^2 * 2 bytes in bf16
+CLIP_LOSS_BYTES_PER_PAIR = 10
+COLUMNS = ("N", "D", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd vs ClipLoss", "loss diff vs ClipLoss")
+
+
+def time_ms(fn: Callable[[], None], budget_s: float = 20.0, max_repeats: int = 10) -> float:
+    """Median of CUDA-event timings after one warm-up; fewer repeats for slow steps (N = 1M is seconds)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    started = time.perf_counter()
+    while len(times) < max_repeats and (not times or time.perf_counter() - started < budget_s):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measure(name: str, rows: int, dim: int) -> dict[str, float]:
+    loss_fn = IMPLEMENTATIONS[name]
+    images, texts, logit_scale = make_inputs(rows, dim, torch.device("cuda"), DTYPE)
+    with torch.no_grad():
+        loss = loss_fn(images, texts, logit_scale).item()
+    images.requires_grad_()
+    texts.requires_grad_()
+
+    def forward() -> None:
+        with torch.no_grad():
+            loss_fn(images, texts, logit_scale)
+
+    def forward_backward() -> None:
+        loss_fn(images, texts, logit_scale).backward()
+        images.grad = texts.grad = logit_scale.grad = None
+
+    result = {"loss": loss, "forward_ms": time_ms(forward), "step_ms": time_ms(forward_backward),
+              "peak_bytes": peak_memory_bytes(forward_backward, "cuda")}
+    del images, texts
+    torch.cuda.empty_cache()
+    return result
+
+
+def triton_is_deterministic(rows: int, dim: int) -> bool:
+    images, texts, logit_scale = make_inputs(rows, dim, torch.device("cuda"), DTYPE)
+    grads = []
+    for _ in range(2):
+        leaf_images, leaf_texts = images.detach().requires_grad_(), texts.detach().requires_grad_()
+        IMPLEMENTATIONS["triton"](leaf_images, leaf_texts, logit_scale).backward()
+        grads.append((leaf_images.grad, leaf_texts.grad))
+    return all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def sweep(sizes: list[int], dims: list[int]) -> tuple[list[list[str]], bool]:
+    free_bytes = torch.cuda.mem_get_info()[0]
+    names = ["triton", "open_clip"] + (["inf_cl"] if cal_inf_loss is not None else [])
+    rows_out = []
+    for dim in dims:
+        for rows in sizes:
+            results = {}
+            for name in names:
+                if name == "open_clip" and CLIP_LOSS_BYTES_PER_PAIR * rows * rows > 0.8 * free_bytes:
+                    continue
+                try:
+                    results[name] = measure(name, rows, dim)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    results[name] = None
+            baseline = results.get("open_clip")
+            for name, result in results.items():
+                if result is None:
+                    rows_out.append([str(rows), str(dim), name, "OOM", "OOM", "-", "-", "-"])
+                else:
+                    speedup = f"{baseline['step_ms'] / result['step_ms']:.2f}x" if baseline else "-"
+                    diff = f"{abs(result['loss'] - baseline['loss']):.2e}" if baseline else "-"
+                    rows_out.append([str(rows), str(dim), name, f"{result['forward_ms']:.2f}",
+                                     f"{result['step_ms']:.2f}", f"{result['peak_bytes'] / 2**20:.0f}", speedup, diff])
+                print(" | ".join(rows_out[-1]), flush=True)
+    return rows_out, triton_is_deterministic(min(sizes), dims[0])
+
+
+def markdown_section(rows: list[list[str]], deterministic: bool, command: str) -> str:
+    lines = [
+        f"## contrastive_loss (Triton) vs open_clip ClipLoss / inf-cl, {torch.cuda.get_device_name()}, "
+        f"{datetime.date.today().isoformat()}",
+        "",
+        f"Command: `{command}`; dtype {str(DTYPE).removeprefix('torch.')}; world size 1 (b = N), "
+        f"logit scale 100; torch {torch.__version__}; inf-cl {'installed' if cal_inf_loss else 'not installed'}. "
+        "Times are medians of CUDA-event timed repeats; peak memory is one fwd+bwd step above the inputs. "
+        f"Triton backward bitwise repeatable: {'yes' if deterministic else 'NO'}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="global batch sizes N")
+    parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS), help="feature dimensions D")
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_contrastive.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+                 "on CPU run `python -m pytest benchmarks/bench_contrastive.py --benchmark-only` instead.")
+    section = markdown_section(*sweep(args.sizes, args.dims), command="python " + " ".join(sys.argv))
+    if not args.output.exists():
+        args.output.write_text("# Benchmarks\n")
+    with args.output.open("a") as handle:
+        handle.write("\n" + section)
+    print(f"appended {len(section.splitlines())} lines to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
