@@ -1,9 +1,11 @@
 """Launchers of the contrastive kernels: buffers, tile sizes and grids, behind the same two-method
 interface as `TorchTiles` (stats, grads) so the autograd Function does not care which runs.
 
-Default tiles: 128 x 128 logits with 64-wide K steps for half precision on a GPU (tensor-core sized),
-64 x 64 x 32 for fp32 (exact fp32 dots cost registers), and at most 32 under the CPU interpreter,
-where every program is a Python loop and smaller tiles only add iterations on tiny test shapes.
+Default tiles: 64 x 128 logits with 64-wide K steps for half precision on a GPU (tensor-core sized,
+small enough that the fp32 tile, its logits and softmax weights stay in registers), 64 x 64 x 32 for
+fp32 (exact fp32 dots cost registers), and at most 32 under the CPU interpreter, where every program
+is a Python loop and larger tiles only add masked work on tiny test shapes. The GPU tiles are chosen
+by reasoning, not yet tuned on a GPU.
 """
 from __future__ import annotations
 
@@ -27,22 +29,25 @@ def _fit(size: int, largest: int) -> int:
 class TritonTiles:
     """Runs the statistics and gradient kernels; block sizes default per dtype (see module doc)."""
 
-    def __init__(self, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None):
+    def __init__(self, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                 upcast: bool | None = None):
+        """`upcast` computes the dots in fp32; default: for fp32 inputs and under the interpreter, where
+        bf16 tl.dot misbehaves. Tests set it False to run the GPU's half-precision path (fp16) on the CPU."""
         for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
             if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{name}: got {value}, expected a power of two >= 16")
         self.blocks = (block_m, block_n, block_k)
+        self.upcast = upcast
 
     def _config(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
         half = images.dtype != torch.float32
-        largest_mn, largest_k = (32, 32) if INTERPRETED else ((128, 64) if half else (64, 32))
+        largest_m, largest_n, largest_k = (32, 32, 32) if INTERPRETED else ((64, 128, 64) if half else (64, 64, 32))
         block_m, block_n, block_k = self.blocks
         return dict(
-            BLOCK_M=block_m or _fit(images.shape[0], largest_mn),
-            BLOCK_N=block_n or _fit(texts.shape[0], largest_mn),
+            BLOCK_M=block_m or _fit(images.shape[0], largest_m),
+            BLOCK_N=block_n or _fit(texts.shape[0], largest_n),
             BLOCK_K=block_k or _fit(images.shape[1], largest_k),
-            # bf16 tl.dot misbehaves in the interpreter, so it computes in fp32 there; fp32 inputs stay exact.
-            UPCAST=INTERPRETED or not half,
+            UPCAST=(INTERPRETED or not half) if self.upcast is None else self.upcast,
             num_warps=8 if half and not INTERPRETED else 4,
         )
 

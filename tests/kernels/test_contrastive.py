@@ -108,6 +108,21 @@ def test_half_precision_matches_float64_reference(case, dtype, passes):
     check_case(case, passes, dtype, scale_shape=())
 
 
+def test_half_precision_gpu_code_path_in_the_interpreter():
+    """The GPU's half-precision branch (tensor-core dots in fp16, d(loss)/d(logits) rounded to fp16)
+    run by the interpreter, which handles fp16 dots (bf16 is the one it gets wrong)."""
+    passes = TritonTiles(16, 16, 16, upcast=False)
+    images, texts, logit_scale, mask = make_case(8, 45, 37, "random")
+    images, texts = images.half(), texts.half()
+    got, got_grads = loss_and_grads(lambda i, t, s: ContrastiveLossFunction.apply(i, t, s, mask, None, passes),
+                                    images, texts, logit_scale.float())
+    want, want_grads = loss_and_grads(lambda i, t, s: reference_losses(i, t, s, 1, mask)[0],
+                                      images.double(), texts.double(), logit_scale)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad.double(), want_grad, **TOLERANCES[torch.float16])
+
+
 @pytest.mark.parametrize("passes", PASSES)
 def test_no_valid_rows_gives_zero_and_zero_gradients(passes):
     images, texts, logit_scale, _ = make_case(0, 9, 6, "none")
