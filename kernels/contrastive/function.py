@@ -19,6 +19,11 @@ return, that is as many bytes as open_clip's half-precision returns of both towe
 gather_with_grad gives: the gradient of rank r's features is d(sum over ranks of their losses)/d(them).
 The logit-scale gradient is rank-local, d(own loss)/d(scale), as in open_clip; it comes from the
 softmax-expected dot products gathered in the forward statistics, so it needs no extra pass.
+
+Memory per rank beyond the inputs: the gathered texts [N, D] and their fp32 gradient [N, D] (the
+size of the gathered features), the image gradient [b, D], O(b + N) statistics, and one logits tile
+per program (registers on the GPU, a [tile x tile] block in torch). Nothing of size b x N.
+Ranks must hold the same number of rows b, as in open_clip (labels are rank * b + arange(b)).
 """
 from __future__ import annotations
 
