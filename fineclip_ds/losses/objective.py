@@ -24,9 +24,9 @@ class FineCLIPObjective(nn.Module):
         self.sd_teacher_grad = losses.sd_teacher_grad
         self.crop_enlarge = losses.crop_enlarge
         self.region_pool_backend = kernels.region_pool
-        self.global_contrastive = GlobalContrastiveLoss(group)
+        self.global_contrastive = GlobalContrastiveLoss(group, kernels.contrastive)
         self.self_distillation = SelfDistillationLoss(group)
-        self.regional_contrastive = RegionalContrastiveLoss(group)
+        self.regional_contrastive = RegionalContrastiveLoss(group, kernels.contrastive)
 
     def _encode_texts(self, texts: torch.Tensor, region_texts: torch.Tensor | None,
                       box_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

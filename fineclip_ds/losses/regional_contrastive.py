@@ -6,8 +6,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fineclip_ds.losses.contrastive import contrastive_loss
 from fineclip_ds.losses.distributed import all_reduce_max
+from kernels import contrastive_loss
 
 
 class RegionalContrastiveLoss(nn.Module):
@@ -17,9 +17,10 @@ class RegionalContrastiveLoss(nn.Module):
     to the largest count over ranks before the gather; padding rows are masked like absent boxes.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, backend: str = "auto"):
         super().__init__()
         self.group = group
+        self.backend = backend
 
     def forward(
         self, region_features: torch.Tensor, region_text_embeddings: torch.Tensor, box_mask: torch.Tensor,
@@ -35,4 +36,4 @@ class RegionalContrastiveLoss(nn.Module):
             regions = F.pad(regions, (0, 0, 0, pad))
             texts = F.pad(texts, (0, 0, 0, pad))
             mask = F.pad(mask, (0, pad), value=False)
-        return contrastive_loss(regions, texts, logit_scale, mask=mask, group=self.group)
+        return contrastive_loss(regions, texts, logit_scale, mask=mask, group=self.group, backend=self.backend)

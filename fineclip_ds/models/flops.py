@@ -82,8 +82,9 @@ def _train(forward: int, first_layer: int = 0) -> int:
 
 
 def contrastive_flops(local_rows: int, global_rows: int, dim: int) -> int:
-    """Both directions' logits (local x global) forward, and their backward (2x)."""
-    return 3 * 2 * (2 * local_rows * global_rows * dim)
+    """The chunked kernel (kernels.contrastive): each rank's row stripe of the logits once in forward
+    (both directions from the same tiles), then recompute + two gradient GEMMs in backward."""
+    return 4 * (2 * local_rows * global_rows * dim)
 
 
 def step_flops(shapes: FineCLIPShapes, images: int, regions: int, region_slots: int, world_size: int,

@@ -24,3 +24,17 @@ def test_perfect_alignment_gives_low_loss_and_shuffle_raises_it():
     aligned = GlobalContrastiveLoss()(images, images, scale)
     shuffled = GlobalContrastiveLoss()(images, images.roll(1, 0), scale)
     assert aligned < 0.5 < shuffled
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the chunked kernel, interpreted on CPU
+def test_both_kernel_backends_meet_the_naive_formula_in_float32(backend):
+    images, texts = unit_rows(9, 20, seed=3), unit_rows(9, 20, seed=4)
+    logit_scale = torch.tensor([30.0], dtype=torch.float64, requires_grad=True)
+    inputs = [t.detach().float().requires_grad_() for t in (images, texts, logit_scale)]
+    ours = GlobalContrastiveLoss(backend=backend)(*inputs)
+    grads = torch.autograd.grad(ours, inputs)
+    reference = naive_infonce(images, texts, logit_scale[0])
+    expected = torch.autograd.grad(reference, (images, texts, logit_scale))
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
