@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -28,6 +25,7 @@ from fineclip_ds.training.optimizer import build_optimizer, build_scheduler
 from fineclip_ds.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from fineclip_ds.training.periodic_eval import evaluate_during_training
 from fineclip_ds.training.preemption import PreemptionWatch
+from fineclip_ds.training.process_group import init_process_group
 from fineclip_ds.training.parallelize import adapt_precision_to_device, initialize, load_deepspeed_config
 
 log = logging.getLogger("fineclip_ds")
@@ -63,24 +61,11 @@ def _sum_counters_over_ranks(counter: Counter, world_size: int) -> Counter:
     return sum(gathered, Counter())
 
 
-def _default_to_single_process() -> None:
-    """Without a launcher (python -m ..., notebooks, the ablation), run as a world of one."""
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-
-
 def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     """Run to `config.train.max_steps` (or `stop_at_step`); returns the last step's rank-averaged terms.
 
     Works under the deepspeed/torchrun launchers and as a plain single process."""
-    _default_to_single_process()
-    deepspeed.init_distributed()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank, world_size = init_process_group()
     on_gpu = torch.cuda.is_available()
     output_dir = Path(config.train.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
