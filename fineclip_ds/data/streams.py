@@ -149,13 +149,16 @@ class _ShardBatches(IterableDataset):
         while True:
             order = np.random.default_rng([self.seed, worker, epoch]).permutation(len(shards))
             samples: list[TransformedSample] = []
+            whole_epoch, usable, epoch_drops = read == 0, 0, Counter()
             for record in self._records([shards[i] for i in order], read, pending):
                 read += 1
                 sample, drops = decode_record(record, self.transform)
                 pending.update(drops)
+                epoch_drops.update(drops)
                 pending.update(self.shard_health.record(record.get("__url__", "?"), usable=sample is not None))
                 if sample is None:
                     continue
+                usable += 1
                 samples.append(sample)
                 if len(samples) == self.local_batch:
                     samples[0].drops.update(pending)
@@ -167,6 +170,9 @@ class _ShardBatches(IterableDataset):
             pending.update(self.shard_health.finish())
             if read == 0:
                 raise RuntimeError(f"no readable records in shards {shards}")
+            if whole_epoch and usable == 0:  # reading on would spin forever without yielding a batch
+                raise RuntimeError(f"none of the {read} records in shards {shards} is usable ({dict(epoch_drops)}); "
+                                   "expected the training format: image (jpg/png/webp), txt, json {boxes, region_captions}")
             epoch, read = epoch + 1, 0  # an incomplete last batch rolls into the next epoch's records
 
 

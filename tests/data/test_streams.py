@@ -141,3 +141,13 @@ def test_shards_under_the_bad_fraction_are_not_reported(shard_dir):
     stream = WebDatasetStream(str(shard_dir / "good-{0..5}.tar"), *_parts(), 23, 0, 1, num_workers=0, seed=7,
                               max_bad_fraction=0.6)
     assert "bad_shard" not in _take(stream, 1)[0]["data_stats"]
+
+
+def test_shards_with_no_usable_record_are_a_clear_error_not_an_endless_loop(tmp_path):
+    # keys with a dot ("000.png") make webdataset see extensions "png.jpg", "png.txt": nothing is usable
+    records = [{**record, "__key__": f"{index:03d}.png"} for index, record in
+               enumerate(world_records(ShapesWorld(image_size=32), range(3)))]
+    write_shard(tmp_path / "dotted-0.tar", records)
+    stream = WebDatasetStream(str(tmp_path / "dotted-0.tar"), *_parts(), 2, 0, 1, num_workers=0)
+    with pytest.raises(RuntimeError, match=r"none of the 3 records .* is usable \(\{'missing_image': 3\}\)"):
+        _take(stream, 1)
