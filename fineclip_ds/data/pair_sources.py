@@ -1,0 +1,81 @@
+"""Image-text pairs to annotate, cut into units of work: one unit becomes one output shard.
+
+Sources: webdataset shards (one unit per input shard), an image folder with a captions file (JSON
+{file: caption} or TSV "file<TAB>caption"), or a COCO captions JSON; the last two are cut into
+units of `samples_per_shard` images in sorted order, so unit i is the same on every rerun.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from PIL import Image
+
+from fineclip_ds.data.images import open_image
+from fineclip_ds.data.records import IMAGE_EXTENSIONS
+
+
+@dataclass
+class Pair:
+    key: str
+    image: Image.Image | None  # None: unreadable
+    caption: str | None  # None: missing
+
+
+Unit = Callable[[Counter], Iterator[Pair]]  # reading a unit counts unreadable shard data in the Counter
+
+
+def _file_units(entries: list[tuple[Path, str | None]], samples_per_shard: int) -> list[Unit]:
+    def unit(chunk: list[tuple[Path, str | None]]) -> Unit:
+        def read(counts: Counter) -> Iterator[Pair]:
+            for path, caption in chunk:
+                yield Pair(path.name, open_image(lambda: Image.open(path)), caption)
+        return read
+
+    return [unit(entries[start:start + samples_per_shard]) for start in range(0, len(entries), samples_per_shard)]
+
+
+def folder_units(image_dir: Path, captions_file: Path, samples_per_shard: int) -> list[Unit]:
+    text = Path(captions_file).read_text()
+    if Path(captions_file).suffix == ".json":
+        captions = json.loads(text)
+    else:
+        captions = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    files = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    return _file_units([(path, captions.get(path.name)) for path in files], samples_per_shard)
+
+
+def coco_caption_units(captions_json: Path, image_dir: Path, samples_per_shard: int) -> list[Unit]:
+    coco = json.loads(Path(captions_json).read_text())
+    first_caption: dict[int, str] = {}
+    for annotation in coco["annotations"]:
+        first_caption.setdefault(annotation["image_id"], annotation["caption"])
+    images = sorted(coco["images"], key=lambda image: image["file_name"])
+    return _file_units([(Path(image_dir) / image["file_name"], first_caption.get(image["id"])) for image in images],
+                       samples_per_shard)
+
+
+def webdataset_units(urls: str) -> list[Unit]:
+    import webdataset as wds
+
+    from fineclip_ds.data.streams import expand_shard_urls
+
+    def unit(url: str) -> Unit:
+        def read(counts: Counter) -> Iterator[Pair]:
+            def count_and_continue(error: Exception) -> bool:
+                counts["corrupt_shard"] += 1
+                return True
+
+            for record in wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                         handler=count_and_continue, empty_check=False):
+                image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in record), None)
+                image = open_image(lambda: Image.open(io.BytesIO(record[image_key]))) if image_key else None
+                caption = record["txt"].decode("utf-8").strip() if "txt" in record else None
+                yield Pair(record["__key__"], image, caption)
+        return read
+
+    return [unit(url) for url in expand_shard_urls(urls)]

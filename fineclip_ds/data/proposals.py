@@ -1,0 +1,102 @@
+"""Region proposals for the region-text pipeline: pluggable sources, one filter.
+
+Sources: ground-truth boxes from a COCO instances JSON, a torchvision detector loaded from a local
+weights file, or a weight-free grid (for tests and smoke runs). Every source returns scored xyxy
+pixel boxes; `ProposalFilter` applies size limits, a score threshold, NMS and a cap.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image
+from torchvision.ops import nms
+from torchvision.transforms import functional as TF
+
+Box = tuple[float, float, float, float]
+
+
+class Proposer(Protocol):
+    def propose(self, image: Image.Image, key: str) -> list[tuple[Box, float]]: ...
+
+
+class GridProposer:
+    """Weight-free: the whole image's quadrants and centre at two scales. Deterministic."""
+
+    def propose(self, image: Image.Image, key: str) -> list[tuple[Box, float]]:
+        width, height = image.size
+        boxes: list[tuple[Box, float]] = []
+        for cells in (2, 3):
+            step_x, step_y = width / cells, height / cells
+            for row in range(cells):
+                for column in range(cells):
+                    boxes.append(((column * step_x, row * step_y, (column + 1) * step_x, (row + 1) * step_y), 1.0 / cells))
+        boxes.append(((width / 4, height / 4, 3 * width / 4, 3 * height / 4), 1.0))
+        return boxes
+
+
+class CocoBoxProposer:
+    """Ground-truth boxes of a COCO instances JSON, looked up by the image's file name (score 1)."""
+
+    def __init__(self, annotation_file: Path):
+        coco = json.loads(Path(annotation_file).read_text())
+        names = {image["id"]: Path(image["file_name"]).name for image in coco["images"]}
+        self.boxes: dict[str, list[tuple[Box, float]]] = defaultdict(list)
+        for annotation in coco["annotations"]:
+            if annotation.get("iscrowd", 0):
+                continue
+            x, y, w, h = annotation["bbox"]
+            self.boxes[names[annotation["image_id"]]].append(((x, y, x + w, y + h), 1.0))
+
+    def propose(self, image: Image.Image, key: str) -> list[tuple[Box, float]]:
+        return list(self.boxes.get(Path(key).name, []))
+
+
+class DetectorProposer:
+    """A torchvision Faster R-CNN from a local state-dict file (class count read from its box head)."""
+
+    def __init__(self, weights: Path, device: str = "cpu"):
+        from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
+        self.model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=classes)
+        self.model.load_state_dict(state)
+        self.model.eval().to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def propose(self, image: Image.Image, key: str) -> list[tuple[Box, float]]:
+        output = self.model([TF.to_tensor(image.convert("RGB")).to(self.device)])[0]
+        return [(tuple(box.tolist()), float(score)) for box, score in zip(output["boxes"].cpu(), output["scores"].cpu())]
+
+
+@dataclass
+class ProposalFilter:
+    min_side: float = 0.05  # fraction of the image's shorter side
+    max_area: float = 0.9  # fraction of the image's area
+    score_threshold: float = 0.0
+    nms_iou: float = 0.7
+    max_boxes: int = 10
+
+    def __call__(self, proposals: list[tuple[Box, float]], width: int, height: int) -> list[Box]:
+        """Clip to the image, drop too small / too large / low-score boxes, NMS, keep the best `max_boxes`."""
+        kept: list[tuple[Box, float]] = []
+        for (x1, y1, x2, y2), score in proposals:
+            x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)
+            side = min(x2 - x1, y2 - y1)
+            if side < self.min_side * min(width, height) or (x2 - x1) * (y2 - y1) > self.max_area * width * height:
+                continue
+            if score < self.score_threshold:
+                continue
+            kept.append(((x1, y1, x2, y2), score))
+        if not kept:
+            return []
+        boxes = torch.tensor([box for box, _ in kept], dtype=torch.float32)
+        scores = torch.tensor([score for _, score in kept], dtype=torch.float32)
+        order = nms(boxes, scores, self.nms_iou)[: self.max_boxes]
+        return [tuple(boxes[i].tolist()) for i in order]
