@@ -31,7 +31,7 @@ class TransformersCaptioner:
     """AutoProcessor + AutoModelForImageTextToText from `model_path`; bf16 on GPU, batched generate."""
 
     def __init__(self, model_path: str, prompt: str = "", max_new_tokens: int = 20, batch_size: int = 32,
-                 device: str | None = None):
+                 device: str | None = None, generate_kwargs: dict | None = None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,6 +40,7 @@ class TransformersCaptioner:
         self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.dtype, self.prompt = dtype, prompt
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.generate_kwargs = dict(generate_kwargs or {})  # e.g. num_beams, repetition_penalty
 
     @torch.no_grad()
     def __call__(self, crops: list[Image.Image]) -> list[str]:
@@ -49,7 +50,7 @@ class TransformersCaptioner:
             kwargs = {"text": [self.prompt] * len(batch)} if self.prompt else {}
             inputs = self.processor(images=batch, return_tensors="pt", **kwargs).to(self.device)
             inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-            generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+            generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
             captions += self.processor.batch_decode(generated, skip_special_tokens=True)
         return captions
 

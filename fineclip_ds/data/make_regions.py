@@ -4,10 +4,14 @@
         --captioner /models/blip2-opt-2.7b --proposals coco --coco_instances instances_train2017.json \\
         --output_dir data/regions
 
+With --fineclip_proposals and --fineclip_region_captions instead of --captioner, FineCLIP's released
+files are converted into the same shards.
+
 Unit i of the input becomes `regions-{i:06d}.tar` (+ its counts in `regions-{i:06d}.json`), written
 under a temporary name and renamed when complete: a rerun skips finished shards and redoes partial
-ones. Units are split over processes by RANK / WORLD_SIZE (torchrun or srun set them). The summary
-of every finished shard's counts goes to `<output_dir>/summary.json`.
+ones. Units are split over processes by RANK / WORLD_SIZE (torchrun) or SLURM_PROCID / SLURM_NTASKS
+(srun), one GPU each. Each process, when done, sums the counts of every finished shard into
+`<output_dir>/summary.json`: the last one to finish writes the complete summary.
 """
 from __future__ import annotations
 
@@ -19,14 +23,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from fineclip_ds.data.captioner import Captioner, TransformersCaptioner, caption_regions
-from fineclip_ds.data.pair_sources import Unit, coco_caption_units, folder_units, webdataset_units
+from fineclip_ds.data.captioner import TransformersCaptioner
+from fineclip_ds.data.pair_sources import Pair, Unit, coco_caption_units, folder_units, webdataset_units
 from fineclip_ds.data.proposals import (CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter,
                                         Proposer)
 from fineclip_ds.data.records import IMAGE_EXTENSIONS
+from fineclip_ds.data.region_annotators import CaptionedProposals, RegionAnnotator, ReleasedRegionCaptions
 
 
 def shard_name(index: int) -> str:
@@ -43,59 +49,79 @@ def record_key(name: str) -> str:
     return name.replace(".", "_")
 
 
-def make_shard(unit: Unit, proposer: Proposer, box_filter: ProposalFilter, captioner: Captioner, prompt: str,
-               target: Path) -> Counter:
+class Progress:
+    """One bar per process over images, with images/s, regions/s and shards done."""
+
+    def __init__(self, rank: int, shards: int):
+        self.bar = tqdm(desc=f"regions (rank {rank})", unit="img")
+        self.started, self.regions, self.shards, self.shards_total = time.perf_counter(), 0, 0, shards
+
+    def image(self, regions: int) -> None:
+        self.regions += regions
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix({"regions/s": f"{self.regions / elapsed:.1f}",
+                              "shards": f"{self.shards}/{self.shards_total}"}, refresh=False)
+
+    def shard_done(self) -> None:
+        self.shards += 1
+
+
+def annotate_pair(pair: Pair, annotate: RegionAnnotator, counts: Counter) -> dict | None:
+    """One input pair -> its training-format record, or None (counted) when the pair is unusable."""
+    counts["images_in"] += 1
+    if pair.image is None:
+        counts["corrupt_image"] += 1
+        return None
+    if not pair.caption:
+        counts["missing_caption"] += 1
+        return None
+    image = pair.image.convert("RGB")
+    regions = annotate(image, pair.key, counts)
+    counts["regions"] += len(regions)
+    counts["images_out"] += 1
+    counts["images_without_regions"] += 0 if regions else 1
+    encoded = io.BytesIO()
+    image.save(encoded, format="JPEG", quality=95)
+    return {"__key__": record_key(pair.key), "jpg": encoded.getvalue(), "txt": pair.caption,
+            "json": json.dumps({"boxes": [box for box, _ in regions], "region_captions": [c for _, c in regions]})}
+
+
+def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Progress | None = None) -> Counter:
     """Annotate one unit into `target` (.tar, atomically) and return its counts."""
     counts: Counter = Counter()
     partial = target.with_suffix(".tar.tmp")
     with wds.TarWriter(str(partial)) as writer:
         for pair in unit(counts):
-            counts["images_in"] += 1
-            if pair.image is None:
-                counts["corrupt_image"] += 1
-                continue
-            if not pair.caption:
-                counts["missing_caption"] += 1
-                continue
-            image = pair.image.convert("RGB")
-            boxes = box_filter(proposer.propose(image, pair.key), *image.size)
-            counts["proposals"] += len(boxes)
-            captions, drops = caption_regions(captioner, [image.crop(tuple(round(v) for v in b)) for b in boxes], prompt)
-            counts.update(drops)
-            kept = [(list(box), caption) for box, caption in zip(boxes, captions) if caption is not None]
-            counts["regions"] += len(kept)
-            counts["images_out"] += 1
-            counts["images_without_regions"] += 0 if kept else 1
-            encoded = io.BytesIO()
-            image.save(encoded, format="JPEG", quality=95)
-            writer.write({"__key__": record_key(pair.key), "jpg": encoded.getvalue(), "txt": pair.caption,
-                          "json": json.dumps({"boxes": [box for box, _ in kept],
-                                              "region_captions": [caption for _, caption in kept]})})
+            regions_before = counts["regions"]
+            record = annotate_pair(pair, annotate, counts)
+            if record is not None:
+                writer.write(record)
+            if progress:
+                progress.image(counts["regions"] - regions_before)
     target.with_suffix(".json").write_text(json.dumps(counts))  # counts first: a finished .tar always has them
     os.replace(partial, target)
     return counts
 
 
-def run(units: list[Unit], proposer: Proposer, box_filter: ProposalFilter, captioner: Captioner, prompt: str,
-        output_dir: Path, rank: int = 0, world_size: int = 1) -> Counter:
+def run(units: list[Unit], annotate: RegionAnnotator, output_dir: Path, rank: int = 0, world_size: int = 1) -> Counter:
     """Annotate this process's units that are not finished yet; returns the summary over all finished shards."""
     output_dir.mkdir(parents=True, exist_ok=True)
     mine = [index for index in range(len(units)) if index % world_size == rank]
     todo = [index for index in mine if not (output_dir / f"{shard_name(index)}.tar").is_file()]
-    progress = tqdm(todo, desc=f"regions (rank {rank})", unit="shard")
-    started, done = time.perf_counter(), Counter()
-    for index in progress:
-        done.update(make_shard(units[index], proposer, box_filter, captioner, prompt,
-                               output_dir / f"{shard_name(index)}.tar"))
-        elapsed = time.perf_counter() - started
-        progress.set_postfix({"img/s": f"{done['images_out'] / elapsed:.1f}", "regions/s": f"{done['regions'] / elapsed:.1f}"})
+    progress = Progress(rank, len(todo))
+    for index in todo:
+        make_shard(units[index], annotate, output_dir / f"{shard_name(index)}.tar", progress)
+        progress.shard_done()
+    progress.bar.close()
     summary = Counter()
     for counts_file in sorted(output_dir.glob("regions-*.json")):
         if counts_file.with_suffix(".tar").is_file():
             summary.update(json.loads(counts_file.read_text()))
     summary["shards"] = sum(1 for _ in output_dir.glob("regions-*.tar"))
-    if rank == 0:
-        (output_dir / "summary.json").write_text(json.dumps(dict(summary), indent=2))
+    partial_summary = output_dir / f"summary.json.{rank}.tmp"
+    partial_summary.write_text(json.dumps(dict(summary), indent=2))
+    os.replace(partial_summary, output_dir / "summary.json")
     return summary
 
 
@@ -107,20 +133,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--captions", type=Path, help="JSON {file: caption} or TSV file<TAB>caption")
     source.add_argument("--coco_captions", type=Path, help="COCO captions JSON")
     parser.add_argument("--samples_per_shard", type=int, default=1000)
-    parser.add_argument("--proposals", choices=("grid", "coco", "detector"), default="grid")
-    parser.add_argument("--coco_instances", type=Path, help="--proposals coco: instances JSON")
-    parser.add_argument("--detector_weights", type=Path, help="--proposals detector: Faster R-CNN state dict")
-    parser.add_argument("--min_side", type=float, default=0.05)
-    parser.add_argument("--max_area", type=float, default=0.9)
-    parser.add_argument("--score_threshold", type=float, default=0.5)
-    parser.add_argument("--nms_iou", type=float, default=0.7)
-    parser.add_argument("--max_boxes", type=int, default=10)
-    parser.add_argument("--captioner", required=True, help="local path of a transformers image-to-text model")
-    parser.add_argument("--prompt", default="", help="e.g. 'a photo of' for BLIP-2")
-    parser.add_argument("--max_new_tokens", type=int, default=20)
-    parser.add_argument("--batch_size", type=int, default=32)
+    regions = parser.add_argument_group("regions: proposals captioned by a VLM")
+    regions.add_argument("--proposals", choices=("grid", "coco", "detector"), default="grid")
+    regions.add_argument("--coco_instances", type=Path, help="--proposals coco: instances JSON")
+    regions.add_argument("--detector_weights", type=Path, help="--proposals detector: torchvision state dict")
+    regions.add_argument("--detector_arch", default="fasterrcnn_resnet50_fpn",
+                         help="torchvision detection model name (fasterrcnn_*, retinanet_*)")
+    regions.add_argument("--detector_classes", type=int, default=91, help="classes of the detector's head")
+    regions.add_argument("--min_side", type=float, default=0.05, help="fraction of the image's shorter side")
+    regions.add_argument("--max_area", type=float, default=0.9, help="fraction of the image's area")
+    regions.add_argument("--score_threshold", type=float, default=0.5)
+    regions.add_argument("--nms_iou", type=float, default=0.7)
+    regions.add_argument("--max_boxes", type=int, default=10)
+    regions.add_argument("--captioner", help="local path of a transformers image-to-text model (BLIP-2, BLIP, ...)")
+    regions.add_argument("--prompt", default="", help="e.g. 'a photo of' for BLIP-2")
+    regions.add_argument("--max_new_tokens", type=int, default=20)
+    regions.add_argument("--batch_size", type=int, default=32, help="region crops per generate call")
+    regions.add_argument("--generate", type=json.loads, default={},
+                         help='extra generate() arguments as JSON, e.g. \'{"num_beams": 3, "repetition_penalty": 1.5}\'')
+    released = parser.add_argument_group("regions: FineCLIP's released files instead of a VLM "
+                                         "(with --images and --coco_captions)")
+    released.add_argument("--fineclip_proposals", type=Path, help="COCO-format proposals JSON")
+    released.add_argument("--fineclip_region_captions", type=Path,
+                          help='JSON {"{file}_{x}_{y}_{w}_{h}.jpg": caption}')
+    released.add_argument("--min_box_size", type=float, default=0.0, help="keep boxes with w*h >= this^2")
+    released.add_argument("--max_box_size", type=float, default=float("inf"), help="keep boxes with w*h <= this^2")
     parser.add_argument("--output_dir", type=Path, required=True)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.fineclip_proposals) != bool(args.fineclip_region_captions):
+        parser.error("--fineclip_proposals and --fineclip_region_captions go together")
+    if not args.fineclip_proposals and not args.captioner:
+        parser.error("give --captioner (a local transformers model), or FineCLIP's released files")
+    return args
 
 
 def units_from(args: argparse.Namespace) -> list[Unit]:
@@ -133,7 +177,7 @@ def units_from(args: argparse.Namespace) -> list[Unit]:
     raise SystemExit("input: give --shards, or --images with --captions or --coco_captions")
 
 
-def proposer_from(args: argparse.Namespace) -> Proposer:
+def proposer_from(args: argparse.Namespace, device: str = "cpu") -> Proposer:
     if args.proposals == "coco":
         if not args.coco_instances:
             raise SystemExit("--proposals coco needs --coco_instances")
@@ -141,17 +185,36 @@ def proposer_from(args: argparse.Namespace) -> Proposer:
     if args.proposals == "detector":
         if not args.detector_weights:
             raise SystemExit("--proposals detector needs --detector_weights")
-        return DetectorProposer(args.detector_weights)
+        return DetectorProposer(args.detector_weights, args.detector_arch, args.detector_classes, device)
     return GridProposer()
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def process_slot(environ: dict[str, str] | None = None) -> tuple[int, int, str]:
+    """(rank, world size, device) from torchrun's or Slurm's variables: each process takes its own GPU."""
+    environ = os.environ if environ is None else environ
+    rank = int(environ.get("RANK", environ.get("SLURM_PROCID", "0")))
+    world_size = int(environ.get("WORLD_SIZE", environ.get("SLURM_NTASKS", "1")))
+    local_rank = int(environ.get("LOCAL_RANK", environ.get("SLURM_LOCALID", "0")))
+    device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    return rank, world_size, device
+
+
+def annotator_from(args: argparse.Namespace, device: str = "cpu") -> RegionAnnotator:
+    if args.fineclip_proposals:
+        return ReleasedRegionCaptions(args.fineclip_proposals, args.fineclip_region_captions, args.min_box_size,
+                                      args.max_box_size, args.max_boxes)
     box_filter = ProposalFilter(args.min_side, args.max_area, args.score_threshold, args.nms_iou, args.max_boxes)
-    captioner = TransformersCaptioner(args.captioner, args.prompt, args.max_new_tokens, args.batch_size)
-    summary = run(units_from(args), proposer_from(args), box_filter, captioner, args.prompt, args.output_dir,
-                  int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    captioner = TransformersCaptioner(args.captioner, args.prompt, args.max_new_tokens, args.batch_size,
+                                      device, args.generate)
+    return CaptionedProposals(proposer_from(args, device), box_filter, captioner, args.prompt)
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    args = parse_args(argv)
+    rank, world_size, device = process_slot()
+    summary = run(units_from(args), annotator_from(args, device), args.output_dir, rank, world_size)
     print(json.dumps(dict(summary), indent=2))
+    return dict(summary)
 
 
 if __name__ == "__main__":

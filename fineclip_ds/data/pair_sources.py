@@ -29,11 +29,12 @@ class Pair:
 Unit = Callable[[Counter], Iterator[Pair]]  # reading a unit counts unreadable shard data in the Counter
 
 
-def _file_units(entries: list[tuple[Path, str | None]], samples_per_shard: int) -> list[Unit]:
-    def unit(chunk: list[tuple[Path, str | None]]) -> Unit:
+def _file_units(entries: list[tuple[Path, str, str | None]], samples_per_shard: int) -> list[Unit]:
+    """entries: (image path, key, caption or None)."""
+    def unit(chunk: list[tuple[Path, str, str | None]]) -> Unit:
         def read(counts: Counter) -> Iterator[Pair]:
-            for path, caption in chunk:
-                yield Pair(path.name, open_image(lambda: Image.open(path)), caption)
+            for path, key, caption in chunk:
+                yield Pair(key, open_image(lambda: Image.open(path)), caption)
         return read
 
     return [unit(entries[start:start + samples_per_shard]) for start in range(0, len(entries), samples_per_shard)]
@@ -46,17 +47,18 @@ def folder_units(image_dir: Path, captions_file: Path, samples_per_shard: int) -
     else:
         captions = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
     files = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    return _file_units([(path, captions.get(path.name)) for path in files], samples_per_shard)
+    return _file_units([(path, path.name, captions.get(path.name)) for path in files], samples_per_shard)
 
 
 def coco_caption_units(captions_json: Path, image_dir: Path, samples_per_shard: int) -> list[Unit]:
+    """Key: the image's file_name as the JSON gives it (FineCLIP's region-caption keys start with it)."""
     coco = json.loads(Path(captions_json).read_text())
     first_caption: dict[int, str] = {}
     for annotation in coco["annotations"]:
         first_caption.setdefault(annotation["image_id"], annotation["caption"])
     images = sorted(coco["images"], key=lambda image: image["file_name"])
-    return _file_units([(Path(image_dir) / image["file_name"], first_caption.get(image["id"])) for image in images],
-                       samples_per_shard)
+    return _file_units([(Path(image_dir) / image["file_name"], image["file_name"], first_caption.get(image["id"]))
+                        for image in images], samples_per_shard)
 
 
 def webdataset_units(urls: str) -> list[Unit]:

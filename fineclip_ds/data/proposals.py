@@ -40,7 +40,7 @@ class GridProposer:
 
 
 class CocoBoxProposer:
-    """Ground-truth boxes of a COCO instances JSON, looked up by the image's file name (score 1)."""
+    """Boxes of a COCO instances/proposals JSON, looked up by the image's file name (its score, else 1)."""
 
     def __init__(self, annotation_file: Path):
         coco = json.loads(Path(annotation_file).read_text())
@@ -50,24 +50,27 @@ class CocoBoxProposer:
             if annotation.get("iscrowd", 0):
                 continue
             x, y, w, h = annotation["bbox"]
-            self.boxes[names[annotation["image_id"]]].append(((x, y, x + w, y + h), 1.0))
+            self.boxes[names[annotation["image_id"]]].append(((x, y, x + w, y + h), annotation.get("score", 1.0)))
 
     def propose(self, image: Image.Image, key: str) -> list[tuple[Box, float]]:
         return list(self.boxes.get(Path(key).name, []))
 
 
 class DetectorProposer:
-    """A torchvision Faster R-CNN from a local state-dict file (class count read from its box head)."""
+    """A torchvision detector (fasterrcnn_*, retinanet_*) from a local state-dict file; class-agnostic boxes.
 
-    def __init__(self, weights: Path, device: str = "cpu"):
-        from torchvision.models.detection import fasterrcnn_resnet50_fpn
+    The detector's own score cut is disabled: ProposalFilter applies the one threshold.
+    """
 
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
-        self.model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=classes)
-        self.model.load_state_dict(state)
-        self.model.eval().to(device)
-        self.device = device
+    def __init__(self, weights: Path, architecture: str = "fasterrcnn_resnet50_fpn", num_classes: int = 91,
+                 device: str | None = None):
+        from torchvision.models import get_model
+
+        no_score_cut = {"score_thresh": 0.0} if architecture.startswith("retinanet") else {"box_score_thresh": 0.0}
+        self.model = get_model(architecture, weights=None, weights_backbone=None, num_classes=num_classes, **no_score_cut)
+        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.eval().to(self.device)
 
     @torch.no_grad()
     def propose(self, image: Image.Image, key: str) -> list[tuple[Box, float]]:

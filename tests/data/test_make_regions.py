@@ -7,16 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from fineclip_ds.data.captioner import clean_caption
 from fineclip_ds.data.collate import RegionCollator
-from fineclip_ds.data.make_regions import run
-from fineclip_ds.data.pair_sources import folder_units
-from fineclip_ds.data.proposals import GridProposer, ProposalFilter
-from fineclip_ds.data.shapes_world import ShapesWorld
+from fineclip_ds.data.make_regions import main, process_slot, record_key, run
+from fineclip_ds.data.pair_sources import folder_units, webdataset_units
+from fineclip_ds.data.proposals import DetectorProposer, GridProposer, ProposalFilter
+from fineclip_ds.data.region_annotators import CaptionedProposals, released_region_key
+from fineclip_ds.data.shapes_world import ShapesWorld, encode_training_sample
 from fineclip_ds.data.streams import WebDatasetStream
 from fineclip_ds.data.transforms import RegionTransform
-from tests.data.helpers import MEAN, STD, captions, char_tokenizer
+from tests.data.helpers import MEAN, STD, captions, char_tokenizer, write_shard
+from tests.data.tiny_models import save_tiny_blip, save_tiny_blip2, save_tiny_detector
 
 IMAGES = 10
 
@@ -53,7 +56,7 @@ def pairs(tmp_path: Path) -> tuple[Path, Path]:
 def _run(pairs, output_dir: Path, captioner, rank: int = 0, world_size: int = 1):
     units = folder_units(pairs[0], pairs[1], samples_per_shard=4)
     box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=5)
-    return run(units, GridProposer(), box_filter, captioner, "", output_dir, rank, world_size)
+    return run(units, CaptionedProposals(GridProposer(), box_filter, captioner), output_dir, rank, world_size)
 
 
 def _read(output_dir: Path) -> list[dict]:
@@ -108,3 +111,116 @@ def test_units_split_over_processes_cover_everything_once(pairs, tmp_path):
 ])
 def test_caption_cleaning(raw, prompt, expected):
     assert clean_caption(raw, prompt) == expected
+
+
+DROP_REASONS = ("caption_empty", "caption_degenerate")
+
+
+@pytest.mark.parametrize("save_model", [save_tiny_blip, save_tiny_blip2], ids=["blip", "blip2"])
+@pytest.mark.parametrize("prompt", ["", "a photo of"])
+def test_cli_captions_regions_with_a_real_transformers_model(pairs, tmp_path, save_model, prompt):
+    model = save_model(tmp_path / "captioner")
+    summary = main(["--images", str(pairs[0]), "--captions", str(pairs[1]), "--samples_per_shard", "4",
+                    "--captioner", str(model), "--prompt", prompt, "--max_new_tokens", "6", "--batch_size", "3",
+                    "--score_threshold", "0", "--max_boxes", "4", "--generate", '{"no_repeat_ngram_size": 1}',
+                    "--output_dir", str(tmp_path / "out")])
+    assert summary["images_out"] == IMAGES - 1 and summary["proposals"] == 4 * summary["images_out"]
+    assert summary["regions"] + sum(summary.get(reason, 0) for reason in DROP_REASONS) == summary["proposals"]
+    assert summary["regions"] > 0
+    batches = _read(tmp_path / "out")
+    assert sum(int(batch["box_mask"].sum()) for batch in batches) == summary["regions"]
+    if prompt:  # the prompt echo is stripped from every kept caption
+        assert not any(c.startswith(prompt) for b in batches for c in captions(b["region_texts"][0]) if c)
+
+
+def test_detector_proposals_from_a_local_weights_file(tmp_path):
+    weights = save_tiny_detector(tmp_path / "detector.pt")
+    proposer = DetectorProposer(weights, "fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3, device="cpu")
+    image = ShapesWorld(seed=1, image_size=96).sample(0).image
+    proposals = proposer.propose(image, "0.png")
+    assert proposals and all(0 <= score <= 1 for _, score in proposals)
+    boxes = ProposalFilter(min_side=0.0, max_area=1.0, score_threshold=0.0, nms_iou=0.5, max_boxes=3)(proposals, 96, 96)
+    assert 1 <= len(boxes) <= 3
+    assert all(0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96 for x1, y1, x2, y2 in boxes)
+
+
+def test_a_detector_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
+    weights = save_tiny_detector(tmp_path / "detector.pt", num_classes=3)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        DetectorProposer(weights, "fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=91, device="cpu")
+
+
+def test_fineclip_released_files_convert_into_the_training_shards(tmp_path):
+    images = tmp_path / "train2017"
+    images.mkdir()
+    world = ShapesWorld(seed=2, image_size=64)
+    names = [f"{index:012d}.jpg" for index in range(3)]
+    for index, name in enumerate(names):
+        world.sample(index).image.save(images / name)
+    coco_images = [{"id": 100 + i, "file_name": name, "width": 64, "height": 64} for i, name in enumerate(names)]
+    bboxes = {100: [[10.7, 4.2, 20.5, 30.0], [1.0, 1.0, 2.0, 2.0]],  # the second is under --min_box_size
+              101: [[0.0, 0.0, 64.0, 64.0], [5.0, 6.0, 7.0, 8.0]],  # the second has no caption
+              102: []}
+    annotations = [{"id": n, "image_id": image_id, "bbox": bbox, "category_id": 1}
+                   for n, (image_id, bbox) in enumerate((i, b) for i, boxes in bboxes.items() for b in boxes)]
+    (tmp_path / "proposals.json").write_text(json.dumps({"images": coco_images, "annotations": annotations}))
+    (tmp_path / "captions.json").write_text(json.dumps({"images": coco_images, "annotations": [
+        {"id": i, "image_id": 100 + i, "caption": f"picture {i}"} for i in range(3)]}))
+    region_captions = {"000000000000.jpg_10_4_20_30.jpg": "a red circle", "000000000000.jpg_1_1_2_2.jpg": "tiny",
+                       "000000000001.jpg_0_0_64_64.jpg": "the whole picture"}
+    assert released_region_key(names[0], bboxes[100][0]) in region_captions
+    (tmp_path / "region_captions.json").write_text(json.dumps(region_captions))
+    summary = main(["--images", str(images), "--coco_captions", str(tmp_path / "captions.json"),
+                    "--fineclip_proposals", str(tmp_path / "proposals.json"),
+                    "--fineclip_region_captions", str(tmp_path / "region_captions.json"),
+                    "--min_box_size", "4", "--output_dir", str(tmp_path / "out")])
+    assert (summary["images_out"], summary["proposals"], summary["regions"]) == (3, 4, 2)
+    assert summary["box_filtered"] == 1 and summary["caption_missing"] == 1
+    records = {r["__key__"]: json.loads(r["json"]) for r in wds.WebDataset(
+        str(tmp_path / "out" / "regions-000000.tar"), shardshuffle=False, empty_check=False)}
+    assert records["000000000000"] == {"boxes": [[10.7, 4.2, 31.2, 34.2]], "region_captions": ["a red circle"]}
+    assert records["000000000001"] == {"boxes": [[0.0, 0.0, 64.0, 64.0]], "region_captions": ["the whole picture"]}
+    assert records["000000000002"] == {"boxes": [], "region_captions": []}
+
+
+def test_cli_refuses_half_the_released_files_or_no_captioner(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    assert "give --captioner" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path), "--fineclip_proposals", "p.json", "--output_dir", str(tmp_path / "out")])
+    assert "go together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,key", [("000123.jpg", "000123"), ("a.b.PNG", "a_b"), ("frame.0001", "frame_0001"),
+                                      ("train2017/1.jpg", "train2017/1")])
+def test_record_keys_have_no_dots_for_webdataset(name, key):
+    assert record_key(name) == key
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({}, (0, 1)),
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, (3, 8)),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, (5, 16)),
+])
+def test_each_process_finds_its_slot_from_torchrun_or_slurm(environ, expected):
+    rank, world_size, device = process_slot(environ)
+    assert (rank, world_size) == expected and device == "cpu"
+
+
+def test_webdataset_pairs_in_one_output_shard_per_input_shard(tmp_path):
+    world = ShapesWorld(seed=5, image_size=48)
+    records = [{"__key__": f"{i:04d}", "jpg": encode_training_sample("k", world.sample(i))["jpg"],
+                "txt": world.sample(i).caption} for i in range(6)]
+    records[2]["jpg"] = b"\xff\xd8 broken"
+    write_shard(tmp_path / "pairs-0.tar", records[:3])
+    write_shard(tmp_path / "pairs-1.tar", records[3:])
+    (tmp_path / "pairs-2.tar").write_bytes((tmp_path / "pairs-1.tar").read_bytes()[:700])  # truncated
+    units = webdataset_units(str(tmp_path / "pairs-{0..2}.tar"))
+    box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=3)
+    summary = run(units, CaptionedProposals(GridProposer(), box_filter, SizeCaptioner()), tmp_path / "out")
+    assert summary["shards"] == 3 and summary["corrupt_image"] == 1 and summary["corrupt_shard"] >= 1
+    assert summary["images_out"] == summary["images_in"] - 1
+    keys = [r["__key__"] for r in wds.WebDataset(str(tmp_path / "out" / "regions-{000000..000001}.tar"),
+                                                 shardshuffle=False, empty_check=False)]
+    assert keys == ["0000", "0001", "0003", "0004", "0005"]

@@ -1,0 +1,77 @@
+"""Where an image's regions and their captions come from: proposals captioned by a vision-language
+model, or FineCLIP's released files (COCO-format proposals + region captions keyed by box).
+
+An annotator maps (image, key, counts) to [(xyxy box, caption)], counting what it drops in `counts`.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image
+
+from fineclip_ds.data.captioner import Captioner, caption_regions
+from fineclip_ds.data.proposals import Box, ProposalFilter, Proposer
+
+Region = tuple[list[float], str]
+
+
+class RegionAnnotator(Protocol):
+    def __call__(self, image: Image.Image, key: str, counts: Counter) -> list[Region]: ...
+
+
+class CaptionedProposals:
+    """Proposals -> filter -> a caption for each region crop; empty or degenerate captions are dropped."""
+
+    def __init__(self, proposer: Proposer, box_filter: ProposalFilter, captioner: Captioner, prompt: str = ""):
+        self.proposer, self.box_filter, self.captioner, self.prompt = proposer, box_filter, captioner, prompt
+
+    def __call__(self, image: Image.Image, key: str, counts: Counter) -> list[Region]:
+        boxes = self.box_filter(self.proposer.propose(image, key), *image.size)
+        counts["proposals"] += len(boxes)
+        crops = [image.crop(tuple(round(v) for v in box)) for box in boxes]
+        captions, drops = caption_regions(self.captioner, crops, self.prompt)
+        counts.update(drops)
+        return [(list(box), caption) for box, caption in zip(boxes, captions) if caption is not None]
+
+
+def released_region_key(file_name: str, bbox: list[float]) -> str:
+    """FineCLIP's region-caption key: "{file_name}_{x}_{y}_{w}_{h}.jpg" with the COCO bbox truncated to ints."""
+    x, y, w, h = (int(v) for v in bbox)
+    return f"{file_name}_{x}_{y}_{w}_{h}.jpg"
+
+
+class ReleasedRegionCaptions:
+    """FineCLIP's released data: boxes from a COCO-format proposals JSON, captions from its region-caption JSON.
+
+    Boxes are kept when min_size^2 <= w*h <= max_size^2 (FineCLIP's own rule), at most `max_boxes`;
+    a box without a caption is dropped and counted as caption_missing.
+    """
+
+    def __init__(self, proposals_json: Path, region_captions_json: Path, min_size: float = 0.0,
+                 max_size: float = float("inf"), max_boxes: int | None = None):
+        coco = json.loads(Path(proposals_json).read_text())
+        names = {image["id"]: image["file_name"] for image in coco["images"]}
+        self.bboxes: dict[str, list[list[float]]] = defaultdict(list)
+        for annotation in coco["annotations"]:
+            self.bboxes[names[annotation["image_id"]]].append(annotation["bbox"])
+        self.captions: dict[str, str] = json.loads(Path(region_captions_json).read_text())
+        self.min_area, self.max_area, self.max_boxes = min_size ** 2, max_size ** 2, max_boxes
+
+    def __call__(self, image: Image.Image, key: str, counts: Counter) -> list[Region]:
+        regions: list[Region] = []
+        for bbox in self.bboxes.get(key, []):
+            counts["proposals"] += 1
+            x, y, w, h = bbox
+            if not self.min_area <= w * h <= self.max_area or (self.max_boxes and len(regions) == self.max_boxes):
+                counts["box_filtered"] += 1
+                continue
+            caption = self.captions.get(released_region_key(key, bbox))
+            if not caption or not caption.strip():
+                counts["caption_missing"] += 1
+                continue
+            box: Box = (x, y, x + w, y + h)
+            regions.append((list(box), caption.strip()))
+        return regions
