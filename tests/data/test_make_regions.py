@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +97,36 @@ def test_a_rerun_after_a_kill_resumes_without_loss_or_duplication(pairs, tmp_pat
     assert (output_dir / "regions-000000.tar").stat().st_mtime_ns == finished  # skipped, not redone
     assert summary["shards"] == 3 and summary["images_in"] == IMAGES + 1
     keys = [captions(batch["texts"])[0] for batch in _read(output_dir)]
+    assert len(keys) == len(set(keys)) == IMAGES - 1
+
+
+KILL_AFTER_CALLS = """
+import os, signal, sys
+from fineclip_ds.data import captioner, make_regions
+calls, generate = [0], captioner.TransformersCaptioner.__call__
+def dying(self, crops):
+    calls[0] += 1
+    if calls[0] > int(os.environ["KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return generate(self, crops)
+captioner.TransformersCaptioner.__call__ = dying
+make_regions.main(sys.argv[1:])
+"""
+
+
+def test_the_cli_killed_with_sigkill_mid_shard_resumes_without_loss_or_duplication(pairs, tmp_path):
+    model = save_tiny_blip(tmp_path / "captioner")
+    args = ["--images", str(pairs[0]), "--captions", str(pairs[1]), "--samples_per_shard", "4", "--captioner",
+            str(model), "--score_threshold", "0", "--max_boxes", "2", "--output_dir", str(tmp_path / "out")]
+    root = Path(__file__).resolve().parents[2]
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_CALLS, *args], cwd=root, capture_output=True,
+                            env={**os.environ, "KILL_AFTER": "6"})  # one call per image: dies in the 2nd shard
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in (tmp_path / "out").glob("regions-*.tar")] == ["regions-000000.tar"]
+    assert list((tmp_path / "out").glob("*.tar.tmp"))
+    summary = main(args)
+    assert summary["shards"] == 3 and summary["images_in"] == IMAGES + 1 and summary["images_out"] == IMAGES - 1
+    keys = [captions(batch["texts"])[0] for batch in _read(tmp_path / "out")]
     assert len(keys) == len(set(keys)) == IMAGES - 1
 
 
