@@ -18,12 +18,13 @@ from fineclip_ds.data.collate import RegionCollator
 from fineclip_ds.data.make_regions import main, process_slot, record_key, run
 from fineclip_ds.data.pair_sources import folder_units, webdataset_units
 from fineclip_ds.data.proposals import DetectorProposer, GridProposer, ProposalFilter
+from fineclip_ds.data.random_captioners import save_random_blip, save_random_blip2
 from fineclip_ds.data.region_annotators import CaptionedProposals, released_region_key
 from fineclip_ds.data.shapes_world import ShapesWorld, encode_training_sample
 from fineclip_ds.data.streams import WebDatasetStream
 from fineclip_ds.data.transforms import RegionTransform
 from tests.data.helpers import MEAN, STD, captions, char_tokenizer, write_shard
-from tests.data.tiny_models import save_tiny_blip, save_tiny_blip2, save_tiny_detector
+from tests.data.tiny_models import save_tiny_detector
 
 IMAGES = 10
 
@@ -115,7 +116,7 @@ make_regions.main(sys.argv[1:])
 
 
 def test_the_cli_killed_with_sigkill_mid_shard_resumes_without_loss_or_duplication(pairs, tmp_path):
-    model = save_tiny_blip(tmp_path / "captioner")
+    model = save_random_blip(tmp_path / "captioner")
     args = ["--images", str(pairs[0]), "--captions", str(pairs[1]), "--samples_per_shard", "4", "--captioner",
             str(model), "--score_threshold", "0", "--max_boxes", "2", "--output_dir", str(tmp_path / "out")]
     root = Path(__file__).resolve().parents[2]
@@ -150,7 +151,7 @@ def test_caption_cleaning(raw, prompt, expected):
 DROP_REASONS = ("caption_empty", "caption_degenerate")
 
 
-@pytest.mark.parametrize("save_model", [save_tiny_blip, save_tiny_blip2], ids=["blip", "blip2"])
+@pytest.mark.parametrize("save_model", [save_random_blip, save_random_blip2], ids=["blip", "blip2"])
 @pytest.mark.parametrize("prompt", ["", "a photo of"])
 def test_cli_captions_regions_with_a_real_transformers_model(pairs, tmp_path, save_model, prompt):
     model = save_model(tmp_path / "captioner")
@@ -258,3 +259,13 @@ def test_webdataset_pairs_in_one_output_shard_per_input_shard(tmp_path):
     keys = [r["__key__"] for r in wds.WebDataset(str(tmp_path / "out" / "regions-{000000..000001}.tar"),
                                                  shardshuffle=False, empty_check=False)]
     assert keys == ["0000", "0001", "0003", "0004", "0005"]
+
+
+def test_the_throughput_benchmark_runs_its_tiny_size_on_cpu(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "benchmarks/gpu_make_regions.py", "--size", "tiny", "--images", "4",
+                             "--image_size", "64", "--boxes", "3", "--batch_sizes", "2", "8",
+                             "--output", str(tmp_path / "b.md")], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in (tmp_path / "b.md").read_text().splitlines() if line.startswith("| BLIP-2 tiny")]
+    assert [row.split(" | ")[1:4] for row in rows] == [["2", "3.0", "20"], ["8", "3.0", "20"]]
