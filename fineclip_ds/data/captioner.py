@@ -51,8 +51,18 @@ class TransformersCaptioner:
             inputs = self.processor(images=batch, return_tensors="pt", **kwargs).to(self.device)
             inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
             generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **self.generate_kwargs)
-            captions += self.processor.batch_decode(generated, skip_special_tokens=True)
+            captions += self.processor.batch_decode(new_tokens(generated, inputs.get("input_ids")),
+                                                    skip_special_tokens=True)
         return captions
+
+
+def new_tokens(generated: torch.Tensor, prompt_ids: torch.Tensor | None) -> torch.Tensor:
+    """The generated continuation alone: decoder-only models (BLIP-2 OPT, LLaVA) return the prompt first,
+    and its decoding (image tokens dropped, a chat template around it) no longer matches the prompt text."""
+    if prompt_ids is None or generated.shape[1] < prompt_ids.shape[1]:
+        return generated
+    length = prompt_ids.shape[1]
+    return generated[:, length:] if torch.equal(generated[:, :length], prompt_ids.to(generated.device)) else generated
 
 
 def caption_regions(captioner: Captioner, crops: list[Image.Image], prompt: str) -> tuple[list[str | None], Counter]:

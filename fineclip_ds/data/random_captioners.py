@@ -1,4 +1,4 @@
-"""Randomly initialised BLIP / BLIP-2 captioners of a named size, saved as a local transformers model.
+"""Randomly initialised BLIP / BLIP-2 / LLaVA captioners of a named size, saved as a local transformers model.
 
 Nothing downloads: the tokenizer is a word-level one written here. Tests use the "tiny" size; the
 throughput benchmark uses BLIP-2 OPT-2.7b's real shapes, since generation speed does not depend on
@@ -31,15 +31,15 @@ BLIP2_SIZES: dict[str, dict] = {
 }
 
 
-def _word_tokenizer(vocab: list[str], size: int | None):
+def _word_tokenizer(vocab: list[str], size: int | None, bos: str = "</s>", eos: str = "</s>"):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = vocab + [f"w{i}" for i in range(max(0, (size or 0) - len(vocab)))]
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(vocab)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="</s>", eos_token="</s>")
+                                        bos_token=bos, eos_token=eos)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tokenizer
 
@@ -90,4 +90,33 @@ def save_random_blip(directory: Path, seed: int = 0) -> Path:
         projection_dim=32)
     BlipForConditionalGeneration(config).save_pretrained(directory)
     BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(directory)
+    return directory
+
+
+def save_random_llava(directory: Path, seed: int = 0) -> Path:
+    """A tiny LlavaForConditionalGeneration (CLIP ViT + Llama, width 32) + LlavaProcessor; its prompt must
+    hold "<image>", e.g. "USER: <image> describe ASSISTANT:"."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    tokenizer = _word_tokenizer(specials + ["USER:", "ASSISTANT:", "describe"] + WORDS, None,
+                                bos="<s>", eos="</s>")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=32, patch_size=16, projection_dim=32).to_dict(),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                pad_token_id=0, bos_token_id=2, eos_token_id=3).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[: len(specials)] = 0
+    model.save_pretrained(directory)
+    LlavaProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer,
+                   patch_size=16, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(directory)  # the CLS token the ViT adds
     return directory

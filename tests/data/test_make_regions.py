@@ -11,14 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 
-from fineclip_ds.data.captioner import clean_caption
+from fineclip_ds.data.captioner import clean_caption, new_tokens
 from fineclip_ds.data.collate import RegionCollator
 from fineclip_ds.data.make_regions import main, process_slot, record_key, run
 from fineclip_ds.data.pair_sources import folder_units, webdataset_units
 from fineclip_ds.data.proposals import DetectorProposer, GridProposer, ProposalFilter
-from fineclip_ds.data.random_captioners import save_random_blip, save_random_blip2
+from fineclip_ds.data.random_captioners import save_random_blip, save_random_blip2, save_random_llava
 from fineclip_ds.data.region_annotators import CaptionedProposals, released_region_key
 from fineclip_ds.data.shapes_world import ShapesWorld, encode_training_sample
 from fineclip_ds.data.streams import WebDatasetStream
@@ -151,8 +152,12 @@ def test_caption_cleaning(raw, prompt, expected):
 DROP_REASONS = ("caption_empty", "caption_degenerate")
 
 
-@pytest.mark.parametrize("save_model", [save_random_blip, save_random_blip2], ids=["blip", "blip2"])
-@pytest.mark.parametrize("prompt", ["", "a photo of"])
+LLAVA_PROMPT = "USER: <image> describe ASSISTANT:"
+
+
+@pytest.mark.parametrize("save_model,prompt", [
+    (save_random_blip, ""), (save_random_blip, "a photo of"), (save_random_blip2, ""), (save_random_blip2, "a photo of"),
+    (save_random_llava, LLAVA_PROMPT)], ids=["blip", "blip-prompt", "blip2", "blip2-prompt", "llava"])
 def test_cli_captions_regions_with_a_real_transformers_model(pairs, tmp_path, save_model, prompt):
     model = save_model(tmp_path / "captioner")
     summary = main(["--images", str(pairs[0]), "--captions", str(pairs[1]), "--samples_per_shard", "4",
@@ -164,8 +169,18 @@ def test_cli_captions_regions_with_a_real_transformers_model(pairs, tmp_path, sa
     assert summary["regions"] > 0
     batches = _read(tmp_path / "out")
     assert sum(int(batch["box_mask"].sum()) for batch in batches) == summary["regions"]
-    if prompt:  # the prompt echo is stripped from every kept caption
-        assert not any(c.startswith(prompt) for b in batches for c in captions(b["region_texts"][0]) if c)
+    kept = [c for b in batches for c in captions(b["region_texts"][0]) if c]
+    echo = " ".join(prompt.replace("<image>", "").split())  # how the prompt decodes
+    assert kept and not (echo and any(c.startswith(echo) for c in kept))
+
+
+def test_only_the_continuation_of_a_prompt_is_decoded():
+    prompt = torch.tensor([[5, 4, 4, 7], [5, 4, 4, 7]])
+    generated = torch.tensor([[5, 4, 4, 7, 9, 8], [5, 4, 4, 7, 3, 0]])
+    assert new_tokens(generated, prompt).tolist() == [[9, 8], [3, 0]]
+    unrelated = torch.tensor([[2, 9, 8, 1, 1], [2, 3, 0, 0, 0]])  # an encoder-decoder's output: kept whole
+    assert torch.equal(new_tokens(unrelated, prompt), unrelated)
+    assert torch.equal(new_tokens(unrelated, None), unrelated)
 
 
 def test_detector_proposals_from_a_local_weights_file(tmp_path):
