@@ -164,6 +164,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--fineclip_proposals and --fineclip_region_captions go together")
     if not args.fineclip_proposals and not args.captioner:
         parser.error("give --captioner (a local transformers model), or FineCLIP's released files")
+    for name in ("images", "captions", "coco_captions", "coco_instances", "detector_weights", "captioner",
+                 "fineclip_proposals", "fineclip_region_captions"):
+        value = getattr(args, name)
+        if value and not Path(value).exists():
+            parser.error(f"--{name} {value}: no such file or directory (local paths only; nothing is downloaded)")
     return args
 
 

@@ -233,13 +233,16 @@ def test_fineclip_released_files_convert_into_the_training_shards(tmp_path):
     assert records["000000000002"] == {"boxes": [], "region_captions": []}
 
 
-def test_cli_refuses_half_the_released_files_or_no_captioner(tmp_path, capsys):
+def test_cli_refuses_missing_or_half_given_inputs_with_a_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--images", str(tmp_path), "--output_dir", str(tmp_path / "out")])
     assert "give --captioner" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--images", str(tmp_path), "--fineclip_proposals", "p.json", "--output_dir", str(tmp_path / "out")])
     assert "go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path), "--captioner", "Salesforce/blip2-opt-2.7b", "--output_dir", str(tmp_path)])
+    assert "--captioner Salesforce/blip2-opt-2.7b: no such file or directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,key", [("000123.jpg", "000123"), ("a.b.PNG", "a_b"), ("frame.0001", "frame_0001"),
