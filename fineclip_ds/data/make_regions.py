@@ -16,7 +16,6 @@ ones. Units are split over processes by RANK / WORLD_SIZE (torchrun) or SLURM_PR
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import time
@@ -31,7 +30,7 @@ from fineclip_ds.data.captioner import TransformersCaptioner
 from fineclip_ds.data.pair_sources import Pair, Unit, coco_caption_units, folder_units, webdataset_units
 from fineclip_ds.data.proposals import (CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter,
                                         Proposer)
-from fineclip_ds.data.records import IMAGE_EXTENSIONS
+from fineclip_ds.data.records import IMAGE_EXTENSIONS, encode_record
 from fineclip_ds.data.region_annotators import CaptionedProposals, RegionAnnotator, ReleasedRegionCaptions
 
 
@@ -81,10 +80,8 @@ def annotate_pair(pair: Pair, annotate: RegionAnnotator, counts: Counter) -> dic
     counts["regions"] += len(regions)
     counts["images_out"] += 1
     counts["images_without_regions"] += 0 if regions else 1
-    encoded = io.BytesIO()
-    image.save(encoded, format="JPEG", quality=95)
-    return {"__key__": record_key(pair.key), "jpg": encoded.getvalue(), "txt": pair.caption,
-            "json": json.dumps({"boxes": [box for box, _ in regions], "region_captions": [c for _, c in regions]})}
+    return encode_record(record_key(pair.key), image, pair.caption, [box for box, _ in regions],
+                         [caption for _, caption in regions], quality=95)
 
 
 def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Progress | None = None) -> Counter:

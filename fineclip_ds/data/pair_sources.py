@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from fineclip_ds.data.images import open_image
-from fineclip_ds.data.records import IMAGE_EXTENSIONS
+from fineclip_ds.data.records import IMAGE_EXTENSIONS, image_key
 
 
 @dataclass
@@ -62,20 +62,13 @@ def coco_caption_units(captions_json: Path, image_dir: Path, samples_per_shard: 
 
 
 def webdataset_units(urls: str) -> list[Unit]:
-    import webdataset as wds
-
-    from fineclip_ds.data.streams import expand_shard_urls
+    from fineclip_ds.data.streams import expand_shard_urls, read_raw_records
 
     def unit(url: str) -> Unit:
         def read(counts: Counter) -> Iterator[Pair]:
-            def count_and_continue(error: Exception) -> bool:
-                counts["corrupt_shard"] += 1
-                return True
-
-            for record in wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                         handler=count_and_continue, empty_check=False):
-                image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in record), None)
-                image = open_image(lambda: Image.open(io.BytesIO(record[image_key]))) if image_key else None
+            for record in read_raw_records([url], counts):
+                extension = image_key(record)
+                image = open_image(lambda: Image.open(io.BytesIO(record[extension]))) if extension else None
                 caption = record["txt"].decode("utf-8").strip() if "txt" in record else None
                 yield Pair(record["__key__"], image, caption)
         return read

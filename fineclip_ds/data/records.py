@@ -1,4 +1,5 @@
-"""One raw webdataset record (bytes by extension) -> a TransformedSample, or the reason it was skipped."""
+"""The training-format webdataset record (bytes by extension), both ways: encoding one, and decoding one
+into a TransformedSample or the reason it was skipped."""
 from __future__ import annotations
 
 import io
@@ -15,6 +16,20 @@ from fineclip_ds.data.transforms import RegionTransform
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
+def image_key(record: dict[str, Any]) -> str | None:
+    """The record's image extension (jpg, jpeg, png or webp), None when it has no image."""
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in record), None)
+
+
+def encode_record(key: str, image: Image.Image, caption: str, boxes: list, region_captions: list[str],
+                  quality: int) -> dict[str, Any]:
+    """One training-format record: the image as JPEG, its caption, and the boxes with their region captions."""
+    encoded = io.BytesIO()
+    image.save(encoded, format="JPEG", quality=quality)
+    annotation = {"boxes": boxes, "region_captions": region_captions}
+    return {"__key__": key, "jpg": encoded.getvalue(), "txt": caption, "json": json.dumps(annotation)}
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -25,8 +40,8 @@ def decode_record(record: dict[str, Any], transform: RegionTransform) -> tuple[T
     A record that cannot be used returns None with one count under its reason; boxes that cannot be
     used are dropped from the sample and counted by the transform.
     """
-    image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in record), None)
-    if image_key is None:
+    extension = image_key(record)
+    if extension is None:
         return None, Counter(missing_image=1)
     if "txt" not in record:
         return None, Counter(missing_caption=1)
@@ -37,7 +52,7 @@ def decode_record(record: dict[str, Any], transform: RegionTransform) -> tuple[T
             raise ValueError("boxes and region_captions must be lists of equal length")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return None, Counter(bad_json=1)
-    image = open_image(lambda: Image.open(io.BytesIO(record[image_key])))
+    image = open_image(lambda: Image.open(io.BytesIO(record[extension])))
     if image is None:
         return None, Counter(corrupt_image=1)
     tensor, kept_boxes, kept_index, drops = transform(image, boxes)

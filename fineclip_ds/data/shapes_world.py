@@ -12,14 +12,14 @@ writes the same samples as webdataset shards in the training format.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from fineclip_ds.data.records import encode_record
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -128,10 +128,7 @@ class ShapesWorld:
 
 def encode_training_sample(key: str, sample: RegionSample) -> dict[str, object]:
     """One webdataset record in the training format: image, caption, boxes, region_captions."""
-    image_bytes = io.BytesIO()
-    sample.image.save(image_bytes, format="JPEG", quality=92)
-    annotation = {"boxes": sample.boxes, "region_captions": sample.region_captions}
-    return {"__key__": key, "jpg": image_bytes.getvalue(), "txt": sample.caption, "json": json.dumps(annotation)}
+    return encode_record(key, sample.image, sample.caption, sample.boxes, sample.region_captions, quality=92)
 
 
 def write_shards(world: ShapesWorld, output_dir: Path, num_samples: int, samples_per_shard: int = 256,

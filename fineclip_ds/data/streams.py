@@ -78,6 +78,20 @@ def expand_shard_urls(urls: str | list[str]) -> list[str]:
     return [url for pattern in patterns for url in expand_urls(pattern)]
 
 
+def read_raw_records(shards: list[str], counts: Counter) -> Iterator[dict[str, Any]]:
+    """The raw records of `shards` in order; unreadable shard data is skipped, logged and counted in
+    counts["corrupt_shard"]."""
+    import webdataset as wds
+
+    def count_and_continue(error: Exception) -> bool:
+        counts["corrupt_shard"] += 1
+        log.warning("skipping unreadable shard data: %s", error)  # webdataset's message names the shard
+        return True
+
+    return iter(wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                               handler=count_and_continue, empty_check=False))
+
+
 class ShardHealth:
     """Names the shards where more than `max_bad_fraction` of the records were unusable, once each.
 
@@ -127,18 +141,6 @@ class _ShardBatches(IterableDataset):
         self.first_reader = first_reader
         self.shard_health = ShardHealth(max_bad_fraction)
 
-    def _records(self, shards: list[str], skip: int, pending: Counter) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-
-        def count_and_continue(error: Exception) -> bool:
-            pending["corrupt_shard"] += 1
-            log.warning("skipping unreadable shard data: %s", error)  # webdataset's message names the shard
-            return True
-
-        dataset = wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                 handler=count_and_continue, empty_check=False)
-        return itertools.islice(iter(dataset), skip, None)
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -150,7 +152,7 @@ class _ShardBatches(IterableDataset):
             order = np.random.default_rng([self.seed, worker, epoch]).permutation(len(shards))
             samples: list[TransformedSample] = []
             whole_epoch, usable, epoch_drops = read == 0, 0, Counter()
-            for record in self._records([shards[i] for i in order], read, pending):
+            for record in itertools.islice(read_raw_records([shards[i] for i in order], pending), read, None):
                 read += 1
                 sample, drops = decode_record(record, self.transform)
                 pending.update(drops)
