@@ -71,7 +71,6 @@ class ShapesWorld:
 
     def sample(self, index: int) -> RegionSample:
         rng = np.random.default_rng([self.seed, index])
-        size = self.image_size
         image = Image.fromarray(self._background(rng))
         label_map = Image.new("L", image.size, IGNORE_LABEL)
         draw, draw_labels = ImageDraw.Draw(image), ImageDraw.Draw(label_map)

@@ -12,7 +12,6 @@ from collections import Counter
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from fineclip_ds.data.collate import RegionCollator, TransformedSample
