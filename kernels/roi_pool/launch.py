@@ -1,7 +1,10 @@
 """Launchers of the region-pooling kernels: output buffers, tile sizes and grids.
 
-Tiles are powers of two of at least 16 (the `tl.dot` minimum). They were chosen for H100-class
-GPUs and small enough that odd, tiny test shapes waste little work under the CPU interpreter.
+Tiles are powers of two of at least 16 (the `tl.dot` minimum), shrunk to the problem so that odd,
+tiny test shapes waste little work under the CPU interpreter. The largest tiles are the biggest that
+compile without register spills for sm_80 and sm_90 at 8 warps (`python -m kernels.codegen`, checked
+in the tests; the earlier 64 x 64 x 128 forward at 4 warps spilled up to 7 KB per thread). Their speed
+is not yet tuned on a GPU.
 fp32 tokens use exact fp32 dots; half-precision tokens use TF32, whose 10-bit mantissa holds every
 bf16/fp16 token exactly and rounds the weights below the output's own rounding.
 """
@@ -17,6 +20,13 @@ from kernels.roi_pool.triton_kernels import region_factors_kernel, region_pool_b
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # TRITON_INTERPRET=1 at import time runs the kernels on the CPU interpreter (the tests do this).
 INTERPRETED = isinstance(region_pool_fwd_kernel, InterpretedFunction)
+
+
+# Largest (regions, tokens, channels) tiles per pass, keyed by "tokens are fp32" (exact fp32 dots
+# run on FMA units and need more registers than tf32 ones).
+FORWARD_TILES = {False: (64, 32, 128), True: (64, 32, 64)}
+BACKWARD_TILES = {False: (32, 64, 128), True: (32, 64, 64)}
+NUM_WARPS = 8
 
 
 def _tile(size: int, largest: int) -> int:
@@ -59,8 +69,9 @@ def pool_forward(
     channels = tokens.shape[-1]
     out = tokens.new_empty(batch, regions, channels)
     norms = rows.new_empty(batch, regions) if normalize else None
-    block_r = _tile(regions, 64)
-    block_c = _tile(channels, 128)
+    largest_r, largest_t, largest_c = FORWARD_TILES[tokens.dtype == torch.float32]
+    block_r = _tile(regions, largest_r)
+    block_c = _tile(channels, largest_c)
     channel_programs = 1 if normalize else triton.cdiv(channels, block_c)
     grid = (batch, triton.cdiv(regions, block_r), channel_programs)
     region_pool_fwd_kernel[grid](
@@ -69,7 +80,7 @@ def pool_forward(
         *tokens.stride(),
         NORMALIZE_EPS,
         NORMALIZE=normalize, DOT_PRECISION=_dot_precision(tokens.dtype),
-        BLOCK_R=block_r, BLOCK_T=_tile(grid_hw[0] * grid_hw[1], 64), BLOCK_C=block_c,
+        BLOCK_R=block_r, BLOCK_T=_tile(grid_hw[0] * grid_hw[1], largest_t), BLOCK_C=block_c, num_warps=NUM_WARPS,
     )
     return out, norms
 
@@ -90,8 +101,9 @@ def pool_backward(
     grad_tokens = out.new_empty(batch, n_tokens, channels)
     normalize = norms is not None
     row_dots = (grad_out.float() * out.float()).sum(-1) if normalize else rows
-    block_t = _tile(n_tokens, 64)
-    block_c = _tile(channels, 128)
+    largest_r, largest_t, largest_c = BACKWARD_TILES[out.dtype == torch.float32]
+    block_t = _tile(n_tokens, largest_t)
+    block_c = _tile(channels, largest_c)
     grid = (batch, triton.cdiv(n_tokens, block_t), triton.cdiv(channels, block_c))
     region_pool_bwd_kernel[grid](
         grad_out, out, row_dots, rows if norms is None else norms, rows, cols, grad_tokens,
@@ -99,6 +111,6 @@ def pool_backward(
         *grad_out.stride(),
         NORMALIZE_EPS,
         NORMALIZE=normalize, DOT_PRECISION=_dot_precision(out.dtype),
-        BLOCK_R=_tile(regions, 32), BLOCK_T=block_t, BLOCK_C=block_c,
+        BLOCK_R=_tile(regions, largest_r), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS,
     )
     return grad_tokens
