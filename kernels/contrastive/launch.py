@@ -2,10 +2,12 @@
 interface as `TorchTiles` (stats, grads) so the autograd Function does not care which runs.
 
 Default tiles: 64 x 128 logits with 64-wide K steps for half precision on a GPU (tensor-core sized,
-small enough that the fp32 tile, its logits and softmax weights stay in registers), 64 x 64 x 32 for
-fp32 (exact fp32 dots cost registers), and at most 32 under the CPU interpreter, where every program
-is a Python loop and larger tiles only add masked work on tiny test shapes. The GPU tiles are chosen
-by reasoning, not yet tuned on a GPU.
+small enough that the fp32 tile, its logits and softmax weights stay in registers), 64 x 64 x 16 for
+fp32 (exact fp32 dots run on FMA units and cost registers: K = 32 made the backward spill 4.4 KB per
+thread on sm_80 and sm_90), and at most 32 under the CPU interpreter, where every program is a Python
+loop and larger tiles only add masked work on tiny test shapes. The GPU tiles compile without register
+spills for sm_80 and sm_90 (`python -m kernels.codegen`, checked in the tests); their speed is not yet
+tuned on a GPU.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class TritonTiles:
 
     def _config(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
         half = images.dtype != torch.float32
-        largest_m, largest_n, largest_k = (32, 32, 32) if INTERPRETED else ((64, 128, 64) if half else (64, 64, 32))
+        largest_m, largest_n, largest_k = (32, 32, 32) if INTERPRETED else ((64, 128, 64) if half else (64, 64, 16))
         block_m, block_n, block_k = self.blocks
         return dict(
             BLOCK_M=block_m or _fit(images.shape[0], largest_m),
@@ -57,6 +59,12 @@ class TritonTiles:
             raise ValueError(f"features dtype: got {images.dtype} / {texts.dtype}, the triton backend expects "
                              f"one of {SUPPORTED_DTYPES}, the same for images and texts")
 
+    @staticmethod
+    def _counters(rows: int, config: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed ticket counter [1] and per-row-block turns [cdiv(rows, BLOCK_M)], from one allocation."""
+        counters = torch.zeros(1 + triton.cdiv(rows, config["BLOCK_M"]), dtype=torch.int32, device=device)
+        return counters[:1], counters[1:]
+
     def stats(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor) -> tuple[Stats, Stats]:
         """Row (image -> text) and column (text -> image) statistics from one pass over the tiles."""
@@ -68,11 +76,11 @@ class TritonTiles:
         row_stats = (torch.full((rows,), float("-inf"), device=images.device),
                      images.new_zeros(rows, dtype=torch.float32), images.new_zeros(rows, dtype=torch.float32))
         col_stats = tuple(images.new_empty(cols, dtype=torch.float32) for _ in range(3))
-        turns = torch.zeros(triton.cdiv(rows, config["BLOCK_M"]), dtype=torch.int32, device=images.device)
+        ticket, turns = self._counters(rows, config, images.device)
         if rows and cols:
             contrastive_stats_kernel[(triton.cdiv(cols, config["BLOCK_N"]),)](
                 images, texts, row_valid.to(torch.int8), col_valid.to(torch.int8), scale.reshape(1).float(),
-                *row_stats, *col_stats, turns, rows, cols, images.shape[1], images.stride(0), texts.stride(0),
+                *row_stats, *col_stats, ticket, turns, rows, cols, images.shape[1], images.stride(0), texts.stride(0),
                 **config)
         else:
             col_stats = (torch.full((cols,), float("-inf"), device=images.device),
@@ -90,12 +98,12 @@ class TritonTiles:
         config = self._config(images, texts)
         image_grad = images.new_zeros(images.shape, dtype=torch.float32)
         text_grad = texts.new_zeros(texts.shape, dtype=torch.float32)
-        turns = torch.zeros(triton.cdiv(rows, config["BLOCK_M"]), dtype=torch.int32, device=images.device)
+        ticket, turns = self._counters(rows, config, images.device)
         if rows and cols:
             contrastive_grads_kernel[(triton.cdiv(cols, config["BLOCK_N"]),)](
                 images, texts, row_valid.to(torch.int8), col_valid.to(torch.int8), scale.reshape(1).float(),
                 row_lse.float().contiguous(), col_lse.float().contiguous(),
                 row_coef.float().contiguous(), col_coef.float().contiguous(),
-                image_grad, text_grad, turns, rows, cols, images.shape[1], images.stride(0), texts.stride(0),
+                image_grad, text_grad, ticket, turns, rows, cols, images.shape[1], images.stride(0), texts.stride(0),
                 **config)
         return image_grad, text_grad

@@ -7,15 +7,25 @@ every block of BLOCK_M local image rows. Per tile it computes dot = images @ tex
 - Backward (3 GEMMs per tile): recompute dot, turn it into d(loss)/d(dot), then
   text_grad[cols] += dS^T @ images (owned by this program) and image_grad[rows] += dS @ texts.
 Row-indexed buffers are shared by all programs. Instead of float atomics (whose order, and so whose
-rounding, changes from run to run) programs take turns per row block: program j updates row block i
-only after program j-1 did (`turns[i] == j`). The order is fixed, so results are bitwise
-reproducible; programs drift one tile apart and then run concurrently. This relies on programs
-being started in increasing order, as CUDA does in practice and the interpreter does by design.
+rounding, changes from run to run) programs take turns per row block: the program holding column
+block j updates row block i only after the one holding j-1 did (`turns[i] == j`). The order is fixed,
+so results are bitwise reproducible; programs drift one tile apart and then run concurrently.
+Column blocks are handed out by an atomic ticket counter when a program starts, not by program id,
+as CUB's single-pass scan does: a program only ever waits for one that started before it and so holds
+an SM, whatever order the GPU starts programs in. Waiting on program ids instead would deadlock if a
+later program occupied the SMs while an earlier one had not yet started (the tests run the programs
+in reverse order to check this).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _take_ticket(ticket_ptr):
+    """The next column block to work on, in the order programs actually started."""
+    return tl.atomic_add(ticket_ptr, 1)
 
 
 @triton.jit
@@ -66,14 +76,14 @@ def _shift(top):
 @triton.jit
 def contrastive_stats_kernel(
     image_ptr, text_ptr, row_valid_ptr, col_valid_ptr, scale_ptr,
-    row_max_ptr, row_sum_ptr, row_dot_ptr, col_max_ptr, col_sum_ptr, col_dot_ptr, turn_ptr,
+    row_max_ptr, row_sum_ptr, row_dot_ptr, col_max_ptr, col_sum_ptr, col_dot_ptr, ticket_ptr, turn_ptr,
     rows_total, cols_total, dim, stride_image, stride_text,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Row and column (max, sum exp, sum exp * dot) of scale * images @ texts^T over valid entries."""
     # images: [b, D]; texts: [N, D]; valid: [b], [N] int8; row_*: [b] fp32 (pre-set to -inf, 0, 0);
-    # col_*: [N] fp32 written here; turns: [cdiv(b, BLOCK_M)] int32 zeros
-    col_block = tl.program_id(0)
+    # col_*: [N] fp32 written here; ticket: [1], turns: [cdiv(b, BLOCK_M)] int32 zeros
+    col_block = _take_ticket(ticket_ptr)
     scale = tl.load(scale_ptr)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_in = cols < cols_total
@@ -120,14 +130,15 @@ def contrastive_stats_kernel(
 @triton.jit
 def contrastive_grads_kernel(
     image_ptr, text_ptr, row_valid_ptr, col_valid_ptr, scale_ptr,
-    row_lse_ptr, col_lse_ptr, row_coef_ptr, col_coef_ptr, image_grad_ptr, text_grad_ptr, turn_ptr,
+    row_lse_ptr, col_lse_ptr, row_coef_ptr, col_coef_ptr, image_grad_ptr, text_grad_ptr, ticket_ptr, turn_ptr,
     rows_total, cols_total, dim, stride_image, stride_text,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Gradients of sum(row_coef * row_lse) + sum(col_coef * col_lse) w.r.t. images and texts."""
     # images: [b, D]; texts: [N, D]; row_lse, row_coef: [b] fp32; col_lse, col_coef: [N] fp32;
-    # image_grad: [b, D], text_grad: [N, D] fp32 zeros, both contiguous; turns: [cdiv(b, BLOCK_M)] int32 zeros
-    col_block = tl.program_id(0)
+    # image_grad: [b, D], text_grad: [N, D] fp32 zeros, both contiguous; ticket: [1], turns: [cdiv(b, BLOCK_M)]
+    # int32 zeros
+    col_block = _take_ticket(ticket_ptr)
     scale = tl.load(scale_ptr)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_in = cols < cols_total
