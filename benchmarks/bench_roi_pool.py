@@ -35,14 +35,19 @@ SIZES = [
 
 def torchvision_pool(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[int, int], spatial_scale: float,
                      box_mask: torch.Tensor) -> torch.Tensor:
-    """The baseline: the model's path before the fused op (NCHW copy, roi_align, mask, F.normalize)."""
+    """The baseline: the model's path before the fused op (NCHW copy, roi_align, mask, F.normalize).
+
+    torchvision's roi_align has no bf16 kernel (CPU or CUDA), so bf16 tokens are pooled in fp32, as a
+    bf16 model without the fused op has to.
+    """
     # tokens: [B, H*W, C]; boxes: [B, R, 4] xyxy pixels; box_mask: [B, R] -> [B, R, C]
     batch, regions = boxes.shape[:2]
     channels = tokens.shape[-1]
-    feature_map = tokens.transpose(1, 2).reshape(batch, channels, *grid_hw)
-    pooled = roi_align(feature_map, list(boxes), output_size=1, spatial_scale=spatial_scale, sampling_ratio=-1,
-                       aligned=True).view(batch, regions, channels)
-    return F.normalize(pooled * box_mask.unsqueeze(-1).to(pooled.dtype), dim=-1)
+    compute_dtype = torch.float32 if tokens.dtype == torch.bfloat16 else tokens.dtype
+    feature_map = tokens.transpose(1, 2).reshape(batch, channels, *grid_hw).to(compute_dtype)
+    pooled = roi_align(feature_map, list(boxes.to(compute_dtype)), output_size=1, spatial_scale=spatial_scale,
+                       sampling_ratio=-1, aligned=True).view(batch, regions, channels)
+    return F.normalize(pooled * box_mask.unsqueeze(-1).to(pooled.dtype), dim=-1).to(tokens.dtype)
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
@@ -55,7 +60,7 @@ IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
 def make_inputs(batch: int, regions: int, grid_hw: tuple[int, int], channels: int, device: torch.device,
                 dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Tokens, boxes inside the image (at least one token wide), a box mask with ~20% padding, the scale."""
-    # -> tokens [B, H*W, C], boxes [B, R, 4] in `dtype` (as the model passes them), box_mask [B, R], scale
+    # -> tokens [B, H*W, C] in `dtype`, boxes [B, R, 4] fp32 (as the model passes them), box_mask [B, R], scale
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randn(batch, grid_hw[0] * grid_hw[1], channels, generator=generator)
     image = torch.tensor([grid_hw[1], grid_hw[0]], dtype=torch.float32) * PIXELS_PER_TOKEN
@@ -63,7 +68,7 @@ def make_inputs(batch: int, regions: int, grid_hw: tuple[int, int], channels: in
     extent = PIXELS_PER_TOKEN + torch.rand(batch, regions, 2, generator=generator) * (image - PIXELS_PER_TOKEN - corner)
     boxes = torch.cat([corner, corner + extent], dim=-1)
     box_mask = torch.rand(batch, regions, generator=generator) < 0.8
-    return tokens.to(device, dtype), boxes.to(device, dtype), box_mask.to(device), 1 / PIXELS_PER_TOKEN
+    return tokens.to(device, dtype), boxes.to(device), box_mask.to(device), 1 / PIXELS_PER_TOKEN
 
 
 def _synchronized(fn: Callable[[], object]) -> Callable[[], None]:

@@ -111,10 +111,10 @@ def evaluate_box_classification(
         images, boxes, mask = images.to(device, dtype), boxes.to(device), mask.to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             dense, grid_hw = model.encode_dense(images)
-            regions = model.region_features(dense, grid_hw, boxes.to(dense.dtype), mask)[mask]
+            regions = model.region_features(dense, grid_hw, boxes, mask)[mask]
             region_scores.append((regions.float() @ classes.T).cpu())
             if crop_baseline:
-                crops = crop_regions(images, boxes.to(images.dtype), mask, 1.0, model.image_size)
+                crops = crop_regions(images, boxes, mask, 1.0, model.image_size)
                 crop_scores.append((model.encode_image(crops).float() @ classes.T).cpu())
         labels.append(batch_labels)
     all_labels = torch.cat(labels)

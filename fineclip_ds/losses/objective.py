@@ -53,7 +53,7 @@ class FineCLIPObjective(nn.Module):
         logit_scale = self.model.logit_scale()
         if use_regions:
             image_embeddings, dense, grid_hw = self.model.encode_image_and_dense(images)
-            region_features = self.model.region_features(dense, grid_hw, boxes.to(dense.dtype), box_mask,
+            region_features = self.model.region_features(dense, grid_hw, boxes, box_mask,
                                                          self.region_pool_backend)
         else:
             image_embeddings = self.model.encode_image(images)

@@ -18,10 +18,11 @@ def pool_regions(
     """RoIAlign (1x1, adaptive sampling, aligned=True) of each box on the token map, L2-normalised.
 
     The fused kernel (`kernels.region_pool`, Triton on CUDA, torch elsewhere or by `backend`) reads
-    the map as the model holds it, so no NCHW copy is made.
+    the map as the model holds it, so no NCHW copy is made. Boxes stay in their own (fp32) dtype: in
+    bf16 a coordinate near 500 px would be rounded to a multiple of 2 px.
     dense: [B, h*w, D]; boxes: [B, R, 4] xyxy input pixels; box_mask: [B, R] -> [B, R, D], masked rows 0.
     """
-    return region_pool(dense, boxes.to(dense.dtype), grid_hw, spatial_scale, box_mask=box_mask, normalize=True,
+    return region_pool(dense, boxes, grid_hw, spatial_scale, box_mask=box_mask, normalize=True,
                        backend=backend)
 
 
@@ -41,10 +42,14 @@ def crop_regions(
     """Crops of every valid box, enlarged and resized to the model's input size (the teacher's view).
 
     images: [B, 3, H, W]; boxes: [B, R, 4] xyxy pixels; box_mask: [B, R] -> [n_valid, 3, *out_hw],
-    in row-major (b, r) order of the valid boxes. Adaptive RoIAlign sampling averages several points
-    per output pixel, so large boxes are downsampled without aliasing.
+    in row-major (b, r) order of the valid boxes, in the images' dtype. Adaptive RoIAlign sampling
+    averages several points per output pixel, so large boxes are downsampled without aliasing.
+    Crops are taken in fp32 (or fp64): torchvision's roi_align has no bf16 kernel on CPU or CUDA, and
+    half-precision box coordinates would be rounded (bf16 steps are 2 px near 500 px).
     """
     crop_boxes = enlarge_boxes(boxes, enlarge, images.shape[-2:])
+    compute_dtype = torch.promote_types(images.dtype, torch.float32)
     batch_index = torch.arange(images.shape[0], device=images.device).unsqueeze(1).expand_as(box_mask)
-    rois = torch.cat([batch_index[box_mask].unsqueeze(1).to(images.dtype), crop_boxes[box_mask].to(images.dtype)], dim=1)
-    return roi_align(images, rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    rois = torch.cat([batch_index[box_mask].unsqueeze(1).to(compute_dtype), crop_boxes[box_mask].to(compute_dtype)], dim=1)
+    crops = roi_align(images.to(compute_dtype), rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return crops.to(images.dtype)

@@ -5,7 +5,7 @@ from torchvision.ops import roi_align
 
 from fineclip_ds.config import ModelConfig
 from fineclip_ds.models.factory import create_fineclip
-from fineclip_ds.models.regions import crop_regions, enlarge_boxes
+from fineclip_ds.models.regions import crop_regions, enlarge_boxes, pool_regions
 
 
 def _model(**overrides):
@@ -73,6 +73,30 @@ def test_crops_are_enlarged_boxes_resized_to_the_input_size():
     crops = crop_regions(images, boxes, mask, 1.5, (16, 16))
     assert crops.shape == (2, 3, 16, 16)
     torch.testing.assert_close(crops[1], images[1])  # the whole image, at its own size, is itself
+
+
+def test_bf16_images_are_cropped_like_fp32_ones():
+    """DeepSpeed bf16 training hands the objective bf16 images; torchvision's roi_align has no bf16
+    kernel on CPU or CUDA, so this crashed every bf16 GPU step before crops were taken in fp32."""
+    images = torch.rand(2, 3, 32, 32).bfloat16()
+    boxes = torch.tensor([[[1.0, 2.0, 20.0, 30.0], [5.0, 5.0, 9.0, 9.0]], [[0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 1.0, 1.0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    crops = crop_regions(images, boxes.bfloat16(), mask, 1.5, (16, 16))
+    assert crops.dtype == torch.bfloat16 and crops.shape == (3, 3, 16, 16)
+    expected = crop_regions(images.float(), boxes.bfloat16().float(), mask, 1.5, (16, 16))
+    torch.testing.assert_close(crops.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_bf16_token_maps_are_pooled_at_the_exact_fp32_box_coordinates(backend):
+    """Boxes used to be cast to the map's dtype: in bf16, 501 px became 500 or 502 (1/8 of a token here)."""
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.randn(2, 80 * 80, 24, generator=generator).bfloat16()
+    corners = 300 + 300 * torch.rand(2, 6, 2, generator=generator)
+    boxes = torch.cat([corners, corners + 4 + 12 * torch.rand(2, 6, 2, generator=generator)], dim=-1)
+    got = pool_regions(dense, boxes, (80, 80), 1 / 8, backend=backend)
+    want = pool_regions(dense.double(), boxes.double(), (80, 80), 1 / 8, backend="torch")
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
 
 
 def test_activation_checkpointing_leaves_gradients_unchanged():
