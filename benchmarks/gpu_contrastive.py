@@ -1,7 +1,7 @@
 """Time the contrastive loss on a CUDA GPU (bf16, world 1, b = N): Triton vs ClipLoss vs inf-cl.
 
 Run from the repository root: `python benchmarks/gpu_contrastive.py [--sizes 4096 ... --dims 512 1024]
-[--output BENCHMARKS.md]`. Each run appends one Markdown section (device, date, command, one row per
+[--output BENCHMARKS.md]` (`--smoke`: tiny sizes on a CPU, to check the script). Each run appends one Markdown section (device, date, command, one row per
 N and D) to the output file: forward and fwd+bwd milliseconds (median of CUDA-event timed repeats),
 peak memory of one fwd+bwd step above the inputs, the loss difference to ClipLoss where that fits,
 and the Triton backward's bitwise repeatability. ClipLoss is skipped where its N x N logits would
@@ -12,44 +12,31 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_contrastive import IMPLEMENTATIONS, cal_inf_loss, make_inputs  # noqa: E402
+from benchmarks.gpu_runs import append_section, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
 from benchmarks.memory import peak_memory_bytes  # noqa: E402
 
 DTYPE = torch.bfloat16
 SIZES = (4096, 16384, 65536, 262144, 1048576)
 DIMS = (512, 1024)
+SMOKE_SIZES, SMOKE_DIMS = (48,), (40,)
 # ClipLoss holds two N x N logits, their softmax and gradients: ~5 * N^2 * 2 bytes in bf16
 CLIP_LOSS_BYTES_PER_PAIR = 10
-COLUMNS = ("N", "D", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd vs ClipLoss", "loss diff vs ClipLoss")
+# The accuracy reference: ClipLoss on the same inputs upcast to fp32, forward only (two N x N fp32 logits
+# and their softmax). Not the bf16 ClipLoss: its bf16 logits, up to the scale of 100, are rounded by up to 0.25.
+REFERENCE_BYTES_PER_PAIR = 16
+COLUMNS = ("N", "D", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd vs ClipLoss", "loss diff vs fp32 ClipLoss")
 
 
-def time_ms(fn: Callable[[], None], budget_s: float = 20.0, max_repeats: int = 10) -> float:
-    """Median of CUDA-event timings after one warm-up; fewer repeats for slow steps (N = 1M is seconds)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    started = time.perf_counter()
-    while len(times) < max_repeats and (not times or time.perf_counter() - started < budget_s):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def measure(name: str, rows: int, dim: int) -> dict[str, float]:
+def measure(name: str, rows: int, dim: int, device: torch.device) -> dict[str, float]:
     loss_fn = IMPLEMENTATIONS[name]
-    images, texts, logit_scale = make_inputs(rows, dim, torch.device("cuda"), DTYPE)
+    images, texts, logit_scale = make_inputs(rows, dim, device, DTYPE)
     with torch.no_grad():
         loss = loss_fn(images, texts, logit_scale).item()
     images.requires_grad_()
@@ -63,15 +50,18 @@ def measure(name: str, rows: int, dim: int) -> dict[str, float]:
         loss_fn(images, texts, logit_scale).backward()
         images.grad = texts.grad = logit_scale.grad = None
 
-    result = {"loss": loss, "forward_ms": time_ms(forward), "step_ms": time_ms(forward_backward),
-              "peak_bytes": peak_memory_bytes(forward_backward, "cuda")}
-    del images, texts
-    torch.cuda.empty_cache()
-    return result
+    return {"loss": loss, "forward_ms": median_ms(forward, device), "step_ms": median_ms(forward_backward, device),
+            "peak_bytes": peak_memory_bytes(forward_backward, device)}
 
 
-def triton_is_deterministic(rows: int, dim: int) -> bool:
-    images, texts, logit_scale = make_inputs(rows, dim, torch.device("cuda"), DTYPE)
+def reference_loss(rows: int, dim: int, device: torch.device) -> float:
+    images, texts, logit_scale = make_inputs(rows, dim, device, DTYPE)
+    with torch.no_grad():
+        return IMPLEMENTATIONS["open_clip"](images.float(), texts.float(), logit_scale).item()
+
+
+def triton_is_deterministic(rows: int, dim: int, device: torch.device) -> bool:
+    images, texts, logit_scale = make_inputs(rows, dim, device, DTYPE)
     grads = []
     for _ in range(2):
         leaf_images, leaf_texts = images.detach().requires_grad_(), texts.detach().requires_grad_()
@@ -80,37 +70,39 @@ def triton_is_deterministic(rows: int, dim: int) -> bool:
     return all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def sweep(sizes: list[int], dims: list[int]) -> tuple[list[list[str]], bool]:
-    free_bytes = torch.cuda.mem_get_info()[0]
+def sweep(sizes: list[int], dims: list[int], device: torch.device) -> tuple[list[list[str]], bool]:
+    free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
     names = ["triton", "open_clip"] + (["inf_cl"] if cal_inf_loss is not None else [])
     rows_out = []
     for dim in dims:
         for rows in sizes:
+            reference = (reference_loss(rows, dim, device) if REFERENCE_BYTES_PER_PAIR * rows * rows < 0.8 * free_bytes
+                         else None)
             results = {}
             for name in names:
                 if name == "open_clip" and CLIP_LOSS_BYTES_PER_PAIR * rows * rows > 0.8 * free_bytes:
                     continue
                 try:
-                    results[name] = measure(name, rows, dim)
+                    results[name] = measure(name, rows, dim, device)
                 except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
                     results[name] = None
+                release_memory(device)
             baseline = results.get("open_clip")
             for name, result in results.items():
                 if result is None:
                     rows_out.append([str(rows), str(dim), name, "OOM", "OOM", "-", "-", "-"])
                 else:
                     speedup = f"{baseline['step_ms'] / result['step_ms']:.2f}x" if baseline else "-"
-                    diff = f"{abs(result['loss'] - baseline['loss']):.2e}" if baseline else "-"
+                    diff = f"{abs(result['loss'] - reference):.2e}" if reference is not None else "-"
                     rows_out.append([str(rows), str(dim), name, f"{result['forward_ms']:.2f}",
                                      f"{result['step_ms']:.2f}", f"{result['peak_bytes'] / 2**20:.0f}", speedup, diff])
                 print(" | ".join(rows_out[-1]), flush=True)
-    return rows_out, triton_is_deterministic(min(sizes), dims[0])
+    return rows_out, triton_is_deterministic(min(sizes), dims[0], device)
 
 
-def markdown_section(rows: list[list[str]], deterministic: bool, command: str) -> str:
+def markdown_section(device: str, rows: list[list[str]], deterministic: bool, command: str) -> str:
     lines = [
-        f"## contrastive_loss (Triton) vs open_clip ClipLoss / inf-cl, {torch.cuda.get_device_name()}, "
+        f"## contrastive_loss (Triton) vs open_clip ClipLoss / inf-cl, {device}, "
         f"{datetime.date.today().isoformat()}",
         "",
         f"Command: `{command}`; dtype {str(DTYPE).removeprefix('torch.')}; world size 1 (b = N), "
@@ -130,16 +122,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="global batch sizes N")
     parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS), help="feature dimensions D")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    parser.add_argument("--smoke", action="store_true", help="one tiny size, on a CPU if there is no GPU")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_contrastive.py needs a CUDA GPU (torch.cuda.is_available() is False); "
-                 "on CPU run `python -m pytest benchmarks/bench_contrastive.py --benchmark-only` instead.")
-    section = markdown_section(*sweep(args.sizes, args.dims), command="python " + " ".join(sys.argv))
-    if not args.output.exists():
-        args.output.write_text("# Benchmarks\n")
-    with args.output.open("a") as handle:
-        handle.write("\n" + section)
-    print(f"appended {len(section.splitlines())} lines to {args.output}")
+    device = benchmark_device("gpu_contrastive.py", args.smoke)
+    sizes, dims = (list(SMOKE_SIZES), list(SMOKE_DIMS)) if args.smoke else (args.sizes, args.dims)
+    append_section(args.output, markdown_section(device_label(device), *sweep(sizes, dims, device),
+                                                 command="python " + " ".join(sys.argv)))
 
 
 if __name__ == "__main__":

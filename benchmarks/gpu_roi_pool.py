@@ -1,6 +1,7 @@
 """Time region pooling on a CUDA GPU (bf16): Triton `region_pool` vs torchvision roi_align, forward and fwd+bwd.
 
-Run from the repository root: `python benchmarks/gpu_roi_pool.py [--output BENCHMARKS.md]`.
+Run from the repository root: `python benchmarks/gpu_roi_pool.py [--output BENCHMARKS.md]`
+(`--smoke`: tiny sizes on a CPU, to check the script).
 Each run appends one Markdown section (device, date, command, one row per size) to the output file:
 median times from triton.testing.do_bench, peak memory of one fwd+bwd step, the fwd+bwd speed-up
 (target: >= 3x) and the largest forward difference between the two. The baseline is the model's
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import math
 import sys
@@ -22,6 +24,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_roi_pool import make_inputs, torchvision_pool  # noqa: E402
+from benchmarks.gpu_runs import append_section, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
 from benchmarks.memory import peak_memory_bytes  # noqa: E402
 from kernels.roi_pool import region_pool  # noqa: E402
 
@@ -31,6 +34,7 @@ BATCHES = (32, 128, 256)
 REGIONS = (5, 20, 100)
 GRIDS = ((14, 14), (24, 24), (40, 40))
 CHANNELS = (768, 1024)
+SMOKE_SIZES = ((2, 3, (5, 7), 24),)
 COLUMNS = ("B", "R", "H x W", "C", "fwd triton ms", "fwd torchvision ms", "fwd+bwd triton ms",
            "fwd+bwd torchvision ms", "fwd+bwd speed-up", "peak MiB triton", "peak MiB torchvision", "max abs diff")
 
@@ -59,11 +63,14 @@ def measure(pool: Callable[..., torch.Tensor], inputs: tuple, grid_hw: tuple[int
     tokens.grad = None
     peak = peak_memory_bytes(forward_backward, tokens.device)
     tokens.grad = None
-    return {
-        "forward_ms": triton.testing.do_bench(forward_no_grad, return_mode="median"),
-        "step_ms": triton.testing.do_bench(forward_backward, grad_to_none=[tokens], return_mode="median"),
-        "peak_bytes": peak,
-    }
+    if tokens.is_cuda:  # many repeats of a sub-millisecond call, L2 flushed in between
+        time_forward = functools.partial(triton.testing.do_bench, forward_no_grad, return_mode="median")
+        time_step = functools.partial(triton.testing.do_bench, forward_backward, grad_to_none=[tokens],
+                                      return_mode="median")
+    else:
+        time_forward = functools.partial(median_ms, forward_no_grad, tokens.device, max_repeats=3)
+        time_step = functools.partial(median_ms, forward_backward, tokens.device, max_repeats=3)
+    return {"forward_ms": time_forward(), "step_ms": time_step(), "peak_bytes": peak}
 
 
 def backward_is_deterministic(inputs: tuple, grid_hw: tuple[int, int]) -> bool:
@@ -76,11 +83,11 @@ def backward_is_deterministic(inputs: tuple, grid_hw: tuple[int, int]) -> bool:
     return all(torch.equal(grads[0], grad) for grad in grads[1:])
 
 
-def sweep_rows() -> tuple[list[list[str]], list[float], bool]:
+def sweep_rows(device: torch.device, sizes: list[tuple]) -> tuple[list[list[str]], list[float], bool]:
     rows, speedups = [], []
     deterministic = True
-    for batch, regions, grid_hw, channels in itertools.product(BATCHES, REGIONS, GRIDS, CHANNELS):
-        inputs = make_inputs(batch, regions, grid_hw, channels, torch.device("cuda"), DTYPE)
+    for batch, regions, grid_hw, channels in sizes:
+        inputs = make_inputs(batch, regions, grid_hw, channels, device, DTYPE)
         tokens, boxes, box_mask, scale = inputs
         with torch.no_grad():
             ours_out = triton_pool(tokens, boxes, grid_hw, scale, box_mask).float()
@@ -89,7 +96,7 @@ def sweep_rows() -> tuple[list[list[str]], list[float], bool]:
         baseline = measure(torchvision_pool, inputs, grid_hw)
         speedup = baseline["step_ms"] / ours["step_ms"]
         speedups.append(speedup)
-        if (batch, regions, grid_hw, channels) == (BATCHES[-1], REGIONS[-1], GRIDS[-1], CHANNELS[-1]):
+        if (batch, regions, grid_hw, channels) == sizes[-1]:
             deterministic = backward_is_deterministic(inputs, grid_hw)
         rows.append([str(batch), str(regions), f"{grid_hw[0]} x {grid_hw[1]}", str(channels),
                      f"{ours['forward_ms']:.3f}", f"{baseline['forward_ms']:.3f}",
@@ -97,12 +104,11 @@ def sweep_rows() -> tuple[list[list[str]], list[float], bool]:
                      f"{ours['peak_bytes'] / 2**20:.1f}", f"{baseline['peak_bytes'] / 2**20:.1f}", f"{diff:.2e}"])
         print(" | ".join(rows[-1]), flush=True)
         del inputs, tokens, boxes, box_mask, ours_out
-        torch.cuda.empty_cache()
+        release_memory(device)
     return rows, speedups, deterministic
 
 
-def markdown_section(rows: list[list[str]], speedups: list[float], deterministic: bool) -> str:
-    device = torch.cuda.get_device_name()
+def markdown_section(device: str, rows: list[list[str]], speedups: list[float], deterministic: bool) -> str:
     today = datetime.date.today().isoformat()
     geomean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
     lines = [
@@ -126,16 +132,11 @@ def markdown_section(rows: list[list[str]], speedups: list[float], deterministic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
+    parser.add_argument("--smoke", action="store_true", help="one tiny size, on a CPU if there is no GPU")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_roi_pool.py needs a CUDA GPU (torch.cuda.is_available() is False); "
-                 "on CPU run `python -m pytest benchmarks/bench_roi_pool.py --benchmark-only` instead.")
-    section = markdown_section(*sweep_rows())
-    if not args.output.exists():
-        args.output.write_text("# Benchmarks\n")
-    with args.output.open("a") as handle:
-        handle.write("\n" + section)
-    print(f"appended {len(section.splitlines())} lines to {args.output}")
+    device = benchmark_device("gpu_roi_pool.py", args.smoke)
+    sizes = list(SMOKE_SIZES) if args.smoke else list(itertools.product(BATCHES, REGIONS, GRIDS, CHANNELS))
+    append_section(args.output, markdown_section(device_label(device), *sweep_rows(device, sizes)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """FineCLIP training steps on one CUDA GPU (bf16): samples/s, model TFLOPs, MFU and peak memory for
 ViT-B/16 and ViT-L/14 at 224 px, per attention backend, with and without activation checkpointing.
 
-Run from the repository root: `python benchmarks/gpu_training_step.py [--output BENCHMARKS.md]`.
+Run from the repository root: `python benchmarks/gpu_training_step.py [--output BENCHMARKS.md]`
+(`--smoke`: a tiny model on a CPU, to check the script).
 Appends one Markdown section (device, date, command, one row per setting). The step is the full
 FineCLIP objective (L_GC + L_SD + L_RC, crops through the trainable tower, text tower frozen) with
 AdamW on bf16 weights, no DeepSpeed: it measures the model, not the sharding. Target (issue 7):
@@ -15,12 +16,14 @@ import argparse
 import datetime
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_runs import benchmark_device, device_label, release_memory, synchronize  # noqa: E402
 from fineclip_ds.config import KernelConfig, LossConfig, ModelConfig  # noqa: E402
 from fineclip_ds.losses.objective import FineCLIPObjective  # noqa: E402
 from fineclip_ds.models.factory import create_fineclip  # noqa: E402
@@ -28,6 +31,7 @@ from fineclip_ds.models.flops import FineCLIPShapes, step_flops  # noqa: E402
 from fineclip_ds.training.metrics import peak_tflops  # noqa: E402
 
 SETTINGS = (("ViT-B-16", 64), ("ViT-L-14", 32))  # model, images per step
+SMOKE_SETTINGS = (("FineCLIP-ViT-T-16-224", 2),)
 BOXES = 5
 COLUMNS = ("model", "attention", "checkpointing", "batch", "samples/s", "model TFLOP/s", "MFU", "peak GiB")
 
@@ -46,12 +50,13 @@ def synthetic_batch(tokenizer, images: int, size: int, device: torch.device) -> 
     }
 
 
-def measure(name: str, images: int, attention: str, checkpointing: bool, steps: int) -> dict[str, float]:
-    device = torch.device("cuda")
+def measure(name: str, images: int, attention: str, checkpointing: bool, steps: int,
+            device: torch.device) -> dict[str, float]:
     model, tokenizer, _ = create_fineclip(ModelConfig(name=name, attention=attention, grad_checkpointing=checkpointing))
     model = model.to(device, torch.bfloat16).train()
     objective = FineCLIPObjective(model, LossConfig(), KernelConfig())
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-5,
+                                  fused=device.type == "cuda")
     batch = synthetic_batch(tokenizer, images, model.image_size[0], device)
 
     def step() -> None:
@@ -62,44 +67,46 @@ def measure(name: str, images: int, attention: str, checkpointing: bool, steps: 
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
     for _ in range(steps):
         step()
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1000 / steps
+    synchronize(device)
+    seconds = (time.perf_counter() - started) / steps
     flops = step_flops(FineCLIPShapes.of(model.clip), images, images * BOXES, images * BOXES, 1, False, True,
                        objective.weights)
     tflops = flops / seconds / 1e12
-    peak = peak_tflops(torch.cuda.get_device_name())
+    peak = peak_tflops(device_label(device))
+    peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
     return {"samples/s": images / seconds, "model TFLOP/s": tflops, "MFU": tflops / peak if peak else float("nan"),
-            "peak GiB": torch.cuda.max_memory_allocated() / 2**30}
+            "peak GiB": peak_bytes / 2**30}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model for one step, on a CPU if there is no GPU")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_training_step.py needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
-    backends = ["sdpa", "math"] + (["flash_attn"] if importlib.util.find_spec("flash_attn") else [])
-    lines = [f"\n## FineCLIP training step, {torch.cuda.get_device_name()}, {datetime.date.today().isoformat()}\n",
-             f"`python benchmarks/gpu_training_step.py --steps {args.steps}`; bf16 weights, AdamW, "
+    device = benchmark_device("gpu_training_step.py", args.smoke)
+    steps = 1 if args.smoke else args.steps
+    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    backends = ["sdpa", "math"] + (["flash_attn"] if flash else [])
+    lines = [f"\n## FineCLIP training step, {device_label(device)}, {datetime.date.today().isoformat()}\n",
+             f"`python {' '.join(sys.argv)}`; bf16 weights, AdamW, {steps} timed steps, "
              f"{BOXES} boxes per image, text tower frozen.\n",
              "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    for name, images in SETTINGS:
+    for name, images in SMOKE_SETTINGS if args.smoke else SETTINGS:
         for attention in backends:
             for checkpointing in (False, True):
                 try:
-                    row = measure(name, images, attention, checkpointing, args.steps)
+                    row = measure(name, images, attention, checkpointing, steps, device)
                     cells = [f"{row[c]:.1f}" if c != "MFU" else f"{100 * row[c]:.1f}%" for c in COLUMNS[4:]]
                 except torch.OutOfMemoryError:
                     cells = ["out of memory"] + [""] * (len(COLUMNS) - 5)
-                torch.cuda.empty_cache()
+                release_memory(device)
                 line = "| " + " | ".join([name, attention, str(checkpointing), str(images), *cells]) + " |"
                 print(line, flush=True)
                 lines.append(line)

@@ -1,0 +1,72 @@
+"""What the GPU benchmark scripts share: the device, timing, and appending their section to BENCHMARKS.md.
+
+Each script also has `--smoke`: tiny sizes on whatever device there is (on a CPU with
+TRITON_INTERPRET=1, so Triton runs in its interpreter), so a test runs it end to end and a GPU session, with its few minutes of device time,
+does not find a Python error first. Smoke numbers measure nothing and are labelled so.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def benchmark_device(script: str, smoke: bool) -> torch.device:
+    """CUDA when present; the CPU only for a smoke run; otherwise exit with what to run instead."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if smoke and os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    if smoke:
+        sys.exit(f"{script} --smoke without a GPU runs the Triton kernels in their interpreter: set TRITON_INTERPRET=1")
+    sys.exit(f"{script} needs a CUDA GPU (torch.cuda.is_available() is False); add --smoke to check it on a CPU")
+
+
+def device_label(device: torch.device) -> str:
+    """The name rows are recorded under; a CPU run can only be a smoke run."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU smoke run (numbers mean nothing)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 20.0, max_repeats: int = 10) -> float:
+    """Median milliseconds of `fn` after one warm-up: CUDA events on a GPU, wall clock on the CPU.
+    Fewer repeats for slow calls (a contrastive step at N = 1M takes seconds)."""
+    fn()
+    synchronize(device)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max_repeats and (not times or time.perf_counter() - started < budget_s):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(begin.elapsed_time(end))
+        else:
+            begin_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin_s) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def append_section(output: Path, section: str) -> None:
+    """Append one Markdown section to `output` (created with a title if missing)."""
+    if not output.exists():
+        output.write_text("# Benchmarks\n")
+    with output.open("a") as handle:
+        handle.write("\n" + section)
+    print(f"appended {len(section.splitlines())} lines to {output}")

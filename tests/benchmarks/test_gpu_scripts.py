@@ -1,0 +1,58 @@
+"""The GPU benchmark scripts run end to end in --smoke mode on the CPU (Triton in its interpreter).
+
+A session that is lent a GPU has a few minutes of device time; these keep it from finding a Python
+error there first. They check the shape of what each script writes, not its numbers.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE_LABEL = "CPU smoke run (numbers mean nothing)"
+
+
+def run_smoke(script: str, output: Path) -> list[str]:
+    """The table rows the script appended to `output`."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke", "--output", str(output)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = output.read_text()
+    assert (SMOKE_LABEL in text) != torch.cuda.is_available()  # with a GPU, smoke sizes run there
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| ---")][1:]
+
+
+def test_region_pooling_script_times_both_implementations_in_bf16(tmp_path):
+    (row,) = run_smoke("gpu_roi_pool.py", tmp_path / "b.md")
+    cells = row.strip("| ").split(" | ")
+    assert cells[:4] == ["2", "3", "5 x 7", "24"]
+    assert float(cells[-1]) < 0.05  # Triton vs torchvision (pooled in fp32) on bf16 tokens
+    assert "bitwise repeatable over 3 runs: yes" in (tmp_path / "b.md").read_text()
+
+
+def test_contrastive_script_times_triton_and_clip_loss_against_an_fp32_reference(tmp_path):
+    rows = run_smoke("gpu_contrastive.py", tmp_path / "b.md")
+    cells = {row.split(" | ")[2]: row.strip("| ").split(" | ") for row in rows}
+    assert set(cells) >= {"triton", "open_clip"}
+    assert float(cells["triton"][-1]) < 1e-3  # fp32 logits from bf16 inputs: as exact as the fp32 reference
+    assert "Triton backward bitwise repeatable: yes" in (tmp_path / "b.md").read_text()
+
+
+def test_training_step_script_runs_each_backend_with_and_without_checkpointing(tmp_path):
+    rows = run_smoke("gpu_training_step.py", tmp_path / "b.md")
+    settings = [tuple(row.strip("| ").split(" | ")[1:3]) for row in rows]
+    assert settings == [("sdpa", "False"), ("sdpa", "True"), ("math", "False"), ("math", "True")]
+    assert all(float(row.split(" | ")[4]) > 0 for row in rows)  # samples/s
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would run the whole benchmark")
+@pytest.mark.parametrize("script", ["gpu_roi_pool.py", "gpu_contrastive.py", "gpu_training_step.py"])
+def test_without_a_gpu_or_smoke_the_scripts_exit_saying_what_to_do(script, tmp_path):
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", "--output", str(tmp_path / "b.md")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--smoke" in done.stderr
+    assert not (tmp_path / "b.md").exists()
