@@ -14,7 +14,8 @@ class SelfDistillationLoss(nn.Module):
 
     The rank-local value is sum(1 - cos) * world / (valid regions on all ranks), so that averaging
     gradients over ranks (what DeepSpeed does) gives the exact global mean whatever the number of
-    regions each rank holds.
+    regions each rank holds. With no valid region anywhere it is 0 (an empty sum) with zero gradients;
+    the count is clamped rather than tested on the host, which would stall the GPU queue mid-forward.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None):
@@ -26,6 +27,4 @@ class SelfDistillationLoss(nn.Module):
         # row-major order of the valid boxes; box_mask: [B, R]
         cosine = F.cosine_similarity(region_features[box_mask], teacher_features, dim=-1)
         total = all_reduce_sum(box_mask.sum().to(torch.float32), self.group)
-        if total.item() == 0:
-            return region_features.sum() * 0.0
-        return (1.0 - cosine).sum() * world_size(self.group) / total
+        return (1.0 - cosine).sum() * world_size(self.group) / total.clamp_min(1.0)

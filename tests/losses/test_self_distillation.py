@@ -22,3 +22,13 @@ def test_identical_features_give_zero_and_opposite_give_two():
     mask = torch.ones(1, 2, dtype=torch.bool)
     assert SelfDistillationLoss()(regions, regions[0], mask).abs() < 1e-12
     torch.testing.assert_close(SelfDistillationLoss()(regions, -regions[0], mask), torch.tensor(2.0, dtype=torch.float64))
+
+
+def test_no_valid_region_gives_zero_loss_and_zero_gradients():
+    regions = unit_rows(2, 3, 4, seed=10)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    teachers = unit_rows(0, 4, seed=11)
+    loss = SelfDistillationLoss()(regions, teachers, mask)
+    (grad,) = torch.autograd.grad(loss, regions)
+    assert loss.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
