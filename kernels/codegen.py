@@ -127,9 +127,11 @@ def launch_benchmark_shapes(dtype: torch.dtype) -> None:
     images, texts = torch.randn(512, 768, dtype=dtype), torch.randn(2048, 768, dtype=dtype)
     scale, row_valid, col_valid = torch.tensor(20.0), torch.ones(512, dtype=torch.bool), torch.ones(2048, dtype=torch.bool)
     row_zeros, col_zeros = torch.zeros(512), torch.zeros(2048)
-    tiles = contrastive_launch.TritonTiles()
-    tiles.stats(images, texts, scale, row_valid, col_valid)
-    tiles.grads(images, texts, scale, row_valid, col_valid, row_zeros, col_zeros, row_zeros, col_zeros)
+    # The default tiles, and the narrower column blocks `fill_block_n` picks on a GPU at small N.
+    for block_n in (None, 64, 32):
+        tiles = contrastive_launch.TritonTiles(block_n=block_n)
+        tiles.stats(images, texts, scale, row_valid, col_valid)
+        tiles.grads(images, texts, scale, row_valid, col_valid, row_zeros, col_zeros, row_zeros, col_zeros)
 
     batch, regions, grid_hw, channels = 4, 100, (40, 40), 1024
     tokens = torch.randn(batch, grid_hw[0] * grid_hw[1], channels, dtype=dtype)
@@ -142,13 +144,13 @@ def launch_benchmark_shapes(dtype: torch.dtype) -> None:
 
 
 def report(archs: list[int], dtypes: list[torch.dtype]) -> list[CompiledLaunch]:
-    """Compiled launches of every kernel at the benchmark sizes, per arch and dtype."""
-    reports = []
+    """Compiled launches of every kernel at the benchmark sizes, per arch and dtype, each config once."""
+    reports: list[CompiledLaunch] = []
     for arch in archs:
         for dtype in dtypes:
             with compiled_launches(arch) as launches:
                 launch_benchmark_shapes(dtype)
-            reports += launches
+            reports += [launch for launch in launches if launch not in reports]
     return reports
 
 

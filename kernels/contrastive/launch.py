@@ -5,9 +5,10 @@ Default tiles: 64 x 128 logits with 64-wide K steps for half precision on a GPU 
 small enough that the fp32 tile, its logits and softmax weights stay in registers), 64 x 64 x 16 for
 fp32 (exact fp32 dots run on FMA units and cost registers: K = 32 made the backward spill 4.4 KB per
 thread on sm_80 and sm_90), and at most 32 under the CPU interpreter, where every program is a Python
-loop and larger tiles only add masked work on tiny test shapes. The GPU tiles compile without register
-spills for sm_80 and sm_90 (`python -m kernels.codegen`, checked in the tests); their speed is not yet
-tuned on a GPU.
+loop and larger tiles only add masked work on tiny test shapes. On a GPU, BLOCK_N is halved (down to
+32, at 4 warps) while there are fewer column programs than SMs (see `fill_block_n`). All of these
+compile without register spills for sm_80 and sm_90 (`python -m kernels.codegen`, checked in the
+tests); their speed is not yet tuned on a GPU.
 """
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ def _fit(size: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(max(size, 1))))
 
 
+def fill_block_n(columns: int, largest: int, multiprocessors: int | None) -> int:
+    """BLOCK_N for `columns` gathered text rows: the largest tile, halved (down to 32) while the
+    column programs are fewer than the GPU's SMs. One program owns a column block and walks every row
+    block, so at N = 4096 with 128-wide blocks 32 programs would leave 100 of an H100's 132 SMs idle."""
+    block_n = _fit(columns, largest)
+    while multiprocessors and block_n > 32 and triton.cdiv(columns, block_n) < multiprocessors:
+        block_n //= 2
+    return block_n
+
+
 class TritonTiles:
     """Runs the statistics and gradient kernels; block sizes default per dtype (see module doc)."""
 
@@ -45,12 +56,15 @@ class TritonTiles:
         half = images.dtype != torch.float32
         largest_m, largest_n, largest_k = (32, 32, 32) if INTERPRETED else ((64, 128, 64) if half else (64, 64, 16))
         block_m, block_n, block_k = self.blocks
+        multiprocessors = (torch.cuda.get_device_properties(texts.device).multi_processor_count
+                           if texts.is_cuda and not INTERPRETED else None)
+        block_n = block_n or fill_block_n(texts.shape[0], largest_n, multiprocessors)
         return dict(
             BLOCK_M=block_m or _fit(images.shape[0], largest_m),
-            BLOCK_N=block_n or _fit(texts.shape[0], largest_n),
+            BLOCK_N=block_n,
             BLOCK_K=block_k or _fit(images.shape[1], largest_k),
             UPCAST=(INTERPRETED or not half) if self.upcast is None else self.upcast,
-            num_warps=8 if half and not INTERPRETED else 4,
+            num_warps=8 if half and block_n >= 128 and not INTERPRETED else 4,
         )
 
     @staticmethod

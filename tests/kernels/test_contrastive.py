@@ -21,7 +21,7 @@ from open_clip.loss import ClipLoss
 import kernels
 from kernels.contrastive import ContrastiveLoss, contrastive_loss, reference_losses
 from kernels.contrastive.function import ContrastiveLossFunction
-from kernels.contrastive.launch import TritonTiles
+from kernels.contrastive.launch import TritonTiles, fill_block_n
 from kernels.contrastive.torch_chunked import TorchTiles
 from tests.kernels.contrastive_worker import MASK_KINDS, global_batch, run
 from tests.training.launcher import free_port
@@ -147,13 +147,23 @@ def test_two_backward_passes_are_bitwise_equal(passes):
         assert torch.equal(a, b)
 
 
+def test_small_global_batches_get_narrower_column_blocks_to_fill_the_gpu():
+    assert fill_block_n(65536, 128, 132) == 128  # 512 programs: the full tile
+    assert fill_block_n(16384, 128, 132) == 64  # 128 programs would leave SMs idle; 64-wide gives 256
+    assert fill_block_n(4096, 128, 132) == 32  # never below 32: 128 programs
+    assert fill_block_n(1000, 128, 132) == 32
+    assert fill_block_n(20, 128, 132) == 32  # _fit's power of two, then no narrower than 32
+    assert fill_block_n(4096, 128, None) == 128  # CPU / interpreter: unchanged
+    assert fill_block_n(4096, 64, 108) == 32  # fp32's 64-wide tiles on an A100
+
+
 # Runs the Triton passes once with programs in launch order, then with the interpreter starting them in
 # reverse (as a GPU may when SMs free up out of order), and checks the results are bitwise equal.
 REVERSED_START_SCRIPT = """
 import torch
 from triton.runtime import interpreter
 from kernels.contrastive.function import ContrastiveLossFunction
-from kernels.contrastive.launch import TritonTiles
+from kernels.contrastive.launch import TritonTiles, fill_block_n
 from tests.kernels.test_contrastive import loss_and_grads, make_case
 
 images, texts, logit_scale, mask = make_case(2, 70, 70, "random")
