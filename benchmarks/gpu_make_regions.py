@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_runs import append_section, device_label, synchronize  # noqa: E402
 from fineclip_ds.data.make_regions import annotator_from, parse_args, run, units_from  # noqa: E402
 from fineclip_ds.data.random_captioners import save_random_blip2  # noqa: E402
 from fineclip_ds.data.shapes_world import ShapesWorld  # noqa: E402
@@ -57,13 +58,12 @@ def main() -> None:
         sys.exit("gpu_make_regions.py needs a CUDA GPU for --size opt-2.7b; use --size tiny to check it on a CPU")
     with tempfile.TemporaryDirectory(prefix="make_regions_bench_") as work:  # the 2.7b model is 7.5 GB on disk
         lines = measure(args, Path(work), cuda)
-    with args.output.open("a") as handle:
-        handle.write("\n".join(lines) + "\n")
+    append_section(args.output, "\n".join(lines) + "\n")
 
 
 def measure(args: argparse.Namespace, work: Path, cuda: bool) -> list[str]:
     """The Markdown section: a heading, the command, and a row per region batch size."""
-    device_name = torch.cuda.get_device_name() if cuda else "CPU"
+    device = torch.device("cuda" if cuda else "cpu")
     images = write_pairs(work / "images", args.images, args.image_size)
     model = save_random_blip2(work / "model", args.size, dtype=torch.bfloat16 if cuda else torch.float32)
     generate = json.dumps({"min_new_tokens": args.new_tokens})
@@ -71,9 +71,9 @@ def measure(args: argparse.Namespace, work: Path, cuda: bool) -> list[str]:
                       "--prompt", "a photo of", "--max_new_tokens", str(args.new_tokens), "--generate", generate,
                       "--score_threshold", "0", "--max_boxes", str(args.boxes), "--samples_per_shard", "16",
                       "--output_dir", str(work / "unused")])
-    annotate = annotator_from(cli, "cuda" if cuda else "cpu")
+    annotate = annotator_from(cli, device.type)
     captioner = annotate.captioner
-    lines = [f"\n## make_regions throughput, {device_name}, {datetime.date.today().isoformat()}\n",
+    lines = [f"## make_regions throughput, {device_label(device)}, {datetime.date.today().isoformat()}\n",
              f"`python benchmarks/gpu_make_regions.py --size {args.size} --images {args.images} --boxes {args.boxes} "
              f"--new_tokens {args.new_tokens}`; BLIP-2 {args.size} shapes, random weights, "
              f"{'bf16' if cuda else 'fp32'}, {args.image_size} px images, grid proposals, prompt 'a photo of'.\n",
@@ -82,13 +82,12 @@ def measure(args: argparse.Namespace, work: Path, cuda: bool) -> list[str]:
     run(units[:1], annotate, work / "warm-up")
     for batch_size in args.batch_sizes:
         captioner.batch_size = batch_size
+        synchronize(device)
         if cuda:
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         summary = run(units, annotate, work / f"out-{batch_size}")
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         elapsed = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         cells = [f"BLIP-2 {args.size}", str(batch_size), f"{summary['proposals'] / summary['images_out']:.1f}",

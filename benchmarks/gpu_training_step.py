@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_runs import benchmark_device, device_label, release_memory, synchronize  # noqa: E402
+from benchmarks.gpu_runs import append_section, benchmark_device, device_label, release_memory, synchronize  # noqa: E402
 from fineclip_ds.config import KernelConfig, LossConfig, ModelConfig  # noqa: E402
 from fineclip_ds.losses.objective import FineCLIPObjective  # noqa: E402
 from fineclip_ds.models.factory import create_fineclip  # noqa: E402
@@ -94,7 +94,7 @@ def main() -> None:
     steps = 1 if args.smoke else args.steps
     flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     backends = ["sdpa", "math"] + (["flash_attn"] if flash else [])
-    lines = [f"\n## FineCLIP training step, {device_label(device)}, {datetime.date.today().isoformat()}\n",
+    lines = [f"## FineCLIP training step, {device_label(device)}, {datetime.date.today().isoformat()}\n",
              f"`python {' '.join(sys.argv)}`; bf16 weights, AdamW, {steps} timed steps, "
              f"{BOXES} boxes per image, text tower frozen.\n",
              "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
@@ -110,8 +110,7 @@ def main() -> None:
                 line = "| " + " | ".join([name, attention, str(checkpointing), str(images), *cells]) + " |"
                 print(line, flush=True)
                 lines.append(line)
-    with args.output.open("a") as handle:
-        handle.write("\n".join(lines) + "\n")
+    append_section(args.output, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
