@@ -1,8 +1,9 @@
 """What the GPU benchmark scripts share: the device, timing, and appending their section to BENCHMARKS.md.
 
 Each script also has `--smoke`: tiny sizes on whatever device there is (on a CPU with
-TRITON_INTERPRET=1, so Triton runs in its interpreter), so a test runs it end to end and a GPU session, with its few minutes of device time,
-does not find a Python error first. Smoke numbers measure nothing and are labelled so.
+TRITON_INTERPRET=1, so Triton runs in its interpreter), so a test runs it end to end and a GPU
+session, with its few minutes of device time, does not find a Python error first. Smoke numbers
+measure nothing and are labelled so.
 """
 from __future__ import annotations
 

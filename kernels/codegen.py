@@ -125,7 +125,8 @@ def compiled_launches(arch: int) -> Iterator[list[CompiledLaunch]]:
 def launch_benchmark_shapes(dtype: torch.dtype) -> None:
     """Every kernel once at the largest tiles its launcher picks (the sizes of the benchmarks), on CPU tensors."""
     images, texts = torch.randn(512, 768, dtype=dtype), torch.randn(2048, 768, dtype=dtype)
-    scale, row_valid, col_valid = torch.tensor(20.0), torch.ones(512, dtype=torch.bool), torch.ones(2048, dtype=torch.bool)
+    scale = torch.tensor(20.0)
+    row_valid, col_valid = torch.ones(512, dtype=torch.bool), torch.ones(2048, dtype=torch.bool)
     row_zeros, col_zeros = torch.zeros(512), torch.zeros(2048)
     # The default tiles, and the narrower column blocks `fill_block_n` picks on a GPU at small N.
     for block_n in (None, 64, 32):

@@ -50,6 +50,7 @@ def crop_regions(
     crop_boxes = enlarge_boxes(boxes, enlarge, images.shape[-2:])
     compute_dtype = torch.promote_types(images.dtype, torch.float32)
     batch_index = torch.arange(images.shape[0], device=images.device).unsqueeze(1).expand_as(box_mask)
-    rois = torch.cat([batch_index[box_mask].unsqueeze(1).to(compute_dtype), crop_boxes[box_mask].to(compute_dtype)], dim=1)
-    crops = roi_align(images.to(compute_dtype), rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    rois = torch.cat([batch_index[box_mask].unsqueeze(1), crop_boxes[box_mask]], dim=1).to(compute_dtype)
+    crops = roi_align(images.to(compute_dtype), rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1,
+                      aligned=True)
     return crops.to(images.dtype)
