@@ -1,11 +1,13 @@
 """Time the contrastive loss on a CUDA GPU (bf16, world 1, b = N): Triton vs ClipLoss vs inf-cl.
 
 Run from the repository root: `python benchmarks/gpu_contrastive.py [--sizes 4096 ... --dims 512 1024]
-[--output BENCHMARKS.md]` (`--smoke`: tiny sizes on a CPU, to check the script). Each run appends one Markdown section (device, date, command, one row per
-N and D) to the output file: forward and fwd+bwd milliseconds (median of CUDA-event timed repeats),
-peak memory of one fwd+bwd step above the inputs, the loss difference to ClipLoss where that fits,
-and the Triton backward's bitwise repeatability. ClipLoss is skipped where its N x N logits would
-not fit; inf-cl is timed only when `import inf_cl` works.
+[--output BENCHMARKS.md]` (`--smoke`: tiny sizes on a CPU, to check the script). Each run appends one
+Markdown section (device, date, command, one row per N and D) to the output file: forward and fwd+bwd
+milliseconds (median of CUDA-event timed repeats), peak memory of one fwd+bwd step above the inputs,
+the loss difference to ClipLoss where that fits, and the Triton backward's bitwise repeatability.
+ClipLoss is skipped where its N x N logits would not fit; inf-cl is timed only when `import inf_cl`
+works. Where the launcher narrows the column blocks to fill the SMs (`fill_block_n`, small N),
+`triton_n128` also times the 128-wide blocks it replaced.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_contrastive import IMPLEMENTATIONS, cal_inf_loss, make_inputs  # noqa: E402
 from benchmarks.gpu_runs import append_section, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
 from benchmarks.memory import peak_memory_bytes  # noqa: E402
+from kernels.contrastive.function import ContrastiveLossFunction  # noqa: E402
+from kernels.contrastive.launch import TritonTiles, fill_block_n  # noqa: E402
 
 DTYPE = torch.bfloat16
 SIZES = (4096, 16384, 65536, 262144, 1048576)
@@ -31,11 +35,22 @@ CLIP_LOSS_BYTES_PER_PAIR = 10
 # The accuracy reference: ClipLoss on the same inputs upcast to fp32, forward only (two N x N fp32 logits
 # and their softmax). Not the bf16 ClipLoss: its bf16 logits, up to the scale of 100, are rounded by up to 0.25.
 REFERENCE_BYTES_PER_PAIR = 16
+WIDE_BLOCK_N = 128
+H100_MULTIPROCESSORS = 132  # what --smoke on a CPU pretends, so that the triton_n128 row runs there too
 COLUMNS = ("N", "D", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd vs ClipLoss", "loss diff vs fp32 ClipLoss")
 
 
+def triton_wide_columns(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """The Triton loss with 128-wide column blocks at any N, as before `fill_block_n` narrowed them."""
+    mask = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+    return ContrastiveLossFunction.apply(images, texts, logit_scale, mask, None, TritonTiles(block_n=WIDE_BLOCK_N))
+
+
+LOSSES = {**IMPLEMENTATIONS, "triton_n128": triton_wide_columns}
+
+
 def measure(name: str, rows: int, dim: int, device: torch.device) -> dict[str, float]:
-    loss_fn = IMPLEMENTATIONS[name]
+    loss_fn = LOSSES[name]
     images, texts, logit_scale = make_inputs(rows, dim, device, DTYPE)
     with torch.no_grad():
         loss = loss_fn(images, texts, logit_scale).item()
@@ -70,12 +85,15 @@ def triton_is_deterministic(rows: int, dim: int, device: torch.device) -> bool:
     return all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def sweep(sizes: list[int], dims: list[int], device: torch.device) -> tuple[list[list[str]], bool]:
+def sweep(sizes: list[int], dims: list[int], device: torch.device,
+          multiprocessors: int) -> tuple[list[list[str]], bool]:
     free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
-    names = ["triton", "open_clip"] + (["inf_cl"] if cal_inf_loss is not None else [])
     rows_out = []
     for dim in dims:
         for rows in sizes:
+            narrowed = fill_block_n(rows, WIDE_BLOCK_N, multiprocessors) < WIDE_BLOCK_N
+            names = (["triton"] + (["triton_n128"] if narrowed else []) + ["open_clip"]
+                     + (["inf_cl"] if cal_inf_loss is not None else []))
             reference = (reference_loss(rows, dim, device) if REFERENCE_BYTES_PER_PAIR * rows * rows < 0.8 * free_bytes
                          else None)
             results = {}
@@ -126,7 +144,9 @@ def main() -> None:
     args = parser.parse_args()
     device = benchmark_device("gpu_contrastive.py", args.smoke)
     sizes, dims = (list(SMOKE_SIZES), list(SMOKE_DIMS)) if args.smoke else (args.sizes, args.dims)
-    append_section(args.output, markdown_section(device_label(device), *sweep(sizes, dims, device),
+    multiprocessors = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+                       else H100_MULTIPROCESSORS)
+    append_section(args.output, markdown_section(device_label(device), *sweep(sizes, dims, device, multiprocessors),
                                                  command="python " + " ".join(sys.argv)))
 
 

@@ -19,10 +19,12 @@ class RegionPoolFunction(torch.autograd.Function):
         spatial_scale: float,
         sampling_ratio: int,
         normalize: bool,
+        second_pass: bool | None = None,
     ) -> torch.Tensor:
+        """`second_pass` as in `launch.pool_forward` (None: picked per launch; benchmarks force it)."""
         # tokens: [B, H*W, C]; boxes: [B, R, 4] xyxy pixels; box_mask: [B, R] bool -> [B, R, C]
         rows, cols = launch.region_factors(boxes, box_mask, grid_hw, spatial_scale, sampling_ratio)
-        out, norms = launch.pool_forward(tokens, rows, cols, grid_hw, normalize)
+        out, norms = launch.pool_forward(tokens, rows, cols, grid_hw, normalize, second_pass)
         ctx.grid_hw = grid_hw
         ctx.save_for_backward(rows, cols, out if normalize else None, norms)
         return out
@@ -34,4 +36,4 @@ class RegionPoolFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             pooled = grad_out if out is None else out  # only read when normalising
             grad_tokens = launch.pool_backward(grad_out, pooled, norms, rows, cols, ctx.grid_hw)
-        return grad_tokens, None, None, None, None, None, None
+        return grad_tokens, None, None, None, None, None, None, None

@@ -5,6 +5,8 @@ tiny test shapes waste little work under the CPU interpreter. The largest tiles 
 compile without register spills for sm_80 and sm_90 at 8 warps (`python -m kernels.codegen`, checked
 in the tests; the earlier 64 x 64 x 128 forward at 4 warps spilled up to 7 KB per thread). Their speed
 is not yet tuned on a GPU.
+Normalised pooling is fused into the forward kernel unless that would leave most SMs idle (see
+`normalize_in_second_pass`).
 fp32 tokens use exact fp32 dots; half-precision tokens use TF32, whose 10-bit mantissa holds every
 bf16/fp16 token exactly and rounds the weights below the output's own rounding.
 """
@@ -60,28 +62,58 @@ def region_factors(
     return rows, cols
 
 
+def normalize_in_second_pass(box_programs: int, channel_tiles: int, multiprocessors: int | None) -> bool:
+    """Whether normalised pooling should split channels over programs and normalise in a second pass.
+
+    The fused kernel gives each program every channel of its boxes (the norm needs the whole row), so a
+    32-image micro-batch with up to 64 boxes per image runs 32 programs: 100 of an H100's 132 SMs idle.
+    Split, each channel tile gets its own program, like unnormalised pooling, and torch normalises
+    the fp32 rows after. No SM count (the CPU interpreter) keeps the fused kernel."""
+    return bool(multiprocessors) and channel_tiles > 1 and box_programs < multiprocessors
+
+
+def picks_second_pass(tokens: torch.Tensor, regions: int) -> bool:
+    """Whether `pool_forward` normalises `regions` boxes per image of `tokens` in a second pass by default."""
+    # tokens: [B, H*W, C]
+    largest_r, _, largest_c = FORWARD_TILES[tokens.dtype == torch.float32]
+    box_programs = tokens.shape[0] * triton.cdiv(regions, _tile(regions, largest_r))
+    channel_tiles = triton.cdiv(tokens.shape[-1], _tile(tokens.shape[-1], largest_c))
+    multiprocessors = (torch.cuda.get_device_properties(tokens.device).multi_processor_count
+                       if tokens.is_cuda and not INTERPRETED else None)
+    return normalize_in_second_pass(box_programs, channel_tiles, multiprocessors)
+
+
 def pool_forward(
-    tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, grid_hw: tuple[int, int], normalize: bool
+    tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, grid_hw: tuple[int, int], normalize: bool,
+    second_pass: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pooled (optionally L2-normalised) box features, and the pre-normalisation norms when normalising."""
+    """Pooled (optionally L2-normalised) box features, and the pre-normalisation norms when normalising.
+
+    `second_pass` (read only when normalising) forces the split (True) or fused (False) normalisation;
+    None: `picks_second_pass`. Both give the same outputs and norms for the backward.
+    """
     # tokens: [B, H*W, C]; rows: [B, R, H]; cols: [B, R, W] -> out: [B, R, C], norms: [B, R] fp32 or None
     batch, regions = rows.shape[:2]
     channels = tokens.shape[-1]
-    out = tokens.new_empty(batch, regions, channels)
-    norms = rows.new_empty(batch, regions) if normalize else None
     largest_r, largest_t, largest_c = FORWARD_TILES[tokens.dtype == torch.float32]
     block_r = _tile(regions, largest_r)
     block_c = _tile(channels, largest_c)
-    channel_programs = 1 if normalize else triton.cdiv(channels, block_c)
-    grid = (batch, triton.cdiv(regions, block_r), channel_programs)
+    second_pass = normalize and (picks_second_pass(tokens, regions) if second_pass is None else second_pass)
+    fused = normalize and not second_pass
+    out = tokens.new_empty(batch, regions, channels, dtype=torch.float32 if second_pass else tokens.dtype)
+    norms = rows.new_empty(batch, regions) if fused else None
+    grid = (batch, triton.cdiv(regions, block_r), 1 if fused else triton.cdiv(channels, block_c))
     region_pool_fwd_kernel[grid](
         tokens, rows, cols, out, rows if norms is None else norms,
         regions, channels, *grid_hw,
         *tokens.stride(),
         NORMALIZE_EPS,
-        NORMALIZE=normalize, DOT_PRECISION=_dot_precision(tokens.dtype),
+        NORMALIZE=fused, DOT_PRECISION=_dot_precision(tokens.dtype),
         BLOCK_R=block_r, BLOCK_T=_tile(grid_hw[0] * grid_hw[1], largest_t), BLOCK_C=block_c, num_warps=NUM_WARPS,
     )
+    if second_pass:
+        norms = torch.linalg.vector_norm(out, dim=-1)
+        out = (out / norms.clamp_min(NORMALIZE_EPS).unsqueeze(-1)).to(tokens.dtype)
     return out, norms
 
 

@@ -30,14 +30,16 @@ def test_region_pooling_script_times_both_implementations_in_bf16(tmp_path):
     (row,) = run_smoke("gpu_roi_pool.py", tmp_path / "b.md")
     cells = row.strip("| ").split(" | ")
     assert cells[:4] == ["2", "3", "5 x 7", "24"]
-    assert float(cells[-1]) < 0.05  # Triton vs torchvision (pooled in fp32) on bf16 tokens
+    assert float(cells[11]) < 0.05  # Triton vs torchvision (pooled in fp32) on bf16 tokens
+    # one channel tile (C = 24) has nothing to split: normalised in the kernel, the second pass timed too
+    assert cells[12] == "kernel" and float(cells[13]) > 0
     assert "bitwise repeatable over 3 runs: yes" in (tmp_path / "b.md").read_text()
 
 
 def test_contrastive_script_times_triton_and_clip_loss_against_an_fp32_reference(tmp_path):
     rows = run_smoke("gpu_contrastive.py", tmp_path / "b.md")
     cells = {row.split(" | ")[2]: row.strip("| ").split(" | ") for row in rows}
-    assert set(cells) >= {"triton", "open_clip"}
+    assert set(cells) >= {"triton", "triton_n128", "open_clip"}  # N = 48 narrows the column blocks
     assert float(cells["triton"][-1]) < 1e-3  # fp32 logits from bf16 inputs: as exact as the fp32 reference
     assert "Triton backward bitwise repeatable: yes" in (tmp_path / "b.md").read_text()
 

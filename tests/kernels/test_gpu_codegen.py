@@ -33,6 +33,8 @@ def test_every_kernel_is_compiled_for_both_archs_and_all_dtypes(codegen):
             assert compiled | {"region_factors_kernel"} == ALL_KERNELS, (arch, dtype, compiled)
     pool_forwards = [launch for launch in launches if launch["kernel"] == "region_pool_fwd_kernel"]
     assert {launch["constants"]["NORMALIZE"] for launch in pool_forwards} == {False, True}
+    # the second-pass normalisation writes fp32 rows from half-precision tokens
+    assert {(launch["dtype"], launch["out_dtype"]) for launch in pool_forwards} >= {("bf16", "fp32"), ("bf16", "bf16")}
 
 
 def test_no_launch_spills_registers_or_overflows_shared_memory(codegen):

@@ -17,6 +17,8 @@ from torchvision.ops import roi_align
 
 import kernels
 from kernels.roi_pool import RegionPool, region_pool
+from kernels.roi_pool.function import RegionPoolFunction
+from kernels.roi_pool.launch import normalize_in_second_pass
 
 BACKENDS = ("triton", "torch")
 # fp32: kernel coordinates are float32, so sample positions near 10 carry ~1e-6 absolute error.
@@ -231,6 +233,37 @@ def test_triton_reads_strided_tokens_in_place(normalize):
     want, want_grad = pooled_and_grad(tokens, probe, pool)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_second_pass_normalisation_matches_torchvision_float64(dtype):
+    """The split path (channel tiles over programs, then a torch normalise) that GPUs take at small
+    batches, forced here: over two channel tiles, values and token gradients meet the contract."""
+    channels = 70 if dtype == torch.float32 else 130  # two tiles of 64 (fp32) / 128 (half precision)
+    seed, batch, regions, grid_hw, spatial_scale = 15, 2, 5, (7, 9), 0.25
+    tokens, boxes, box_mask, probe = make_case(seed, batch, regions, grid_hw, channels, spatial_scale, dtype)
+    pools = {second_pass: lambda t, second_pass=second_pass: RegionPoolFunction.apply(
+        t, boxes, box_mask, grid_hw, spatial_scale, -1, True, second_pass) for second_pass in (True, False)}
+    got, got_grad = pooled_and_grad(tokens, probe, pools[True])
+    want, want_grad = pooled_and_grad(tokens.double(), probe, lambda t: torchvision_reference(
+        t, boxes, grid_hw, spatial_scale, box_mask, -1, True))
+    assert got.dtype == dtype and got_grad.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype])
+    torch.testing.assert_close(got_grad.double(), want_grad, **TOLERANCES[dtype])
+    fused, fused_grad = pooled_and_grad(tokens, probe, pools[False])
+    torch.testing.assert_close(got, fused, **TOLERANCES[dtype])
+    torch.testing.assert_close(got_grad, fused_grad, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("box_programs, channel_tiles, multiprocessors, split", [
+    (32, 8, 132, True),  # 32 images, <= 64 boxes each, C = 1024 on an H100
+    (132, 8, 132, False),  # every SM already has a program
+    (32, 1, 132, False),  # one channel tile: nothing to split
+    (32, 8, None, False),  # the CPU interpreter
+])
+def test_second_pass_is_chosen_only_when_programs_are_fewer_than_sms(box_programs, channel_tiles, multiprocessors,
+                                                                       split):
+    assert normalize_in_second_pass(box_programs, channel_tiles, multiprocessors) is split
 
 
 def test_the_comparison_detects_a_half_pixel_shift():
