@@ -147,11 +147,15 @@ class _ShardBatches(IterableDataset):
         shards = self.shards[worker::workers]
         epoch, read = self.positions.get(worker, (0, 0))
         pending: Counter = Counter()
+        samples: list[TransformedSample] = []  # an incomplete last batch rolls over into the next epoch
         while True:
             order = np.random.default_rng([self.seed, worker, epoch]).permutation(len(shards))
-            samples: list[TransformedSample] = []
             whole_epoch, usable, epoch_drops = read == 0, 0, Counter()
-            for record in itertools.islice(read_raw_records([shards[i] for i in order], pending), read, None):
+            records = read_raw_records([shards[i] for i in order], pending)
+            if read:  # resuming: these records went into batches the trainer consumed, defects counted then
+                next(itertools.islice(records, read - 1, None), None)
+                pending.clear()
+            for record in records:
                 read += 1
                 sample, drops = decode_record(record, self.transform)
                 pending.update(drops)
@@ -174,7 +178,11 @@ class _ShardBatches(IterableDataset):
             if whole_epoch and usable == 0:  # reading on would spin forever without yielding a batch
                 raise RuntimeError(f"none of the {read} records in shards {shards} is usable ({dict(epoch_drops)}); "
                                    "expected the training format: image (jpg/png/webp), txt, json {boxes, region_captions}")
-            epoch, read = epoch + 1, 0  # an incomplete last batch rolls into the next epoch's records
+            if whole_epoch and usable < self.local_batch:  # a batch would hold the same record twice
+                raise RuntimeError(f"shards {shards} hold {usable} usable records, fewer than one local batch of "
+                                   f"{self.local_batch}; use fewer ranks or DataLoader workers, a smaller batch or "
+                                   "more data")
+            epoch, read = epoch + 1, 0
 
 
 class WebDatasetStream:

@@ -151,3 +151,33 @@ def test_shards_with_no_usable_record_are_a_clear_error_not_an_endless_loop(tmp_
     stream = WebDatasetStream(str(tmp_path / "dotted-0.tar"), *_parts(), 2, 0, 1, num_workers=0)
     with pytest.raises(RuntimeError, match=r"none of the 3 records .* is usable \(\{'missing_image': 3\}\)"):
         _take(stream, 1)
+
+
+def test_fewer_usable_records_than_a_batch_is_a_clear_error_not_an_endless_loop(tmp_path):
+    write_shard(tmp_path / "small-0.tar", world_records(ShapesWorld(image_size=32), range(3)))
+    stream = WebDatasetStream(str(tmp_path / "small-0.tar"), *_parts(), 4, 0, 1, num_workers=0)
+    with pytest.raises(RuntimeError, match="hold 3 usable records, fewer than one local batch of 4"):
+        _take(stream, 1)
+
+
+def test_an_incomplete_last_batch_rolls_over_so_every_record_is_seen_equally(tmp_path):
+    # one shard of 7 records, batches of 4: 7 batches are exactly 4 epochs, each record 4 times
+    world = ShapesWorld(seed=3, image_size=32)
+    write_shard(tmp_path / "seven-0.tar", world_records(world, range(7)))
+    stream = WebDatasetStream(str(tmp_path / "seven-0.tar"), *_parts(), 4, 0, 1, num_workers=0)
+    seen = [caption for batch in _take(stream, 7) for caption in captions(batch["texts"])]
+    assert sorted(seen) == sorted([world.sample(i).caption for i in range(7)] * 4)
+
+
+def test_resuming_does_not_count_the_consumed_records_defects_again(shard_dir):
+    # good-5.tar is unreadable; its count must appear as often in a resumed run as in an uninterrupted one
+    def corrupt_counts(batches: list[dict]) -> int:
+        return sum(batch["data_stats"].get("corrupt_shard", 0) for batch in batches)
+
+    uninterrupted = _take(_wds(shard_dir, 4), 12)
+    for stop in range(1, 12):
+        first = _wds(shard_dir, 4)
+        consumed = _take(first, stop)
+        resumed = _wds(shard_dir, 4)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert corrupt_counts(consumed + _take(resumed, 12 - stop)) == corrupt_counts(uninterrupted), stop
