@@ -30,22 +30,12 @@ from fineclip_ds.data.captioner import TransformersCaptioner
 from fineclip_ds.data.pair_sources import Pair, Unit, coco_caption_units, folder_units, webdataset_units
 from fineclip_ds.data.proposals import (CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter,
                                         Proposer)
-from fineclip_ds.data.records import IMAGE_EXTENSIONS, encode_record
+from fineclip_ds.data.records import encode_record, record_key
 from fineclip_ds.data.region_annotators import CaptionedProposals, RegionAnnotator, ReleasedRegionCaptions
 
 
 def shard_name(index: int) -> str:
     return f"regions-{index:06d}"
-
-
-def record_key(name: str) -> str:
-    """A webdataset key from an input name: webdataset splits a member name at its first dot, so
-    "000123.jpg" written as a key would turn the record's "jpg" into "jpg.jpg"; drop the image
-    extension and replace the remaining dots."""
-    stem, dot, extension = name.rpartition(".")
-    if dot and extension.lower() in IMAGE_EXTENSIONS:
-        name = stem
-    return name.replace(".", "_")
 
 
 class Progress:

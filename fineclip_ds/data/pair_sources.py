@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from fineclip_ds.data.images import open_image
-from fineclip_ds.data.records import IMAGE_EXTENSIONS, image_key
+from fineclip_ds.data.records import IMAGE_EXTENSIONS, decode_caption, image_key
 
 
 @dataclass
@@ -69,7 +69,7 @@ def webdataset_units(urls: str) -> list[Unit]:
             for record in read_raw_records([url], counts):
                 extension = image_key(record)
                 image = open_image(lambda: Image.open(io.BytesIO(record[extension]))) if extension else None
-                caption = record["txt"].decode("utf-8").strip() if "txt" in record else None
+                caption = decode_caption(record["txt"]) if "txt" in record else None
                 yield Pair(record["__key__"], image, caption)
         return read
 

@@ -17,6 +17,8 @@ from PIL import Image
 from torchvision.ops import nms
 from torchvision.transforms import functional as TF
 
+from fineclip_ds.data.records import FileNameLookup
+
 Box = tuple[float, float, float, float]
 
 
@@ -40,11 +42,12 @@ class GridProposer:
 
 
 class CocoBoxProposer:
-    """Boxes of a COCO instances/proposals JSON, looked up by the image's file name (its score, else 1)."""
+    """Boxes of a COCO instances/proposals JSON (its score, else 1), found by the pair's key (`FileNameLookup`)."""
 
     def __init__(self, annotation_file: Path):
         coco = json.loads(Path(annotation_file).read_text())
-        names = {image["id"]: Path(image["file_name"]).name for image in coco["images"]}
+        names = {image["id"]: image["file_name"] for image in coco["images"]}
+        self.file_name = FileNameLookup(names.values())
         self.boxes: dict[str, list[tuple[Box, float]]] = defaultdict(list)
         for annotation in coco["annotations"]:
             if annotation.get("iscrowd", 0):
@@ -53,7 +56,7 @@ class CocoBoxProposer:
             self.boxes[names[annotation["image_id"]]].append(((x, y, x + w, y + h), annotation.get("score", 1.0)))
 
     def propose(self, image: Image.Image, key: str) -> list[tuple[Box, float]]:
-        return list(self.boxes.get(Path(key).name, []))
+        return list(self.boxes.get(self.file_name(key), []))
 
 
 class DetectorProposer:

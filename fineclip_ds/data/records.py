@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 from PIL import Image
 
@@ -21,6 +22,31 @@ def image_key(record: dict[str, Any]) -> str | None:
     return next((ext for ext in IMAGE_EXTENSIONS if ext in record), None)
 
 
+def record_key(name: str) -> str:
+    """A webdataset key from an input name: webdataset splits a member name at its first dot, so
+    "000123.jpg" written as a key would turn the record's "jpg" into "jpg.jpg"; drop the image
+    extension and replace the remaining dots."""
+    stem, dot, extension = name.rpartition(".")
+    if dot and extension.lower() in IMAGE_EXTENSIONS:
+        name = stem
+    return name.replace(".", "_")
+
+
+class FileNameLookup:
+    """The file name an annotation JSON uses for an input pair's key. Keys are file names (image
+    folders, COCO caption files), paths ending in one, or, for webdataset shards, the `record_key`
+    made of one ("000000000139.jpg" -> "000000000139"); all three find the JSON's name."""
+
+    def __init__(self, file_names: Iterable[str]):
+        self.names: dict[str, str] = {}
+        for name in file_names:
+            for alias in (name, Path(name).name, record_key(Path(name).name)):
+                self.names.setdefault(alias, name)
+
+    def __call__(self, key: str) -> str | None:
+        return self.names.get(key) or self.names.get(Path(key).name)
+
+
 def encode_record(key: str, image: Image.Image, caption: str, boxes: list, region_captions: list[str],
                   quality: int) -> dict[str, Any]:
     """One training-format record: the image as JPEG, its caption, and the boxes with their region captions."""
@@ -34,28 +60,44 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def decode_caption(value: Any) -> str | None:
+    """A record's caption, stripped; None when its bytes are not UTF-8 or nothing is left."""
+    try:
+        return _text(value).strip() or None
+    except UnicodeDecodeError:
+        return None
+
+
 def decode_record(record: dict[str, Any], transform: RegionTransform) -> tuple[TransformedSample | None, Counter]:
     """Training-format record (image, txt caption, json {boxes, region_captions}) -> sample and drops.
 
     A record that cannot be used returns None with one count under its reason; boxes that cannot be
-    used are dropped from the sample and counted by the transform.
+    used (bad coordinates, or an empty region caption) are dropped from the sample and counted.
     """
     extension = image_key(record)
     if extension is None:
         return None, Counter(missing_image=1)
     if "txt" not in record:
         return None, Counter(missing_caption=1)
+    caption = decode_caption(record["txt"])
+    if caption is None:
+        return None, Counter(bad_caption=1)
     try:
         annotation = json.loads(_text(record["json"])) if "json" in record else {"boxes": [], "region_captions": []}
         boxes, region_captions = annotation["boxes"], annotation["region_captions"]
         if not isinstance(boxes, list) or not isinstance(region_captions, list) or len(boxes) != len(region_captions):
             raise ValueError("boxes and region_captions must be lists of equal length")
+        if not all(isinstance(region_caption, str) for region_caption in region_captions):
+            raise ValueError("region_captions must be strings")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return None, Counter(bad_json=1)
     image = open_image(lambda: Image.open(io.BytesIO(record[extension])))
     if image is None:
         return None, Counter(corrupt_image=1)
     tensor, kept_boxes, kept_index, drops = transform(image, boxes)
-    sample = TransformedSample(tensor, _text(record["txt"]).strip(), kept_boxes,
-                               [str(region_captions[i]) for i in kept_index], drops)
+    captioned = [row for row, index in enumerate(kept_index) if region_captions[index].strip()]
+    if len(captioned) < len(kept_index):
+        drops["region_caption_empty"] += len(kept_index) - len(captioned)
+    sample = TransformedSample(tensor, caption, kept_boxes[captioned],
+                               [region_captions[kept_index[row]].strip() for row in captioned], drops)
     return sample, Counter()

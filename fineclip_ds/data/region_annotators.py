@@ -14,6 +14,7 @@ from PIL import Image
 
 from fineclip_ds.data.captioner import Captioner, caption_regions
 from fineclip_ds.data.proposals import Box, ProposalFilter, Proposer
+from fineclip_ds.data.records import FileNameLookup
 
 Region = tuple[list[float], str]
 
@@ -47,13 +48,15 @@ class ReleasedRegionCaptions:
     """FineCLIP's released data: boxes from a COCO-format proposals JSON, captions from its region-caption JSON.
 
     Boxes are kept when min_size^2 <= w*h <= max_size^2 (FineCLIP's own rule), at most `max_boxes`;
-    a box without a caption is dropped and counted as caption_missing.
+    a box without a caption is dropped and counted as caption_missing, an image the proposals JSON
+    does not list as image_not_in_proposals. Images are found by the pair's key (`FileNameLookup`).
     """
 
     def __init__(self, proposals_json: Path, region_captions_json: Path, min_size: float = 0.0,
                  max_size: float = float("inf"), max_boxes: int | None = None):
         coco = json.loads(Path(proposals_json).read_text())
         names = {image["id"]: image["file_name"] for image in coco["images"]}
+        self.file_name = FileNameLookup(names.values())
         self.bboxes: dict[str, list[list[float]]] = defaultdict(list)
         for annotation in coco["annotations"]:
             self.bboxes[names[annotation["image_id"]]].append(annotation["bbox"])
@@ -62,13 +65,17 @@ class ReleasedRegionCaptions:
 
     def __call__(self, image: Image.Image, key: str, counts: Counter) -> list[Region]:
         regions: list[Region] = []
-        for bbox in self.bboxes.get(key, []):
+        file_name = self.file_name(key)
+        if file_name is None:
+            counts["image_not_in_proposals"] += 1
+            return regions
+        for bbox in self.bboxes[file_name]:
             counts["proposals"] += 1
             x, y, w, h = bbox
             if not self.min_area <= w * h <= self.max_area or (self.max_boxes and len(regions) == self.max_boxes):
                 counts["box_filtered"] += 1
                 continue
-            caption = self.captions.get(released_region_key(key, bbox))
+            caption = self.captions.get(released_region_key(file_name, bbox))
             if not caption or not caption.strip():
                 counts["caption_missing"] += 1
                 continue

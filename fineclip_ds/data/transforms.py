@@ -22,7 +22,10 @@ def validate_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) ->
     kept_index: list[int] = []
     drops: Counter = Counter()
     for index, box in enumerate(boxes):
-        if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
+        if not isinstance(box, (list, tuple)) or len(box) != 4:
+            drops["box_malformed"] += 1
+            continue
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
             drops["box_not_finite"] += 1
             continue
         x1, y1, x2, y2 = map(float, box)

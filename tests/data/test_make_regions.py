@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 import os
 import signal
 import subprocess
@@ -13,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from fineclip_ds.data.captioner import clean_caption, new_tokens
 from fineclip_ds.data.collate import RegionCollator
 from fineclip_ds.data.make_regions import main, process_slot, record_key, run
 from fineclip_ds.data.pair_sources import folder_units, webdataset_units
-from fineclip_ds.data.proposals import DetectorProposer, GridProposer, ProposalFilter
+from fineclip_ds.data.proposals import CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter
 from fineclip_ds.data.random_captioners import save_random_blip, save_random_blip2, save_random_llava
-from fineclip_ds.data.region_annotators import CaptionedProposals, released_region_key
+from fineclip_ds.data.region_annotators import CaptionedProposals, ReleasedRegionCaptions, released_region_key
 from fineclip_ds.data.shapes_world import ShapesWorld, encode_training_sample
 from fineclip_ds.data.streams import WebDatasetStream
 from fineclip_ds.data.transforms import RegionTransform
@@ -249,6 +251,33 @@ def test_cli_refuses_missing_or_half_given_inputs_with_a_clear_message(tmp_path,
                                       ("train2017/1.jpg", "train2017/1")])
 def test_record_keys_have_no_dots_for_webdataset(name, key):
     assert record_key(name) == key
+
+
+@pytest.fixture
+def released_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A COCO-format proposals JSON with one box on 000000000139.jpg, and that box's released caption."""
+    coco = {"images": [{"id": 139, "file_name": "000000000139.jpg"}, {"id": 140, "file_name": "000000000140.jpg"}],
+            "annotations": [{"id": 1, "image_id": 139, "bbox": [10, 10, 50, 40], "category_id": 1}]}
+    (tmp_path / "proposals.json").write_text(json.dumps(coco))
+    (tmp_path / "region_captions.json").write_text(json.dumps({"000000000139.jpg_10_10_50_40.jpg": "a red box"}))
+    return tmp_path / "proposals.json", tmp_path / "region_captions.json"
+
+
+@pytest.mark.parametrize("key", ["000000000139.jpg", "train2017/000000000139.jpg", "000000000139"],
+                         ids=["folder", "path", "webdataset"])
+def test_coco_annotations_are_found_from_a_file_name_a_path_or_a_webdataset_key(released_files, key):
+    proposals, region_captions = released_files
+    image = Image.new("RGB", (100, 80))
+    assert CocoBoxProposer(proposals).propose(image, key) == [((10, 10, 60, 50), 1.0)]
+    counts = Counter()
+    assert ReleasedRegionCaptions(proposals, region_captions)(image, key, counts) == [([10, 10, 60, 50], "a red box")]
+    assert counts == {"proposals": 1}
+
+
+def test_an_image_the_proposals_json_does_not_list_is_counted(released_files):
+    counts = Counter()
+    assert ReleasedRegionCaptions(*released_files)(Image.new("RGB", (100, 80)), "000000000141", counts) == []
+    assert counts == {"image_not_in_proposals": 1}
 
 
 @pytest.mark.parametrize("environ,expected", [

@@ -6,11 +6,12 @@ from tests.data.helpers import MEAN, STD
 
 
 def test_each_bad_box_is_dropped_and_counted_by_reason():
-    boxes = [[0, 0, 10, 10], [5, 5, 2, 9], [float("inf"), 0, 1, 1], [200, 200, 300, 300], [-5, 90, 20, 140], [1, 2, 3]]
+    boxes = [[0, 0, 10, 10], [5, 5, 2, 9], [float("inf"), 0, 1, 1], [200, 200, 300, 300], [-5, 90, 20, 140], [1, 2, 3],
+             None, 7, "0 0 5 5", [True, 0, 5, 5]]
     kept, index, drops = validate_boxes(boxes, width=100, height=100)
     assert kept == [[0, 0, 10, 10], [0, 90, 20, 100]]
     assert index == [0, 4]
-    assert drops == {"box_non_positive": 1, "box_not_finite": 2, "box_outside": 1}
+    assert drops == {"box_non_positive": 1, "box_not_finite": 2, "box_outside": 1, "box_malformed": 4}
 
 
 def test_boxes_scale_with_the_image_and_thin_boxes_are_dropped():

@@ -1,0 +1,42 @@
+"""decode_record: every way a training-format record can be malformed is skipped or trimmed and counted, never raised."""
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from fineclip_ds.data.records import decode_record
+from fineclip_ds.data.transforms import RegionTransform
+from tests.data.helpers import MEAN, STD
+
+
+def _record(caption, boxes, region_captions) -> dict:
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(image, format="PNG")
+    return {"__key__": "k", "png": image.getvalue(), "txt": caption,
+            "json": json.dumps({"boxes": boxes, "region_captions": region_captions})}
+
+
+def _decode(record: dict):
+    return decode_record(record, RegionTransform(32, MEAN, STD))
+
+
+@pytest.mark.parametrize("caption", [b"caf\xe9", b"", "   "], ids=["not-utf8", "empty", "blank"])
+def test_a_caption_that_is_not_text_skips_the_record_and_is_counted(caption):
+    sample, drops = _decode(_record(caption, [], []))
+    assert sample is None and drops == {"bad_caption": 1}
+
+
+def test_region_captions_that_are_not_strings_are_bad_json():
+    sample, drops = _decode(_record(b"a picture", [[1, 1, 20, 20]], [None]))
+    assert sample is None and drops == {"bad_json": 1}
+
+
+def test_malformed_boxes_and_empty_region_captions_are_trimmed_and_counted():
+    boxes = [None, 3, [1, 1, 20, 20], [2, 2, 30, 30], [4, 4, 12, 12]]
+    region_captions = ["null", "number", "kept", "  ", "also kept "]
+    sample, drops = _decode(_record(b" a picture ", boxes, region_captions))
+    assert not drops and sample.caption == "a picture"
+    assert sample.region_captions == ["kept", "also kept"]
+    assert sample.boxes.tolist() == [[1, 1, 20, 20], [4, 4, 12, 12]]
+    assert sample.drops == {"box_malformed": 2, "region_caption_empty": 1}
