@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
         class_names, items = load_label_folder(_required(args, "images"), _required(args, "labels"),
                                                _required(args, "classes"))
         return evaluate_segmentation(model, tokenizer, normalization, class_names, items, args.templates, args.slide,
-                                     device, dtype)
+                                     device, dtype, reduce_zero_label=args.reduce_zero_label)
     if args.task == "dense-viz":
         folder = _required(args, "images")
         paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labels", type=Path, help="segmentation: folder of label PNGs named like the images")
     parser.add_argument("--classes", type=Path, help="segmentation: text file, one class name per line")
     parser.add_argument("--slide", action="store_true", help="segmentation: sliding model-sized windows")
+    parser.add_argument("--reduce_zero_label", action="store_true",
+                        help="segmentation: label PNGs store class k as k + 1 and 0 as unscored 'other' (ADE20K, "
+                        "Pascal Context 59)")
     parser.add_argument("--image_size", type=int, nargs="+", default=None,
                         help="evaluate at this size (H or H W); positional embeddings are interpolated")
     parser.add_argument("--templates", default="vild", choices=sorted(TEMPLATE_SETS))

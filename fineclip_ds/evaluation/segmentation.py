@@ -39,6 +39,22 @@ def load_label_folder(image_dir: Path, label_dir: Path, class_file: Path) -> tup
     return class_names, items
 
 
+def label_indices(labels: Image.Image, num_classes: int, reduce_zero_label: bool) -> tuple[torch.Tensor, int]:
+    """Class index per pixel (IGNORE_LABEL where unscored) and how many pixels named no known class.
+
+    `reduce_zero_label`: the PNG stores class k as k + 1 and 0 as "other", unscored (ADE20K's
+    ADEChallengeData2016 annotations and Pascal Context 59 as mmseg ships them); without it the pixel
+    value is the class index, 255 unscored (the built-in world's label maps).
+    """
+    # -> [H, W] int64
+    target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if reduce_zero_label:
+        target = torch.where((target == 0) | (target == IGNORE_LABEL), IGNORE_LABEL, target - 1)
+    unknown = (target >= num_classes) & (target != IGNORE_LABEL)
+    target[unknown] = IGNORE_LABEL
+    return target, int(unknown.sum())
+
+
 def _window_logits(model: FineCLIP, window: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     # window: [1, 3, h, w] at the model's input size -> [K, h, w] per-pixel cosine logits
     dense, grid_hw = model.encode_dense(window)
@@ -75,7 +91,7 @@ def segment(model: FineCLIP, image: torch.Tensor, classes: torch.Tensor, slide: 
 def evaluate_segmentation(model: FineCLIP, tokenizer: Callable[[list[str]], torch.Tensor], normalization: tuple,
                           class_names: list[str], items: Iterable[LabelledImage], templates: str = "openai",
                           slide: bool = False, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                          progress: bool = True) -> dict[str, float]:
+                          progress: bool = True, reduce_zero_label: bool = False) -> dict[str, float]:
     device = torch.device(device)
     classes = class_embeddings(model, tokenizer, class_names, templates, device)
     confusion = torch.zeros(len(class_names), len(class_names), dtype=torch.long)
@@ -91,9 +107,7 @@ def evaluate_segmentation(model: FineCLIP, tokenizer: Callable[[list[str]], torc
         tensor = TF.normalize(TF.to_tensor(image.convert("RGB")), *normalization).to(device, dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             predicted = segment(model, tensor, classes, slide).cpu()
-        target = torch.from_numpy(np.asarray(labels, dtype=np.int64))  # [H, W] class indices
-        unknown = (target >= len(class_names)) & (target != IGNORE_LABEL)
-        skipped["unknown_label_pixels"] += int(unknown.sum())
-        target[unknown] = IGNORE_LABEL
+        target, unknown = label_indices(labels, len(class_names), reduce_zero_label)
+        skipped["unknown_label_pixels"] += unknown
         confusion += confusion_matrix(predicted, target, len(class_names), IGNORE_LABEL)
     return {**segmentation_metrics(confusion), **{f"skipped_{reason}": float(n) for reason, n in skipped.items() if n}}

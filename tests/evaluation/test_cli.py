@@ -116,3 +116,5 @@ def test_segmentation_on_a_label_folder_and_at_another_resolution(data, tmp_path
     assert plain["classes_scored"] >= 1
     sliding = _evaluate(data, tmp_path, *common, "--slide", "--image_size", "48")
     assert 0.0 <= sliding["miou"] <= 100.0
+    shifted = _evaluate(data, tmp_path, *common, "--reduce_zero_label")  # the world's labels read one class lower
+    assert 0.0 <= shifted["miou"] <= 100.0 and shifted != plain

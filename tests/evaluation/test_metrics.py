@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +65,15 @@ def test_segmentation_metrics_by_hand_with_absent_classes_and_ignored_pixels():
     assert metrics["classes_scored"] == 3
     assert metrics["miou"] == pytest.approx(100 * (0.5 + 0.5 + 0.0) / 3)
     assert metrics["pixel_accuracy"] == pytest.approx(100 * 3 / 5)
+
+
+def test_ade20k_labels_shift_by_one_with_zero_unscored():
+    from PIL import Image
+
+    from fineclip_ds.evaluation.segmentation import IGNORE_LABEL, label_indices
+
+    stored = np.array([[0, 1, 2], [3, 4, 255]], dtype=np.uint8)  # ADE: 0 other, 1..3 classes, 4 beyond 3 classes
+    target, unknown = label_indices(Image.fromarray(stored, "L"), 3, reduce_zero_label=True)
+    assert target.tolist() == [[IGNORE_LABEL, 0, 1], [2, IGNORE_LABEL, IGNORE_LABEL]] and unknown == 1
+    target, unknown = label_indices(Image.fromarray(stored, "L"), 3, reduce_zero_label=False)
+    assert target.tolist() == [[0, 1, 2], [IGNORE_LABEL, IGNORE_LABEL, IGNORE_LABEL]] and unknown == 2
