@@ -170,7 +170,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                                                         image_dtype)
             monitor.scalars(done, results)
             monitor.image(done, "eval/dense_features", picture)
-        preempted = preemption.requested(world_size)
+        preempted = preemption.requested(world_size, engine.device)
         if done % config.train.save_every == 0 or done == stop_step or preempted:
             checkpoint.save(engine, checkpoint_dir, done, {"step": done, "stream": stream.state_dict(),
                                                            "world_size": world_size}, config.train.keep_last)

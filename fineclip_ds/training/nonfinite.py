@@ -24,8 +24,10 @@ class NonFiniteGuard:
         return self.in_a_row >= self.max_in_a_row
 
     def all_ranks_finite(self, loss: torch.Tensor, world_size: int) -> bool:
-        """Collective. False (and counted) when the loss is non-finite on any rank."""
-        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])
+        """Collective. False (and counted) when the loss is non-finite on any rank.
+
+        The flag lives on the loss's device: NCCL reduces CUDA tensors only."""
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
         if world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:

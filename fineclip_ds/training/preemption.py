@@ -24,9 +24,10 @@ class PreemptionWatch:
     def _handle(self, signum: int, frame) -> None:
         self._received = signum
 
-    def requested(self, world_size: int) -> bool:
-        """Collective: True on every rank when any rank received a stop signal."""
-        flag = torch.tensor([1.0 if self._received is not None else 0.0])
+    def requested(self, world_size: int, device: torch.device) -> bool:
+        """Collective: True on every rank when any rank received a stop signal. `device` is the
+        process group's (NCCL reduces CUDA tensors only)."""
+        flag = torch.tensor([1.0 if self._received is not None else 0.0], device=device)
         if world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0 and self._received is not None:
