@@ -120,6 +120,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     preemption = PreemptionWatch()
     nonfinite = NonFiniteGuard(config.train.max_consecutive_nonfinite)
     for step in range(start_step, stop_step):
+        applied_lr = engine.get_lr()[0]  # engine.step() moves the schedule on to the next step's lr
         step_terms: list[dict[str, torch.Tensor]] = []
         flops = 0
         while len(step_terms) < accumulation:
@@ -151,7 +152,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             counts = _sum_counters_over_ranks(data_counts, world_size)
             scalars = {f"loss/{name}": value for name, value in last.items() if name != "logit_scale"}
             scalars.update({
-                "train/lr": engine.get_lr()[0],
+                "train/lr": applied_lr,
                 "train/logit_scale": last["logit_scale"],
                 "train/skipped_nonfinite": float(nonfinite.skipped),
                 "perf/samples_per_s": speed["samples_per_s"],

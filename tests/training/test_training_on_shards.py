@@ -1,10 +1,13 @@
 """A real (1-process) DeepSpeed run on webdataset shards with defects: it trains, skips and counts them."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fineclip_ds.data.shapes_world import ShapesWorld
+from fineclip_ds.training.optimizer import warmup_cosine
 from tests.data.helpers import defective_records, world_records, write_shard
 from tests.training.launcher import losses, run_pretrain, write_ds_config
 
@@ -25,6 +28,11 @@ def test_trains_on_shards_and_reports_every_defect_to_tensorboard(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"loss/total", "loss/gc", "loss/sd", "loss/rc", "train/lr", "perf/samples_per_s"} <= tags
+
+    optim = json.loads((output_dir / "config.json").read_text())["optim"]
+    for event in events.Scalars("train/lr"):  # the lr step s trained with, not the one after it
+        applied = optim["lr"] * warmup_cosine(event.step - 1, optim["warmup_steps"], 4, optim["min_lr_ratio"])
+        assert event.value == pytest.approx(applied, rel=1e-6), event.step
 
     def last(tag: str) -> float:
         return events.Scalars(tag)[-1].value
