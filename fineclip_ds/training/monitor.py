@@ -2,9 +2,22 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tqdm import tqdm
+
+
+def _keep_steps_up_to(metrics: Path, last_step: int) -> None:
+    """Rewrite the JSON-lines log (atomically) without the lines of steps after `last_step`."""
+    if not metrics.exists():
+        return
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    if len(kept) < len(lines):
+        partial = metrics.with_suffix(".jsonl.tmp")
+        partial.write_text("".join(line + "\n" for line in kept))
+        os.replace(partial, metrics)
 
 
 class Monitor:
@@ -19,8 +32,12 @@ class Monitor:
 
         output_dir.mkdir(parents=True, exist_ok=True)
         self._output_dir = output_dir
-        self._writer = SummaryWriter(str(output_dir / "tensorboard"))
-        self._jsonl = (output_dir / "metrics.jsonl").open("a")
+        # A run resumed at start_step logs steps start_step + 1 ... again: what an interrupted run logged
+        # past its checkpoint is dropped, so each step appears once (TensorBoard: purge_step).
+        self._writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+        metrics = output_dir / "metrics.jsonl"
+        _keep_steps_up_to(metrics, start_step)
+        self._jsonl = metrics.open("a")
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def step(self, step: int, loss: float, samples_per_s: float | None) -> None:
