@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,11 +230,17 @@ def validate(config: RunConfig) -> None:
         "losses", (config.losses.w_gc, config.losses.w_sd, config.losses.w_rc), "at least one positive loss weight",
     )
     _require(config.losses.crop_enlarge >= 1.0, "losses.crop_enlarge", config.losses.crop_enlarge, "a factor >= 1.0")
-    _require(config.optim.lr > 0, "optim.lr", config.optim.lr, "a learning rate > 0")
-    _require(config.optim.weight_decay >= 0, "optim.weight_decay", config.optim.weight_decay, "a value >= 0")
+    _require(0 < config.optim.lr < math.inf, "optim.lr", config.optim.lr, "a finite learning rate > 0")
+    _require(0 <= config.optim.weight_decay < math.inf, "optim.weight_decay", config.optim.weight_decay,
+             "a finite value >= 0")
+    for name in ("beta1", "beta2"):
+        beta = getattr(config.optim, name)
+        _require(0 <= beta < 1, f"optim.{name}", beta, "a value in [0, 1)")
+    _require(0 < config.optim.eps < math.inf, "optim.eps", config.optim.eps, "a finite value > 0")
     _require(0 <= config.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", config.optim.min_lr_ratio, "a value in [0, 1]")
     _require(config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps, "an integer >= 0")
     _require(config.train.max_steps >= 1, "train.max_steps", config.train.max_steps, "an integer >= 1")
+    _require(0 <= config.train.seed < 2**32, "train.seed", config.train.seed, "an integer in [0, 2**32)")
     stop = config.train.stop_at_step
     _require(stop is None or 1 <= stop <= config.train.max_steps, "train.stop_at_step", stop, "null or 1..train.max_steps")
     _require(config.train.save_every >= 1, "train.save_every", config.train.save_every, "an integer >= 1")
