@@ -17,6 +17,8 @@ from pathlib import Path
 import open_clip
 import torch
 
+from fineclip_ds.models.fineclip import LOGIT_SCALE_MAX
+
 TRAINING_PREFIX = "model.clip."  # FineCLIPObjective.model (FineCLIP).clip (open_clip CLIP)
 
 
@@ -44,11 +46,12 @@ def resolve_checkpoint(checkpoint: str | Path) -> CheckpointSource:
 
 
 def training_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip the trainer's module prefix; the logit scale goes back to open_clip's default scalar."""
+    """Strip the trainer's module prefix; the logit scale goes back to open_clip's default scalar, capped
+    at ln(100) as training used it (the stored value may sit just above: see CappedTemperature)."""
     clip_state = {key[len(TRAINING_PREFIX):]: value for key, value in state.items() if key.startswith(TRAINING_PREFIX)}
     if not clip_state:
         raise ValueError(f"no '{TRAINING_PREFIX}*' parameters in the checkpoint: not a fineclip_ds training checkpoint")
-    clip_state["logit_scale"] = clip_state["logit_scale"].reshape(())
+    clip_state["logit_scale"] = clip_state["logit_scale"].reshape(()).clamp(max=LOGIT_SCALE_MAX)
     return clip_state
 
 

@@ -7,7 +7,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from fineclip_ds.config import LossConfig, ModelConfig, KernelConfig
-from fineclip_ds.export import export, resolve_checkpoint
+from fineclip_ds.export import export, resolve_checkpoint, training_to_open_clip
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
 
@@ -39,6 +39,12 @@ def test_exported_state_dict_loads_in_open_clip_and_gives_the_training_features(
         torch.testing.assert_close(clip.encode_text(tokens, normalize=True), trained.encode_text(tokens),
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(clip.logit_scale.exp().reshape(1), trained.logit_scale())
+
+
+def test_the_exported_temperature_is_the_capped_one_training_used():
+    state = {"model.clip.logit_scale": torch.tensor([4.7]), "model.clip.visual.proj": torch.zeros(2, 2)}
+    exported = training_to_open_clip(state)
+    assert exported["logit_scale"].shape == () and exported["logit_scale"].exp().item() == pytest.approx(100.0)
 
 
 def test_unknown_checkpoint_paths_are_explained(tmp_path):

@@ -25,6 +25,29 @@ from fineclip_ds.models.vision_towers import OpenClipViT, vision_tower_for
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
+class CappedTemperature(torch.autograd.Function):
+    """min(t, cap) whose gradient is blocked only where it would push t further above the cap.
+
+    open_clip caps t by clamping the parameter after each optimizer step. Under DeepSpeed the step
+    updates fp32 master copies that an in-place clamp of the module's parameter does not reach, so
+    the cap lives here instead. A plain clamp would be wrong: its gradient is zero at and above the
+    cap, and every pretrained CLIP stores fp32(ln 100) > ln 100, so the temperature could never be
+    learned again. Here t above the cap still moves down when the loss wants a smaller scale.
+    """
+
+    @staticmethod
+    def forward(ctx, log_scale: torch.Tensor, cap: float) -> torch.Tensor:
+        ctx.save_for_backward(log_scale)
+        ctx.cap = cap
+        return log_scale.clamp(max=cap)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (log_scale,) = ctx.saved_tensors
+        raises_past_cap = (log_scale >= ctx.cap) & (grad < 0)  # descent moves t by -grad
+        return grad.masked_fill(raises_past_cap, 0.0), None
+
+
 class FineCLIP(nn.Module):
     def __init__(
         self, clip: nn.Module, freeze_text: bool = True, grad_checkpointing: bool = False, checkpoint_every: int = 1,
@@ -71,8 +94,8 @@ class FineCLIP(nn.Module):
         return list(self.clip.parameters(recurse=False)) + self.tower.parameters_read_outside_owner_forward()
 
     def logit_scale(self) -> torch.Tensor:
-        """The contrastive temperature multiplier exp(t), t clamped to ln(100) as in CLIP ([1])."""
-        return self.clip.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+        """The contrastive temperature multiplier exp(t), t capped at ln(100) as in CLIP ([1])."""
+        return CappedTemperature.apply(self.clip.logit_scale, LOGIT_SCALE_MAX).exp()
 
     # --- towers ----------------------------------------------------------------------------
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

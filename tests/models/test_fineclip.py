@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,27 @@ def test_logit_scale_is_a_vector_clamped_at_100():
     with torch.no_grad():
         model.clip.logit_scale.fill_(10.0)
     torch.testing.assert_close(model.logit_scale(), torch.tensor([100.0]))
+
+
+@pytest.mark.parametrize("stored", [math.log(100.0), 4.60546875, 4.7], ids=["fp32-ln100", "fp16-ln100", "above"])
+def test_a_temperature_at_or_above_the_cap_still_learns_downward(stored):
+    """Pretrained CLIPs store fp32(ln 100) or OpenAI's fp16 value, both above ln 100 in float64."""
+    model, _ = _model()
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(stored)
+    scale = model.logit_scale()
+    torch.testing.assert_close(scale, torch.tensor([100.0]))
+    scale.sum().backward()  # a loss that grows with the scale: gradient descent must lower t
+    assert model.clip.logit_scale.grad.item() > 0
+
+
+@pytest.mark.parametrize("stored,gradient_blocked", [(4.7, True), (math.log(100.0), True), (4.0, False)])
+def test_the_cap_blocks_only_gradients_that_would_raise_the_temperature_past_it(stored, gradient_blocked):
+    model, _ = _model()
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(stored)
+    (-model.logit_scale()).sum().backward()  # a loss that wants a larger scale
+    assert (model.clip.logit_scale.grad.item() == 0) == gradient_blocked
 
 
 def test_text_tower_frozen_by_default_and_trainable_on_request():
