@@ -16,8 +16,10 @@ def peak_memory_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; SXM parts.
-PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100": 989.0, "A100": 312.0}
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched in this
+# order against torch.cuda.get_device_name(): the PCIe / NVL cards before the SXM part of the same name.
+PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200 NVL": 835.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "H100": 989.0, "A100": 312.0}
 
 
 def peak_tflops(device_name: str) -> float | None:
