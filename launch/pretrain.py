@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.recipe, overrides)
         if args.dry_run:
             world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-            report = plan(config, load_deepspeed_config(args.deepspeed_config), world_size,
-                          min(args.gpus_per_node, world_size))
+            report = plan(config, load_deepspeed_config(args.deepspeed_config), world_size, args.gpus_per_node)
             print(json.dumps(report, indent=2))
             return 0
         train(config, args.deepspeed_config)

@@ -15,6 +15,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from fineclip_ds.config import RunConfig
 from fineclip_ds.models.factory import create_fineclip
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops
+from fineclip_ds.training.parallelize import DeepSpeedConfigError, offloads_optimizer, resolve_batch_sizes
 
 GIB = 2**30
 
@@ -34,9 +35,13 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
     largest_layer = max(sum(p.numel() for p in block.parameters()) for block in blocks)
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
-    offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
+    offload_optimizer = offloads_optimizer(ds_config)
     offload_params = zero.get("offload_param", {}).get("device", "none") == "cpu"
-    nodes = max(1, world_size // gpus_per_node)
+    gpus_per_node = min(gpus_per_node, world_size)
+    if world_size % gpus_per_node:
+        raise DeepSpeedConfigError(f"--world_size {world_size} is not a whole number of nodes of "
+                                   f"--gpus_per_node {gpus_per_node}")
+    nodes = world_size // gpus_per_node
     if stage == 3:
         cpu_bytes, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
             trainable, largest_layer, gpus_per_node, nodes, cpu_offload=offload_optimizer,
@@ -46,8 +51,7 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
                                                                      cpu_offload=offload_optimizer)
     half = ds_config.get("bf16", {}).get("enabled", False) or ds_config.get("fp16", {}).get("enabled", False)
     gpu_bytes += _frozen_weight_bytes(frozen, stage, world_size, 2 if half else 4)
-    micro_batch = ds_config.get("train_micro_batch_size_per_gpu", 1)
-    accumulation = ds_config.get("gradient_accumulation_steps", 1)
+    micro_batch, accumulation, global_batch = resolve_batch_sizes(ds_config, world_size)
     images = micro_batch
     regions = micro_batch * config.data.max_boxes
     weights = {"gc": config.losses.w_gc, "sd": config.losses.w_sd, "rc": config.losses.w_rc}
@@ -63,7 +67,7 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
         "offload_params": offload_params,
         "micro_batch_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
-        "global_batch": micro_batch * accumulation * world_size,
+        "global_batch": global_batch,
         "parameters": {"trainable": trainable, "frozen": frozen, "largest_block": largest_layer},
         "model_states_gib_per_gpu": round(gpu_bytes / GIB, 2),
         "model_states_gib_cpu_per_node": round(cpu_bytes / GIB, 2),

@@ -35,6 +35,30 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def resolve_batch_sizes(config: dict[str, Any], world_size: int) -> tuple[int, int, int]:
+    """(micro batch per GPU, accumulation steps, global batch) as DeepSpeed derives them from whichever
+    of train_batch_size, train_micro_batch_size_per_gpu and gradient_accumulation_steps are set."""
+    global_batch = config.get("train_batch_size")
+    micro = config.get("train_micro_batch_size_per_gpu")
+    accumulation = config.get("gradient_accumulation_steps")
+    if global_batch is not None and micro is None:
+        accumulation = accumulation or 1
+        micro = global_batch // (accumulation * world_size)
+    elif global_batch is not None and accumulation is None:
+        accumulation = global_batch // (micro * world_size)
+    micro, accumulation = micro or 1, accumulation or 1
+    if global_batch is not None and (micro < 1 or accumulation < 1 or micro * accumulation * world_size != global_batch):
+        raise DeepSpeedConfigError(
+            f"train_batch_size={global_batch} is not train_micro_batch_size_per_gpu={config.get('train_micro_batch_size_per_gpu')}"
+            f" x gradient_accumulation_steps={config.get('gradient_accumulation_steps')} x {world_size} GPUs")
+    return micro, accumulation, micro * accumulation * world_size
+
+
+def offloads_optimizer(config: dict[str, Any]) -> bool:
+    """ZeRO-Offload: the optimizer states and step live on the CPU."""
+    return config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+
+
 def adapt_precision_to_device(config: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
     """bf16/fp16 on a CPU run: an explicit, logged fallback to fp32 rather than a crash inside DeepSpeed."""
     config = copy.deepcopy(config)

@@ -35,3 +35,52 @@ def test_dry_run_plans_without_training(recipe, ds_config, trainable_millions):
 def test_zero3_model_states_shrink_with_more_gpus():
     small, large = _plan("vit-bigg-14", "zero3_vit_bigg.json", 8), _plan("vit-bigg-14", "zero3_vit_bigg.json", 64)
     assert large["model_states_gib_per_gpu"] < small["model_states_gib_per_gpu"] / 4
+
+
+BATCH_SETTINGS = [  # (train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)
+    (None, 32, None), (None, 32, 4), (1024, 32, None), (256, None, None), (1024, None, 2), (1024, 32, 4),
+]
+
+
+@pytest.mark.parametrize("global_batch,micro,accumulation", BATCH_SETTINGS)
+def test_batch_sizes_are_derived_as_deepspeed_derives_them(monkeypatch, global_batch, micro, accumulation):
+    import deepspeed.runtime.config as deepspeed_config
+
+    from fineclip_ds.training.parallelize import resolve_batch_sizes
+
+    settings = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro,
+                "gradient_accumulation_steps": accumulation}
+    config = {key: value for key, value in settings.items() if value is not None}
+    monkeypatch.setattr(deepspeed_config.dist, "get_rank", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(deepspeed_config.dist, "get_world_size", lambda *args, **kwargs: 8)
+    expected = deepspeed_config.DeepSpeedConfig(dict(config))
+    assert resolve_batch_sizes(config, world_size=8) == (
+        expected.train_micro_batch_size_per_gpu, expected.gradient_accumulation_steps, expected.train_batch_size)
+
+
+def test_inconsistent_batch_sizes_are_a_config_error():
+    from fineclip_ds.training.parallelize import DeepSpeedConfigError, resolve_batch_sizes
+
+    with pytest.raises(DeepSpeedConfigError, match="train_batch_size=1000 is not"):
+        resolve_batch_sizes({"train_batch_size": 1000, "train_micro_batch_size_per_gpu": 32}, world_size=8)
+
+
+def test_dry_run_reads_a_global_train_batch_size(tmp_path):
+    ds_config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds_config.update({"train_batch_size": 1024, "train_micro_batch_size_per_gpu": 32})
+    ds_config.pop("gradient_accumulation_steps", None)
+    path = tmp_path / "global_batch.json"
+    path.write_text(json.dumps(ds_config))
+    result = subprocess.run([sys.executable, "launch/pretrain.py", "--recipe", "vit-b-16", "--deepspeed_config",
+                             str(path), "--dry_run", "--world_size", "8"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads(result.stdout[result.stdout.index("{\n"):])
+    assert (plan["micro_batch_per_gpu"], plan["gradient_accumulation_steps"], plan["global_batch"]) == (32, 4, 1024)
+
+
+def test_a_world_that_is_not_whole_nodes_is_refused():
+    result = subprocess.run([sys.executable, "launch/pretrain.py", "--recipe", "vit-b-16", "--deepspeed_config",
+                             "ds_configs/zero2.json", "--dry_run", "--world_size", "12"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--world_size 12 is not a whole number of nodes" in result.stderr
