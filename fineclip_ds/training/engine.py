@@ -26,7 +26,8 @@ from fineclip_ds.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from fineclip_ds.training.periodic_eval import evaluate_during_training
 from fineclip_ds.training.preemption import PreemptionWatch
 from fineclip_ds.training.process_group import init_process_group
-from fineclip_ds.training.parallelize import adapt_precision_to_device, initialize, load_deepspeed_config
+from fineclip_ds.training.parallelize import (adapt_precision_to_device, initialize, load_deepspeed_config,
+                                              offloads_optimizer)
 
 log = logging.getLogger("fineclip_ds")
 BATCH_TENSORS = ("images", "texts", "boxes", "box_mask", "region_texts")
@@ -73,9 +74,9 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     seed_everything(config.train.seed)
     model, tokenizer, normalization = create_fineclip(config.model)
     objective = FineCLIPObjective(model, config.losses, config.kernels)
-    optimizer = build_optimizer(objective, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     ds_config = adapt_precision_to_device(load_deepspeed_config(deepspeed_config_path), on_gpu)
+    optimizer = build_optimizer(objective, config.optim, cpu_offload=offloads_optimizer(ds_config))
+    scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
     resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
     if resume_point is not None and checkpoint.saved_world_size(resume_point) not in (0, world_size):
         log.info("checkpoint %s was written by %d ranks, this run has %d: resuming through DeepSpeed's "

@@ -14,12 +14,20 @@ def _decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2 and "embedding" not in name and "logit_scale" not in name
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: OptimConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW; with ZeRO-Offload (`cpu_offload`) DeepSpeed's vectorised CPU AdamW, which DeepSpeed
+    requires there (torch's would also be several times slower on the CPU). It is a C++ op that
+    DeepSpeed compiles on first use (about a minute) and caches."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in named if _decays(n, p)], "weight_decay": config.weight_decay},
         {"params": [p for n, p in named if not _decays(n, p)], "weight_decay": 0.0},
     ]
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+                                adamw_mode=True)
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
 
 

@@ -106,3 +106,14 @@ def test_eva02_trains_under_zero3_with_every_parameter_partitioned(tmp_path):
                  "--set", "data.max_boxes=2", "--set", "optim.lr=1e-4")
     curve = losses(output_dir)
     assert [step for step, _ in curve] == [1, 2] and all(loss == loss for _, loss in curve)
+
+
+def test_zero3_with_the_optimizer_offloaded_to_the_cpu_matches_one_process(runs, tmp_path):
+    """ds_configs/zero3_offload.json as shipped (micro batch set for the test): DeepSpeed's CPU AdamW."""
+    ds_config = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    ds_config["train_micro_batch_size_per_gpu"] = GLOBAL_BATCH // 2
+    config_path = tmp_path / "offload.json"
+    config_path.write_text(json.dumps(ds_config))
+    run_pretrain(2, config_path, tmp_path / "offload", *COMMON, "--max_steps", "2", timeout=600)
+    torch.testing.assert_close(torch.tensor([l for _, l in losses(tmp_path / "offload")]),
+                               torch.tensor([l for _, l in losses(runs["one_zero2"])[:2]]), rtol=1e-4, atol=1e-4)
