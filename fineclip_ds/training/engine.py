@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -31,6 +32,9 @@ from fineclip_ds.training.parallelize import (adapt_precision_to_device, initial
 
 log = logging.getLogger("fineclip_ds")
 BATCH_TENSORS = ("images", "texts", "boxes", "box_mask", "region_texts")
+# Where a job script asks to be told that a stop signal ended the run (checkpoint written, exit 0),
+# so that it requeues itself (launch/slurm_pretrain.sbatch); rank 0 writes the step there.
+REQUEUE_FILE_VARIABLE = "FINECLIP_REQUEUE_FILE"
 
 
 def seed_everything(seed: int) -> None:
@@ -178,6 +182,8 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                                                            "world_size": world_size}, config.train.keep_last)
         if preempted:
             log.warning("stopped by signal after step %d; resume with --resume auto", done)
+            if rank == 0 and os.environ.get(REQUEUE_FILE_VARIABLE):
+                Path(os.environ[REQUEUE_FILE_VARIABLE]).write_text(f"{done}\n")
             break
     summary = {**whole_run.read(),
                "peak_memory_mb": peak_memory_mb(), "device": device_name(), "world_size": world_size}

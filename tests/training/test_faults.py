@@ -47,7 +47,9 @@ def _signal_workers_when(process: subprocess.Popen, output_dir: Path, steps_logg
 def test_a_signal_stops_with_a_checkpoint_and_resume_gives_the_uninterrupted_curve(reference, tmp_path, signum):
     config, uninterrupted = reference
     output_dir = tmp_path / "preempted"
-    process = subprocess.Popen(pretrain_command(config, output_dir, *JOB), cwd=REPO, env=launcher_env(2),
+    requeue_file = tmp_path / "requeue"  # what launch/slurm_pretrain.sbatch asks for
+    process = subprocess.Popen(pretrain_command(config, output_dir, *JOB), cwd=REPO,
+                               env=launcher_env(2, FINECLIP_REQUEUE_FILE=str(requeue_file)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _signal_workers_when(process, output_dir, steps_logged=2, signum=signum)
     output, _ = process.communicate(timeout=240)
@@ -55,6 +57,7 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_gives_the_uninterrupted_cur
     stopped_at = len(losses(output_dir))
     assert 2 <= stopped_at < STEPS, "the run ended before the signal arrived"
     assert (output_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+    assert requeue_file.read_text() == f"{stopped_at}\n"
     run_pretrain(2, config, output_dir, *JOB, "--resume", "auto")
     assert losses(output_dir) == losses(uninterrupted)
 

@@ -1,0 +1,50 @@
+"""launch/slurm_pretrain.sbatch requeues a job that a stop signal ended, and only such a job: run with
+stand-ins for srun and scontrol on PATH (the trainer's side, writing the file, is in test_faults)."""
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE_SRUN = """#!/usr/bin/env bash
+# a training run: stopped by the time-limit signal when FAKE_PREEMPTED=1 (rank 0 writes the file)
+if [[ "${FAKE_PREEMPTED}" == 1 ]]; then echo 7 > "${FINECLIP_REQUEUE_FILE}"; fi
+exit "${FAKE_STATUS:-0}"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ "$1" == show ]]; then echo node-001; else echo "$@" >> "${SCONTROL_CALLS}"; fi
+"""
+
+
+def _run_job(tmp_path: Path, preempted: bool, status: int = 0, stale_file: bool = False) -> tuple[int, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    if stale_file:  # an earlier allocation of the same job was requeued and left its file behind
+        (tmp_path / ".fineclip-requeue-4242").write_text("3\n")
+    calls = tmp_path / "scontrol_calls"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-001", "SCONTROL_CALLS": str(calls),
+           "FAKE_PREEMPTED": "1" if preempted else "0", "FAKE_STATUS": str(status)}
+    done = subprocess.run(["bash", str(REPO / "launch" / "slurm_pretrain.sbatch"), "--recipe", "vit-l-14"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    return done.returncode, calls.read_text() if calls.exists() else ""
+
+
+@pytest.mark.parametrize("stale_file", [False, True])
+def test_a_run_stopped_by_the_signal_is_requeued(tmp_path, stale_file):
+    assert _run_job(tmp_path, preempted=True, stale_file=stale_file) == (0, "requeue 4242\n")
+    assert not (tmp_path / ".fineclip-requeue-4242").exists()
+
+
+@pytest.mark.parametrize("stale_file", [False, True])
+def test_a_finished_run_is_not_requeued_even_after_an_earlier_requeue(tmp_path, stale_file):
+    assert _run_job(tmp_path, preempted=False, stale_file=stale_file) == (0, "")
+
+
+def test_a_failed_run_is_not_requeued_and_keeps_its_status(tmp_path):
+    assert _run_job(tmp_path, preempted=False, status=3) == (3, "")
