@@ -214,8 +214,8 @@ def validate(config: RunConfig) -> None:
     )
     size = config.model.image_size
     sizes = [size] if isinstance(size, int) else size or []
-    _require(size is None or (len(sizes) in (1, 2) and all(s >= 16 for s in sizes)), "model.image_size", size,
-             "null, an integer >= 16, or [height, width]")
+    _require(size is None or (len(sizes) == (1 if isinstance(size, int) else 2) and all(s >= 16 for s in sizes)),
+             "model.image_size", size, "null, an integer >= 16, or [height, width]")
     _require(config.model.checkpoint_every >= 1, "model.checkpoint_every", config.model.checkpoint_every, "an integer >= 1")
     _require(config.data.max_boxes >= 1, "data.max_boxes", config.data.max_boxes, "an integer >= 1")
     _require(0 <= config.data.max_bad_fraction <= 1, "data.max_bad_fraction", config.data.max_bad_fraction,

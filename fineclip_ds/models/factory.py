@@ -6,6 +6,7 @@ from typing import Callable
 
 import open_clip
 import torch
+import torch.nn.functional as F
 
 from fineclip_ds.config import ModelConfig
 from fineclip_ds.models.fineclip import FineCLIP
@@ -14,6 +15,33 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+def _native_grid(name: str) -> tuple[int, int] | None:
+    """The patch grid an open_clip ViT config (and so its checkpoints) was trained at; None for timm towers."""
+    vision = open_clip.get_model_config(name).get("vision_cfg", {})
+    size, patch = vision.get("image_size"), vision.get("patch_size")
+    if size is None or patch is None or vision.get("timm_model_name"):
+        return None
+    (height, width), (patch_h, patch_w) = [(v, v) if isinstance(v, int) else tuple(v) for v in (size, patch)]
+    return height // patch_h, width // patch_w
+
+
+def _resample_same_length_positional_grid(clip: torch.nn.Module, name: str) -> None:
+    """Resample the loaded positional table when the new grid has as many tokens as the checkpoint's
+    but another shape (8 x 8 -> 4 x 16): open_clip resizes only when the token count changes, so the
+    table would otherwise be read in the wrong layout. Same interpolation as open_clip's resize, and
+    the same assumption: the checkpoint is at its model config's size (true of open_clip's and
+    OpenAI's weights, and of our exports, whose config records the trained size)."""
+    native, table = _native_grid(name), getattr(clip.visual, "positional_embedding", None)
+    grid = tuple(getattr(clip.visual, "grid_size", ()))
+    if native is None or table is None or grid == native or grid[0] * grid[1] != native[0] * native[1]:
+        return
+    # table: [1 + H*W, C] (class token first)
+    image_part = table[1:].detach().reshape(1, *native, -1).permute(0, 3, 1, 2).float()
+    resampled = F.interpolate(image_part, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    with torch.no_grad():
+        table[1:] = resampled.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(table.dtype)
 
 
 def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
@@ -29,6 +57,8 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
     force_image_size = tuple(size) if isinstance(size, list) else size  # positional embeddings interpolated
     clip = open_clip.create_model(config.name, pretrained=config.pretrained, nonscalar_logit_scale=True, device=device,
                                   force_image_size=force_image_size)
+    if config.pretrained is not None:
+        _resample_same_length_positional_grid(clip, config.name)
     model = FineCLIP(
         clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing,
         checkpoint_every=config.checkpoint_every, attention=config.attention,

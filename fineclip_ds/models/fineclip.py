@@ -149,5 +149,7 @@ class FineCLIP(nn.Module):
         backend: str = "auto",
     ) -> torch.Tensor:
         # dense: [B, h*w, D]; boxes: [B, R, 4] xyxy input pixels -> [B, R, D] normalised (masked rows 0)
-        spatial_scale = 1.0 / self.patch_size[0]
-        return pool_regions(dense, boxes, grid_hw, spatial_scale, box_mask, backend=backend)
+        patch_h, patch_w = self.patch_size
+        if patch_w != patch_h:  # region pooling takes one scale: x in units of the patch height, then 1/patch_h
+            boxes = boxes * boxes.new_tensor([patch_h / patch_w, 1.0, patch_h / patch_w, 1.0])
+        return pool_regions(dense, boxes, grid_hw, 1.0 / patch_h, box_mask, backend=backend)

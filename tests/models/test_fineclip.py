@@ -1,5 +1,7 @@
+import json
 import math
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,6 +80,25 @@ def test_the_cap_blocks_only_gradients_that_would_raise_the_temperature_past_it(
         model.clip.logit_scale.fill_(stored)
     (-model.logit_scale()).sum().backward()  # a loss that wants a larger scale
     assert (model.clip.logit_scale.grad.item() == 0) == gradient_blocked
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_boxes_pool_at_each_axis_own_scale_with_non_square_patches(tmp_path, backend):
+    config = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
+                                              "patch_size": [8, 16]},
+              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    (tmp_path / "Test-ViT-NonSquarePatch.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path)
+    model, _ = _model(name="Test-ViT-NonSquarePatch")
+    with torch.no_grad():
+        dense, grid_hw = model.encode_dense(torch.randn(1, 3, 64, 64))
+        boxes = torch.tensor([[[40.0, 8.0, 64.0, 24.0], [3.0, 30.0, 35.0, 61.0]]])
+        got = model.region_features(dense, grid_hw, boxes, backend=backend)
+    feature_map = dense.transpose(1, 2).reshape(1, -1, *grid_hw)
+    in_grid_units = boxes[0] * torch.tensor([1 / 16, 1 / 8, 1 / 16, 1 / 8])  # x by the patch width, y by its height
+    expected = F.normalize(roi_align(feature_map, [in_grid_units], 1, 1.0, -1, True).flatten(1), dim=-1)
+    assert grid_hw == (8, 4)
+    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_text_tower_frozen_by_default_and_trainable_on_request():

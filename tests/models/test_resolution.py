@@ -45,6 +45,16 @@ def test_a_small_change_of_size_keeps_features_finite_and_close(checkpoint, size
     assert (before * after).sum(-1).min() > 0.95  # cosine similarity of unit embeddings
 
 
+def test_a_grid_of_the_same_length_but_another_shape_is_resampled_not_reread(checkpoint):
+    """8 x 8 -> 4 x 16 has 64 tokens either way: open_clip alone would keep the 8 x 8 table as is."""
+    native, wide = _model(checkpoint), _model(checkpoint, [32, 128])
+    table = native.visual.positional_embedding.detach()
+    image_part = table[1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(image_part, size=(4, 16), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(wide.visual.positional_embedding[1:], expected.permute(0, 2, 3, 1).reshape(64, -1))
+    torch.testing.assert_close(wide.visual.positional_embedding[0], table[0], rtol=0, atol=0)
+
+
 def test_training_step_at_a_non_square_size_runs_and_saves_at_that_size(checkpoint, tmp_path):
     model = _model(checkpoint, [48, 80]).train()
     images = torch.randn(2, 3, 48, 80)
