@@ -10,8 +10,10 @@ from fineclip_ds.config import OptimConfig
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
-    """Biases, norms, embeddings-like 1-d tensors and the logit scale get no weight decay."""
-    return param.ndim >= 2 and "embedding" not in name and "logit_scale" not in name
+    """open_clip's (and FineCLIP's) rule: no weight decay on 1-d tensors (norms, biases, class
+    embeddings), batch/layer norms, biases and the logit scale; the positional and token embedding
+    tables are decayed."""
+    return not (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
