@@ -26,6 +26,7 @@ from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 TAG_PREFIX = "step_"
 TAG_PATTERN = re.compile(rf"{TAG_PREFIX}\d{{8}}")
 PARTIAL_SUFFIX = ".tmp"
+REPLACED_SUFFIX = ".replaced"  # a tag's previous copy while a save of the same step replaces it
 UNIVERSAL_SUFFIX = "_universal"  # a tag converted for a resume at another world size
 
 
@@ -89,8 +90,14 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
                            client_state={"step": step, UNIVERSAL_CHECKPOINT_INFO: {}})
     _barrier()
     if engine.global_rank == 0:
-        shutil.rmtree(final_dir, ignore_errors=True)
+        # Re-saving a step (the non-finite stop does, with the data position moved on): the old copy
+        # is renamed aside, not deleted first, so `latest` names a missing folder for one rename only.
+        replaced_dir = checkpoint_dir / (tag + REPLACED_SUFFIX)
+        shutil.rmtree(replaced_dir, ignore_errors=True)
+        if final_dir.is_dir():
+            os.replace(final_dir, replaced_dir)
         os.replace(partial_dir, final_dir)
+        shutil.rmtree(replaced_dir, ignore_errors=True)
         pointer = checkpoint_dir / ("latest" + PARTIAL_SUFFIX)
         pointer.write_text(tag)
         os.replace(pointer, checkpoint_dir / "latest")
@@ -111,7 +118,6 @@ def saved_world_size(point: ResumePoint) -> int:
     return len(list((point.directory / point.tag).glob("trainer_state_rank*.pt")))
 
 
-
 def convert_to_universal(point: ResumePoint, rank: int) -> ResumePoint:
     """Collective. DeepSpeed's universal format (parameters and Adam states per parameter, not per
     rank) is what a different world size can load; rank 0 converts once, beside the original tag."""
@@ -119,9 +125,12 @@ def convert_to_universal(point: ResumePoint, rank: int) -> ResumePoint:
     if rank == 0 and not universal.is_dir():
         partial = point.directory / (point.tag + UNIVERSAL_SUFFIX + PARTIAL_SUFFIX)
         shutil.rmtree(partial, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(point.directory / point.tag), "--output_folder", str(partial)],
-                       check=True, capture_output=True, text=True)
+        converted = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                    str(point.directory / point.tag), "--output_folder", str(partial)],
+                                   capture_output=True, text=True)
+        if converted.returncode != 0:
+            raise RuntimeError(f"converting {point.directory / point.tag} to DeepSpeed's universal checkpoint "
+                               f"failed (exit {converted.returncode}):\n{converted.stderr[-3000:]}")
         for trainer_state in (point.directory / point.tag).glob("trainer_state_rank*.pt"):
             shutil.copy2(trainer_state, partial / trainer_state.name)
         os.replace(partial, universal)

@@ -91,16 +91,21 @@ def test_nan_losses_are_skipped_on_every_rank_and_counted(reference, tmp_path):
     assert events.Scalars("data/samples")[-1].value == (STEPS + 3) * 32  # skipped batches were consumed
 
 
-def test_too_many_nan_losses_in_a_row_stop_with_the_last_good_state_saved(reference, tmp_path):
+@pytest.mark.parametrize("stop_step", [5, 4], ids=["new-tag", "re-saved-tag"])  # save_every=4 saved step 4 already
+def test_too_many_nan_losses_in_a_row_stop_with_the_last_good_state_saved(reference, tmp_path, stop_step):
     config, _ = reference
     output_dir = tmp_path / "nan_stop"
+    first_nan_call = stop_step + 1
     result = run_pretrain(2, config, output_dir, *JOB, "--set", "train.max_consecutive_nonfinite=3",
                           script=NAN_SCRIPT, check=False,
-                          env={"FINECLIP_TEST_NAN_CALLS": ",".join(str(c) for c in range(6, 40)), "FINECLIP_TEST_NAN_RANK": "0"})
+                          env={"FINECLIP_TEST_NAN_CALLS": ",".join(str(c) for c in range(first_nan_call, 40)),
+                               "FINECLIP_TEST_NAN_RANK": "0"})
     assert result.returncode != 0
-    assert "non-finite loss at step 5" in result.stdout + result.stderr
-    assert (output_dir / "checkpoints" / "latest").read_text() == "step_00000005"
-    assert [step for step, _ in losses(output_dir)] == [1, 2, 3, 4, 5]
+    assert f"non-finite loss at step {stop_step}" in result.stdout + result.stderr
+    checkpoints = output_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == f"step_{stop_step:08d}"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir())[-1] == f"step_{stop_step:08d}"  # no leftovers
+    assert [step for step, _ in losses(output_dir)] == list(range(1, stop_step + 1))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
