@@ -94,11 +94,14 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     stream = build_train_stream(
         config.data, model.image_size, normalization, tokenizer, micro_batch, rank, world_size, config.train.seed
     )
-    start_step = 0
+    start_step, data_counts, skipped_nonfinite = 0, Counter(), 0
     if resume_point is not None:
         state = checkpoint.load(engine, resume_point)
         start_step = state["step"]
         stream.load_state_dict(state["stream"])
+        # the run's totals so far (summed over ranks when saved): rank 0 carries them on, at any world size
+        data_counts = Counter(state.get("data_counts", {}) if rank == 0 else {})
+        skipped_nonfinite = state.get("skipped_nonfinite", 0)
         log.info("resumed from %s/%s at step %d", resume_point.directory, resume_point.tag, start_step)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -117,13 +120,19 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         return step_flops(shapes, images, int(batch["box_mask"].sum()), images * slots, world_size, text_trainable,
                           config.losses.sd_teacher_grad, objective.weights)
 
-    data_counts: Counter = Counter()
     batches = iter(stream)
     last: dict[str, float] = {}
     engine.train()
     stop_step = config.train.stop_at_step or config.train.max_steps
     preemption = PreemptionWatch()
     nonfinite = NonFiniteGuard(config.train.max_consecutive_nonfinite)
+    nonfinite.skipped = skipped_nonfinite
+
+    def trainer_state(step: int) -> dict[str, Any]:
+        """Collective (the data counts are summed over ranks)."""
+        return {"step": step, "stream": stream.state_dict(), "world_size": world_size, "skipped_nonfinite":
+                nonfinite.skipped, "data_counts": dict(_sum_counters_over_ranks(data_counts, world_size))}
+
     for step in range(start_step, stop_step):
         applied_lr = engine.get_lr()[0]  # engine.step() moves the schedule on to the next step's lr
         step_terms: list[dict[str, torch.Tensor]] = []
@@ -134,8 +143,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             loss, terms = engine(_to_device(batch, engine.device, image_dtype))
             if not nonfinite.all_ranks_finite(loss, world_size):
                 if nonfinite.exhausted:
-                    checkpoint.save(engine, checkpoint_dir, step, {"step": step, "stream": stream.state_dict(),
-                                                                   "world_size": world_size}, config.train.keep_last)
+                    checkpoint.save(engine, checkpoint_dir, step, trainer_state(step), config.train.keep_last)
                     raise NonFiniteLossError(
                         f"{nonfinite.in_a_row} micro-batches in a row gave a non-finite loss at step {step}; the last "
                         f"good state is saved in {checkpoint_dir}/{checkpoint.tag_for_step(step)}. Lower optim.lr or "
@@ -178,8 +186,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             monitor.image(done, "eval/dense_features", picture)
         preempted = preemption.requested(world_size, engine.device)
         if done % config.train.save_every == 0 or done == stop_step or preempted:
-            checkpoint.save(engine, checkpoint_dir, done, {"step": done, "stream": stream.state_dict(),
-                                                           "world_size": world_size}, config.train.keep_last)
+            checkpoint.save(engine, checkpoint_dir, done, trainer_state(done), config.train.keep_last)
         if preempted:
             log.warning("stopped by signal after step %d; resume with --resume auto", done)
             if rank == 0 and os.environ.get(REQUEUE_FILE_VARIABLE):

@@ -60,6 +60,9 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_gives_the_uninterrupted_cur
     assert requeue_file.read_text() == f"{stopped_at}\n"
     run_pretrain(2, config, output_dir, *JOB, "--resume", "auto")
     assert losses(output_dir) == losses(uninterrupted)
+    events = EventAccumulator(str(output_dir / "tensorboard"))
+    events.Reload()
+    assert events.Scalars("data/samples")[-1].value == STEPS * 32  # the run's total, carried over the resume
 
 
 def test_a_save_killed_half_way_is_never_resumed_from(reference, tmp_path):
