@@ -10,6 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SRUN = """#!/usr/bin/env bash
 # a training run: stopped by the time-limit signal when FAKE_PREEMPTED=1 (rank 0 writes the file)
+echo "$1 $2" > "${SRUN_ARGS}"
 if [[ "${FAKE_PREEMPTED}" == 1 ]]; then echo 7 > "${FINECLIP_REQUEUE_FILE}"; fi
 exit "${FAKE_STATUS:-0}"
 """
@@ -29,7 +30,8 @@ def _run_job(tmp_path: Path, preempted: bool, status: int = 0, stale_file: bool 
     calls = tmp_path / "scontrol_calls"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path),
            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-001", "SCONTROL_CALLS": str(calls),
-           "FAKE_PREEMPTED": "1" if preempted else "0", "FAKE_STATUS": str(status)}
+           "FAKE_PREEMPTED": "1" if preempted else "0", "FAKE_STATUS": str(status),
+           "SLURM_CPUS_PER_TASK": "12", "SRUN_ARGS": str(tmp_path / "srun_args")}
     done = subprocess.run(["bash", str(REPO / "launch" / "slurm_pretrain.sbatch"), "--recipe", "vit-l-14"],
                           env=env, capture_output=True, text=True, timeout=60)
     return done.returncode, calls.read_text() if calls.exists() else ""
@@ -48,3 +50,9 @@ def test_a_finished_run_is_not_requeued_even_after_an_earlier_requeue(tmp_path, 
 
 def test_a_failed_run_is_not_requeued_and_keeps_its_status(tmp_path):
     assert _run_job(tmp_path, preempted=False, status=3) == (3, "")
+
+
+def test_srun_passes_the_cpus_per_task_on(tmp_path):
+    """Slurm 22.05-23.02: srun does not inherit the batch script's --cpus-per-task."""
+    _run_job(tmp_path, preempted=False)
+    assert (tmp_path / "srun_args").read_text() == "--kill-on-bad-exit=1 --cpus-per-task=12\n"
