@@ -66,6 +66,8 @@ class Attention(nn.Module):
         if not (_same_tensor(k_x, q_x) and _same_tensor(v_x, q_x)) or need_weights:
             raise NotImplementedError("Attention serves self-attention without returned weights only")
         batch, tokens, width = q_x.shape
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # nn.MultiheadAttention's True = not attended; SDPA's and ours: True = attend
         if value_only:
             value = F.linear(q_x, self.in_proj_weight[2 * width:], self.in_proj_bias[2 * width:])
             return self.out_proj(value), None

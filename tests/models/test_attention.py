@@ -18,11 +18,14 @@ def _pair(backend: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math", "auto", "flash_attn"])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [None, "additive", "boolean"])
 def test_matches_torch_multihead_attention_forward_and_backward(backend, causal):
+    """Masks as nn.MultiheadAttention reads them: additive floats, or booleans with True = not attended."""
     reference, ours = _pair(backend)
     x = torch.randn(3, 11, 48, dtype=torch.float64, requires_grad=True)
-    mask = torch.full((11, 11), float("-inf"), dtype=torch.float64).triu(1) if causal else None
+    masks = {None: None, "additive": torch.full((11, 11), float("-inf"), dtype=torch.float64).triu(1),
+             "boolean": torch.ones(11, 11, dtype=torch.bool).triu(1)}
+    mask = masks[causal]
     expected = reference(x, x, x, need_weights=False, attn_mask=mask)[0]
     got = ours(x, attn_mask=mask)[0]
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
