@@ -109,11 +109,12 @@ class TimmEva:
         return self._project(self.trunk.norm(x[:, self.trunk.num_prefix_tokens:]))
 
     def parameters_read_outside_owner_forward(self) -> list[nn.Parameter]:
-        """Besides the direct parameters, the last attention's projections: the value-only path reads
-        them with F.linear, outside the qkv module's own forward."""
+        """Besides the direct parameters, the last attention's projections and the last block's own
+        (layer-scale gamma_1/gamma_2 where the config has them): the value-only path reads them
+        outside their owners' forwards."""
         last_attention = self.blocks[-1].attn
         return (list(self.visual.parameters(recurse=False)) + list(self.trunk.parameters(recurse=False))
-                + list(last_attention.parameters(recurse=False))
+                + list(self.blocks[-1].parameters(recurse=False)) + list(last_attention.parameters(recurse=False))
                 + (list(last_attention.qkv.parameters()) if last_attention.qkv is not None else []))
 
 
