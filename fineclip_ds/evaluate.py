@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> dict:
     size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
     model, tokenizer, normalization = load_for_evaluation(args.checkpoint, args.model, device, size)
     if args.task == "box-cls":
-        dataset = load_coco_boxes(_required(args, "annotations"), _required(args, "images"))
+        dataset = load_coco_boxes(_required(args, "annotations"), _required(args, "images"), args.keep_crowd,
+                                  args.min_box_size)
         return evaluate_box_classification(model, tokenizer, normalization, dataset, args.templates, args.batch_size,
                                            not args.no_crop_baseline, device, dtype)
     if args.task == "retrieval":
@@ -93,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=Path, help="image folder")
     parser.add_argument("--labels", type=Path, help="segmentation: folder of label PNGs named like the images")
     parser.add_argument("--classes", type=Path, help="segmentation: text file, one class name per line")
+    parser.add_argument("--keep_crowd", action="store_true", help="box-cls: score iscrowd boxes too (FineCLIP does)")
+    parser.add_argument("--min_box_size", type=float, default=0.0,
+                        help="box-cls: skip boxes with w * h < this squared (FineCLIP: 8)")
     parser.add_argument("--slide", action="store_true", help="segmentation: sliding model-sized windows")
     parser.add_argument("--reduce_zero_label", action="store_true",
                         help="segmentation: label PNGs store class k as k + 1 and 0 as unscored 'other' (ADE20K, "

@@ -35,8 +35,13 @@ class BoxDataset:
     skipped: Counter = field(default_factory=Counter)
 
 
-def load_coco_boxes(annotation_file: Path, image_dir: Path) -> BoxDataset:
-    """COCO instances (bbox per annotation) or panoptic (segments_info per image), iscrowd skipped."""
+def load_coco_boxes(annotation_file: Path, image_dir: Path, keep_crowd: bool = False,
+                    min_box_size: float = 0.0) -> BoxDataset:
+    """COCO instances (bbox per annotation) or panoptic (segments_info per image); crowd boxes are
+    skipped unless `keep_crowd`, boxes with w * h < min_box_size^2 always (both counted).
+
+    FineCLIP's own evaluation (panoptic val2017) keeps crowd segments and drops w * h < 8^2:
+    `keep_crowd=True, min_box_size=8` gives numbers comparable with the paper's tables."""
     coco = json.loads(Path(annotation_file).read_text())
     categories = sorted(coco["categories"], key=lambda category: category["id"])
     index_of = {category["id"]: index for index, category in enumerate(categories)}
@@ -49,13 +54,16 @@ def load_coco_boxes(annotation_file: Path, image_dir: Path) -> BoxDataset:
     for image in coco["images"]:
         boxes, labels = [], []
         for segment in per_image[image["id"]]:
-            if segment.get("iscrowd", 0):
+            if segment.get("iscrowd", 0) and not keep_crowd:
                 dataset.skipped["crowd_box"] += 1
                 continue
             if segment["category_id"] not in index_of:
                 dataset.skipped["unknown_category"] += 1
                 continue
             x, y, w, h = segment["bbox"]
+            if w * h < min_box_size ** 2:
+                dataset.skipped["box_under_min_size"] += 1
+                continue
             boxes.append([x, y, x + w, y + h])
             labels.append(index_of[segment["category_id"]])
         if boxes:

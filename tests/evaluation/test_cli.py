@@ -9,6 +9,7 @@ import torch
 import fineclip_ds.models.factory  # noqa: F401  registers the tiny model configs
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.evaluate import main
+from fineclip_ds.evaluation.box_classification import load_coco_boxes
 
 IMAGES = 6
 
@@ -70,6 +71,23 @@ def test_box_classification_from_coco_instances_counts_what_it_skips(data, tmp_p
     for key in ("region_top1", "region_top5", "crop_top1", "crop_top5", "region_top1_overall"):
         assert 0.0 <= result[key] <= 100.0
     assert result["region_top5"] >= result["region_top1"]
+
+
+def test_fineclips_protocol_keeps_crowd_boxes_and_drops_tiny_ones(data, tmp_path):
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 3, "name": "circle"}],
+            "annotations": [{"image_id": 1, "category_id": 3, "bbox": bbox, "iscrowd": crowd} for bbox, crowd in
+                            (([0, 0, 20, 20], 1), ([0, 0, 5, 5], 0), ([1, 1, 30, 30], 0), ([2, 2, 0, 9], 0))]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    default = load_coco_boxes(tmp_path / "coco.json", tmp_path)
+    assert default.images[0].boxes == [[0, 0, 5, 5], [1, 1, 31, 31], [2, 2, 2, 11]]
+    assert default.skipped == {"crowd_box": 1}
+    fineclip = load_coco_boxes(tmp_path / "coco.json", tmp_path, keep_crowd=True, min_box_size=8)
+    assert fineclip.images[0].boxes == [[0, 0, 20, 20], [1, 1, 31, 31]]
+    assert fineclip.skipped == {"box_under_min_size": 2}
+    wired = _evaluate(data, tmp_path, "--task", "box-cls", "--annotations", str(data / "instances.json"),
+                      "--images", str(data / "images"), "--templates", "shapes", "--no_crop_baseline",
+                      "--keep_crowd", "--min_box_size", "8")
+    assert "skipped_crowd_box" not in wired and wired["skipped_box_under_min_size"] >= 1
 
 
 def test_panoptic_annotations_give_the_same_boxes(data, tmp_path):
