@@ -44,6 +44,9 @@ class LossConfig:
     w_rc: float = 1.0  # regional (region-caption) contrastive
     sd_teacher_grad: bool = True  # FineCLIP's code lets gradient flow through the crop teacher
     crop_enlarge: float = 1.5  # self-distillation crops are the box enlarged by this factor
+    # Teacher crops come from the image at this many times the model's input size: 1 crops the model
+    # input itself (cheapest; small boxes come out blurred), FineCLIP crops the full-size original.
+    crop_source_scale: int = 1
 
 
 @dataclass
@@ -230,6 +233,8 @@ def validate(config: RunConfig) -> None:
         "losses", (config.losses.w_gc, config.losses.w_sd, config.losses.w_rc), "at least one positive loss weight",
     )
     _require(config.losses.crop_enlarge >= 1.0, "losses.crop_enlarge", config.losses.crop_enlarge, "a factor >= 1.0")
+    _require(isinstance(config.losses.crop_source_scale, int) and 1 <= config.losses.crop_source_scale <= 8,
+             "losses.crop_source_scale", config.losses.crop_source_scale, "an integer in 1..8")
     _require(0 < config.optim.lr < math.inf, "optim.lr", config.optim.lr, "a finite learning rate > 0")
     _require(0 <= config.optim.weight_decay < math.inf, "optim.weight_decay", config.optim.weight_decay,
              "a finite value >= 0")

@@ -29,6 +29,7 @@ def test_exponent_floats_without_a_dot_are_floats():
     ("optim.beta2=1.5", "optim.beta2: got 1.5, expected a value in [0, 1)"),
     ("optim.eps=-1", "optim.eps: got -1.0"),
     ("train.seed=-1", "train.seed: got -1"),
+    ("losses.crop_source_scale=0", "losses.crop_source_scale: got 0, expected an integer in 1..8"),
     ("model.image_size=[72]", "model.image_size: got [72], expected null, an integer >= 16, or [height, width]"),
     ("train.resume=/no/such/dir", "train.resume"),
     ("model.pretrained=/no/such/file.pt", "model.pretrained"),

@@ -15,6 +15,7 @@ class TransformedSample:
     boxes: torch.Tensor  # [k, 4] xyxy pixels at S
     region_captions: list[str]  # k, aligned with boxes
     drops: Counter = field(default_factory=Counter)  # boxes and samples dropped on the way here
+    crop_source: torch.Tensor | None = None  # [3, s*S, s*S]: the image teacher crops are cut from (s > 1)
 
 
 class RegionCollator:
@@ -48,7 +49,7 @@ class RegionCollator:
         region_texts = self.tokenizer([caption for row in region_captions for caption in row])
         stats["samples"] += len(samples)
         stats["regions"] += sum(counts)
-        return {
+        batch = {
             "images": torch.stack([sample.image for sample in samples]),
             "texts": texts,
             "boxes": boxes,
@@ -56,3 +57,6 @@ class RegionCollator:
             "region_texts": region_texts.view(len(samples), slots, -1),
             "data_stats": dict(+stats),  # a plain dict: DataLoader conversion would re-add a Counter into itself
         }
+        if samples[0].crop_source is not None:
+            batch["crop_images"] = torch.stack([sample.crop_source for sample in samples])
+        return batch

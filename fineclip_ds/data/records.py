@@ -99,5 +99,6 @@ def decode_record(record: dict[str, Any], transform: RegionTransform) -> tuple[T
     if len(captioned) < len(kept_index):
         drops["region_caption_empty"] += len(kept_index) - len(captioned)
     sample = TransformedSample(tensor, caption, kept_boxes[captioned],
-                               [region_captions[kept_index[row]].strip() for row in captioned], drops)
+                               [region_captions[kept_index[row]].strip() for row in captioned], drops,
+                               transform.crop_source(image))
     return sample, Counter()

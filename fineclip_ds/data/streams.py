@@ -30,7 +30,8 @@ class _WorldSamples(Dataset):
     def __getitem__(self, index: int) -> TransformedSample:
         sample = self.world.sample(index)
         image, boxes, kept, drops = self.transform(sample.image, sample.boxes)
-        return TransformedSample(image, sample.caption, boxes, [sample.region_captions[i] for i in kept], drops)
+        return TransformedSample(image, sample.caption, boxes, [sample.region_captions[i] for i in kept], drops,
+                                 self.transform.crop_source(sample.image))
 
 
 class SyntheticStream:

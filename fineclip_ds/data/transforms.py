@@ -44,10 +44,22 @@ def validate_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) ->
 class RegionTransform:
     """PIL image + xyxy pixel boxes -> (normalised [3, H, W] tensor, [k, 4] boxes at H x W, kept indices, drops)."""
 
-    def __init__(self, image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
+                 crop_source_scale: int = 1):
         self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.mean = list(mean)
         self.std = list(std)
+        self.crop_source_scale = crop_source_scale
+
+    def crop_source(self, image: Image.Image) -> torch.Tensor | None:
+        """The image at crop_source_scale x the model's size, for self-distillation crops; None at scale 1
+        (crops then come from the model input itself)."""
+        # -> [3, s*H, s*W] normalised
+        if self.crop_source_scale == 1:
+            return None
+        size = [self.height * self.crop_source_scale, self.width * self.crop_source_scale]
+        resized = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        return TF.normalize(TF.to_tensor(resized), self.mean, self.std)
 
     def __call__(self, image: Image.Image, boxes: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, list[int], Counter]:
         width, height = image.size

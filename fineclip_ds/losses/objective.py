@@ -47,7 +47,8 @@ class FineCLIPObjective(nn.Module):
 
         Only what the enabled losses read is computed: no dense path without L_SD or L_RC, no region
         captions without L_RC (the L_GC-only baseline costs what CLIP costs)."""
-        # batch: images [B,3,H,W], texts [B,L], boxes [B,R,4] xyxy pixels, box_mask [B,R], region_texts [B,R,L]
+        # batch: images [B,3,H,W], texts [B,L], boxes [B,R,4] xyxy pixels, box_mask [B,R], region_texts [B,R,L];
+        # optional crop_images [B,3,s*H,s*W] (losses.crop_source_scale = s)
         images, boxes, box_mask = batch["images"], batch["boxes"], batch["box_mask"]
         use_regions = self.weights["sd"] > 0 or self.weights["rc"] > 0
         logit_scale = self.model.logit_scale()
@@ -64,7 +65,10 @@ class FineCLIPObjective(nn.Module):
         if self.weights["gc"] > 0:
             terms["gc"] = self.global_contrastive(image_embeddings, text_embeddings, logit_scale)
         if self.weights["sd"] > 0:
-            crops = crop_regions(images, boxes, box_mask, self.crop_enlarge, tuple(images.shape[-2:]))
+            crop_images = batch.get("crop_images", images)  # the same image at a higher resolution, if given
+            scale_x, scale_y = crop_images.shape[-1] / images.shape[-1], crop_images.shape[-2] / images.shape[-2]
+            crop_boxes = boxes * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+            crops = crop_regions(crop_images, crop_boxes, box_mask, self.crop_enlarge, tuple(images.shape[-2:]))
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.sd_teacher_grad):
                 teacher = self.model.encode_image(crops)
             terms["sd"] = self.self_distillation(region_features, teacher, box_mask)

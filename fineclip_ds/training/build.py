@@ -21,9 +21,10 @@ def build_train_stream(
     rank: int,
     world_size: int,
     seed: int,
+    crop_source_scale: int = 1,
 ) -> SyntheticStream | WebDatasetStream:
     """The built-in shapes world by default; webdataset shards in the training format otherwise."""
-    transform = RegionTransform(image_size, *normalization)
+    transform = RegionTransform(image_size, *normalization, crop_source_scale=crop_source_scale)
     collator = RegionCollator(tokenizer, config.max_boxes)
     if config.source == "synthetic":
         world = ShapesWorld(seed=config.world_seed, image_size=config.world_image_size)

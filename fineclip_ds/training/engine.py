@@ -32,6 +32,8 @@ from fineclip_ds.training.parallelize import (adapt_precision_to_device, initial
 
 log = logging.getLogger("fineclip_ds")
 BATCH_TENSORS = ("images", "texts", "boxes", "box_mask", "region_texts")
+OPTIONAL_TENSORS = ("crop_images",)  # with losses.crop_source_scale > 1
+IMAGE_TENSORS = ("images", "crop_images")
 # Where a job script asks to be told that a stop signal ended the run (checkpoint written, exit 0),
 # so that it requeues itself (launch/slurm_pretrain.sbatch); rank 0 writes the step there.
 REQUEUE_FILE_VARIABLE = "FINECLIP_REQUEUE_FILE"
@@ -44,8 +46,11 @@ def seed_everything(seed: int) -> None:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, image_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    moved = {key: batch[key].to(device, non_blocking=True) for key in BATCH_TENSORS}
-    moved["images"] = moved["images"].to(image_dtype)
+    moved = {key: batch[key].to(device, non_blocking=True)
+             for key in BATCH_TENSORS + OPTIONAL_TENSORS if key in batch}
+    for key in IMAGE_TENSORS:
+        if key in moved:
+            moved[key] = moved[key].to(image_dtype)
     return moved
 
 
@@ -92,7 +97,8 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     micro_batch, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
 
     stream = build_train_stream(
-        config.data, model.image_size, normalization, tokenizer, micro_batch, rank, world_size, config.train.seed
+        config.data, model.image_size, normalization, tokenizer, micro_batch, rank, world_size, config.train.seed,
+        crop_source_scale=config.losses.crop_source_scale,
     )
     start_step, data_counts, skipped_nonfinite = 0, Counter(), 0
     if resume_point is not None:

@@ -41,3 +41,14 @@ def test_trains_on_shards_and_reports_every_defect_to_tensorboard(tmp_path):
     assert last("data/corrupt_image") >= 1 and last("data/missing_image") >= 1 and last("data/bad_json") >= 2
     assert last("data/box_non_positive") >= 1 and last("data/box_outside") >= 1 and last("data/corrupt_shard") >= 1
     assert (output_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def test_teacher_crops_from_a_higher_resolution_source_train(tmp_path):
+    world = ShapesWorld(seed=6, image_size=128)
+    write_shard(tmp_path / "part-0.tar", world_records(world, range(0, 16)))
+    output_dir = tmp_path / "run"
+    run_pretrain(1, write_ds_config(tmp_path / "ds.json", micro_batch=8, stage=2), output_dir,
+                 "--max_steps", "2", "--set", "data.source=webdataset", "--set", f"data.train_shards={tmp_path}/part-0.tar",
+                 "--set", "losses.crop_source_scale=2")
+    assert [step for step, _ in losses(output_dir)] == [1, 2]
+    assert json.loads((output_dir / "config.json").read_text())["losses"]["crop_source_scale"] == 2

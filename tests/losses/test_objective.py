@@ -1,0 +1,64 @@
+"""The objective's self-distillation crops: from the model input, or from the same image at a higher
+resolution when the batch carries one (losses.crop_source_scale)."""
+import torch
+import torch.nn.functional as F
+
+import fineclip_ds.losses.objective as objective_module
+from fineclip_ds.config import KernelConfig, LossConfig, ModelConfig
+from fineclip_ds.data.collate import RegionCollator, TransformedSample
+from fineclip_ds.data.shapes_world import ShapesWorld
+from fineclip_ds.data.streams import SyntheticStream
+from fineclip_ds.data.transforms import RegionTransform
+from fineclip_ds.losses.objective import FineCLIPObjective
+from fineclip_ds.models.factory import create_fineclip
+
+
+def _objective_and_batch():
+    torch.manual_seed(0)
+    model, tokenizer, _ = create_fineclip(ModelConfig())
+    objective = FineCLIPObjective(model, LossConfig(), KernelConfig(region_pool="torch", contrastive="torch"))
+    samples = [TransformedSample(torch.randn(3, 64, 64), f"picture {i}", torch.tensor([[4.0, 6.0, 40.0, 50.0]]),
+                                 ["a region"]) for i in range(2)]
+    return objective, RegionCollator(tokenizer, max_boxes=2)(samples)
+
+
+def _spy_on_crops(monkeypatch) -> dict:
+    seen = {}
+    crop_regions = objective_module.crop_regions
+
+    def spy(images, boxes, box_mask, enlarge, out_hw):
+        seen.update(images=images, boxes=boxes, out_hw=out_hw)
+        return crop_regions(images, boxes, box_mask, enlarge, out_hw)
+
+    monkeypatch.setattr(objective_module, "crop_regions", spy)
+    return seen
+
+
+def test_teacher_crops_come_from_the_model_input_by_default(monkeypatch):
+    objective, batch = _objective_and_batch()
+    seen = _spy_on_crops(monkeypatch)
+    objective(batch)
+    assert seen["images"] is batch["images"] and torch.equal(seen["boxes"], batch["boxes"])
+
+
+def test_teacher_crops_come_from_the_higher_resolution_source_when_the_batch_has_one(monkeypatch):
+    objective, batch = _objective_and_batch()
+    batch["crop_images"] = F.interpolate(batch["images"], size=(128, 192), mode="bilinear")  # 2x tall, 3x wide
+    seen = _spy_on_crops(monkeypatch)
+    objective(batch)
+    assert seen["images"] is batch["crop_images"] and seen["out_hw"] == (64, 64)
+    torch.testing.assert_close(seen["boxes"], batch["boxes"] * torch.tensor([3.0, 2.0, 3.0, 2.0]))
+
+
+def test_the_stream_carries_the_crop_source_at_the_asked_scale():
+    world = ShapesWorld(seed=1, image_size=96)
+    transform = RegionTransform(32, (0.5,) * 3, (0.25,) * 3, crop_source_scale=3)
+    stream = SyntheticStream(world, transform, RegionCollator(lambda texts: torch.zeros(len(texts), 4, dtype=torch.long),
+                                                              4), local_batch=2, rank=0, world_size=1, num_workers=0)
+    batch = next(iter(stream))
+    assert batch["images"].shape == (2, 3, 32, 32) and batch["crop_images"].shape == (2, 3, 96, 96)
+    # the source is the same picture: shrunk to the model's size, it matches the model input
+    shrunk = F.interpolate(batch["crop_images"], size=(32, 32), mode="area")
+    assert (shrunk - batch["images"]).abs().mean() < 0.1 * batch["images"].abs().mean()
+    assert "crop_images" not in next(iter(SyntheticStream(world, RegionTransform(32, (0.5,) * 3, (0.25,) * 3),
+                                                          stream.collator, 2, 0, 1, num_workers=0)))
