@@ -78,12 +78,18 @@ def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Pr
     """Annotate one unit into `target` (.tar, atomically) and return its counts."""
     counts: Counter = Counter()
     partial = target.with_suffix(".tar.tmp")
+    written_keys: set[str] = set()
     with wds.TarWriter(str(partial)) as writer:
         for pair in unit(counts):
+            if record_key(pair.key) in written_keys:  # "a.b.jpg" and "a_b.jpg" share the key "a_b"
+                counts["images_in"] += 1
+                counts["duplicate_key"] += 1
+                continue
             regions_before = counts["regions"]
             record = annotate_pair(pair, annotate, counts)
             if record is not None:
                 writer.write(record)
+                written_keys.add(record["__key__"])
             if progress:
                 progress.image(counts["regions"] - regions_before)
     target.with_suffix(".json").write_text(json.dumps(counts))  # counts first: a finished .tar always has them

@@ -253,6 +253,23 @@ def test_record_keys_have_no_dots_for_webdataset(name, key):
     assert record_key(name) == key
 
 
+def test_names_that_map_to_one_webdataset_key_are_written_once_and_counted(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    world = ShapesWorld(seed=4, image_size=48)
+    for index, name in enumerate(["a.b.png", "a_b.png", "c.png"]):
+        world.sample(index).image.save(images / name)
+    (tmp_path / "captions.json").write_text(json.dumps({name: f"picture {name}" for name in
+                                                        ["a.b.png", "a_b.png", "c.png"]}))
+    box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=2)
+    summary = run(folder_units(images, tmp_path / "captions.json", 10),
+                  CaptionedProposals(GridProposer(), box_filter, SizeCaptioner()), tmp_path / "out")
+    assert (summary["images_in"], summary["images_out"], summary["duplicate_key"]) == (3, 2, 1)
+    keys = [r["__key__"] for r in wds.WebDataset(str(tmp_path / "out" / "regions-000000.tar"), shardshuffle=False,
+                                                 empty_check=False)]
+    assert keys == ["a_b", "c"]
+
+
 @pytest.fixture
 def released_files(tmp_path: Path) -> tuple[Path, Path]:
     """A COCO-format proposals JSON with one box on 000000000139.jpg, and that box's released caption."""
