@@ -48,12 +48,26 @@ class TilePasses(Protocol):
 
 
 class ContrastiveLossFunction(torch.autograd.Function):
-    """Saves the features, gathered texts and O(b + N) statistics; never a logits block."""
+    """Saves the features, gathered texts and O(b + N) statistics; never a logits block.
+
+    Autocast is off inside: the backward recomputes each tile, so forward and backward must take
+    their logits in the same precision (the inputs' own, accumulated in fp32). Masked rows are zeroed
+    on entry, so that whatever they hold (padding from torch.empty, NaN) reaches no valid row's
+    statistics or gradient."""
 
     @staticmethod
     def forward(ctx, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 mask: torch.Tensor, group: dist.ProcessGroup | None, passes: TilePasses) -> torch.Tensor:
         # image_features, text_features: [b, D]; logit_scale: [] or [1]; mask: [b] bool -> []
+        with torch.autocast(image_features.device.type, enabled=False):
+            return ContrastiveLossFunction._forward(ctx, image_features, text_features, logit_scale, mask, group,
+                                                    passes)
+
+    @staticmethod
+    def _forward(ctx, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                 mask: torch.Tensor, group: dist.ProcessGroup | None, passes: TilePasses) -> torch.Tensor:
+        image_features = torch.where(mask[:, None], image_features.detach(), 0.0).to(image_features.dtype)
+        text_features = torch.where(mask[:, None], text_features.detach(), 0.0).to(text_features.dtype)
         rank, world = group_shape(group)
         rows = image_features.shape[0]
         compute = torch.promote_types(image_features.dtype, torch.float32)
@@ -78,6 +92,9 @@ class ContrastiveLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        if torch.is_grad_enabled():  # backward(create_graph=True): the tile passes build no graph
+            raise RuntimeError("contrastive_loss has no second-order gradient (backward with create_graph=True); "
+                               "open_clip's ClipLoss does")
         (image_features, text_features, all_texts, mask, all_valid, row_lse, col_lse,
          scale, norm, scale_grad) = ctx.saved_tensors
         rank, world, rows = ctx.rank, ctx.world, image_features.shape[0]

@@ -31,6 +31,9 @@ class RegionPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():  # backward(create_graph=True): the kernel's gradient has no graph
+            raise RuntimeError("region_pool (triton backend) has no second-order gradient; use backend='torch' "
+                               "for double backward")
         rows, cols, out, norms = ctx.saved_tensors
         grad_tokens = None
         if ctx.needs_input_grad[0]:

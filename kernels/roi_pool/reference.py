@@ -79,14 +79,16 @@ def region_pool_torch(
     """Region pooling in plain torch (autograd gives the token gradient; matmul keeps it deterministic).
 
     It materialises the [B, R, H*W] weights and an fp32 copy of the tokens: this is the CPU and
-    fallback path, chosen for clarity, not memory.
+    fallback path, chosen for clarity, not memory. Autocast is off inside, so that under it the sum
+    is still taken in fp32 like the Triton kernel's (and torchvision's).
     """
     # tokens: [B, H*W, C]; boxes: [B, R, 4] xyxy pixels; box_mask: [B, R] -> [B, R, C]
     with torch.no_grad():
         rows, cols = region_factors(boxes.detach(), box_mask, grid_hw, spatial_scale, sampling_ratio)
     compute_dtype = torch.promote_types(tokens.dtype, torch.float32)
-    weights = (rows[..., :, None] * cols[..., None, :]).flatten(2).to(compute_dtype)
-    pooled = torch.bmm(weights, tokens.to(compute_dtype))
-    if normalize:
-        pooled = F.normalize(pooled, dim=-1, eps=NORMALIZE_EPS)
+    with torch.autocast(tokens.device.type, enabled=False):
+        weights = (rows[..., :, None] * cols[..., None, :]).flatten(2).to(compute_dtype)
+        pooled = torch.bmm(weights, tokens.to(compute_dtype))
+        if normalize:
+            pooled = F.normalize(pooled, dim=-1, eps=NORMALIZE_EPS)
     return pooled.to(tokens.dtype)

@@ -355,3 +355,22 @@ def test_gpu_triton_backward_is_bitwise_deterministic():
     pool = lambda t: region_pool(t, boxes, grid_hw, spatial_scale, box_mask, normalize=True)  # noqa: E731
     grads = [pooled_and_grad(tokens, probe, pool)[1] for _ in range(3)]
     assert all(torch.equal(grads[0], grad) for grad in grads[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_lower_the_precision_of_fp32_tokens(backend):
+    """torchvision's roi_align runs in fp32 under autocast; so do both backends (the torch matmul was bf16)."""
+    tokens, boxes, box_mask, probe = make_case(16, 2, 5, (7, 9), 24, 0.25, torch.float32)
+    want = torchvision_reference(tokens, boxes, (7, 9), 0.25, box_mask, -1, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = region_pool(tokens, boxes, (7, 9), 0.25, box_mask, backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
+
+
+def test_triton_refuses_second_order_gradients_instead_of_dropping_them():
+    tokens, boxes, box_mask, _ = make_case(17, 2, 3, (5, 5), 8, 0.5, torch.float32)
+    tokens.requires_grad_()
+    pooled = region_pool(tokens, boxes, (5, 5), 0.5, box_mask, normalize=True, backend="triton")
+    with pytest.raises(RuntimeError, match="no second-order gradient"):
+        torch.autograd.grad(pooled.square().sum(), tokens, create_graph=True)
