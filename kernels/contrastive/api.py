@@ -19,6 +19,9 @@ def _check_inputs(image_features: torch.Tensor, text_features: torch.Tensor, log
     if image_features.dim() != 2 or text_features.shape != image_features.shape:
         raise ValueError(f"image_features / text_features: got shapes {tuple(image_features.shape)} / "
                          f"{tuple(text_features.shape)}, expected the same [b, D]")
+    if not isinstance(logit_scale, torch.Tensor):
+        raise ValueError(f"logit_scale: got {type(logit_scale).__name__}, expected a tensor of shape [] or [1] "
+                         "(torch.tensor(value), with requires_grad=True to learn it)")
     if logit_scale.numel() != 1 or logit_scale.dim() > 1:
         raise ValueError(f"logit_scale: got shape {tuple(logit_scale.shape)}, expected [] or [1]")
     if mask is not None and mask.shape != image_features.shape[:1]:

@@ -260,6 +260,8 @@ def test_bad_arguments_raise_value_errors_naming_them():
         contrastive_loss(images, texts, logit_scale, mask=torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="logit_scale"):
         contrastive_loss(images, texts, torch.ones(2))
+    with pytest.raises(ValueError, match="logit_scale: got float, expected a tensor"):
+        contrastive_loss(images, texts, 10.0)
     with pytest.raises(ValueError, match="text_features"):
         contrastive_loss(images, texts[:, :3], logit_scale)
 
