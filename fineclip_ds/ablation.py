@@ -25,13 +25,15 @@ LOSS_SETS: dict[str, dict[str, float]] = {
     "L_GC+L_RC": {"w_gc": 1.0, "w_sd": 0.0, "w_rc": 1.0},
     "L_GC+L_SD+L_RC": {"w_gc": 1.0, "w_sd": 1.0, "w_rc": 1.0},
 }
+# the repository's ds_configs/, found from any working folder (an installed wheel has none: pass --deepspeed_config)
+DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"
 TABLE_COLUMNS = (("box_top1", "box top-1"), ("box_top5", "box top-5"), ("crop_top1", "crop top-1"),
                  ("seg_miou", "seg mIoU"),
                  ("i2t_r1", "I2T R@1"), ("t2i_r1", "T2I R@1"), ("i2t_r5", "I2T R@5"), ("t2i_r5", "T2I R@5"))
 
 
 def run_ablation(steps: int, seed: int, output_dir: Path, recipe: str = "tiny-cpu",
-                 deepspeed_config: str = "ds_configs/zero2.json", eval_images: int = 256,
+                 deepspeed_config: str = str(DEFAULT_DEEPSPEED_CONFIG), eval_images: int = 256,
                  overrides: tuple[str, ...] = ()) -> list[dict]:
     records = []
     for name, weights in LOSS_SETS.items():
@@ -68,7 +70,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--recipe", default="tiny-cpu")
-    parser.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
+    parser.add_argument("--deepspeed_config", default=str(DEFAULT_DEEPSPEED_CONFIG))
     parser.add_argument("--eval_images", type=int, default=256)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()

@@ -119,7 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
-    results = {"task": args.task, "checkpoint": str(args.checkpoint), **run(args)}
+    try:
+        results = {"task": args.task, "checkpoint": str(args.checkpoint), **run(args)}
+    except (FileNotFoundError, ValueError) as error:  # a bad --checkpoint / --model: say so, no traceback
+        raise SystemExit(f"evaluate: {error}") from error
     output = args.output or Path(f"eval_{args.task}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))

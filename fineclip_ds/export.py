@@ -95,8 +95,10 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="open_clip model name (default: from the run's config.json)")
     args = parser.parse_args()
     name, path = export(args.checkpoint, args.output, args.model)
-    print(f"wrote {path} and {path.with_suffix('.json')}; load with "
-          f"open_clip.create_model_and_transforms('{name}', pretrained='{path}')")
+    config = path.with_suffix(".json")
+    print(f"wrote {path} ({name}) and its model config {config}; load with plain open_clip:\n"
+          f"  open_clip.add_model_config('{config}')\n"
+          f"  open_clip.create_model_and_transforms('{config.stem}', pretrained='{path}')")
 
 
 if __name__ == "__main__":

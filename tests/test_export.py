@@ -28,7 +28,8 @@ def test_exported_state_dict_loads_in_open_clip_and_gives_the_training_features(
     name, path = export(runs[run_name], tmp_path / "fineclip.pt")
     assert name == "FineCLIP-ViT-T-8"
     assert json.loads(path.with_suffix(".json").read_text())["embed_dim"] == 64
-    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
+    open_clip.add_model_config(path.with_suffix(".json"))  # as the README tells a plain open_clip user
+    clip, _, preprocess = open_clip.create_model_and_transforms(path.stem, pretrained=str(path))
     clip.eval()
     trained, tokenizer = _training_model(runs[run_name])
     images = torch.randn(3, 3, 64, 64)

@@ -115,6 +115,8 @@ def test_dense_pictures_are_written_beside_the_results(data, tmp_path):
 def test_a_missing_input_is_a_clear_exit(data, tmp_path):
     with pytest.raises(SystemExit, match="needs --annotations"):
         _evaluate(data, tmp_path, "--task", "retrieval", "--images", str(data / "images"))
+    with pytest.raises(SystemExit, match="--model is needed"):  # a bare state dict names no architecture
+        main(["--checkpoint", str(data / "weights.pt"), "--task", "world", "--output", str(tmp_path / "r.json")])
 
 
 def test_segmentation_on_a_label_folder_and_at_another_resolution(data, tmp_path):
