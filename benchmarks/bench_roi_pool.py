@@ -35,7 +35,9 @@ SIZES = [
 
 def torchvision_pool(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[int, int], spatial_scale: float,
                      box_mask: torch.Tensor) -> torch.Tensor:
-    """The baseline: the model's path before the fused op (NCHW copy, roi_align, mask, F.normalize).
+    """The baseline: the model's path before the fused op (NCHW copy, roi_align, mask, F.normalize),
+    with the boxes handed over as one [B*R, 5] rois tensor (a list makes torchvision launch a fill per
+    image, which at B = 256 would time Python, not the GPU).
 
     torchvision's roi_align has no bf16 kernel (CPU or CUDA), so bf16 tokens are pooled in fp32, as a
     bf16 model without the fused op has to.
@@ -45,7 +47,9 @@ def torchvision_pool(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[i
     channels = tokens.shape[-1]
     compute_dtype = torch.float32 if tokens.dtype == torch.bfloat16 else tokens.dtype
     feature_map = tokens.transpose(1, 2).reshape(batch, channels, *grid_hw).to(compute_dtype)
-    pooled = roi_align(feature_map, list(boxes.to(compute_dtype)), output_size=1, spatial_scale=spatial_scale,
+    image_index = torch.arange(batch, device=boxes.device, dtype=compute_dtype).repeat_interleave(regions)
+    rois = torch.cat([image_index.unsqueeze(1), boxes.reshape(-1, 4).to(compute_dtype)], dim=1)
+    pooled = roi_align(feature_map, rois, output_size=1, spatial_scale=spatial_scale,
                        sampling_ratio=-1, aligned=True).view(batch, regions, channels)
     return F.normalize(pooled * box_mask.unsqueeze(-1).to(pooled.dtype), dim=-1).to(tokens.dtype)
 
