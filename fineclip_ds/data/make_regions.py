@@ -16,6 +16,7 @@ ones. Units are split over processes by RANK / WORLD_SIZE (torchrun) or SLURM_PR
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -34,6 +35,10 @@ from fineclip_ds.data.records import encode_record, record_key
 from fineclip_ds.data.region_annotators import CaptionedProposals, RegionAnnotator, ReleasedRegionCaptions
 
 
+# Images annotated together: their region crops (~10 each) fill the captioner's generate batches.
+IMAGES_PER_CALL = 32
+
+
 def shard_name(index: int) -> str:
     return f"regions-{index:06d}"
 
@@ -45,10 +50,10 @@ class Progress:
         self.bar = tqdm(desc=f"regions (rank {rank})", unit="img")
         self.started, self.regions, self.shards, self.shards_total = time.perf_counter(), 0, 0, shards
 
-    def image(self, regions: int) -> None:
+    def images(self, count: int, regions: int) -> None:
         self.regions += regions
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        self.bar.update(1)
+        self.bar.update(count)
         self.bar.set_postfix({"regions/s": f"{self.regions / elapsed:.1f}",
                               "shards": f"{self.shards}/{self.shards_total}"}, refresh=False)
 
@@ -56,55 +61,62 @@ class Progress:
         self.shards += 1
 
 
-def annotate_pair(pair: Pair, annotate: RegionAnnotator, counts: Counter) -> dict | None:
-    """One input pair -> its training-format record, or None (counted) when the pair is unusable."""
-    counts["images_in"] += 1
-    if pair.image is None:
-        counts["corrupt_image"] += 1
-        return None
-    if not pair.caption:
-        counts["missing_caption"] += 1
-        return None
-    image = pair.image.convert("RGB")
-    regions = annotate(image, pair.key, counts)
-    counts["regions"] += len(regions)
-    counts["images_out"] += 1
-    counts["images_without_regions"] += 0 if regions else 1
-    return encode_record(record_key(pair.key), image, pair.caption, [box for box, _ in regions],
-                         [caption for _, caption in regions], quality=95)
+def annotate_pairs(pairs: list[Pair], annotate: RegionAnnotator, counts: Counter, taken_keys: set[str]) -> list[dict]:
+    """Input pairs -> training-format records of the usable ones, annotated together; the rest counted.
+
+    `taken_keys` (record keys already written to this shard) is extended with the new records' keys."""
+    usable: list[Pair] = []
+    for pair in pairs:
+        counts["images_in"] += 1
+        if pair.image is None:
+            counts["corrupt_image"] += 1
+        elif not pair.caption:
+            counts["missing_caption"] += 1
+        elif record_key(pair.key) in taken_keys:  # "a.b.jpg" and "a_b.jpg" share the key "a_b"
+            counts["duplicate_key"] += 1
+        else:
+            taken_keys.add(record_key(pair.key))
+            usable.append(pair)
+    images = [pair.image.convert("RGB") for pair in usable]
+    all_regions = annotate(images, [pair.key for pair in usable], counts) if usable else []
+    records = []
+    for pair, image, regions in zip(usable, images, all_regions):
+        counts["regions"] += len(regions)
+        counts["images_out"] += 1
+        counts["images_without_regions"] += 0 if regions else 1
+        records.append(encode_record(record_key(pair.key), image, pair.caption, [box for box, _ in regions],
+                                     [caption for _, caption in regions], quality=95))
+    return records
 
 
-def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Progress | None = None) -> Counter:
-    """Annotate one unit into `target` (.tar, atomically) and return its counts."""
+def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Progress | None = None,
+               images_per_call: int = IMAGES_PER_CALL) -> Counter:
+    """Annotate one unit into `target` (.tar, atomically), `images_per_call` images at a time; returns its counts."""
     counts: Counter = Counter()
     partial = target.with_suffix(".tar.tmp")
-    written_keys: set[str] = set()
+    taken_keys: set[str] = set()
+    pairs = unit(counts)
     with wds.TarWriter(str(partial)) as writer:
-        for pair in unit(counts):
-            if record_key(pair.key) in written_keys:  # "a.b.jpg" and "a_b.jpg" share the key "a_b"
-                counts["images_in"] += 1
-                counts["duplicate_key"] += 1
-                continue
+        while chunk := list(itertools.islice(pairs, images_per_call)):
             regions_before = counts["regions"]
-            record = annotate_pair(pair, annotate, counts)
-            if record is not None:
+            for record in annotate_pairs(chunk, annotate, counts, taken_keys):
                 writer.write(record)
-                written_keys.add(record["__key__"])
             if progress:
-                progress.image(counts["regions"] - regions_before)
+                progress.images(len(chunk), counts["regions"] - regions_before)
     target.with_suffix(".json").write_text(json.dumps(counts))  # counts first: a finished .tar always has them
     os.replace(partial, target)
     return counts
 
 
-def run(units: list[Unit], annotate: RegionAnnotator, output_dir: Path, rank: int = 0, world_size: int = 1) -> Counter:
+def run(units: list[Unit], annotate: RegionAnnotator, output_dir: Path, rank: int = 0, world_size: int = 1,
+        images_per_call: int = IMAGES_PER_CALL) -> Counter:
     """Annotate this process's units that are not finished yet; returns the summary over all finished shards."""
     output_dir.mkdir(parents=True, exist_ok=True)
     mine = [index for index in range(len(units)) if index % world_size == rank]
     todo = [index for index in mine if not (output_dir / f"{shard_name(index)}.tar").is_file()]
     progress = Progress(rank, len(todo))
     for index in todo:
-        make_shard(units[index], annotate, output_dir / f"{shard_name(index)}.tar", progress)
+        make_shard(units[index], annotate, output_dir / f"{shard_name(index)}.tar", progress, images_per_call)
         progress.shard_done()
     progress.bar.close()
     summary = Counter()
@@ -142,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     regions.add_argument("--prompt", default="", help="e.g. 'a photo of' for BLIP-2")
     regions.add_argument("--max_new_tokens", type=int, default=20)
     regions.add_argument("--batch_size", type=int, default=32, help="region crops per generate call")
+    regions.add_argument("--images_per_call", type=int, default=IMAGES_PER_CALL,
+                         help="images whose crops are captioned together (split into --batch_size generate calls)")
     regions.add_argument("--generate", type=json.loads, default={},
                          help='extra generate() arguments as JSON, e.g. \'{"num_beams": 3, "repetition_penalty": 1.5}\'')
     released = parser.add_argument_group("regions: FineCLIP's released files instead of a VLM "
@@ -210,7 +224,8 @@ def annotator_from(args: argparse.Namespace, device: str = "cpu") -> RegionAnnot
 def main(argv: list[str] | None = None) -> dict[str, int]:
     args = parse_args(argv)
     rank, world_size, device = process_slot()
-    summary = run(units_from(args), annotator_from(args, device), args.output_dir, rank, world_size)
+    summary = run(units_from(args), annotator_from(args, device), args.output_dir, rank, world_size,
+                  args.images_per_call)
     print(json.dumps(dict(summary), indent=2))
     return dict(summary)
 

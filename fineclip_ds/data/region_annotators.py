@@ -1,7 +1,9 @@
 """Where an image's regions and their captions come from: proposals captioned by a vision-language
 model, or FineCLIP's released files (COCO-format proposals + region captions keyed by box).
 
-An annotator maps (image, key, counts) to [(xyxy box, caption)], counting what it drops in `counts`.
+An annotator maps several (image, key) at once to their [(xyxy box, caption)] lists, counting what it
+drops in `counts`: a captioner then sees the crops of all of them in its batches (one image has ~10
+crops, far too few to keep a GPU busy decoding).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ Region = tuple[list[float], str]
 
 
 class RegionAnnotator(Protocol):
-    def __call__(self, image: Image.Image, key: str, counts: Counter) -> list[Region]: ...
+    def __call__(self, images: list[Image.Image], keys: list[str], counts: Counter) -> list[list[Region]]: ...
 
 
 class CaptionedProposals:
@@ -29,13 +31,20 @@ class CaptionedProposals:
     def __init__(self, proposer: Proposer, box_filter: ProposalFilter, captioner: Captioner, prompt: str = ""):
         self.proposer, self.box_filter, self.captioner, self.prompt = proposer, box_filter, captioner, prompt
 
-    def __call__(self, image: Image.Image, key: str, counts: Counter) -> list[Region]:
-        boxes = self.box_filter(self.proposer.propose(image, key), *image.size)
-        counts["proposals"] += len(boxes)
-        crops = [image.crop(tuple(round(v) for v in box)) for box in boxes]
-        captions, drops = caption_regions(self.captioner, crops, self.prompt)
+    def __call__(self, images: list[Image.Image], keys: list[str], counts: Counter) -> list[list[Region]]:
+        boxes = [self.box_filter(self.proposer.propose(image, key), *image.size) for image, key in zip(images, keys)]
+        counts["proposals"] += sum(len(image_boxes) for image_boxes in boxes)
+        crops = [image.crop(tuple(round(v) for v in box)) for image, image_boxes in zip(images, boxes)
+                 for box in image_boxes]
+        captions, drops = caption_regions(self.captioner, crops, self.prompt)  # every image's crops in one go
         counts.update(drops)
-        return [(list(box), caption) for box, caption in zip(boxes, captions) if caption is not None]
+        regions, start = [], 0
+        for image_boxes in boxes:
+            image_captions = captions[start:start + len(image_boxes)]
+            start += len(image_boxes)
+            regions.append([(list(box), caption) for box, caption in zip(image_boxes, image_captions)
+                            if caption is not None])
+        return regions
 
 
 def released_region_key(file_name: str, bbox: list[float]) -> str:
@@ -63,7 +72,10 @@ class ReleasedRegionCaptions:
         self.captions: dict[str, str] = json.loads(Path(region_captions_json).read_text())
         self.min_area, self.max_area, self.max_boxes = min_size ** 2, max_size ** 2, max_boxes
 
-    def __call__(self, image: Image.Image, key: str, counts: Counter) -> list[Region]:
+    def __call__(self, images: list[Image.Image], keys: list[str], counts: Counter) -> list[list[Region]]:
+        return [self._regions(key, counts) for key in keys]
+
+    def _regions(self, key: str, counts: Counter) -> list[Region]:
         regions: list[Region] = []
         file_name = self.file_name(key)
         if file_name is None:

@@ -61,10 +61,12 @@ def pairs(tmp_path: Path) -> tuple[Path, Path]:
     return images, tmp_path / "captions.json"
 
 
-def _run(pairs, output_dir: Path, captioner, rank: int = 0, world_size: int = 1):
+def _run(pairs, output_dir: Path, captioner, rank: int = 0, world_size: int = 1, images_per_call: int = 1):
+    """One captioner call per image by default, so that a captioner failing after n calls dies mid-shard."""
     units = folder_units(pairs[0], pairs[1], samples_per_shard=4)
     box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=5)
-    return run(units, CaptionedProposals(GridProposer(), box_filter, captioner), output_dir, rank, world_size)
+    return run(units, CaptionedProposals(GridProposer(), box_filter, captioner), output_dir, rank, world_size,
+               images_per_call)
 
 
 def _read(output_dir: Path) -> list[dict]:
@@ -121,7 +123,8 @@ make_regions.main(sys.argv[1:])
 def test_the_cli_killed_with_sigkill_mid_shard_resumes_without_loss_or_duplication(pairs, tmp_path):
     model = save_random_blip(tmp_path / "captioner")
     args = ["--images", str(pairs[0]), "--captions", str(pairs[1]), "--samples_per_shard", "4", "--captioner",
-            str(model), "--score_threshold", "0", "--max_boxes", "2", "--output_dir", str(tmp_path / "out")]
+            str(model), "--score_threshold", "0", "--max_boxes", "2", "--output_dir", str(tmp_path / "out"),
+            "--images_per_call", "1"]
     root = Path(__file__).resolve().parents[2]
     killed = subprocess.run([sys.executable, "-c", KILL_AFTER_CALLS, *args], cwd=root, capture_output=True,
                             env={**os.environ, "KILL_AFTER": "6"})  # one call per image: dies in the 2nd shard
@@ -132,6 +135,30 @@ def test_the_cli_killed_with_sigkill_mid_shard_resumes_without_loss_or_duplicati
     assert summary["shards"] == 3 and summary["images_in"] == IMAGES + 1 and summary["images_out"] == IMAGES - 1
     keys = [captions(batch["texts"])[0] for batch in _read(tmp_path / "out")]
     assert len(keys) == len(set(keys)) == IMAGES - 1
+
+
+def test_crops_of_several_images_are_captioned_in_one_call_and_go_back_to_their_images(tmp_path):
+    class RecordingCaptioner(SizeCaptioner):
+        def __call__(self, crops):
+            self.batches = getattr(self, "batches", []) + [len(crops)]
+            return super().__call__(crops)
+
+    images = tmp_path / "images"
+    images.mkdir()
+    world = ShapesWorld(seed=8, image_size=96)
+    for index in range(6):  # every image a different size: a caption sent to the wrong image shows
+        world.sample(index).image.resize((40 + 12 * index, 90 - 7 * index)).save(images / f"{index}.png")
+    (tmp_path / "captions.json").write_text(json.dumps({f"{index}.png": f"picture {index}" for index in range(6)}))
+    captioner = RecordingCaptioner()
+    box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=5)
+    summary = run(folder_units(images, tmp_path / "captions.json", 10),
+                  CaptionedProposals(GridProposer(), box_filter, captioner), tmp_path / "out", images_per_call=3)
+    assert captioner.batches == [15, 15]  # two calls of three images' five crops
+    assert summary["images_out"] == 6 and summary["regions"] > 0
+    for record in wds.WebDataset(str(tmp_path / "out" / "regions-000000.tar"), shardshuffle=False, empty_check=False):
+        annotation = json.loads(record["json"])
+        for (x1, y1, x2, y2), caption in zip(annotation["boxes"], annotation["region_captions"]):
+            assert caption == f"a region of {round(x2) - round(x1)} by {round(y2) - round(y1)}"
 
 
 def test_units_split_over_processes_cover_everything_once(pairs, tmp_path):
@@ -287,13 +314,14 @@ def test_coco_annotations_are_found_from_a_file_name_a_path_or_a_webdataset_key(
     image = Image.new("RGB", (100, 80))
     assert CocoBoxProposer(proposals).propose(image, key) == [((10, 10, 60, 50), 1.0)]
     counts = Counter()
-    assert ReleasedRegionCaptions(proposals, region_captions)(image, key, counts) == [([10, 10, 60, 50], "a red box")]
+    assert ReleasedRegionCaptions(proposals, region_captions)([image], [key], counts) == [[([10, 10, 60, 50],
+                                                                                          "a red box")]]
     assert counts == {"proposals": 1}
 
 
 def test_an_image_the_proposals_json_does_not_list_is_counted(released_files):
     counts = Counter()
-    assert ReleasedRegionCaptions(*released_files)(Image.new("RGB", (100, 80)), "000000000141", counts) == []
+    assert ReleasedRegionCaptions(*released_files)([Image.new("RGB", (100, 80))], ["000000000141"], counts) == [[]]
     assert counts == {"image_not_in_proposals": 1}
 
 
