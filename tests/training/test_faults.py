@@ -1,7 +1,6 @@
 """Fault injection with 2 real processes: preemption by signal, a save killed half-way, NaN losses."""
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
