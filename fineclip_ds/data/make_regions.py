@@ -65,26 +65,27 @@ def annotate_pairs(pairs: list[Pair], annotate: RegionAnnotator, counts: Counter
     """Input pairs -> training-format records of the usable ones, annotated together; the rest counted.
 
     `taken_keys` (record keys already written to this shard) is extended with the new records' keys."""
-    usable: list[Pair] = []
+    usable: list[tuple[Pair, str]] = []  # with its record key
     for pair in pairs:
         counts["images_in"] += 1
+        key = record_key(pair.key)
         if pair.image is None:
             counts["corrupt_image"] += 1
         elif not pair.caption:
             counts["missing_caption"] += 1
-        elif record_key(pair.key) in taken_keys:  # "a.b.jpg" and "a_b.jpg" share the key "a_b"
+        elif key in taken_keys:  # "a.b.jpg" and "a_b.jpg" share the key "a_b"
             counts["duplicate_key"] += 1
         else:
-            taken_keys.add(record_key(pair.key))
-            usable.append(pair)
-    images = [pair.image.convert("RGB") for pair in usable]
-    all_regions = annotate(images, [pair.key for pair in usable], counts) if usable else []
+            taken_keys.add(key)
+            usable.append((pair, key))
+    images = [pair.image.convert("RGB") for pair, _ in usable]
+    all_regions = annotate(images, [pair.key for pair, _ in usable], counts) if usable else []
     records = []
-    for pair, image, regions in zip(usable, images, all_regions):
+    for (pair, key), image, regions in zip(usable, images, all_regions):
         counts["regions"] += len(regions)
         counts["images_out"] += 1
         counts["images_without_regions"] += 0 if regions else 1
-        records.append(encode_record(record_key(pair.key), image, pair.caption, [box for box, _ in regions],
+        records.append(encode_record(key, image, pair.caption, [box for box, _ in regions],
                                      [caption for _, caption in regions], quality=95))
     return records
 

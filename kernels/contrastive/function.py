@@ -66,8 +66,8 @@ class ContrastiveLossFunction(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                  mask: torch.Tensor, group: dist.ProcessGroup | None, passes: TilePasses) -> torch.Tensor:
-        image_features = torch.where(mask[:, None], image_features.detach(), 0.0).to(image_features.dtype)
-        text_features = torch.where(mask[:, None], text_features.detach(), 0.0).to(text_features.dtype)
+        image_features = torch.where(mask[:, None], image_features.detach(), 0.0)  # a Python 0 keeps the dtype
+        text_features = torch.where(mask[:, None], text_features.detach(), 0.0)
         rank, world = group_shape(group)
         rows = image_features.shape[0]
         compute = torch.promote_types(image_features.dtype, torch.float32)
