@@ -1,5 +1,6 @@
 """Zero-shot box classification: RoIAlign region features of ground-truth boxes against class-name
-embeddings, the same region path as training; plus the crop baseline (global embedding of each box crop)."""
+embeddings, the same region path as training; plus the crop baseline (global embedding of each box crop,
+cut from the image at its own resolution)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from fineclip_ds.data.images import open_image
@@ -72,9 +74,22 @@ def load_coco_boxes(annotation_file: Path, image_dir: Path, keep_crowd: bool = F
     return dataset
 
 
-def _batches(images: Sequence[BoxImage], transform: RegionTransform, batch_size: int, skipped: Counter) -> Iterator[tuple]:
-    """Transformed images with padded boxes; unreadable images and invalid boxes are counted in `skipped`."""
-    pending: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
+def crops_from_source(image: Image.Image, boxes: torch.Tensor, transform: RegionTransform) -> torch.Tensor:
+    """Crops of `boxes` (at the model input's scale, as `transform` returns them) cut from `image` at its
+    own resolution and resized to the model input, normalised: [k, 3, H, W]. Crops of the resized input
+    would blur small boxes, understating the crop baseline the region path is compared with."""
+    width, height = image.size
+    source = TF.normalize(TF.to_tensor(image.convert("RGB")), transform.mean, transform.std)
+    to_source = boxes.new_tensor([width / transform.width, height / transform.height] * 2)
+    every_box = torch.ones(1, len(boxes), dtype=torch.bool)
+    return crop_regions(source[None], (boxes * to_source)[None], every_box, 1.0, (transform.height, transform.width))
+
+
+def _batches(images: Sequence[BoxImage], transform: RegionTransform, batch_size: int, skipped: Counter,
+             with_crops: bool) -> Iterator[tuple]:
+    """Transformed images with padded boxes (and source-resolution crops of the boxes when `with_crops`);
+    unreadable images and invalid boxes are counted in `skipped`."""
+    pending: list[tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]] = []
     for item in images:
         image = open_image(item.image)
         if image is None:
@@ -83,7 +98,8 @@ def _batches(images: Sequence[BoxImage], transform: RegionTransform, batch_size:
         tensor, boxes, kept, drops = transform(image, item.boxes)
         skipped.update(drops)
         if kept:
-            pending.append((tensor, boxes, [item.labels[i] for i in kept]))
+            crops = crops_from_source(image, boxes, transform) if with_crops else None
+            pending.append((tensor, boxes, [item.labels[i] for i in kept], crops))
         if len(pending) == batch_size:
             yield _pad(pending)
             pending = []
@@ -91,15 +107,16 @@ def _batches(images: Sequence[BoxImage], transform: RegionTransform, batch_size:
         yield _pad(pending)
 
 
-def _pad(items: list[tuple[torch.Tensor, torch.Tensor, list[int]]]) -> tuple:
-    slots = max(len(labels) for _, _, labels in items)
+def _pad(items: list[tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor | None]]) -> tuple:
+    slots = max(len(labels) for _, _, labels, _ in items)
     boxes = torch.zeros(len(items), slots, 4)
     mask = torch.zeros(len(items), slots, dtype=torch.bool)
-    for row, (_, item_boxes, labels) in enumerate(items):
+    for row, (_, item_boxes, labels, _) in enumerate(items):
         boxes[row, :len(labels)] = item_boxes
         mask[row, :len(labels)] = True
-    labels = torch.tensor([label for _, _, item_labels in items for label in item_labels])
-    return torch.stack([tensor for tensor, _, _ in items]), boxes, mask, labels
+    labels = torch.tensor([label for _, _, item_labels, _ in items for label in item_labels])
+    crops = None if items[0][3] is None else torch.cat([item_crops for *_, item_crops in items])
+    return torch.stack([tensor for tensor, *_ in items]), boxes, mask, labels, crops
 
 
 @torch.no_grad()
@@ -114,16 +131,15 @@ def evaluate_box_classification(
     transform = RegionTransform(model.image_size, *normalization)
     skipped = Counter(dataset.skipped)
     region_scores, crop_scores, labels = [], [], []
-    batches = _batches(dataset.images, transform, batch_size, skipped)
-    for images, boxes, mask, batch_labels in tqdm(batches, desc="box classification", unit="batch", disable=not progress):
+    batches = _batches(dataset.images, transform, batch_size, skipped, crop_baseline)
+    for images, boxes, mask, batch_labels, crops in tqdm(batches, desc="box classification", unit="batch", disable=not progress):
         images, boxes, mask = images.to(device, dtype), boxes.to(device), mask.to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             dense, grid_hw = model.encode_dense(images)
             regions = model.region_features(dense, grid_hw, boxes, mask)[mask]
             region_scores.append((regions.float() @ classes.T).cpu())
-            if crop_baseline:
-                crops = crop_regions(images, boxes, mask, 1.0, model.image_size)
-                crop_scores.append((model.encode_image(crops).float() @ classes.T).cpu())
+            if crops is not None:
+                crop_scores.append((model.encode_image(crops.to(device, dtype)).float() @ classes.T).cpu())
         labels.append(batch_labels)
     all_labels = torch.cat(labels)
     results = {f"region_{k}": v for k, v in box_classification_metrics(torch.cat(region_scores), all_labels,
