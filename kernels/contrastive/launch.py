@@ -18,6 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from kernels.contrastive.torch_chunked import Stats
 from kernels.contrastive.triton_kernels import contrastive_grads_kernel, contrastive_stats_kernel
+from kernels.device import launch_device, multiprocessor_count
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # TRITON_INTERPRET=1 at import time runs the kernels on the CPU interpreter (the tests do this).
@@ -56,9 +57,7 @@ class TritonTiles:
         half = images.dtype != torch.float32
         largest_m, largest_n, largest_k = (32, 32, 32) if INTERPRETED else ((64, 128, 64) if half else (64, 64, 16))
         block_m, block_n, block_k = self.blocks
-        multiprocessors = (torch.cuda.get_device_properties(texts.device).multi_processor_count
-                           if texts.is_cuda and not INTERPRETED else None)
-        block_n = block_n or fill_block_n(texts.shape[0], largest_n, multiprocessors)
+        block_n = block_n or fill_block_n(texts.shape[0], largest_n, multiprocessor_count(texts, INTERPRETED))
         return dict(
             BLOCK_M=block_m or _fit(images.shape[0], largest_m),
             BLOCK_N=block_n,
@@ -92,10 +91,11 @@ class TritonTiles:
         col_stats = tuple(images.new_empty(cols, dtype=torch.float32) for _ in range(3))
         ticket, turns = self._counters(rows, config, images.device)
         if rows and cols:
-            contrastive_stats_kernel[(triton.cdiv(cols, config["BLOCK_N"]),)](
-                images, texts, row_valid.to(torch.int8), col_valid.to(torch.int8), scale.reshape(1).float(),
-                *row_stats, *col_stats, ticket, turns, rows, cols, images.shape[1], images.stride(0), texts.stride(0),
-                **config)
+            with launch_device(images):
+                contrastive_stats_kernel[(triton.cdiv(cols, config["BLOCK_N"]),)](
+                    images, texts, row_valid.to(torch.int8), col_valid.to(torch.int8), scale.reshape(1).float(),
+                    *row_stats, *col_stats, ticket, turns, rows, cols, images.shape[1], images.stride(0),
+                    texts.stride(0), **config)
         else:
             col_stats = (torch.full((cols,), float("-inf"), device=images.device),
                          images.new_zeros(cols, dtype=torch.float32), images.new_zeros(cols, dtype=torch.float32))
@@ -114,10 +114,11 @@ class TritonTiles:
         text_grad = texts.new_zeros(texts.shape, dtype=torch.float32)
         ticket, turns = self._counters(rows, config, images.device)
         if rows and cols:
-            contrastive_grads_kernel[(triton.cdiv(cols, config["BLOCK_N"]),)](
-                images, texts, row_valid.to(torch.int8), col_valid.to(torch.int8), scale.reshape(1).float(),
-                row_lse.float().contiguous(), col_lse.float().contiguous(),
-                row_coef.float().contiguous(), col_coef.float().contiguous(),
-                image_grad, text_grad, ticket, turns, rows, cols, images.shape[1], images.stride(0), texts.stride(0),
-                **config)
+            with launch_device(images):
+                contrastive_grads_kernel[(triton.cdiv(cols, config["BLOCK_N"]),)](
+                    images, texts, row_valid.to(torch.int8), col_valid.to(torch.int8), scale.reshape(1).float(),
+                    row_lse.float().contiguous(), col_lse.float().contiguous(),
+                    row_coef.float().contiguous(), col_coef.float().contiguous(),
+                    image_grad, text_grad, ticket, turns, rows, cols, images.shape[1], images.stride(0),
+                    texts.stride(0), **config)
         return image_grad, text_grad

@@ -68,6 +68,22 @@ def _tile_dot(image_ptr, text_ptr, rows, row_in, cols, col_in, dim, stride_image
 
 
 @triton.jit
+def _fp16_range(values):
+    """(2^k, 2^-k) with max|values| * 2^k in [2^14, 2^15): moves a tile into fp16's normal range, exactly.
+
+    d(loss)/d(logits) is about scale * coef * softmax with coef ~ 1/(2N): at N = 1M it is below fp16's
+    smallest subnormal (6e-8) and the cast for the tensor cores flushed the whole gradient to 0; under a
+    loss scale at small N it overflowed 65504. Scaled by a power of two of the tile's own largest value,
+    cast, multiplied, then unscaled in fp32, nothing is lost that the cast did not lose already, and the
+    result is bitwise the same wherever the unscaled cast neither underflowed nor overflowed."""
+    top = tl.max(tl.max(tl.abs(values), axis=1), axis=0)
+    biased = (top.to(tl.int32, bitcast=True) >> 23) & 0xFF  # fp32 exponent of the largest magnitude, + 127
+    # 2^(14 - (biased - 127)), kept where it and its inverse are normal fp32 numbers (2^-126 .. 2^126)
+    up = tl.minimum(tl.maximum(268 - biased, 1), 253)
+    return (up << 23).to(tl.float32, bitcast=True), ((254 - up) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _shift(top):
     """The max, or 0 where nothing valid was seen, so exp() never evaluates -inf - -inf."""
     return tl.where(top == float("-inf"), 0.0, top)
@@ -156,7 +172,11 @@ def contrastive_grads_kernel(
         logits = tl.where(row_ok[:, None] & col_ok[None, :], dot * scale, float("-inf"))
         grad_dot = scale * (row_coef[:, None] * tl.exp(logits - row_lse[:, None])
                             + col_coef[None, :] * tl.exp(logits - col_lse[None, :]))
+        unscale = 1.0
         if not UPCAST:
+            if image_ptr.dtype.element_ty == tl.float16:  # bf16 has fp32's exponent range: no rescaling
+                rescale, unscale = _fp16_range(grad_dot)
+                grad_dot = grad_dot * rescale
             grad_dot = grad_dot.to(image_ptr.dtype.element_ty)
 
         for k0 in range(0, dim, BLOCK_K):
@@ -167,7 +187,7 @@ def contrastive_grads_kernel(
             if UPCAST:
                 update = tl.dot(tl.trans(grad_dot), image, input_precision="ieee")
             else:
-                update = tl.dot(tl.trans(grad_dot), image)
+                update = tl.dot(tl.trans(grad_dot), image) * unscale
             tl.store(text_grad_ptr + offsets, tl.load(text_grad_ptr + offsets, mask=inside, other=0.0) + update,
                      mask=inside)
 
@@ -180,7 +200,7 @@ def contrastive_grads_kernel(
             if UPCAST:
                 update = tl.dot(grad_dot, text, input_precision="ieee")
             else:
-                update = tl.dot(grad_dot, text)
+                update = tl.dot(grad_dot, text) * unscale
             old = tl.load(image_grad_ptr + offsets, mask=inside, other=0.0, cache_modifier=".cg")
             tl.store(image_grad_ptr + offsets, old + update, mask=inside)
         _pass_turn(turn_ptr + row_block, col_block + 1)

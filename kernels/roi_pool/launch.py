@@ -8,7 +8,10 @@ is not yet tuned on a GPU.
 Normalised pooling is fused into the forward kernel unless that would leave most SMs idle (see
 `normalize_in_second_pass`).
 fp32 tokens use exact fp32 dots; half-precision tokens use TF32, whose 10-bit mantissa holds every
-bf16/fp16 token exactly and rounds the weights below the output's own rounding.
+bf16/fp16 token exactly. The weights are truncated to TF32 (the tensor cores drop the low 13 bits: no
+cvt.rna in the PTX), up to 2^-10 relative: below bf16's rounding of the output, about twice fp16's,
+still inside the fp16 tolerance at the GPU test sizes.
+Launches run on the tensors' device (`kernels.device.launch_device`), not merely the current one.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from kernels.device import launch_device, multiprocessor_count
 from kernels.roi_pool.reference import NORMALIZE_EPS
 from kernels.roi_pool.triton_kernels import region_factors_kernel, region_pool_bwd_kernel, region_pool_fwd_kernel
 
@@ -54,11 +58,12 @@ def region_factors(
     cols = boxes.new_empty(batch, regions, width, dtype=torch.float32)
     boxes = boxes.detach().contiguous()
     mask = boxes if box_mask is None else box_mask.contiguous()
-    region_factors_kernel[(batch * regions,)](
-        boxes, mask, rows, cols, float(spatial_scale), int(sampling_ratio), height, width,
-        HAS_MASK=box_mask is not None,
-        BLOCK_H=triton.next_power_of_2(height), BLOCK_W=triton.next_power_of_2(width),
-    )
+    with launch_device(boxes):
+        region_factors_kernel[(batch * regions,)](
+            boxes, mask, rows, cols, float(spatial_scale), int(sampling_ratio), height, width,
+            HAS_MASK=box_mask is not None,
+            BLOCK_H=triton.next_power_of_2(height), BLOCK_W=triton.next_power_of_2(width),
+        )
     return rows, cols
 
 
@@ -78,9 +83,7 @@ def picks_second_pass(tokens: torch.Tensor, regions: int) -> bool:
     largest_r, _, largest_c = FORWARD_TILES[tokens.dtype == torch.float32]
     box_programs = tokens.shape[0] * triton.cdiv(regions, _tile(regions, largest_r))
     channel_tiles = triton.cdiv(tokens.shape[-1], _tile(tokens.shape[-1], largest_c))
-    multiprocessors = (torch.cuda.get_device_properties(tokens.device).multi_processor_count
-                       if tokens.is_cuda and not INTERPRETED else None)
-    return normalize_in_second_pass(box_programs, channel_tiles, multiprocessors)
+    return normalize_in_second_pass(box_programs, channel_tiles, multiprocessor_count(tokens, INTERPRETED))
 
 
 def pool_forward(
@@ -103,14 +106,15 @@ def pool_forward(
     out = tokens.new_empty(batch, regions, channels, dtype=torch.float32 if second_pass else tokens.dtype)
     norms = rows.new_empty(batch, regions) if fused else None
     grid = (batch, triton.cdiv(regions, block_r), 1 if fused else triton.cdiv(channels, block_c))
-    region_pool_fwd_kernel[grid](
-        tokens, rows, cols, out, rows if norms is None else norms,
-        regions, channels, *grid_hw,
-        *tokens.stride(),
-        NORMALIZE_EPS,
-        NORMALIZE=fused, DOT_PRECISION=_dot_precision(tokens.dtype),
-        BLOCK_R=block_r, BLOCK_T=_tile(grid_hw[0] * grid_hw[1], largest_t), BLOCK_C=block_c, num_warps=NUM_WARPS,
-    )
+    with launch_device(tokens):
+        region_pool_fwd_kernel[grid](
+            tokens, rows, cols, out, rows if norms is None else norms,
+            regions, channels, *grid_hw,
+            *tokens.stride(),
+            NORMALIZE_EPS,
+            NORMALIZE=fused, DOT_PRECISION=_dot_precision(tokens.dtype),
+            BLOCK_R=block_r, BLOCK_T=_tile(grid_hw[0] * grid_hw[1], largest_t), BLOCK_C=block_c, num_warps=NUM_WARPS,
+        )
     if second_pass:
         norms = torch.linalg.vector_norm(out, dim=-1)
         out = (out / norms.clamp_min(NORMALIZE_EPS).unsqueeze(-1)).to(tokens.dtype)
@@ -137,12 +141,13 @@ def pool_backward(
     block_t = _tile(n_tokens, largest_t)
     block_c = _tile(channels, largest_c)
     grid = (batch, triton.cdiv(n_tokens, block_t), triton.cdiv(channels, block_c))
-    region_pool_bwd_kernel[grid](
-        grad_out, out, row_dots, rows if norms is None else norms, rows, cols, grad_tokens,
-        regions, channels, *grid_hw,
-        *grad_out.stride(),
-        NORMALIZE_EPS,
-        NORMALIZE=normalize, DOT_PRECISION=_dot_precision(out.dtype),
-        BLOCK_R=_tile(regions, largest_r), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS,
-    )
+    with launch_device(grad_tokens):
+        region_pool_bwd_kernel[grid](
+            grad_out, out, row_dots, rows if norms is None else norms, rows, cols, grad_tokens,
+            regions, channels, *grid_hw,
+            *grad_out.stride(),
+            NORMALIZE_EPS,
+            NORMALIZE=normalize, DOT_PRECISION=_dot_precision(out.dtype),
+            BLOCK_R=_tile(regions, largest_r), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS,
+        )
     return grad_tokens

@@ -8,6 +8,7 @@ gloo ranks on the CPU and compare each rank with open_clip (local_loss, gather_w
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -125,6 +126,45 @@ def test_half_precision_gpu_code_path_in_the_interpreter():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad.double(), want_grad, **TOLERANCES[torch.float16])
+
+
+def _fp16_gpu_path_grads(total: int, upstream: float, upcast: bool, coef_factor: float = 1.0):
+    """The backward pass on b = 45 rows with the coefficients and log-sum-exps of a global batch of
+    `total` rows (coef = upstream / (2 N), each row's softmax mass spread over N columns), fp16 inputs."""
+    images, texts, _, _ = make_case(8, 45, 37, "none")
+    images, texts = images.half(), texts.half()
+    scale = 100.0
+    logits = scale * images.double() @ texts.double().T
+    shift = math.log(total / images.shape[0])
+    row_lse, col_lse = (torch.logsumexp(logits, 1) + shift).float(), (torch.logsumexp(logits, 0) + shift).float()
+    coef = torch.full((images.shape[0],), upstream / (2 * total) * coef_factor)
+    valid = torch.ones(images.shape[0], dtype=torch.bool)
+    return TritonTiles(16, 16, 16, upcast=upcast).grads(images, texts, torch.tensor(scale), valid, valid,
+                                                        row_lse, col_lse, coef, coef)
+
+
+@pytest.mark.parametrize("total, upstream", [(2**20, 1.0), (65536, 1.0), (45, 2.0**16)],
+                         ids=["N1M-underflow", "N64k-subnormal", "loss-scale-overflow"])
+def test_fp16_gpu_path_keeps_gradients_a_plain_cast_would_flush_or_overflow(total, upstream):
+    """On a GPU fp16 features take the tensor-core branch, which casts d(loss)/d(logits) ~ scale/(2N) *
+    softmax to fp16: at N = 1M every entry was below fp16's smallest subnormal (the gradient came back
+    all zeros), at N = 64k most were subnormal (3% off), and under DeepSpeed's 2^16 loss scale at small N
+    they overflowed to inf. The interpreter runs that branch with upcast=False; the fp32 branch is the
+    reference."""
+    got = _fp16_gpu_path_grads(total, upstream, upcast=False)
+    want = _fp16_gpu_path_grads(total, upstream, upcast=True)
+    for name, got_grad, want_grad in zip(("images", "texts"), got, want):
+        assert torch.isfinite(got_grad).all(), name
+        assert (got_grad - want_grad).norm() <= 1e-3 * want_grad.norm(), name  # fp16 rounding is 4.9e-4
+
+
+def test_fp16_gpu_path_is_exactly_invariant_to_power_of_two_coefficients():
+    """The gradient is linear in the coefficients: scaled by 2^-20, the fp16 branch gives bitwise the
+    result scaled by 2^-20 (a plain fp16 cast of the smaller values rounds them differently, or to 0)."""
+    small = _fp16_gpu_path_grads(4096, 1.0, upcast=False, coef_factor=2.0**-20)
+    plain = _fp16_gpu_path_grads(4096, 1.0, upcast=False)
+    for small_grad, plain_grad in zip(small, plain):
+        assert torch.equal(small_grad * 2.0**20, plain_grad)
 
 
 @pytest.mark.parametrize("passes", PASSES)
