@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS, UNIVERSAL_CHECKPOINT_INFO
 
 TAG_PREFIX = "step_"
 TAG_PATTERN = re.compile(rf"{TAG_PREFIX}\d{{8}}")
@@ -138,12 +138,39 @@ def convert_to_universal(point: ResumePoint, rank: int) -> ResumePoint:
     return ResumePoint(point.directory, universal.name)
 
 
+def _repair_zero3_universal_load(engine, point: ResumePoint) -> None:
+    """Undo two faults of DeepSpeed's ZeRO-3 universal load (stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3); weights and Adam moments do load exactly.
+
+    1. It puts one and the same `step` tensor into the state of every optimizer sub-group. AdamW
+       increments `step` in place, so each optimizer step then advanced it once per sub-group
+       (2 here: decay and no-decay) and Adam's bias correction used the wrong step from the first
+       step after the load on: the resumed run drifted (the test job's loss 2 steps on by 2.3e-4,
+       4e-5 relative) and the wrong count was saved into the next checkpoints.
+    2. It gives every param group the hyperparameters of saved group 0: the no-decay group (norms,
+       biases, logit_scale) came back with weight decay. The converted checkpoint keeps every
+       group's hyperparameters; they are put back group by group."""
+    optimizer = engine.optimizer.optimizer
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    saved = torch.load(point.directory / point.tag / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False, mmap=True)
+    saved_groups = saved[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"{point.directory / point.tag} has {len(saved_groups)} optimizer param groups, "
+                         f"this run's optimizer has {len(optimizer.param_groups)}")
+    for group, saved_group in zip(optimizer.param_groups, saved_groups):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+
+
 def load(engine, point: ResumePoint) -> dict[str, Any]:
     """Collective. Restores engine state and RNG; returns this rank's trainer state (step, data position).
 
     After a change of world size, rank r reads the trainer state of saved rank r mod (saved ranks):
-    the step and the synthetic data position are the same on every rank; streams that cannot be
-    re-split refuse the state themselves."""
+    the step and the synthetic data position are the same on every rank. Streams split per rank
+    (webdataset) re-split what no old rank had read, so their state then also carries every saved
+    rank's stream state, in rank order, under "ranks"."""
     saved_ranks = saved_world_size(point)
     if saved_ranks == 0:
         raise FileNotFoundError(f"{point.directory / point.tag} has no trainer_state_rank*.pt: not a complete checkpoint")
@@ -151,6 +178,11 @@ def load(engine, point: ResumePoint) -> dict[str, Any]:
     loaded, _ = engine.load_checkpoint(str(point.directory), tag=point.tag)
     if loaded is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint at {point.directory}/{point.tag}")
+    if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
+        _repair_zero3_universal_load(engine, point)
     state = torch.load(state_file, weights_only=False)
     set_rng_state(state.pop("rng"))
+    if saved_ranks != (dist.get_world_size() if dist.is_initialized() else 1):
+        state["stream"]["ranks"] = [torch.load(point.directory / point.tag / f"trainer_state_rank{rank}.pt",
+                                               weights_only=False)["stream"] for rank in range(saved_ranks)]
     return state
