@@ -11,12 +11,13 @@ import logging
 from collections import Counter
 from typing import Any, Iterator
 
-import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from fineclip_ds.data.collate import RegionCollator, TransformedSample
 from fineclip_ds.data.records import decode_record
 from fineclip_ds.data.shapes_world import ShapesWorld
+from fineclip_ds.data.stream_positions import (Piece, check_ranks, normalized, reader_shards, readers_per_rank,
+                                             resplit, unit_of)
 from fineclip_ds.data.transforms import RegionTransform
 
 log = logging.getLogger("fineclip_ds")
@@ -126,36 +127,44 @@ class ShardHealth:
 
 
 class _ShardBatches(IterableDataset):
-    """Batches from one rank's shards; each DataLoader worker reads its own subset of them.
+    """Batches from one rank's readers; each DataLoader worker is one reader (see stream_positions).
 
-    Every batch carries `position` = (reader, epoch, raw records read this epoch) so the stream can
+    Every batch carries `position` = (reader, unit, raw records read into it) so the stream can
     record exactly where each reader stands in what the trainer consumed. DataLoader hands out
     batches round-robin from worker 0, so on resume worker i plays reader (i + first_reader) % workers:
     the reader whose turn was next when the checkpoint was taken goes first.
     """
 
-    def __init__(self, shards: list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,
-                 seed: int, positions: dict[int, tuple[int, int]], first_reader: int, max_bad_fraction: float):
-        self.shards, self.transform, self.collator = shards, transform, collator
+    def __init__(self, shards: list[str], rank: int, world_size: int, transform: RegionTransform,
+                 collator: RegionCollator, local_batch: int, seed: int, positions: dict[int, tuple[int, int]],
+                 first_reader: int, start_epoch: int, leftovers: list[Piece], max_bad_fraction: float):
+        self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.transform, self.collator = transform, collator
         self.local_batch, self.seed, self.positions = local_batch, seed, positions
-        self.first_reader = first_reader
+        self.first_reader, self.start_epoch, self.leftovers = first_reader, start_epoch, leftovers
         self.shard_health = ShardHealth(max_bad_fraction)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         worker = (worker + self.first_reader) % workers
-        shards = self.shards[worker::workers]
-        epoch, read = self.positions.get(worker, (0, 0))
+        unit, read = self.positions.get(worker, (0, 0))
         pending: Counter = Counter()
-        samples: list[TransformedSample] = []  # an incomplete last batch rolls over into the next epoch
+        samples: list[TransformedSample] = []  # an incomplete last batch rolls over into the next unit
         while True:
-            order = np.random.default_rng([self.seed, worker, epoch]).permutation(len(shards))
-            whole_epoch, usable, epoch_drops = read == 0, 0, Counter()
-            records = read_raw_records([shards[i] for i in order], pending)
-            if read:  # resuming: these records went into batches the trainer consumed, defects counted then
-                next(itertools.islice(records, read - 1, None), None)
+            piece, epoch = unit_of(self.leftovers, worker, workers, self.start_epoch, unit)
+            if piece is None:
+                shards = reader_shards(self.shards, self.seed, self.world_size, workers, self.rank, worker, epoch)
+            else:
+                shards = reader_shards(self.shards, self.seed, *piece[:5])
+            skip = read + (piece.skip if piece else 0)
+            whole_epoch, usable, epoch_drops = skip == 0 and piece is None, 0, Counter()
+            records = read_raw_records(shards, pending)
+            if skip:  # these records went into batches the trainer consumed, defects counted then
+                counted = Counter(pending)
+                next(itertools.islice(records, skip - 1, None), None)
                 pending.clear()
+                pending.update(counted)
             for record in records:
                 read += 1
                 sample, drops = decode_record(record, self.transform)
@@ -170,11 +179,11 @@ class _ShardBatches(IterableDataset):
                     samples[0].drops.update(pending)
                     pending.clear()
                     batch = self.collator(samples)
-                    batch["position"] = (worker, epoch, read)
+                    batch["position"] = (worker, unit, read)
                     yield batch
                     samples = []
             pending.update(self.shard_health.finish())
-            if read == 0:
+            if whole_epoch and read == 0:
                 raise RuntimeError(f"no readable records in shards {shards}")
             if whole_epoch and usable == 0:  # reading on would spin forever without yielding a batch
                 raise RuntimeError(f"none of the {read} records in shards {shards} is usable ({dict(epoch_drops)}); "
@@ -183,53 +192,73 @@ class _ShardBatches(IterableDataset):
                 raise RuntimeError(f"shards {shards} hold {usable} usable records, fewer than one local batch of "
                                    f"{self.local_batch}; use fewer ranks or DataLoader workers, a smaller batch or "
                                    "more data")
-            epoch, read = epoch + 1, 0
+            unit, read = unit + 1, 0
 
 
 class WebDatasetStream:
     """Training-format webdataset shards (image, txt, json {boxes, region_captions}), split by rank then worker.
 
     Corrupt images, bad annotations, missing fields and unreadable shards are skipped and counted in
-    each batch's data_stats; resuming restarts every worker at its recorded raw-record position.
+    each batch's data_stats; resuming restarts every worker at its recorded raw-record position, and
+    a resume with another world size or worker count re-splits the records no reader had delivered
+    (stream_positions).
     """
 
     def __init__(self, urls: str | list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,
                  rank: int, world_size: int, num_workers: int = 1, seed: int = 0, max_bad_fraction: float = 0.1):
         shards = expand_shard_urls(urls)
-        readers = world_size * max(1, num_workers)
+        readers = world_size * readers_per_rank(num_workers)
         if len(shards) < readers:
             raise ValueError(f"data.train_shards={urls!r}: {len(shards)} shards for {world_size} ranks x "
-                             f"{max(1, num_workers)} workers; expected at least {readers} (one per reader)")
-        self.shards = shards[rank::world_size]
-        self.world_size = world_size
+                             f"{readers_per_rank(num_workers)} workers; expected at least {readers} (one per reader)")
+        self.shards, self.rank, self.world_size = shards, rank, world_size
         self.transform, self.collator, self.local_batch = transform, collator, local_batch
         self.num_workers, self.seed, self.max_bad_fraction = num_workers, seed, max_bad_fraction
         self.positions: dict[int, tuple[int, int]] = {}
         self.batches = 0
+        self.start_epoch = 0
+        self.leftovers: list[Piece] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "batches": self.batches, "positions": dict(self.positions),
-                "world_size": self.world_size}
+                "world_size": self.world_size, "rank": self.rank, "start_epoch": self.start_epoch,
+                "leftovers": [list(piece) for piece in self.leftovers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("world_size", self.world_size) != self.world_size:
+        """This rank's saved state; after a change of world size it must carry every old rank's state
+        under "ranks" (checkpoint.load adds them), as the unread records of all of them are re-split."""
+        state = normalized(state)
+        split = (self.world_size, readers_per_rank(self.num_workers))
+        if (state["world_size"], readers_per_rank(state["num_workers"])) == split:
+            self.positions, self.batches = state["positions"], int(state["batches"])
+            self.start_epoch, self.leftovers = state["start_epoch"], state["leftovers"]
+            return
+        if "ranks" in state:
+            old_ranks = [normalized(rank_state) for rank_state in state["ranks"]]
+            check_ranks(old_ranks)
+            old = dict(enumerate(old_ranks))
+        elif state["world_size"] == self.world_size and state.get("rank", self.rank) == self.rank:
+            old = {self.rank: state}  # only the worker count changed: this rank's own readers re-split
+        else:
             raise ValueError(f"the checkpoint's webdataset positions were recorded by {state['world_size']} ranks and "
-                             f"this run has {self.world_size}: shards are split per rank, so a webdataset run "
-                             "resumes only at the world size that wrote it (the synthetic world resumes at any)")
-        if state["num_workers"] != self.num_workers:
-            raise ValueError(f"data.num_workers={self.num_workers}: the checkpoint's data positions were recorded "
-                             f"with {state['num_workers']} workers; resume with the same number")
-        self.positions = {int(worker): tuple(position) for worker, position in state["positions"].items()}
-        self.batches = int(state["batches"])
+                             f"this run has {self.world_size}, but only rank {state.get('rank', '?')}'s position was "
+                             "given: re-splitting the unread records needs every old rank's (under 'ranks', as "
+                             "checkpoint.load gives them)")
+        self.start_epoch, self.leftovers = resplit(old, self.rank, self.world_size)
+        self.positions, self.batches = {}, 0
+        log.info("webdataset positions of %d ranks x %d readers re-split for %d x %d: this rank first reads %d "
+                 "unread pieces of epochs before %d", state["world_size"], readers_per_rank(state["num_workers"]),
+                 *split, len(self.leftovers), self.start_epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        readers = max(1, self.num_workers)
-        dataset = _ShardBatches(self.shards, self.transform, self.collator, self.local_batch, self.seed,
-                                dict(self.positions), first_reader=self.batches % readers,
+        dataset = _ShardBatches(self.shards, self.rank, self.world_size, self.transform, self.collator,
+                                self.local_batch, self.seed, dict(self.positions),
+                                first_reader=self.batches % readers_per_rank(self.num_workers),
+                                start_epoch=self.start_epoch, leftovers=self.leftovers,
                                 max_bad_fraction=self.max_bad_fraction)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
         for batch in loader:
-            reader, epoch, read = batch.pop("position")
-            self.positions[int(reader)] = (int(epoch), int(read))
+            reader, unit, read = batch.pop("position")
+            self.positions[int(reader)] = (int(unit), int(read))
             self.batches += 1
             yield batch
