@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from fineclip_ds.config import KernelConfig, LossConfig, ModelConfig
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
+from tests.training import eva_layer_scale
 
 NAME = "FineCLIP-EVA02-T-14"  # timm eva02_tiny_patch14_224 + a tiny text tower, built offline
 
@@ -35,8 +36,7 @@ def test_loads_the_local_checkpoint_and_the_global_head_is_open_clips(checkpoint
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_dense_path_is_the_last_block_attending_only_to_itself(checkpoint):
-    model, _ = _model(checkpoint)
+def _assert_dense_path_is_the_last_block_attending_only_to_itself(model):
     model.eval()
     trunk = model.visual.trunk
     images = torch.randn(1, 3, 224, 224)
@@ -49,6 +49,21 @@ def test_dense_path_is_the_last_block_attending_only_to_itself(checkpoint):
         expected = F.normalize(model.visual.head(trunk.head(trunk.fc_norm(tokens))), dim=-1)
     assert grid_hw == (16, 16) and dense.shape == (1, 256, 64)
     torch.testing.assert_close(dense, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_path_is_the_last_block_attending_only_to_itself(checkpoint):
+    _assert_dense_path_is_the_last_block_attending_only_to_itself(_model(checkpoint)[0])
+
+
+def test_dense_path_applies_the_last_blocks_layer_scale():
+    """timm Eva with init_values (no shipped config has it): gamma_1 scales attention, gamma_2 the MLP."""
+    torch.manual_seed(0)
+    model, _, _ = create_fineclip(ModelConfig(name=eva_layer_scale.NAME))
+    last = model.visual.trunk.blocks[-1]
+    with torch.no_grad():  # distinct per channel and per branch, so a swapped or missing gamma shows
+        last.gamma_1.uniform_(0.2, 2.0)
+        last.gamma_2.uniform_(0.2, 2.0)
+    _assert_dense_path_is_the_last_block_attending_only_to_itself(model)
 
 
 def test_a_training_step_runs_with_checkpointing(checkpoint):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fineclip_ds.training.process_group import SHARED_MEMORY
+from tests.training import eva_layer_scale
 from tests.training.launcher import (COMMON, GLOBAL_BATCH, REPO, STEPS, free_port, launcher_env, losses, run_pretrain,
                                      write_ds_config)
 
 pytestmark = pytest.mark.slow
+EVA_LAYER_SCALE_SCRIPT = Path(eva_layer_scale.__file__)
 
 
 def final_parameters(output_dir):
@@ -41,12 +44,14 @@ def test_two_process_zero3_matches_one_process(runs):
     _assert_same_parameters(final_parameters(runs["two_zero3"]), final_parameters(runs["one_zero2"]))
 
 
-def test_held_out_evaluation_runs_under_zero3_and_agrees_with_one_process(runs):
-    def evaluation(run) -> dict[str, float]:
-        events = EventAccumulator(str(run / "tensorboard"))
-        events.Reload()
-        return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("eval/")}
+def evaluation(run) -> dict[str, float]:
+    """The last held-out evaluation's eval/* scalars."""
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("eval/")}
 
+
+def test_held_out_evaluation_runs_under_zero3_and_agrees_with_one_process(runs):
     one, three = evaluation(runs["one_zero2"]), evaluation(runs["two_zero3"])
     assert {"eval/box_top1", "eval/box_top5", "eval/i2t_r1", "eval/t2i_r1"} <= one.keys()
     assert one.keys() == three.keys()
@@ -96,16 +101,35 @@ def test_torchrun_gives_the_deepspeed_launcher_run(runs, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_eva02_trains_under_zero3_with_every_parameter_partitioned(tmp_path):
-    config = write_ds_config(tmp_path / "ds.json", 2, 3)
-    settings = json.loads(config.read_text())
+def test_eva02_with_layer_scale_under_zero3_with_every_parameter_partitioned_matches_one_process(tmp_path):
+    """EVA02 tiny with layer scale: the value-only dense path reads the last block's gamma_1/gamma_2
+    outside the block's forward. In training DeepSpeed's forward discovers such reads by itself; the
+    held-out evaluation runs outside the engine's forward and gathers only what
+    TimmEva.parameters_read_outside_owner_forward names (without the gammas it fails)."""
+    two_config = write_ds_config(tmp_path / "two.json", 2, 3)
+    settings = json.loads(two_config.read_text())
     settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # nothing stays whole
-    config.write_text(json.dumps(settings))
-    output_dir = tmp_path / "eva"
-    run_pretrain(2, config, output_dir, "--max_steps", "2", "--set", "model.name=FineCLIP-EVA02-T-14",
-                 "--set", "data.max_boxes=2", "--set", "optim.lr=1e-4")
-    curve = losses(output_dir)
-    assert [step for step, _ in curve] == [1, 2] and all(loss == loss for _, loss in curve)
+    two_config.write_text(json.dumps(settings))
+    job = ("--max_steps", "2", "--set", f"model.name={eva_layer_scale.NAME}", "--set", "data.max_boxes=2",
+           "--set", "optim.lr=1e-4", "--set", "eval.every=2", "--set", "eval.images=8", "--set", "eval.batch_size=4")
+    run_pretrain(2, two_config, tmp_path / "two", *job, script=EVA_LAYER_SCALE_SCRIPT)
+    run_pretrain(1, write_ds_config(tmp_path / "one.json", 4, 2), tmp_path / "one", *job, script=EVA_LAYER_SCALE_SCRIPT)
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert [step for step, _ in two] == [1, 2]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-5)
+    two_parameters, one_parameters = (
+        get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / run / "checkpoints"), tag="step_00000002")
+        for run in ("two", "one"))
+    _assert_same_parameters(two_parameters, one_parameters)
+    blocks = "model.clip.visual.trunk.blocks."
+    last_block = max(int(key[len(blocks):].split(".")[0]) for key in one_parameters if key.startswith(blocks))
+    for gamma in ("gamma_1", "gamma_2"):
+        trained = one_parameters[f"{blocks}{last_block}.{gamma}"]
+        assert not torch.equal(trained, torch.full_like(trained, eva_layer_scale.LAYER_SCALE))
+    two_evaluation, one_evaluation = evaluation(tmp_path / "two"), evaluation(tmp_path / "one")
+    assert "eval/box_top1" in one_evaluation and two_evaluation.keys() == one_evaluation.keys()
+    for tag in one_evaluation:
+        assert two_evaluation[tag] == pytest.approx(one_evaluation[tag], abs=1e-3), tag
 
 
 def test_zero3_with_the_optimizer_offloaded_to_the_cpu_matches_one_process(runs, tmp_path):
