@@ -17,6 +17,8 @@ re-splits its own readers (T is then the furthest of its own), so it needs no ot
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -37,6 +39,13 @@ def reader_shards(shards: list[str], seed: int, world_size: int, workers: int, r
     """The shards that reader (rank, worker) reads in `epoch`, in reading order."""
     own = shards[rank::world_size][worker::workers]
     return [own[i] for i in np.random.default_rng([seed, worker, epoch]).permutation(len(own))]
+
+
+def shard_list_fingerprint(shards: list[str]) -> str:
+    """What positions index into: the shard count and a digest of the shards' file names in order.
+    File names, not paths, so that a run resumes after its data moves to another mount."""
+    names = "\n".join(PurePosixPath(shard).name for shard in shards)
+    return f"{len(shards)} shards, names sha256 {hashlib.sha256(names.encode()).hexdigest()[:16]}"
 
 
 def readers_per_rank(num_workers: int) -> int:

@@ -17,7 +17,7 @@ from fineclip_ds.data.collate import RegionCollator, TransformedSample
 from fineclip_ds.data.records import decode_record
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.data.stream_positions import (Piece, check_ranks, normalized, reader_shards, readers_per_rank,
-                                             resplit, unit_of)
+                                             resplit, shard_list_fingerprint, unit_of)
 from fineclip_ds.data.transforms import RegionTransform
 
 log = logging.getLogger("fineclip_ds")
@@ -222,12 +222,14 @@ class WebDatasetStream:
     def state_dict(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "batches": self.batches, "positions": dict(self.positions),
                 "world_size": self.world_size, "rank": self.rank, "start_epoch": self.start_epoch,
-                "leftovers": [list(piece) for piece in self.leftovers]}
+                "leftovers": [list(piece) for piece in self.leftovers],
+                "shards": shard_list_fingerprint(self.shards), "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """This rank's saved state; after a change of world size it must carry every old rank's state
         under "ranks" (checkpoint.load adds them), as the unread records of all of them are re-split."""
         state = normalized(state)
+        self._check_same_records(state)
         split = (self.world_size, readers_per_rank(self.num_workers))
         if (state["world_size"], readers_per_rank(state["num_workers"])) == split:
             self.positions, self.batches = state["positions"], int(state["batches"])
@@ -249,6 +251,18 @@ class WebDatasetStream:
         log.info("webdataset positions of %d ranks x %d readers re-split for %d x %d: this rank first reads %d "
                  "unread pieces of epochs before %d", state["world_size"], readers_per_rank(state["num_workers"]),
                  *split, len(self.leftovers), self.start_epoch)
+
+    def _check_same_records(self, state: dict[str, Any]) -> None:
+        """Positions count records in seeded orders of a shard list: another list or seed would silently
+        skip and repeat records (checkpoints from before these were saved are not checked)."""
+        shards = shard_list_fingerprint(self.shards)
+        if state.get("shards", shards) != shards:
+            raise ValueError(f"data.train_shards: the checkpoint's data positions are in {state['shards']}, this run "
+                             f"lists {shards}; resume with the same shards in the same order (they may move to "
+                             "another folder), or start a new run")
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"train.seed={self.seed}: the checkpoint's data positions are in shard orders drawn "
+                             f"with seed {state['seed']}; resume with that seed")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = _ShardBatches(self.shards, self.rank, self.world_size, self.transform, self.collator,

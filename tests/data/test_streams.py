@@ -1,5 +1,6 @@
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,30 @@ def test_webdataset_positions_refuse_another_world_size(shard_dir):
     _take(first, 1)
     with pytest.raises(ValueError, match="recorded by 2 ranks and this run has 1"):
         _wds(shard_dir, 2).load_state_dict(first.state_dict())
+
+
+def test_positions_refuse_another_shard_list_or_seed_but_not_a_moved_folder(shard_dir):
+    first = _wds(shard_dir, 2)
+    _take(first, 1)
+    state = first.state_dict()
+    fewer = WebDatasetStream(str(shard_dir / "good-{0..4}.tar"), *_parts(), 2, 0, 1, num_workers=0, seed=7)
+    with pytest.raises(ValueError, match="data.train_shards: .* 6 shards, .* this run lists 5 shards"):
+        fewer.load_state_dict(state)
+    reordered = WebDatasetStream([str(shard_dir / f"good-{i}.tar") for i in (1, 0, 2, 3, 4, 5)], *_parts(), 2, 0, 1,
+                                 num_workers=0, seed=7)
+    with pytest.raises(ValueError, match="data.train_shards"):
+        reordered.load_state_dict(state)
+    reseeded = WebDatasetStream(str(shard_dir / "good-{0..5}.tar"), *_parts(), 2, 0, 1, num_workers=0, seed=8)
+    with pytest.raises(ValueError, match="train.seed=8: .* seed 7"):
+        reseeded.load_state_dict(state)
+    moved = shard_dir / "moved"
+    moved.mkdir()
+    for shard in shard_dir.glob("good-*.tar"):
+        shutil.copy(shard, moved)
+    uninterrupted = _take(_wds(shard_dir, 2), 2)
+    resumed = _wds(moved, 2)
+    resumed.load_state_dict(state)
+    _same_batch(_take(resumed, 1)[0], uninterrupted[1])
 
 
 def test_a_mostly_bad_shard_is_reported_by_name(shard_dir, caplog):
