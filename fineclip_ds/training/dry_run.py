@@ -31,7 +31,8 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
         model, _, _ = create_fineclip(model_config, device="meta")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    blocks = list(model.visual.transformer.resblocks) + list(model.clip.transformer.resblocks)
+    text_tower = getattr(model.clip, "text", model.clip)  # CustomTextCLIP (EVA02) keeps it under .text
+    blocks = list(model.tower.blocks) + list(text_tower.transformer.resblocks)
     largest_layer = max(sum(p.numel() for p in block.parameters()) for block in blocks)
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
@@ -55,8 +56,10 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
     images = micro_batch
     regions = micro_batch * config.data.max_boxes
     weights = {"gc": config.losses.w_gc, "sd": config.losses.w_sd, "rc": config.losses.w_rc}
-    flops = step_flops(FineCLIPShapes.of(model.clip), images, regions, regions, world_size,
-                       not config.model.freeze_text, config.losses.sd_teacher_grad, weights)
+    shapes = FineCLIPShapes.of(model.clip)
+    flops = None if shapes is None else step_flops(shapes, images, regions, regions, world_size,
+                                                   not config.model.freeze_text, config.losses.sd_teacher_grad,
+                                                   weights)
     return {
         "model": config.model.name,
         "image_size": list(model.image_size),
@@ -72,6 +75,6 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
         "model_states_gib_per_gpu": round(gpu_bytes / GIB, 2),
         "model_states_gib_cpu_per_node": round(cpu_bytes / GIB, 2),
         "note": "model states only (weights, gradients, Adam states); activations come on top",
-        "model_tflops_per_gpu_step_at_max_boxes": round(flops * accumulation / 1e12, 3),
+        "model_tflops_per_gpu_step_at_max_boxes": None if flops is None else round(flops * accumulation / 1e12, 3),
         "config": config.to_dict(),
     }

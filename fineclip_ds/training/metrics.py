@@ -4,6 +4,8 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -32,7 +34,8 @@ def device_name() -> str:
 
 
 class Throughput:
-    """Samples/s, seconds/step and achieved model TFLOP/s on this rank since the last `read`."""
+    """Samples/s, seconds/step and achieved model TFLOP/s on this rank since the last `read`,
+    leaving out the time spent inside `paused()` (evaluation, checkpoint saves)."""
 
     def __init__(self) -> None:
         self._start = time.perf_counter()
@@ -45,6 +48,15 @@ class Throughput:
         self._samples += samples
         self._steps += 1
         self._flops += flops
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Work that is not training (evaluation, checkpointing): its time counts in no window."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - started
 
     def read(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self._start, 1e-9)

@@ -84,3 +84,16 @@ def test_a_world_that_is_not_whole_nodes_is_refused():
                              "ds_configs/zero2.json", "--dry_run", "--world_size", "12"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--world_size 12 is not a whole number of nodes" in result.stderr
+
+
+def test_dry_run_plans_an_eva_tower():
+    """EVA02 (timm Eva image tower, text tower under clip.text): its blocks and its FLOPs are planned too."""
+    from fineclip_ds.config import ModelConfig, RunConfig
+    from fineclip_ds.training.dry_run import plan
+
+    config = RunConfig(model=ModelConfig(name="EVA02-L-14"))
+    ds_config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    report = plan(config, ds_config, world_size=8, gpus_per_node=8)
+    assert 300 <= report["parameters"]["trainable"] / 1e6 <= 310  # EVA02-L/14 image tower; text frozen
+    assert report["parameters"]["largest_block"] > 12e6
+    assert report["model_tflops_per_gpu_step_at_max_boxes"] > 0

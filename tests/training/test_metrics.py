@@ -16,3 +16,17 @@ from fineclip_ds.training.metrics import peak_tflops
 ])
 def test_mfu_peaks_tell_the_pcie_and_nvl_cards_from_the_sxm_parts(device_name, peak):
     assert peak_tflops(device_name) == peak
+
+
+def test_paused_time_counts_in_no_throughput_window(monkeypatch):
+    """Evaluation and checkpoint saves run between steps; their time must not lower TFLOP/s and MFU."""
+    from fineclip_ds.training import metrics
+
+    clock = iter([0.0, 10.0, 40.0, 50.0, 50.0])  # start, pause begins, pause ends, read, next window
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    throughput = metrics.Throughput()
+    throughput.update(samples=8, flops=10**12)
+    with throughput.paused():
+        pass
+    speed = throughput.read()
+    assert speed["step_time_s"] == 20.0 and speed["tflops_per_device"] == pytest.approx(1 / 20)
