@@ -42,6 +42,15 @@ class FineCLIPObjective(nn.Module):
         region_embeddings[box_mask] = embeddings[batch:]
         return embeddings[:batch], region_embeddings
 
+    def _encode_teacher(self, crops: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Global embeddings of the crops, [n_valid, D]. A rank whose batch has no valid box still runs
+        the tower, on one stand-in image whose embedding is dropped: open_clip cannot encode an empty
+        batch, and under ZeRO-3 every rank must run the same module forwards (each gathers its
+        parameters collectively)."""
+        if crops.shape[0] == 0:
+            return self.model.encode_image(images[:1])[:0]
+        return self.model.encode_image(crops)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the weighted total and, detached for reporting, each loss term and the logit scale.
 
@@ -70,7 +79,7 @@ class FineCLIPObjective(nn.Module):
             crop_boxes = boxes * boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
             crops = crop_regions(crop_images, crop_boxes, box_mask, self.crop_enlarge, tuple(images.shape[-2:]))
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.sd_teacher_grad):
-                teacher = self.model.encode_image(crops)
+                teacher = self._encode_teacher(crops, images)
             terms["sd"] = self.self_distillation(region_features, teacher, box_mask)
         if self.weights["rc"] > 0:
             terms["rc"] = self.regional_contrastive(region_features, region_text_embeddings, box_mask, logit_scale)

@@ -1,5 +1,5 @@
 """The objective's self-distillation crops: from the model input, or from the same image at a higher
-resolution when the batch carries one (losses.crop_source_scale)."""
+resolution when the batch carries one (losses.crop_source_scale); and a batch with no valid box."""
 import torch
 import torch.nn.functional as F
 
@@ -62,3 +62,23 @@ def test_the_stream_carries_the_crop_source_at_the_asked_scale():
     assert (shrunk - batch["images"]).abs().mean() < 0.1 * batch["images"].abs().mean()
     assert "crop_images" not in next(iter(SyntheticStream(world, RegionTransform(32, (0.5,) * 3, (0.25,) * 3),
                                                           stream.collator, 2, 0, 1, num_workers=0)))
+
+
+def test_a_batch_without_a_valid_box_trains_and_still_runs_the_teacher_tower(monkeypatch):
+    """Records without boxes are accepted, so a small micro-batch can hold none. open_clip cannot encode
+    an empty crop batch, and under ZeRO-3 a rank skipping the teacher's forward would leave the
+    others waiting in its parameter gathers: the tower runs on a stand-in that is dropped."""
+    torch.manual_seed(0)
+    model, tokenizer, _ = create_fineclip(ModelConfig())
+    objective = FineCLIPObjective(model, LossConfig(), KernelConfig(region_pool="torch", contrastive="torch"))
+    samples = [TransformedSample(torch.randn(3, 64, 64), f"picture {i}", torch.zeros(0, 4), []) for i in range(2)]
+    batch = RegionCollator(tokenizer, max_boxes=2)(samples)
+    assert not batch["box_mask"].any()
+    encoded = []
+    encode_image = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda images: encoded.append(len(images)) or encode_image(images))
+    total, report = objective(batch)
+    total.backward()
+    assert report["sd"] == 0 and report["rc"] == 0 and torch.isfinite(total)
+    assert encoded == [1]  # the teacher's stand-in (the student path encodes through encode_image_and_dense)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
