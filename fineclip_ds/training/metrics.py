@@ -19,9 +19,11 @@ def peak_memory_mb() -> float:
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched in this
-# order against torch.cuda.get_device_name(): the PCIe / NVL cards before the SXM part of the same name.
-PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200 NVL": 835.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
-                    "H100": 989.0, "A100": 312.0}
+# order against torch.cuda.get_device_name(): a longer name before the name it contains (GB200 before
+# B200, GH200 before H200; the PCIe / NVL cards before the SXM part of the same name).
+PEAK_BF16_TFLOPS = {"GB200": 2500.0, "B200": 2250.0, "GH200": 989.0, "H200 NVL": 835.0, "H200": 989.0,
+                    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800 PCIe": 756.0, "H800": 989.0,
+                    "A100": 312.0}
 
 
 def peak_tflops(device_name: str) -> float | None:

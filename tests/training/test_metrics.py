@@ -11,6 +11,10 @@ from fineclip_ds.training.metrics import peak_tflops
     ("NVIDIA H200 NVL", 835.0),
     ("NVIDIA A100-SXM4-80GB", 312.0),
     ("NVIDIA B200", 2250.0),
+    ("NVIDIA GB200", 2500.0),
+    ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA H800", 989.0),
+    ("NVIDIA H800 PCIe", 756.0),
     ("NVIDIA GeForce RTX 4090", None),
     ("cpu", None),
 ])
