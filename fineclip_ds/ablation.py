@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
-from fineclip_ds.config import load_config
+from fineclip_ds.config import ConfigError, load_config
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.evaluate import load_for_evaluation
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.training.engine import train
+from fineclip_ds.training.parallelize import DeepSpeedConfigError
 
 LOSS_SETS: dict[str, dict[str, float]] = {
     "L_GC": {"w_gc": 1.0, "w_sd": 0.0, "w_rc": 0.0},
@@ -63,7 +65,7 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join([header, rule, *rows]) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -73,9 +75,13 @@ def main() -> None:
     parser.add_argument("--deepspeed_config", default=str(DEFAULT_DEEPSPEED_CONFIG))
     parser.add_argument("--eval_images", type=int, default=256)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args()
-    records = run_ablation(args.steps, args.seed, args.output_dir, args.recipe, args.deepspeed_config,
-                           args.eval_images, tuple(args.overrides))
+    args = parser.parse_args(argv)
+    try:
+        records = run_ablation(args.steps, args.seed, args.output_dir, args.recipe, args.deepspeed_config,
+                               args.eval_images, tuple(args.overrides))
+    except (ConfigError, DeepSpeedConfigError) as error:  # as launch/pretrain.py: the message, no stack
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
     print(markdown_table(records))
 
 

@@ -7,6 +7,7 @@ expected, never deep inside a step.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -179,7 +180,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({_one_line(error)})") from error
+    return key.strip().split("."), value
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -188,7 +197,11 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
     if recipe is not None:
         path = resolve_recipe_path(recipe)
         text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        try:
+            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:  # a typo in the user's recipe, not a crash
+            kind = "JSON" if path.suffix == ".json" else "YAML"
+            raise ConfigError(f"recipe {path}: not valid {kind} ({_one_line(error)})") from error
         _merge(config, values or {}, "")
     for override in overrides:
         keys, value = parse_override(override)
@@ -198,6 +211,15 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         _merge(config, nested, "")
     validate(config)
     return config
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (GPUs, batch sizes, images): 0 or -2 would fail later with no hint, or plan
+    a world with negative memory."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= 1")
+    return value
 
 
 def _require(condition: bool, field_path: str, value: Any, expected: str) -> None:
@@ -224,6 +246,7 @@ def validate(config: RunConfig) -> None:
     _require(0 <= config.data.max_bad_fraction <= 1, "data.max_bad_fraction", config.data.max_bad_fraction,
              "a fraction in [0, 1]")
     _require(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "an integer >= 0")
+    _require(config.data.world_seed >= 0, "data.world_seed", config.data.world_seed, "an integer >= 0")
     _require(config.data.world_image_size >= 16, "data.world_image_size", config.data.world_image_size, "an integer >= 16")
     for name in ("w_gc", "w_sd", "w_rc"):
         weight = getattr(config.losses, name)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fineclip_ds.config import ModelConfig
+from fineclip_ds.config import ModelConfig, positive_int
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.evaluation.box_classification import evaluate_box_classification, load_coco_boxes
 from fineclip_ds.evaluation.dense_viz import write_dense_pictures
@@ -30,6 +30,9 @@ from fineclip_ds.models.factory import Tokenizer, create_fineclip
 from fineclip_ds.models.fineclip import FineCLIP
 
 TASKS = ("box-cls", "retrieval", "segmentation", "dense-viz", "world")
+TASK_INPUTS = {"box-cls": ("annotations", "images"), "retrieval": ("annotations", "images"),
+               "segmentation": ("images", "labels", "classes"), "dense-viz": ("images",), "world": ()}
+FOLDER_INPUTS = ("images", "labels")
 
 
 def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None, device: torch.device | str = "cpu",
@@ -51,22 +54,21 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" and not args.fp32 else torch.float32
     size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
+    _check_inputs(args)
     model, tokenizer, normalization = load_for_evaluation(args.checkpoint, args.model, device, size)
     if args.task == "box-cls":
-        dataset = load_coco_boxes(_required(args, "annotations"), _required(args, "images"), args.keep_crowd,
-                                  args.min_box_size)
+        dataset = load_coco_boxes(args.annotations, args.images, args.keep_crowd, args.min_box_size)
         return evaluate_box_classification(model, tokenizer, normalization, dataset, args.templates, args.batch_size,
                                            not args.no_crop_baseline, device, dtype)
     if args.task == "retrieval":
-        items = load_caption_file(_required(args, "annotations"), _required(args, "images"), args.split)
+        items = load_caption_file(args.annotations, args.images, args.split)
         return evaluate_retrieval(model, tokenizer, normalization, items, args.batch_size, device, dtype)
     if args.task == "segmentation":
-        class_names, items = load_label_folder(_required(args, "images"), _required(args, "labels"),
-                                               _required(args, "classes"))
+        class_names, items = load_label_folder(args.images, args.labels, args.classes)
         return evaluate_segmentation(model, tokenizer, normalization, class_names, items, args.templates, args.slide,
                                      device, dtype, reduce_zero_label=args.reduce_zero_label)
     if args.task == "dense-viz":
-        folder = _required(args, "images")
+        folder = args.images
         paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
         output_dir = args.output.parent / "dense_viz" if args.output else folder.parent / "dense_viz"
         written, unreadable = write_dense_pictures(model, normalization, paths[:args.max_images], output_dir, device)
@@ -76,13 +78,16 @@ def run(args: argparse.Namespace) -> dict:
                              crop_baseline=not args.no_crop_baseline, dtype=dtype, progress=True)
 
 
-def _required(args: argparse.Namespace, name: str) -> Path:
-    value = getattr(args, name)
-    if value is None:
-        raise SystemExit(f"--task {args.task} needs --{name}")
-    if not value.exists():
-        raise SystemExit(f"--{name} {value}: does not exist")
-    return value
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Before the model loads (minutes for a large checkpoint): the task's inputs are given and exist."""
+    for name in TASK_INPUTS[args.task]:
+        value = getattr(args, name)
+        if value is None:
+            raise SystemExit(f"--task {args.task} needs --{name}")
+        if not value.exists():
+            raise SystemExit(f"--{name} {value}: does not exist")
+        if name in FOLDER_INPUTS and not value.is_dir():
+            raise SystemExit(f"--{name} {value}: expected a folder")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,19 +106,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reduce_zero_label", action="store_true",
                         help="segmentation: label PNGs store class k as k + 1 and 0 as unscored 'other' (ADE20K, "
                         "Pascal Context 59)")
-    parser.add_argument("--image_size", type=int, nargs="+", default=None,
+    parser.add_argument("--image_size", type=positive_int, nargs="+", default=None,
                         help="evaluate at this size (H or H W); positional embeddings are interpolated")
     parser.add_argument("--templates", default="vild", choices=sorted(TEMPLATE_SETS))
     parser.add_argument("--split", default="test", help="Karpathy split for retrieval")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_images", type=int, default=256, help="dense-viz and world tasks")
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--max_images", type=positive_int, default=256, help="dense-viz and world tasks")
     parser.add_argument("--world_seed", type=int, default=0)
     parser.add_argument("--world_image_size", type=int, default=128)
     parser.add_argument("--no_crop_baseline", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     parser.add_argument("--output", type=Path, default=None, help="results JSON (default: eval_<task>.json here)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.image_size and len(args.image_size) > 2:
+        parser.error(f"--image_size: got {len(args.image_size)} numbers, expected H or H W")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,9 +78,11 @@ def export(checkpoint: str | Path, output: Path, model_name: str | None = None) 
 
     source = resolve_checkpoint(checkpoint)
     name = model_name_of(source, model_name)
+    model_config = open_clip.get_model_config(name)
+    if model_config is None:
+        raise ValueError(f"--model {name}: not an open_clip model name (see open_clip.list_models())")
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(open_clip_state_dict(source), output)
-    model_config = open_clip.get_model_config(name)
     trained_size = (source.run_config or {}).get("model", {}).get("image_size")
     if trained_size is not None:  # trained at another size: the positional embeddings are for that grid
         model_config["vision_cfg"]["image_size"] = trained_size
@@ -88,13 +90,22 @@ def export(checkpoint: str | Path, output: Path, model_name: str | None = None) 
     return name, output
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoints folder, tag folder or state dict")
     parser.add_argument("--output", type=Path, required=True, help="where to write the open_clip state dict (.pt)")
     parser.add_argument("--model", default=None, help="open_clip model name (default: from the run's config.json)")
-    args = parser.parse_args()
-    name, path = export(args.checkpoint, args.output, args.model)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    args = parser.parse_args(argv)
+    if args.output.suffix == ".json" or args.output.is_dir():  # a .json would be overwritten by the model config
+        parser.error(f"--output {args.output}: expected a file path for the state dict, e.g. fineclip.pt")
+    taken = [path for path in (args.output, args.output.with_suffix(".json")) if path.exists()]
+    if taken and not args.overwrite:
+        parser.error(f"--output {args.output}: {taken[0]} exists; pass --overwrite to replace it")
+    try:
+        name, path = export(args.checkpoint, args.output, args.model)
+    except (FileNotFoundError, ValueError) as error:  # a bad --checkpoint / --model: say so, no traceback
+        raise SystemExit(f"export: {error}") from error
     config = path.with_suffix(".json")
     print(f"wrote {path} ({name}) and its model config {config}; load with plain open_clip:\n"
           f"  open_clip.add_model_config('{config}')\n"

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import deepspeed  # noqa: E402
 
-from fineclip_ds.config import ConfigError, load_config  # noqa: E402
+from fineclip_ds.config import ConfigError, load_config, positive_int  # noqa: E402
 from fineclip_ds.training.engine import train  # noqa: E402
 from fineclip_ds.training.nonfinite import NonFiniteLossError  # noqa: E402
 from fineclip_ds.training.dry_run import plan  # noqa: E402
@@ -35,9 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override any config field, e.g. --set losses.w_sd=0 (repeatable)")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the resolved config, world, batch, memory estimate per GPU and FLOPs; do not train")
-    parser.add_argument("--world_size", type=int, default=None,
+    parser.add_argument("--world_size", type=positive_int, default=None,
                         help="with --dry_run: plan for this many GPUs (default: $WORLD_SIZE or 1)")
-    parser.add_argument("--gpus_per_node", type=int, default=8, help="with --dry_run: GPUs per node")
+    parser.add_argument("--gpus_per_node", type=positive_int, default=8, help="with --dry_run: GPUs per node")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)

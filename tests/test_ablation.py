@@ -29,3 +29,12 @@ def test_ablation_writes_one_record_per_loss_set(tmp_path):
     assert "| L_GC+L_SD+L_RC |" in (tmp_path / "ablation.md").read_text()
     # each loss set trained with its own weights
     assert json.loads((tmp_path / "L_GC" / "config.json").read_text())["losses"]["w_rc"] == 0.0
+
+
+def test_a_bad_setting_exits_like_pretrain_with_the_message(tmp_path, capsys):
+    from fineclip_ds.ablation import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--steps", "0", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "config error: train.max_steps: got 0, expected an integer >= 1" in capsys.readouterr().err

@@ -1,8 +1,11 @@
+import json
 import re
 
+import open_clip
 import pytest
+import torch
 
-from fineclip_ds.config import RECIPE_DIR, ConfigError, load_config
+from fineclip_ds.config import RECIPE_DIR, ConfigError, ModelConfig, load_config
 
 
 def test_recipe_then_overrides_take_precedence():
@@ -34,6 +37,8 @@ def test_exponent_floats_without_a_dot_are_floats():
     ("train.resume=/no/such/dir", "train.resume"),
     ("model.pretrained=/no/such/file.pt", "model.pretrained"),
     ("nonsense", "must look like section.key=value"),
+    ("model.image_size=[64,64", "override 'model.image_size=[64,64': the value is not valid YAML"),
+    ("data.world_seed=-1", "data.world_seed: got -1, expected an integer >= 0"),
 ])
 def test_bad_values_are_rejected_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -50,3 +55,77 @@ def test_all_built_in_recipes_load():
     assert {"tiny-cpu", "vit-b-16", "vit-l-14", "vit-l-14-336", "vit-h-14", "vit-g-14", "vit-bigg-14"} <= set(recipes)
     for name in recipes:
         load_config(name)
+
+
+@pytest.mark.parametrize("file_name,text,message", [
+    ("tab.yaml", "model:\n  name: ViT-B-16\n\tfreeze_text: true\n", "not valid YAML"),
+    ("broken.json", '{"model": {', "not valid JSON (Expecting property name"),
+])
+def test_a_recipe_file_that_does_not_parse_names_the_file(tmp_path, file_name, text, message):
+    (tmp_path / file_name).write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"recipe {tmp_path / file_name}: {message}")):
+        load_config(str(tmp_path / file_name))
+
+
+def test_model_settings_open_clip_cannot_build_are_config_errors(tmp_path):
+    from fineclip_ds.models.factory import create_fineclip
+
+    with pytest.raises(ConfigError, match=r"model.name: got 'ViT-B-61', expected an open_clip model name "
+                                          r"\(did you mean ViT-B-16"):
+        create_fineclip(ModelConfig(name="ViT-B-61"), device="meta")
+    # 65 px with 8 px patches: the patch embedding would drop a pixel row and column without a word
+    with pytest.raises(ConfigError, match=re.escape("model.image_size: got [64, 65], expected multiples of "
+                                                    "FineCLIP-ViT-T-8's patch size [8, 8]")):
+        create_fineclip(ModelConfig(image_size=[64, 65]), device="meta")
+    torch.save(open_clip.create_model("FineCLIP-ViT-T-16-224").state_dict(), tmp_path / "other.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    for weights in ("other.pt", "notes.pt"):
+        with pytest.raises(ConfigError, match=f"model.pretrained: {tmp_path / weights} does not load into "
+                                              "model.name 'FineCLIP-ViT-T-8'"):
+            create_fineclip(ModelConfig(pretrained=str(tmp_path / weights)))
+
+
+@pytest.mark.parametrize("settings,message", [
+    ([1, 2], "holds a list, expected a JSON object"),
+    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu is 0, expected an integer >= 1"),
+    ({"train_micro_batch_size_per_gpu": "32"}, "train_micro_batch_size_per_gpu is '32', expected an integer >= 1"),
+    ({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 0}, "gradient_accumulation_steps is 0"),
+    ({"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True}, "fp16": {"enabled": True}},
+     "bf16 and fp16 are both enabled, expected at most one"),
+])
+def test_deepspeed_json_values_deepspeed_would_assert_on_are_refused(tmp_path, settings, message):
+    from fineclip_ds.training.parallelize import DeepSpeedConfigError, load_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(settings))
+    with pytest.raises(DeepSpeedConfigError, match=re.escape(message)):
+        load_deepspeed_config(path)
+
+
+def test_resume_from_something_that_is_not_a_checkpoint_is_a_config_error(tmp_path):
+    from fineclip_ds.training.checkpoint import find_resume_point
+
+    with pytest.raises(ConfigError, match="train.resume .*expected 'auto', a checkpoints folder with a 'latest' file"):
+        find_resume_point(str(tmp_path), tmp_path / "run" / "checkpoints")
+
+
+def test_resume_from_another_models_checkpoint_names_a_differing_parameter(tmp_path):
+    """DeepSpeed saves every parameter's shape beside the weights (format as written by DeepSpeed 0.19)."""
+    from fineclip_ds.models.factory import create_fineclip
+    from fineclip_ds.training.checkpoint import ResumePoint, check_same_model
+
+    def save_shapes(model_config: ModelConfig) -> None:
+        model, _, _ = create_fineclip(model_config, device="meta")
+        shapes = {name: parameter.shape for name, parameter in model.named_parameters()}
+        (tmp_path / "step_00000002").mkdir(exist_ok=True)
+        torch.save({"param_shapes": [shapes], "frozen_param_shapes": None},
+                   tmp_path / "step_00000002" / "mp_rank_00_model_states.pt")
+
+    point = ResumePoint(tmp_path, "step_00000002")
+    model, _, _ = create_fineclip(ModelConfig(image_size=32), device="meta")
+    save_shapes(ModelConfig(image_size=32))
+    check_same_model(point, model)
+    save_shapes(ModelConfig())
+    with pytest.raises(ConfigError, match=re.escape("1 parameters differ, e.g. clip.visual.positional_embedding: "
+                                                    "(65, 64) there, (17, 64) here")):
+        check_same_model(point, model)

@@ -7,7 +7,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from fineclip_ds.config import LossConfig, ModelConfig, KernelConfig
-from fineclip_ds.export import export, resolve_checkpoint, training_to_open_clip
+from fineclip_ds.export import export, main, resolve_checkpoint, training_to_open_clip
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
 
@@ -51,3 +51,18 @@ def test_the_exported_temperature_is_the_capped_one_training_used():
 def test_unknown_checkpoint_paths_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a state-dict file"):
         resolve_checkpoint(tmp_path)
+
+
+def test_the_cli_does_not_overwrite_or_crash_on_a_bad_output_checkpoint_or_model(tmp_path, capsys):
+    (tmp_path / "fineclip.pt").write_bytes(b"an earlier export")
+    for output in ("fineclip.pt", "fineclip.json", "."):  # exists / the config would replace it / a folder
+        with pytest.raises(SystemExit):
+            main(["--checkpoint", str(tmp_path / "fineclip.pt"), "--output", str(tmp_path / output)])
+    err = capsys.readouterr().err
+    assert "fineclip.pt exists; pass --overwrite to replace it" in err and err.count("expected a file path") == 2
+    assert (tmp_path / "fineclip.pt").read_bytes() == b"an earlier export"
+    with pytest.raises(SystemExit, match="export: --checkpoint .*missing: not a state-dict file"):
+        main(["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "new.pt")])
+    with pytest.raises(SystemExit, match="export: --model ViT-B-61: not an open_clip model name"):
+        main(["--checkpoint", str(tmp_path / "fineclip.pt"), "--model", "ViT-B-61", "--output", str(tmp_path / "new.pt")])
+    assert not (tmp_path / "new.json").exists()

@@ -27,6 +27,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from fineclip_ds.config import positive_int
 from fineclip_ds.data.captioner import TransformersCaptioner
 from fineclip_ds.data.pair_sources import Pair, Unit, coco_caption_units, folder_units, webdataset_units
 from fineclip_ds.data.proposals import (CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter,
@@ -154,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     regions.add_argument("--captioner", help="local path of a transformers image-to-text model (BLIP-2, BLIP, ...)")
     regions.add_argument("--prompt", default="", help="e.g. 'a photo of' for BLIP-2")
     regions.add_argument("--max_new_tokens", type=int, default=20)
-    regions.add_argument("--batch_size", type=int, default=32, help="region crops per generate call")
+    regions.add_argument("--batch_size", type=positive_int, default=32, help="region crops per generate call")
     regions.add_argument("--images_per_call", type=int, default=IMAGES_PER_CALL,
                          help="images whose crops are captioned together (split into --batch_size generate calls)")
     regions.add_argument("--generate", type=json.loads, default={},
@@ -177,6 +178,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value and not Path(value).exists():
             parser.error(f"--{name} {value}: no such file or directory (local paths only; nothing is downloaded)")
+    if args.captioner and not Path(args.captioner).is_dir():
+        parser.error(f"--captioner {args.captioner}: expected the folder of a transformers model")
+    # checked here, not when the proposer is built: that comes after the captioner's (long) load
+    if not args.fineclip_proposals and args.proposals == "coco" and not args.coco_instances:
+        parser.error("--proposals coco needs --coco_instances")
+    if not args.fineclip_proposals and args.proposals == "detector" and not args.detector_weights:
+        parser.error("--proposals detector needs --detector_weights")
     return args
 
 
@@ -192,12 +200,8 @@ def units_from(args: argparse.Namespace) -> list[Unit]:
 
 def proposer_from(args: argparse.Namespace, device: str = "cpu") -> Proposer:
     if args.proposals == "coco":
-        if not args.coco_instances:
-            raise SystemExit("--proposals coco needs --coco_instances")
         return CocoBoxProposer(args.coco_instances)
     if args.proposals == "detector":
-        if not args.detector_weights:
-            raise SystemExit("--proposals detector needs --detector_weights")
         return DetectorProposer(args.detector_weights, args.detector_arch, args.detector_classes, device)
     return GridProposer()
 
@@ -217,8 +221,11 @@ def annotator_from(args: argparse.Namespace, device: str = "cpu") -> RegionAnnot
         return ReleasedRegionCaptions(args.fineclip_proposals, args.fineclip_region_captions, args.min_box_size,
                                       args.max_box_size, args.max_boxes)
     box_filter = ProposalFilter(args.min_side, args.max_area, args.score_threshold, args.nms_iou, args.max_boxes)
-    captioner = TransformersCaptioner(args.captioner, args.prompt, args.max_new_tokens, args.batch_size,
-                                      device, args.generate)
+    try:
+        captioner = TransformersCaptioner(args.captioner, args.prompt, args.max_new_tokens, args.batch_size,
+                                          device, args.generate)
+    except (OSError, ValueError) as error:  # transformers' own message, without its stack
+        raise SystemExit(f"--captioner {args.captioner}: not a transformers image-to-text model ({error})") from error
     return CaptionedProposals(proposer_from(args, device), box_filter, captioner, args.prompt)
 
 

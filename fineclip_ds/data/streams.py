@@ -9,10 +9,12 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from fineclip_ds.config import ConfigError
 from fineclip_ds.data.collate import RegionCollator, TransformedSample
 from fineclip_ds.data.records import decode_record
 from fineclip_ds.data.shapes_world import ShapesWorld
@@ -69,6 +71,10 @@ class SyntheticStream:
         for batch in loader:
             self.next_sample += self.local_batch * self.world_size
             yield batch
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
 
 
 def expand_shard_urls(urls: str | list[str]) -> list[str]:
@@ -207,10 +213,14 @@ class WebDatasetStream:
     def __init__(self, urls: str | list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,
                  rank: int, world_size: int, num_workers: int = 1, seed: int = 0, max_bad_fraction: float = 0.1):
         shards = expand_shard_urls(urls)
+        if all(_is_local(shard) and not Path(shard).is_file() for shard in shards):
+            # a typo in the pattern: otherwise every reader skips every shard and fails in the first step
+            raise ConfigError(f"data.train_shards: got {urls!r}, expected existing shard files; none of its "
+                              f"{len(shards)} files exists (the first: {Path(shards[0]).absolute()})")
         readers = world_size * readers_per_rank(num_workers)
         if len(shards) < readers:
-            raise ValueError(f"data.train_shards={urls!r}: {len(shards)} shards for {world_size} ranks x "
-                             f"{readers_per_rank(num_workers)} workers; expected at least {readers} (one per reader)")
+            raise ConfigError(f"data.train_shards={urls!r}: {len(shards)} shards for {world_size} ranks x "
+                              f"{readers_per_rank(num_workers)} workers; expected at least {readers} (one per reader)")
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.transform, self.collator, self.local_batch = transform, collator, local_batch
         self.num_workers, self.seed, self.max_bad_fraction = num_workers, seed, max_bad_fraction
@@ -257,12 +267,12 @@ class WebDatasetStream:
         skip and repeat records (checkpoints from before these were saved are not checked)."""
         shards = shard_list_fingerprint(self.shards)
         if state.get("shards", shards) != shards:
-            raise ValueError(f"data.train_shards: the checkpoint's data positions are in {state['shards']}, this run "
-                             f"lists {shards}; resume with the same shards in the same order (they may move to "
-                             "another folder), or start a new run")
+            raise ConfigError(f"data.train_shards: the checkpoint's data positions are in {state['shards']}, this "
+                              f"run lists {shards}; resume with the same shards in the same order (they may move to "
+                              "another folder), or start a new run")
         if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"train.seed={self.seed}: the checkpoint's data positions are in shard orders drawn "
-                             f"with seed {state['seed']}; resume with that seed")
+            raise ConfigError(f"train.seed={self.seed}: the checkpoint's data positions are in shard orders drawn "
+                              f"with seed {state['seed']}; resume with that seed")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = _ShardBatches(self.shards, self.rank, self.world_size, self.transform, self.collator,

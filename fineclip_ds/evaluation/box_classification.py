@@ -45,6 +45,9 @@ def load_coco_boxes(annotation_file: Path, image_dir: Path, keep_crowd: bool = F
     FineCLIP's own evaluation (panoptic val2017) keeps crowd segments and drops w * h < 8^2:
     `keep_crowd=True, min_box_size=8` gives numbers comparable with the paper's tables."""
     coco = json.loads(Path(annotation_file).read_text())
+    if not isinstance(coco, dict) or not {"images", "annotations", "categories"} <= coco.keys():
+        raise ValueError(f"{annotation_file}: expected a COCO instances or panoptic JSON (with images, annotations "
+                         "and categories; a captions file has no categories)")
     categories = sorted(coco["categories"], key=lambda category: category["id"])
     index_of = {category["id"]: index for index, category in enumerate(categories)}
     per_image: dict[int, list[dict]] = {image["id"]: [] for image in coco["images"]}

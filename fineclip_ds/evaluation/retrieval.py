@@ -28,19 +28,24 @@ def load_caption_file(path: Path, image_dir: Path, split: str = "test") -> list[
     {"image": file, "caption": [captions]} (the open_clip / BLIP retrieval files)."""
     data = json.loads(Path(path).read_text())
     items: list[CaptionedImage] = []
-    if isinstance(data, dict) and "images" in data:
-        for entry in data["images"]:
-            if entry.get("split", split) != split:
-                continue
-            file = Path(image_dir) / entry.get("filepath", "") / entry["filename"]
-            items.append(CaptionedImage(lambda file=file: Image.open(file), [s["raw"] for s in entry["sentences"]]))
-    elif isinstance(data, list):
-        for entry in data:
-            captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-            file = Path(image_dir) / entry["image"]
-            items.append(CaptionedImage(lambda file=file: Image.open(file), captions))
-    else:
-        raise ValueError(f"{path}: expected a Karpathy JSON (with 'images') or a list of {{image, caption}} records")
+    expected = f"{path}: expected a Karpathy JSON (with 'images') or a list of {{image, caption}} records"
+    try:  # a COCO captions file also has 'images', but no filename/sentences in them
+        if isinstance(data, dict) and "images" in data:
+            for entry in data["images"]:
+                if entry.get("split", split) != split:
+                    continue
+                file = Path(image_dir) / entry.get("filepath", "") / entry["filename"]
+                captions = [sentence["raw"] for sentence in entry["sentences"]]
+                items.append(CaptionedImage(lambda file=file: Image.open(file), captions))
+        elif isinstance(data, list):
+            for entry in data:
+                captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+                file = Path(image_dir) / entry["image"]
+                items.append(CaptionedImage(lambda file=file: Image.open(file), captions))
+        else:
+            raise ValueError(expected)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{expected} ({type(error).__name__}: {error})") from error
     return items
 
 

@@ -1,6 +1,8 @@
 """Build FineCLIP through open_clip by model name; our tiny configs are registered on import."""
 from __future__ import annotations
 
+import difflib
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -8,7 +10,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from fineclip_ds.config import ModelConfig
+from fineclip_ds.config import ConfigError, ModelConfig
 from fineclip_ds.models.fineclip import FineCLIP
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -51,18 +53,34 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
     `config.pretrained` is a local checkpoint file (open_clip or OpenAI format); nothing is downloaded.
     `device="meta"` (inside `with torch.device("meta")`) builds the structure without memory, for planning.
     """
-    if config.name not in open_clip.list_models():
-        raise ValueError(f"model.name: '{config.name}' is not an open_clip model (see open_clip.list_models())")
+    known = open_clip.list_models()
+    if config.name not in known:
+        close = difflib.get_close_matches(config.name, known, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"model.name: got '{config.name}', expected an open_clip model name ({hint}see "
+                          "open_clip.list_models())")
     size = config.image_size
     force_image_size = tuple(size) if isinstance(size, list) else size  # positional embeddings interpolated
-    clip = open_clip.create_model(config.name, pretrained=config.pretrained, nonscalar_logit_scale=True, device=device,
-                                  force_image_size=force_image_size)
+    try:
+        clip = open_clip.create_model(config.name, pretrained=config.pretrained, nonscalar_logit_scale=True,
+                                      device=device, force_image_size=force_image_size)
+    except (RuntimeError, AssertionError, KeyError, EOFError, pickle.UnpicklingError) as error:
+        if config.pretrained is None:
+            raise
+        # open_clip's shape asserts and torch's state-dict errors do not say which setting is wrong
+        raise ConfigError(f"model.pretrained: {config.pretrained} does not load into model.name '{config.name}' "
+                          f"(another architecture, or not a checkpoint file?): {type(error).__name__}: "
+                          f"{' '.join(line.strip() for line in str(error).splitlines()[:2])}") from error
     if config.pretrained is not None:
         _resample_same_length_positional_grid(clip, config.name)
     model = FineCLIP(
         clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing,
         checkpoint_every=config.checkpoint_every, attention=config.attention,
     )
+    if any(side % patch for side, patch in zip(model.image_size, model.patch_size)):
+        # the patch embedding would silently drop the remainder pixels and boxes would map off the grid
+        raise ConfigError(f"model.image_size: got {list(model.image_size)}, expected multiples of {config.name}'s "
+                          f"patch size {list(model.patch_size)}")
     tokenizer = open_clip.get_tokenizer(config.name)
     mean = tuple(getattr(clip.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(getattr(clip.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)

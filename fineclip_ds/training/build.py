@@ -1,6 +1,7 @@
 """Config -> the pieces a run needs: model, objective and this rank's data stream."""
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -10,6 +11,8 @@ from fineclip_ds.data.collate import RegionCollator
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.data.streams import SyntheticStream, WebDatasetStream
 from fineclip_ds.data.transforms import RegionTransform
+
+log = logging.getLogger("fineclip_ds")
 
 
 def build_train_stream(
@@ -27,6 +30,9 @@ def build_train_stream(
     transform = RegionTransform(image_size, *normalization, crop_source_scale=crop_source_scale)
     collator = RegionCollator(tokenizer, config.max_boxes)
     if config.source == "synthetic":
+        if config.train_shards:  # a recipe's shards overridden to synthetic (e.g. a GPU benchmark), or a forgotten source
+            log.warning("data.train_shards=%r is not read: data.source is 'synthetic' (the built-in world); set "
+                        "data.source=webdataset to train on the shards", config.train_shards)
         world = ShapesWorld(seed=config.world_seed, image_size=config.world_image_size)
         return SyntheticStream(world, transform, collator, local_batch, rank, world_size, num_workers=config.num_workers)
     return WebDatasetStream(

@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS, UNIVERSAL_CHECKPOINT_INFO
+
+from fineclip_ds.config import ConfigError
 
 TAG_PREFIX = "step_"
 TAG_PATTERN = re.compile(rf"{TAG_PREFIX}\d{{8}}")
@@ -68,7 +71,32 @@ def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint |
         return ResumePoint(directory.parent, directory.name)
     if resume == "auto":
         return None
-    raise FileNotFoundError(f"--resume {resume}: no 'latest' file and not a checkpoint tag folder ({TAG_PREFIX}N)")
+    raise ConfigError(f"train.resume (--resume): got {resume!r}, expected 'auto', a checkpoints folder with a "
+                      f"'latest' file, or a tag folder ({TAG_PREFIX}N) inside one")
+
+
+def check_same_model(point: ResumePoint, model: nn.Module) -> None:
+    """A checkpoint of another model (model.name or model.image_size changed since) fails deep inside
+    DeepSpeed's load: a torch size mismatch per tensor, or under ZeRO-3 a flat-buffer copy naming none.
+    DeepSpeed saves every parameter's shape; compare them before anything is converted or loaded."""
+    states = sorted((point.directory / point.tag).glob("*mp_rank_00_model_states.pt"))
+    if not states:
+        return
+    state = torch.load(states[0], map_location="cpu", weights_only=False, mmap=True)
+    saved = {name: tuple(shape) for group in state.get("param_shapes") or [] for name, shape in group.items()}
+    if not saved:
+        return  # saved without ZeRO: DeepSpeed records no shapes
+    # frozen parameters' shapes are recorded from ZeRO-2 on only
+    saved.update({name: tuple(shape) for name, shape in (state.get("frozen_param_shapes") or {}).items()})
+    current = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+    recorded = saved.keys() | {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    differing = sorted(name for name in recorded if saved.get(name) != current.get(name))
+    if differing:
+        name = differing[0]
+        raise ConfigError(f"train.resume: {point.directory / point.tag} holds another model than this run's "
+                          f"model.name / model.image_size ({len(differing)} parameters differ, e.g. {name}: "
+                          f"{saved.get(name, 'absent')} there, {current.get(name, 'absent')} here); resume with the "
+                          "settings it was trained with, or start a new train.output_dir")
 
 
 def _barrier() -> None:

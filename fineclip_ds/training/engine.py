@@ -28,7 +28,7 @@ from fineclip_ds.training.periodic_eval import evaluate_during_training
 from fineclip_ds.training.preemption import PreemptionWatch
 from fineclip_ds.training.process_group import init_process_group
 from fineclip_ds.training.parallelize import (adapt_precision_to_device, initialize, load_deepspeed_config,
-                                              offloads_optimizer)
+                                              offloads_optimizer, resolve_batch_sizes)
 
 log = logging.getLogger("fineclip_ds")
 BATCH_TENSORS = ("images", "texts", "boxes", "box_mask", "region_texts")
@@ -80,13 +80,17 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     output_dir = Path(config.train.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
 
+    # a bad DeepSpeed JSON or --resume fails here with its message, before a model is built
+    ds_config = adapt_precision_to_device(load_deepspeed_config(deepspeed_config_path), on_gpu)
+    resolve_batch_sizes(ds_config, world_size)  # DeepSpeed's own check is a bare assertion
+    resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
     seed_everything(config.train.seed)
     model, tokenizer, normalization = create_fineclip(config.model)
     objective = FineCLIPObjective(model, config.losses, config.kernels)
-    ds_config = adapt_precision_to_device(load_deepspeed_config(deepspeed_config_path), on_gpu)
     optimizer = build_optimizer(objective, config.optim, cpu_offload=offloads_optimizer(ds_config))
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
-    resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
+    if resume_point is not None:
+        checkpoint.check_same_model(resume_point, objective)
     if resume_point is not None and checkpoint.saved_world_size(resume_point) not in (0, world_size):
         log.info("checkpoint %s was written by %d ranks, this run has %d: resuming through DeepSpeed's "
                  "universal checkpoint", resume_point.tag, checkpoint.saved_world_size(resume_point), world_size)
@@ -184,15 +188,18 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                 scalars["perf/mfu"] = speed["tflops_per_device"] / peak
             scalars.update({f"data/{reason}": float(count) for reason, count in counts.items()})
             monitor.scalars(done, scalars)
+        # evaluation and checkpoints are not training: their time stays out of samples/s, TFLOP/s and MFU
         if config.eval.every and (done % config.eval.every == 0 or done == config.train.max_steps):
-            held_out = ShapesWorld(seed=config.data.world_seed, image_size=config.data.world_image_size)
-            results, picture = evaluate_during_training(engine, model, tokenizer, normalization, held_out, config.eval,
-                                                        image_dtype)
+            with throughput.paused(), whole_run.paused():
+                held_out = ShapesWorld(seed=config.data.world_seed, image_size=config.data.world_image_size)
+                results, picture = evaluate_during_training(engine, model, tokenizer, normalization, held_out,
+                                                            config.eval, image_dtype)
             monitor.scalars(done, results)
             monitor.image(done, "eval/dense_features", picture)
         preempted = preemption.requested(world_size, engine.device)
         if done % config.train.save_every == 0 or done == stop_step or preempted:
-            checkpoint.save(engine, checkpoint_dir, done, trainer_state(done), config.train.keep_last)
+            with throughput.paused(), whole_run.paused():
+                checkpoint.save(engine, checkpoint_dir, done, trainer_state(done), config.train.keep_last)
         if preempted:
             log.warning("stopped by signal after step %d; resume with --resume auto", done)
             if rank == 0 and os.environ.get(REQUEUE_FILE_VARIABLE):

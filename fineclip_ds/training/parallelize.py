@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 class DeepSpeedConfigError(ValueError):
@@ -27,6 +28,14 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise DeepSpeedConfigError(f"--deepspeed_config: {path} is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise DeepSpeedConfigError(f"--deepspeed_config: {path} holds a {type(config).__name__}, expected a JSON object")
+    for key in BATCH_KEYS:  # DeepSpeed asserts on these only once the engine starts, dry runs not at all
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise DeepSpeedConfigError(f"{path}: {key} is {value!r}, expected an integer >= 1")
+    if config.get("bf16", {}).get("enabled", False) and config.get("fp16", {}).get("enabled", False):
+        raise DeepSpeedConfigError(f"{path}: bf16 and fp16 are both enabled, expected at most one")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise DeepSpeedConfigError(f"{path}: zero_optimization.stage is {stage!r}, expected 0, 1, 2 or 3")

@@ -274,6 +274,21 @@ def test_cli_refuses_missing_or_half_given_inputs_with_a_clear_message(tmp_path,
     assert "--captioner Salesforce/blip2-opt-2.7b: no such file or directory" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_captioner_that_is_not_a_model_before_loading_anything(pairs, tmp_path, capsys):
+    images, captions_file = pairs
+    common = ["--images", str(images), "--captions", str(captions_file), "--output_dir", str(tmp_path / "out")]
+    (tmp_path / "not_a_model").mkdir()
+    with pytest.raises(SystemExit):  # a file, not a model folder
+        main([*common, "--captioner", str(captions_file)])
+    assert "expected the folder of a transformers model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # said before the captioner loads (minutes for BLIP-2), not after
+        main([*common, "--captioner", str(tmp_path / "not_a_model"), "--proposals", "coco"])
+    assert "--proposals coco needs --coco_instances" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not_a_model: not a transformers image-to-text model"):
+        main([*common, "--captioner", str(tmp_path / "not_a_model")])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name,key", [("000123.jpg", "000123"), ("a.b.PNG", "a_b"), ("frame.0001", "frame_0001"),
                                       ("train2017/1.jpg", "train2017/1")])
 def test_record_keys_have_no_dots_for_webdataset(name, key):

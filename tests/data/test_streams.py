@@ -1,11 +1,13 @@
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from fineclip_ds.config import ConfigError
 from fineclip_ds.data.collate import RegionCollator
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.data.streams import SyntheticStream, WebDatasetStream
@@ -107,8 +109,16 @@ def test_webdataset_stream_resumes_exactly(shard_dir, workers):
 
 
 def test_too_few_shards_for_the_readers_is_a_clear_error(shard_dir):
-    with pytest.raises(ValueError, match="6 shards for 4 ranks x 2 workers"):
+    with pytest.raises(ConfigError, match="6 shards for 4 ranks x 2 workers"):  # launch/pretrain.py: exit 2
         _wds(shard_dir, 2, rank=0, world_size=4, workers=2)
+
+
+def test_a_shard_pattern_that_names_no_existing_file_is_a_config_error(shard_dir):
+    """Not a RuntimeError from every reader in the first step (missing shards among existing ones are skipped)."""
+    missing = f"none of its 3 files exists (the first: {shard_dir}/gooood-0.tar)"
+    with pytest.raises(ConfigError, match=re.escape(missing)):
+        WebDatasetStream(str(shard_dir / "gooood-{0..2}.tar"), *_parts(), 2, 0, 1, num_workers=0)
+    WebDatasetStream(str(shard_dir / "good-{4..9}.tar"), *_parts(), 2, 0, 1, num_workers=0)
 
 
 def test_synthetic_stream_resumes_at_another_world_size_with_the_next_unseen_samples():
@@ -133,14 +143,14 @@ def test_positions_refuse_another_shard_list_or_seed_but_not_a_moved_folder(shar
     _take(first, 1)
     state = first.state_dict()
     fewer = WebDatasetStream(str(shard_dir / "good-{0..4}.tar"), *_parts(), 2, 0, 1, num_workers=0, seed=7)
-    with pytest.raises(ValueError, match="data.train_shards: .* 6 shards, .* this run lists 5 shards"):
+    with pytest.raises(ConfigError, match="data.train_shards: .* 6 shards, .* this run lists 5 shards"):
         fewer.load_state_dict(state)
     reordered = WebDatasetStream([str(shard_dir / f"good-{i}.tar") for i in (1, 0, 2, 3, 4, 5)], *_parts(), 2, 0, 1,
                                  num_workers=0, seed=7)
-    with pytest.raises(ValueError, match="data.train_shards"):
+    with pytest.raises(ConfigError, match="data.train_shards"):
         reordered.load_state_dict(state)
     reseeded = WebDatasetStream(str(shard_dir / "good-{0..5}.tar"), *_parts(), 2, 0, 1, num_workers=0, seed=8)
-    with pytest.raises(ValueError, match="train.seed=8: .* seed 7"):
+    with pytest.raises(ConfigError, match="train.seed=8: .* seed 7"):
         reseeded.load_state_dict(state)
     moved = shard_dir / "moved"
     moved.mkdir()
@@ -206,3 +216,16 @@ def test_resuming_does_not_count_the_consumed_records_defects_again(shard_dir):
         resumed = _wds(shard_dir, 4)
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         assert corrupt_counts(consumed + _take(resumed, 12 - stop)) == corrupt_counts(uninterrupted), stop
+
+
+def test_shards_named_for_the_built_in_world_are_warned_about(caplog):
+    """A recipe's shards overridden to data.source=synthetic is legitimate (the bigG GPU benchmark does
+    it); a forgotten data.source=webdataset is not: either way the user hears that the shards are not read."""
+    from fineclip_ds.config import DataConfig
+    from fineclip_ds.training.build import build_train_stream
+
+    config = DataConfig(source="synthetic", train_shards="shards/part-{0..3}.tar", num_workers=0)
+    with caplog.at_level("WARNING", logger="fineclip_ds"):
+        stream = build_train_stream(config, (32, 32), (MEAN, STD), char_tokenizer, 2, 0, 1, seed=0)
+    assert isinstance(stream, SyntheticStream)
+    assert any("data.train_shards='shards/part-{0..3}.tar' is not read" in r.getMessage() for r in caplog.records)

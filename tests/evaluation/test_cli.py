@@ -138,3 +138,42 @@ def test_segmentation_on_a_label_folder_and_at_another_resolution(data, tmp_path
     assert 0.0 <= sliding["miou"] <= 100.0
     shifted = _evaluate(data, tmp_path, *common, "--reduce_zero_label")  # the world's labels read one class lower
     assert 0.0 <= shifted["miou"] <= 100.0 and shifted != plain
+
+
+def test_task_inputs_are_checked_before_the_model_loads(data, tmp_path):
+    """A missing or wrong input is named before minutes of checkpoint loading (the checkpoint here is not even read)."""
+    common = ["--checkpoint", str(tmp_path / "not_read_yet"), "--output", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit, match="--task box-cls needs --annotations"):
+        main([*common, "--task", "box-cls", "--images", str(data / "images")])
+    with pytest.raises(SystemExit, match="--images .*instances.json: expected a folder"):
+        main([*common, "--task", "dense-viz", "--images", str(data / "instances.json")])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image_size", "64", "64", "64"], "--image_size: got 3 numbers, expected H or H W"),
+    (["--batch_size", "0"], "argument --batch_size: got 0, expected an integer >= 1"),
+    (["--max_images", "0"], "argument --max_images: got 0, expected an integer >= 1"),
+])
+def test_counts_and_sizes_out_of_range_are_usage_errors(data, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        _evaluate(data, tmp_path, "--task", "world", *args)
+    assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_or_size_that_does_not_fit_the_model_is_a_clear_exit(data, tmp_path):
+    torch.save(open_clip.create_model("FineCLIP-ViT-T-16-224").state_dict(), tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'other.pt'} does not load into model.name 'FineCLIP-ViT-T-8'"):
+        main(["--checkpoint", str(tmp_path / "other.pt"), "--model", "FineCLIP-ViT-T-8", "--task", "world",
+              "--output", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match=r"model.image_size: got \[65, 65\], expected multiples of .* \[8, 8\]"):
+        _evaluate(data, tmp_path, "--task", "world", "--image_size", "65")
+
+
+def test_a_coco_captions_file_given_for_boxes_or_retrieval_is_named(data, tmp_path):
+    coco_captions = {"images": [{"id": 0, "file_name": "000.png"}], "annotations": [{"image_id": 0, "caption": "x"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco_captions))
+    inputs = ("--annotations", str(tmp_path / "captions.json"), "--images", str(data / "images"))
+    with pytest.raises(SystemExit, match="captions.json: expected a COCO instances or panoptic JSON"):
+        _evaluate(data, tmp_path, "--task", "box-cls", *inputs)
+    with pytest.raises(SystemExit, match=r"captions.json: expected a Karpathy JSON .* \(KeyError: 'filename'\)"):
+        _evaluate(data, tmp_path, "--task", "retrieval", *inputs)
