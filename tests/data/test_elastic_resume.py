@@ -2,6 +2,7 @@
 delivered are read exactly once, every record equally often, before the new split takes over."""
 import itertools
 import json
+import random
 from collections import Counter
 
 import pytest
@@ -57,6 +58,17 @@ def _read(stream: WebDatasetStream, batches: int = 0, through_epoch: int | None 
                 epoch_of(worker) > through_epoch for worker in last):
             return read
     raise AssertionError("not there after 1000 batches")
+
+
+def _write_shards(directory, sizes: list[int]) -> tuple[str, list[str]]:
+    """Shards of the given sizes holding "record 0", "record 1", ... in order; (pattern, records)."""
+    world, first = ShapesWorld(seed=4, image_size=32), 0
+    for shard, size in enumerate(sizes):
+        records = world_records(world, range(first, first + size))
+        write_shard(directory / f"part-{shard}.tar", [{**record, "txt": f"record {first + i}"}
+                                                     for i, record in enumerate(records)])
+        first += size
+    return str(directory / f"part-{{0..{len(sizes) - 1}}}.tar"), [f"record {i}" for i in range(first)]
 
 
 def _states(streams: list[WebDatasetStream]) -> list[dict]:
@@ -167,3 +179,46 @@ def test_checkpoint_load_gives_every_saved_rank_s_stream_state_after_a_change_of
     stream.load_state_dict(state["stream"])
     start_epoch, leftovers, next_epoch = _finish_epochs([stream])
     assert before + leftovers == Counter(USABLE * start_epoch) and next_epoch == Counter(USABLE)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_chains_of_resumes_read_every_record_as_often_as_every_other(tmp_path, seed):
+    """Random shard sizes, splits and stops, resumed one to three times (the same split, another worker
+    count on the same ranks, or another world size, which checkpoint.load marks by adding every rank's
+    state); the last resume re-splits. Each rank's records are then read once more than the epoch its
+    new split begins with, whichever ranks read them before."""
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 7) for _ in range(rng.randint(4, 9))]
+    shards, records = _write_shards(tmp_path, sizes)
+    shard_of = {record: shard for shard, size in enumerate(sizes)
+                for record in records[sum(sizes[:shard]):sum(sizes[:shard + 1])]}
+
+    def another_split(world_size: int, workers: int, must_differ: bool) -> tuple[int, int]:
+        while True:
+            candidate = (rng.randint(1, 4), rng.choice([0, 1, 2, 3]))
+            if world_size and rng.random() < 0.3:  # another worker count on the same ranks
+                candidate = (world_size, candidate[1])
+            fits = candidate[0] * readers_per_rank(candidate[1]) <= len(sizes)
+            same = (candidate[0], readers_per_rank(candidate[1])) == (world_size, readers_per_rank(workers))
+            if fits and not (must_differ and same):
+                return candidate
+
+    world_size, workers = another_split(0, 0, must_differ=False)  # 0: no ranks yet
+    streams = [_stream(shards, rank, world_size, workers) for rank in range(world_size)]
+    earlier = Counter(record for stream in streams for record, _ in _read(stream, rng.randint(1, 15)))
+    hops = rng.randint(1, 3)
+    for hop in range(hops):
+        states = _states(streams)
+        world_size, workers = another_split(world_size, workers, must_differ=hop == hops - 1)
+        streams = [_stream(shards, rank, world_size, workers) for rank in range(world_size)]
+        for rank, stream in enumerate(streams):
+            state = states[rank % len(states)]
+            stream.load_state_dict(state if len(states) == world_size else {**state, "ranks": states})
+        if hop < hops - 1:
+            earlier += Counter(record for stream in streams for record, _ in _read(stream, rng.randint(1, 8)))
+    last = Counter()  # reads of the last resume up to its new split's first epoch (each rank its own)
+    for stream in streams:
+        read = _read(stream, rng.randint(1, 8)) + _read(stream, through_epoch=stream.start_epoch)
+        last += Counter(record for record, epoch in read if epoch <= stream.start_epoch)
+    owner = {record: streams[shard_of[record] % world_size] for record in records}
+    assert earlier + last == Counter({record: owner[record].start_epoch + 1 for record in records})
