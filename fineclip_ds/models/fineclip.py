@@ -48,6 +48,11 @@ class CappedTemperature(torch.autograd.Function):
         return grad.masked_fill(raises_past_cap, 0.0), None
 
 
+def text_tower_of(clip: nn.Module) -> nn.Module:
+    """The module holding the text transformer: CLIP itself, or `.text` of a CustomTextCLIP (EVA02)."""
+    return getattr(clip, "text", clip)
+
+
 class FineCLIP(nn.Module):
     def __init__(
         self, clip: nn.Module, freeze_text: bool = True, grad_checkpointing: bool = False, checkpoint_every: int = 1,
@@ -59,7 +64,7 @@ class FineCLIP(nn.Module):
         self.tower = vision_tower_for(clip.visual)
         if isinstance(self.tower, OpenClipViT):  # timm's Eva already runs torch SDPA
             use_attention_backend(clip.visual.transformer, attention)
-        text = getattr(clip, "text", clip)  # CustomTextCLIP (EVA02) keeps its text tower under .text
+        text = text_tower_of(clip)
         if hasattr(text, "transformer") and hasattr(text.transformer, "resblocks"):
             use_attention_backend(text.transformer, attention)
         self.clip = clip

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from fineclip_ds.models.fineclip import text_tower_of
+
 
 @dataclass(frozen=True)
 class TransformerShape:
@@ -75,7 +77,7 @@ class FineCLIPShapes:
     def of(cls, clip: nn.Module) -> "FineCLIPShapes | None":
         """Shapes of an open_clip ViT or timm Eva image tower with an open_clip text transformer; None otherwise."""
         visual = clip.visual
-        text_tower = getattr(clip, "text", clip)  # CustomTextCLIP (EVA02) keeps its text tower under .text
+        text_tower = text_tower_of(clip)
         if not hasattr(text_tower, "transformer") or not hasattr(text_tower.transformer, "resblocks"):
             return None
         if hasattr(visual, "conv1") and hasattr(visual, "transformer"):  # open_clip VisionTransformer

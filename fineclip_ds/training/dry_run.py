@@ -14,6 +14,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 
 from fineclip_ds.config import RunConfig
 from fineclip_ds.models.factory import create_fineclip
+from fineclip_ds.models.fineclip import text_tower_of
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops
 from fineclip_ds.training.parallelize import DeepSpeedConfigError, offloads_optimizer, resolve_batch_sizes
 
@@ -31,8 +32,7 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
         model, _, _ = create_fineclip(model_config, device="meta")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    text_tower = getattr(model.clip, "text", model.clip)  # CustomTextCLIP (EVA02) keeps it under .text
-    blocks = list(model.tower.blocks) + list(text_tower.transformer.resblocks)
+    blocks = list(model.tower.blocks) + list(text_tower_of(model.clip).transformer.resblocks)
     largest_layer = max(sum(p.numel() for p in block.parameters()) for block in blocks)
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
