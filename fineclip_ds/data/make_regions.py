@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     regions.add_argument("--prompt", default="", help="e.g. 'a photo of' for BLIP-2")
     regions.add_argument("--max_new_tokens", type=int, default=20)
     regions.add_argument("--batch_size", type=positive_int, default=32, help="region crops per generate call")
-    regions.add_argument("--images_per_call", type=int, default=IMAGES_PER_CALL,
+    regions.add_argument("--images_per_call", type=positive_int, default=IMAGES_PER_CALL,
                          help="images whose crops are captioned together (split into --batch_size generate calls)")
     regions.add_argument("--generate", type=json.loads, default={},
                          help='extra generate() arguments as JSON, e.g. \'{"num_beams": 3, "repetition_penalty": 1.5}\'')

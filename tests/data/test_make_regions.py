@@ -272,6 +272,10 @@ def test_cli_refuses_missing_or_half_given_inputs_with_a_clear_message(tmp_path,
     with pytest.raises(SystemExit):
         main(["--images", str(tmp_path), "--captioner", "Salesforce/blip2-opt-2.7b", "--output_dir", str(tmp_path)])
     assert "--captioner Salesforce/blip2-opt-2.7b: no such file or directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 0 images per call would end every shard before its first image
+        main(["--images", str(tmp_path), "--captioner", str(tmp_path), "--images_per_call", "0",
+              "--output_dir", str(tmp_path / "out")])
+    assert "--images_per_call: got 0, expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_captioner_that_is_not_a_model_before_loading_anything(pairs, tmp_path, capsys):
