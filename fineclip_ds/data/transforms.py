@@ -25,10 +25,17 @@ def validate_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) ->
         if not isinstance(box, (list, tuple)) or len(box) != 4:
             drops["box_malformed"] += 1
             continue
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):  # "12", None, True
+            drops["box_malformed"] += 1
+            continue
+        try:
+            x1, y1, x2, y2 = map(float, box)
+        except OverflowError:  # JSON integers have no size limit: 1 followed by 400 zeros
             drops["box_not_finite"] += 1
             continue
-        x1, y1, x2, y2 = map(float, box)
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            drops["box_not_finite"] += 1
+            continue
         if x2 <= x1 or y2 <= y1:
             drops["box_non_positive"] += 1
             continue

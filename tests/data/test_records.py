@@ -40,3 +40,10 @@ def test_malformed_boxes_and_empty_region_captions_are_trimmed_and_counted():
     assert sample.region_captions == ["kept", "also kept"]
     assert sample.boxes.tolist() == [[1, 1, 20, 20], [4, 4, 12, 12]]
     assert sample.drops == {"box_malformed": 2, "region_caption_empty": 1}
+
+
+def test_a_coordinate_too_large_for_a_float_drops_the_box_not_the_run():
+    record = _record(b"a picture", [], [])
+    record["json"] = '{"boxes": [[1, 1, 1' + "0" * 400 + ', 20], [1, 1, 20, 20]], "region_captions": ["huge", "kept"]}'
+    sample, drops = _decode(record)
+    assert not drops and sample.region_captions == ["kept"] and sample.drops == {"box_not_finite": 1}

@@ -11,7 +11,15 @@ def test_each_bad_box_is_dropped_and_counted_by_reason():
     kept, index, drops = validate_boxes(boxes, width=100, height=100)
     assert kept == [[0, 0, 10, 10], [0, 90, 20, 100]]
     assert index == [0, 4]
-    assert drops == {"box_non_positive": 1, "box_not_finite": 2, "box_outside": 1, "box_malformed": 4}
+    assert drops == {"box_non_positive": 1, "box_not_finite": 1, "box_outside": 1, "box_malformed": 5}
+
+
+def test_coordinates_that_are_not_numbers_are_malformed_and_huge_integers_not_finite():
+    """JSON integers have no size limit, and float() of one past 1e308 raises: the box is counted, not a crash."""
+    boxes = [["1", "1", "5", "5"], [None, 0, 5, 5], [0, 0, 10 ** 400, 5], [0, 0, 1e400, 5], [0, 0, 5, 5]]
+    kept, index, drops = validate_boxes(boxes, width=100, height=100)
+    assert kept == [[0, 0, 5, 5]] and index == [4]
+    assert drops == {"box_malformed": 2, "box_not_finite": 2}
 
 
 def test_boxes_scale_with_the_image_and_thin_boxes_are_dropped():
