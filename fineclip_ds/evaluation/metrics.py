@@ -1,13 +1,20 @@
 """Ranking metrics on similarity matrices. Ties count against the model: a true item that only
-ties with a wrong one is not ranked above it, so a constant model scores chance, never 100%."""
+ties with a wrong one is not ranked above it, so a constant model scores chance, never 100%. A NaN
+score ties with everything, so a model that has diverged to NaN scores chance too (NaN compares
+false with everything, which ranked a NaN true score first: 100%)."""
 from __future__ import annotations
 
 import torch
 
 
+def at_least(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """scores >= threshold, true wherever either is NaN (a NaN ties with everything)."""
+    return (scores >= threshold) | scores.isnan() | threshold.isnan()
+
+
 def rank_of_true(scores: torch.Tensor, true_scores: torch.Tensor) -> torch.Tensor:
     """How many other candidates score at least as high as the true one. scores: [n, K]; true_scores: [n]."""
-    return (scores >= true_scores.unsqueeze(1)).sum(dim=1) - 1
+    return at_least(scores, true_scores.unsqueeze(1)).sum(dim=1) - 1
 
 
 def box_classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -36,8 +43,9 @@ def retrieval_metrics(similarity: torch.Tensor, text_to_image: torch.Tensor, ks:
     """
     n_images = similarity.shape[0]
     own = text_to_image.unsqueeze(0) == torch.arange(n_images).unsqueeze(1)  # [n_images, n_texts]
-    best_own = similarity.masked_fill(~own, float("-inf")).max(dim=1).values
-    image_ranks = (similarity.masked_fill(own, float("-inf")) >= best_own.unsqueeze(1)).sum(dim=1)
+    # a NaN caption is the image's worst own caption, not its best: any other own caption can still hit
+    best_own = similarity.nan_to_num(nan=float("-inf")).masked_fill(~own, float("-inf")).max(dim=1).values
+    image_ranks = at_least(similarity, best_own.unsqueeze(1)).logical_and(~own).sum(dim=1)
     text_scores = similarity.T  # [n_texts, n_images]
     text_ranks = rank_of_true(text_scores, text_scores.gather(1, text_to_image.unsqueeze(1)).squeeze(1))
     metrics: dict[str, float] = {}

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -45,6 +47,78 @@ def test_retrieval_recall_by_hand():
     # texts: t0 column (0.2, 0.5, 0.8) -> image 0 rank 2; t1 (0.9, 0, 0.7) rank 0; t2 (0.1, 0.4, 0.6) rank 1;
     # t3 (0.3, 0.1, 0.6) rank 0
     assert metrics["t2i_r1"] == 50.0 and metrics["t2i_r2"] == 75.0 and metrics["t2i_r5"] == 100.0
+
+
+def _ahead(score: float, true_score: float) -> bool:
+    """The reference's tie rule: a candidate at least as high as the true score, NaN tying with everything."""
+    return math.isnan(score) or math.isnan(true_score) or score >= true_score
+
+
+def _reference_box_metrics(scores: list[list[float]], labels: list[int]) -> dict[str, float]:
+    metrics = {}
+    for k in (1, 5):
+        hits = [sum(_ahead(v, row[y]) for j, v in enumerate(row) if j != y) < k for row, y in zip(scores, labels)]
+        per_class = {y: [hit for hit, label in zip(hits, labels) if label == y] for y in set(labels)}
+        metrics[f"top{k}"] = 100 * sum(sum(h) / len(h) for h in per_class.values()) / len(per_class)
+        metrics[f"top{k}_overall"] = 100 * sum(hits) / len(hits)
+    return metrics
+
+
+def _reference_retrieval(similarity: list[list[float]], text_to_image: list[int], ks) -> dict[str, float]:
+    """Image -> text: a hit when any own caption has fewer than k other images' captions ahead of it;
+    text -> image: a hit when fewer than k other images are ahead of its own."""
+    metrics = {}
+    texts = range(len(text_to_image))
+    for k in ks:
+        image_hits = [any(sum(_ahead(row[u], row[t]) for u in texts if text_to_image[u] != i) < k
+                          for t in texts if text_to_image[t] == i) for i, row in enumerate(similarity)]
+        text_hits = [sum(_ahead(similarity[j][t], similarity[text_to_image[t]][t])
+                         for j in range(len(similarity)) if j != text_to_image[t]) < k for t in texts]
+        metrics[f"i2t_r{k}"] = 100 * sum(image_hits) / len(image_hits)
+        metrics[f"t2i_r{k}"] = 100 * sum(text_hits) / len(text_hits)
+    return metrics
+
+
+def _random_scores(rng: np.random.Generator, shape: tuple[int, int]) -> torch.Tensor:
+    """Few distinct values (many ties) or continuous ones, with NaNs sprinkled in a third of the draws."""
+    scores = rng.integers(0, 3, size=shape).astype(np.float32) if rng.random() < 0.5 else rng.normal(size=shape)
+    if rng.random() < 0.3:
+        scores[rng.random(size=shape) < 0.2] = np.nan
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def test_box_metrics_match_a_loop_reference_on_random_scores():
+    """Ties, fewer classes than k, classes without boxes and NaN scores, against a plain-loop reference."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        num_classes, boxes = int(rng.integers(1, 9)), int(rng.integers(1, 12))
+        scores, labels = _random_scores(rng, (boxes, num_classes)), rng.integers(0, num_classes, size=boxes)
+        metrics = box_classification_metrics(scores, torch.tensor(labels), num_classes)
+        expected = _reference_box_metrics(scores.tolist(), labels.tolist())
+        assert {key: metrics[key] for key in expected} == pytest.approx(expected, abs=1e-4)
+
+
+def test_retrieval_matches_a_loop_reference_with_one_to_five_captions_per_image():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        images = int(rng.integers(1, 8))
+        text_to_image = rng.permutation(np.repeat(np.arange(images), rng.integers(1, 6, size=images)))
+        similarity = _random_scores(rng, (images, len(text_to_image)))
+        metrics = retrieval_metrics(similarity, torch.tensor(text_to_image), ks=(1, 2, 5, 10))
+        assert metrics == pytest.approx(_reference_retrieval(similarity.tolist(), text_to_image.tolist(), (1, 2, 5, 10)),
+                                        abs=1e-4)
+
+
+def test_a_model_that_diverged_to_nan_scores_nothing():
+    """NaN compares false with everything: a NaN true score used to have no candidate ahead of it, 100%."""
+    box = box_classification_metrics(torch.full((4, 8), float("nan")), torch.tensor([0, 1, 2, 3]), 8)
+    assert box["top1"] == box["top5"] == box["top1_overall"] == 0.0
+    retrieval = retrieval_metrics(torch.full((12, 24), float("nan")), torch.arange(24) // 2)
+    assert all(value == 0.0 for value in retrieval.values())
+    # a NaN wrong class is not known to be below the true one; a NaN own caption leaves the others to hit
+    assert box_classification_metrics(torch.tensor([[0.9, float("nan"), 0.1]]), torch.tensor([0]), 3)["top1"] == 0.0
+    one_nan_caption = retrieval_metrics(torch.tensor([[float("nan"), 0.9, 0.1], [0.2, 0.1, 0.8]]), torch.tensor([0, 0, 1]))
+    assert one_nan_caption["i2t_r1"] == 100.0
 
 
 def test_no_boxes_is_an_error():
