@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from fineclip_ds.config import positive_int
 from fineclip_ds.data.captioner import TransformersCaptioner
+from fineclip_ds.data.images import to_rgb
 from fineclip_ds.data.pair_sources import Pair, Unit, coco_caption_units, folder_units, webdataset_units
 from fineclip_ds.data.proposals import (CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter,
                                         Proposer)
@@ -79,7 +80,7 @@ def annotate_pairs(pairs: list[Pair], annotate: RegionAnnotator, counts: Counter
         else:
             taken_keys.add(key)
             usable.append((pair, key))
-    images = [pair.image.convert("RGB") for pair, _ in usable]
+    images = [to_rgb(pair.image) for pair, _ in usable]
     all_regions = annotate(images, [pair.key for pair, _ in usable], counts) if usable else []
     records = []
     for (pair, key), image, regions in zip(usable, images, all_regions):

@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from fineclip_ds.data.images import to_rgb
+
 MIN_BOX_SIDE_PX = 1.0  # at model resolution: thinner boxes pool less than one token's worth
 
 
@@ -65,13 +67,13 @@ class RegionTransform:
         if self.crop_source_scale == 1:
             return None
         size = [self.height * self.crop_source_scale, self.width * self.crop_source_scale]
-        resized = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        resized = TF.resize(to_rgb(image), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         return TF.normalize(TF.to_tensor(resized), self.mean, self.std)
 
     def __call__(self, image: Image.Image, boxes: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, list[int], Counter]:
         width, height = image.size
         kept, kept_index, drops = validate_boxes(boxes, width, height)
-        resized = TF.resize(image.convert("RGB"), [self.height, self.width],
+        resized = TF.resize(to_rgb(image), [self.height, self.width],
                             interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         tensor = TF.normalize(TF.to_tensor(resized), self.mean, self.std)
         scale = torch.tensor([self.width / width, self.height / height] * 2)

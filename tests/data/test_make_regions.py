@@ -2,6 +2,7 @@
 loader reads them, counts add up, a rerun after a kill resumes without losing or duplicating a sample."""
 from __future__ import annotations
 
+import io
 import itertools
 import json
 from collections import Counter
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -380,3 +382,18 @@ def test_the_throughput_benchmark_runs_its_tiny_size_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in (tmp_path / "b.md").read_text().splitlines() if line.startswith("| BLIP-2 tiny")]
     assert [row.split(" | ")[1:4] for row in rows] == [["2", "3.0", "20"], ["8", "3.0", "20"]]
+
+
+def test_a_16_bit_grey_image_is_written_scaled_not_clipped_white(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    levels = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(levels).save(images / "deep.png")  # a 16-bit PNG, opened by PIL as "I;16"
+    (tmp_path / "captions.json").write_text(json.dumps({"deep.png": "a grey ramp"}))
+    box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=2)
+    run(folder_units(images, tmp_path / "captions.json", 10),
+        CaptionedProposals(GridProposer(), box_filter, SizeCaptioner()), tmp_path / "out")
+    record = next(iter(wds.WebDataset(str(tmp_path / "out" / "regions-000000.tar"), shardshuffle=False,
+                                      empty_check=False)))
+    written = np.asarray(Image.open(io.BytesIO(record["jpg"])).convert("L"), dtype=np.float64)
+    assert np.abs(written - (levels >> 8)).mean() < 2  # JPEG error; clipped, the mean error was ~126

@@ -1,3 +1,6 @@
+import io
+
+import numpy as np
 import torch
 from PIL import Image
 
@@ -35,3 +38,15 @@ def test_boxes_scale_with_the_image_and_thin_boxes_are_dropped():
 def test_no_boxes_gives_an_empty_box_tensor():
     _, boxes, index, drops = RegionTransform(32, MEAN, STD)(Image.new("RGB", (64, 64)), [])
     assert boxes.shape == (0, 4) and index == [] and not drops
+
+
+def test_a_16_bit_grey_png_is_scaled_to_8_bits_not_clipped_white():
+    """PIL opens it as "I;16" and its convert("RGB") clips every value above 255: the image went white."""
+    levels = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    encoded = io.BytesIO()
+    Image.fromarray(levels).save(encoded, format="PNG")
+    sixteen_bit = Image.open(io.BytesIO(encoded.getvalue()))
+    eight_bit = Image.fromarray((levels >> 8).astype(np.uint8)).convert("RGB")
+    transform = RegionTransform(32, MEAN, STD, crop_source_scale=2)
+    torch.testing.assert_close(transform(sixteen_bit, [])[0], transform(eight_bit, [])[0])
+    torch.testing.assert_close(transform.crop_source(sixteen_bit), transform.crop_source(eight_bit))
