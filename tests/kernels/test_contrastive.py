@@ -25,6 +25,7 @@ from kernels.contrastive.function import ContrastiveLossFunction
 from kernels.contrastive.launch import TritonTiles, fill_block_n
 from kernels.contrastive.torch_chunked import TorchTiles
 from tests.kernels.contrastive_worker import MASK_KINDS, global_batch, run
+from tests.kernels.kernel_device import KERNEL_DEVICE, drawn_on_the_cpu
 from tests.training.launcher import free_port
 
 # fp32: exact fp32 tile dots, fp32 log-sum-exp; what is left is summation order (~1e-7 relative).
@@ -54,18 +55,20 @@ CASES = [
 def make_case(seed: int, rows: int, dim: int, mask_kind: str, scale_shape: tuple[int, ...] = ()):
     """Normalised float64 features, an exponentiated logit scale and a mask of the given kind."""
     # -> images, texts: [b, D] float64; logit_scale: scale_shape float64; mask: [b] bool or None
-    generator = torch.Generator().manual_seed(seed)
-    images = F.normalize(torch.randn(rows, dim, generator=generator, dtype=torch.float64), dim=-1)
-    texts = F.normalize(torch.randn(rows, dim, generator=generator, dtype=torch.float64), dim=-1)
-    logit_scale = torch.full(scale_shape, 5.0 + 10 * torch.rand(1, generator=generator).item(), dtype=torch.float64)
-    mask = {
-        "none": None,
-        "all_true": torch.ones(rows, dtype=torch.bool),
-        "all_false": torch.zeros(rows, dtype=torch.bool),
-        "random": torch.rand(rows, generator=generator) < 0.6,
-        "one_valid": torch.arange(rows) == rows // 2,
-    }[mask_kind]
-    return images, texts, logit_scale, mask
+    with drawn_on_the_cpu() as device:
+        generator = torch.Generator().manual_seed(seed)
+        images = F.normalize(torch.randn(rows, dim, generator=generator, dtype=torch.float64), dim=-1)
+        texts = F.normalize(torch.randn(rows, dim, generator=generator, dtype=torch.float64), dim=-1)
+        scale = 5.0 + 10 * torch.rand(1, generator=generator).item()
+        mask = {
+            "none": None,
+            "all_true": torch.ones(rows, dtype=torch.bool),
+            "all_false": torch.zeros(rows, dtype=torch.bool),
+            "random": torch.rand(rows, generator=generator) < 0.6,
+            "one_valid": torch.arange(rows) == rows // 2,
+        }[mask_kind]
+    logit_scale = torch.full(scale_shape, scale, dtype=torch.float64, device=device)
+    return images.to(device), texts.to(device), logit_scale, None if mask is None else mask.to(device)
 
 
 def loss_and_grads(loss_fn, images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor):
@@ -195,7 +198,7 @@ def test_autocast_does_not_change_the_fp32_inputs_loss(passes):
     want, want_grads = loss_and_grads(ours(passes, mask), images.float(), texts.float(), logit_scale.float())
 
     def under_autocast(i, t, s):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(KERNEL_DEVICE.type, dtype=torch.bfloat16):
             return ours(passes, mask)(i, t, s)
 
     got, got_grads = loss_and_grads(under_autocast, images.float(), texts.float(), logit_scale.float())
@@ -331,9 +334,16 @@ def _assert_same(got: dict, want: dict, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world, rows, dim", [(2, 5, 7), (4, 3, 20)])
-def test_gloo_ranks_match_open_clip_and_float64_reference(world, rows, dim, tmp_path):
+def test_gloo_ranks_match_open_clip_and_float64_reference(world, rows, dim, tmp_path, monkeypatch):
+    """CPU processes on gloo, the Triton passes interpreted, on a GPU machine too (one GPU has no ranks to spare)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks when they import the kernels
     seed = 100 + world
     mp.spawn(run, args=(world, free_port(), rows, dim, seed, str(tmp_path)), nprocs=world)
+    with torch.device("cpu"):
+        _check_gloo_results(world, rows, dim, seed, tmp_path)
+
+
+def _check_gloo_results(world: int, rows: int, dim: int, seed: int, tmp_path) -> None:
     batch = global_batch(world, rows, dim, seed)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
     for kind, mask in zip(MASK_KINDS, batch["masks"]):

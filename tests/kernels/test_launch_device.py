@@ -2,8 +2,9 @@
 
 Triton launches on `torch.cuda.current_device()` (triton.runtime.jit.JITFunction.run), so tensors on
 cuda:1 while cuda:0 is current would be read from the wrong GPU. Without a GPU the launchers' use of
-`kernels.device.launch_device` is checked by recording, around each real (interpreted) launch, which
-device the guard made current; the two-GPU test runs it for real where there are two.
+`kernels.device.launch_device` is checked by recording, around each real launch (interpreted, or compiled on
+a GPU: tests/kernels/conftest.py), which device the guard made current; the two-GPU test runs it for real
+where there are two.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_launch_device_makes_the_tensors_cuda_device_current(monkeypatch):
     monkeypatch.setattr(kernels.device.torch.cuda, "device", fake_device)
     with kernels.device.launch_device(types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))):
         assert entered == [torch.device("cuda", 1)]
-    with kernels.device.launch_device(torch.zeros(1)):  # CPU (interpreter) tensors: nothing to switch
+    with kernels.device.launch_device(torch.zeros(1, device="cpu")):  # CPU (interpreter) tensors: nothing to switch
         pass
     assert entered == [torch.device("cuda", 1)]
 
@@ -94,11 +95,12 @@ def test_contrastive_launches_run_under_their_tensors_device(launches):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_gpu_tensors_on_a_device_that_is_not_current_get_the_same_results():
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randn(2, 35, 64, generator=generator)
-    boxes = torch.rand(2, 5, 4, generator=generator) * 20
-    images = torch.nn.functional.normalize(torch.randn(300, 64, generator=generator), dim=-1)
-    texts = torch.nn.functional.normalize(torch.randn(300, 64, generator=generator), dim=-1)
+    with torch.device("cpu"):
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randn(2, 35, 64, generator=generator)
+        boxes = torch.rand(2, 5, 4, generator=generator) * 20
+        images = torch.nn.functional.normalize(torch.randn(300, 64, generator=generator), dim=-1)
+        texts = torch.nn.functional.normalize(torch.randn(300, 64, generator=generator), dim=-1)
 
     def run(device: str) -> list[torch.Tensor]:
         leaves = [t.to(device).requires_grad_() for t in (tokens, images, texts)]

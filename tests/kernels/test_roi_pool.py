@@ -1,7 +1,7 @@
 """Region pooling against torchvision's roi_align in float64: values and token gradients, both backends.
 
 Under TRITON_INTERPRET=1 (tests/conftest.py) the Triton backend runs on the CPU interpreter, so
-shapes stay small. Box kinds cover the rules torchvision applies at the map borders. Exact-border
+shapes stay small; on a GPU the same cases run compiled there (tests/kernels/kernel_device.py). Box kinds cover the rules torchvision applies at the map borders. Exact-border
 boxes only use power-of-two scales: with a scale such as 9/37 a box ending on the image border
 lands within one float32 ulp of an integer in grid units, and ceil() of its size, the sample
 count, then depends on rounding (float32 here, float64 in the reference), not on the kernel.
@@ -19,6 +19,7 @@ import kernels
 from kernels.roi_pool import RegionPool, region_pool
 from kernels.roi_pool.function import RegionPoolFunction
 from kernels.roi_pool.launch import normalize_in_second_pass
+from tests.kernels.kernel_device import KERNEL_DEVICE, drawn_on_the_cpu
 
 BACKENDS = ("triton", "torch")
 # fp32: kernel coordinates are float32, so sample positions near 10 carry ~1e-6 absolute error.
@@ -79,14 +80,15 @@ def make_case(seed: int, batch: int, regions: int, grid_hw: tuple[int, int], cha
               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens, boxes, a box mask with some padding (a whole image when batch > 1) and a gradient probe."""
     # -> tokens [B, H*W, C] dtype, boxes [B, R, 4] fp32, box_mask [B, R] bool, probe [B, R, C] dtype
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(batch, grid_hw[0] * grid_hw[1], channels, generator=generator).to(dtype)
-    boxes = random_boxes(generator, batch, regions, grid_hw, spatial_scale)
-    box_mask = torch.rand(batch, regions, generator=generator) < 0.8
-    if batch > 1:
-        box_mask[-1] = False
-    probe = torch.randn(batch, regions, channels, generator=generator).to(dtype)
-    return tokens, boxes, box_mask, probe
+    with drawn_on_the_cpu() as device:
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randn(batch, grid_hw[0] * grid_hw[1], channels, generator=generator).to(dtype)
+        boxes = random_boxes(generator, batch, regions, grid_hw, spatial_scale)
+        box_mask = torch.rand(batch, regions, generator=generator) < 0.8
+        if batch > 1:
+            box_mask[-1] = False
+        probe = torch.randn(batch, regions, channels, generator=generator).to(dtype)
+    return tokens.to(device), boxes.to(device), box_mask.to(device), probe.to(device)
 
 
 def torchvision_reference(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[int, int], spatial_scale: float,
@@ -305,7 +307,7 @@ def test_auto_backend_runs_torch_on_cpu(monkeypatch):
         return torch.zeros(1, 1, 3)
 
     monkeypatch.setattr(api, "region_pool_torch", record)
-    region_pool(torch.randn(1, 4, 3), torch.zeros(1, 1, 4), (2, 2), 1.0, backend="auto")
+    region_pool(torch.randn(1, 4, 3, device="cpu"), torch.zeros(1, 1, 4, device="cpu"), (2, 2), 1.0, backend="auto")
     assert len(calls) == 1
 
 
@@ -362,7 +364,7 @@ def test_autocast_does_not_lower_the_precision_of_fp32_tokens(backend):
     """torchvision's roi_align runs in fp32 under autocast; so do both backends (the torch matmul was bf16)."""
     tokens, boxes, box_mask, probe = make_case(16, 2, 5, (7, 9), 24, 0.25, torch.float32)
     want = torchvision_reference(tokens, boxes, (7, 9), 0.25, box_mask, -1, False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(KERNEL_DEVICE.type, dtype=torch.bfloat16):
         got = region_pool(tokens, boxes, (7, 9), 0.25, box_mask, backend=backend)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
