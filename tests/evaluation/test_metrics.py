@@ -105,8 +105,8 @@ def test_retrieval_matches_a_loop_reference_with_one_to_five_captions_per_image(
         text_to_image = rng.permutation(np.repeat(np.arange(images), rng.integers(1, 6, size=images)))
         similarity = _random_scores(rng, (images, len(text_to_image)))
         metrics = retrieval_metrics(similarity, torch.tensor(text_to_image), ks=(1, 2, 5, 10))
-        assert metrics == pytest.approx(_reference_retrieval(similarity.tolist(), text_to_image.tolist(), (1, 2, 5, 10)),
-                                        abs=1e-4)
+        expected = _reference_retrieval(similarity.tolist(), text_to_image.tolist(), (1, 2, 5, 10))
+        assert metrics == pytest.approx(expected, abs=1e-4)
 
 
 def test_a_model_that_diverged_to_nan_scores_nothing():
@@ -117,8 +117,8 @@ def test_a_model_that_diverged_to_nan_scores_nothing():
     assert all(value == 0.0 for value in retrieval.values())
     # a NaN wrong class is not known to be below the true one; a NaN own caption leaves the others to hit
     assert box_classification_metrics(torch.tensor([[0.9, float("nan"), 0.1]]), torch.tensor([0]), 3)["top1"] == 0.0
-    one_nan_caption = retrieval_metrics(torch.tensor([[float("nan"), 0.9, 0.1], [0.2, 0.1, 0.8]]), torch.tensor([0, 0, 1]))
-    assert one_nan_caption["i2t_r1"] == 100.0
+    one_nan_caption = torch.tensor([[float("nan"), 0.9, 0.1], [0.2, 0.1, 0.8]])
+    assert retrieval_metrics(one_nan_caption, torch.tensor([0, 0, 1]))["i2t_r1"] == 100.0
 
 
 def test_no_boxes_is_an_error():
