@@ -140,9 +140,11 @@ def evaluate_box_classification(
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             dense, grid_hw = model.encode_dense(images)
             regions = model.region_features(dense, grid_hw, boxes, mask)[mask]
-            region_scores.append((regions.float() @ classes.T).cpu())
-            if crops is not None:
-                crop_scores.append((model.encode_image(crops.to(device, dtype)).float() @ classes.T).cpu())
+            crop_embeddings = None if crops is None else model.encode_image(crops.to(device, dtype))
+        # scores in fp32, outside autocast: bf16 rounds cosines to steps of ~0.002, and ties count as misses
+        region_scores.append((regions.float() @ classes.T).cpu())
+        if crop_embeddings is not None:
+            crop_scores.append((crop_embeddings.float() @ classes.T).cpu())
         labels.append(batch_labels)
     all_labels = torch.cat(labels)
     results = {f"region_{k}": v for k, v in box_classification_metrics(torch.cat(region_scores), all_labels,

@@ -32,3 +32,40 @@ def test_no_crops_are_made_without_the_baseline():
     item = BoxImage(lambda: Image.new("RGB", (50, 40)), [[1, 1, 20, 20]], [0])
     *_, crops = next(_batches([item], RegionTransform(32, (0.5,) * 3, (0.5,) * 3), 4, Counter(), with_crops=False))
     assert crops is None
+
+
+def _recording(function, calls: list):
+    """`function`, appending (its arguments, its result) to `calls` on every call."""
+    def record(*args):
+        calls.append((args, function(*args)))
+        return calls[-1][1]
+    return record
+
+
+def test_scores_are_fp32_products_of_the_features_under_bf16_autocast(monkeypatch):
+    """Under autocast a matmul runs in bf16 even on .float() inputs: cosines rounded to ~0.002 steps tie,
+    and ties count as misses. The scores must be the fp32 products of the region/crop embeddings."""
+    import fineclip_ds.models.factory  # noqa: F401  registers the tiny model configs
+    from fineclip_ds.config import ModelConfig
+    from fineclip_ds.data.shapes_world import ShapesWorld
+    from fineclip_ds.evaluation import box_classification
+    from fineclip_ds.evaluation.world import world_box_dataset
+    from fineclip_ds.models.factory import create_fineclip
+
+    torch.manual_seed(0)
+    model, tokenizer, normalization = create_fineclip(ModelConfig(name="FineCLIP-ViT-T-8", pretrained=""))
+    regions, crops, scored = [], [], []
+    monkeypatch.setattr(model, "region_features", _recording(model.region_features, regions))
+    monkeypatch.setattr(model, "encode_image", _recording(model.encode_image, crops))
+    monkeypatch.setattr(box_classification, "box_classification_metrics",
+                        _recording(box_classification.box_classification_metrics, scored))
+    dataset = world_box_dataset(ShapesWorld(seed=0, image_size=64), 8)
+    box_classification.evaluate_box_classification(model.eval(), tokenizer, normalization, dataset, "shapes", 8,
+                                                   dtype=torch.bfloat16, progress=False)
+    classes = box_classification.class_embeddings(model, tokenizer, dataset.class_names, "shapes", torch.device("cpu"))
+    [((*_, mask), region_features)], [(_, crop_embeddings)] = regions, crops  # one batch of 8 images
+    (region_scores, *_), _ = scored[0]
+    (crop_scores, *_), _ = scored[1]
+    assert region_scores.dtype == crop_scores.dtype == torch.float32
+    torch.testing.assert_close(region_scores, region_features[mask].float() @ classes.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(crop_scores, crop_embeddings.float() @ classes.T, rtol=0, atol=1e-6)
