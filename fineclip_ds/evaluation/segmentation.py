@@ -56,10 +56,13 @@ def label_indices(labels: Image.Image, num_classes: int, reduce_zero_label: bool
 
 
 def _window_logits(model: FineCLIP, window: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """fp32 logits even under autocast, which would run the matmul in bf16 and round close classes to ties
+    that argmax gives to the lower class index."""
     # window: [1, 3, h, w] at the model's input size -> [K, h, w] per-pixel cosine logits
     dense, grid_hw = model.encode_dense(window)
-    logits = (dense[0].float() @ classes.T).T.reshape(-1, *grid_hw)
-    return F.interpolate(logits.unsqueeze(0), size=window.shape[-2:], mode="bilinear", align_corners=False)[0]
+    with torch.autocast(window.device.type, enabled=False):
+        logits = (dense[0].float() @ classes.T).T.reshape(-1, *grid_hw)
+        return F.interpolate(logits.unsqueeze(0), size=window.shape[-2:], mode="bilinear", align_corners=False)[0]
 
 
 def segment(model: FineCLIP, image: torch.Tensor, classes: torch.Tensor, slide: bool) -> torch.Tensor:

@@ -1,0 +1,29 @@
+"""Zero-shot segmentation's prediction path."""
+import pytest
+import torch
+
+from fineclip_ds.evaluation.segmentation import segment
+
+
+class _PooledColours:
+    """A stand-in model whose dense features are the window's colours pooled per 8 px token, padded to 16
+    channels: no matmul, so the features are the same with and without autocast."""
+    image_size = (32, 32)
+
+    def encode_dense(self, window: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        pooled = torch.nn.functional.avg_pool2d(window.float(), 8)  # [1, 3, 4, 4]
+        tokens = pooled.flatten(2).transpose(1, 2)  # [1, 16, 3]
+        return torch.nn.functional.pad(tokens, (0, 13)), (4, 4)
+
+
+@pytest.mark.parametrize("slide", [False, True])
+def test_segmentation_under_bf16_autocast_predicts_as_in_fp32(slide):
+    """Under autocast the token-to-class matmul ran in bf16: close classes rounded to ties, which argmax
+    gives to the lower class index."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 45, 70, generator=generator)
+    classes = torch.nn.functional.normalize(torch.randn(40, 16, generator=generator), dim=-1)
+    expected = segment(_PooledColours(), image, classes, slide)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        predicted = segment(_PooledColours(), image, classes, slide)
+    assert torch.equal(predicted, expected)
