@@ -146,6 +146,8 @@ def evaluate_box_classification(
         if crop_embeddings is not None:
             crop_scores.append((crop_embeddings.float() @ classes.T).cpu())
         labels.append(batch_labels)
+    if not labels:  # e.g. --images names the wrong folder: every image unreadable
+        raise ValueError(f"no box to classify in {len(dataset.images)} images with boxes; skipped: {dict(skipped)}")
     all_labels = torch.cat(labels)
     results = {f"region_{k}": v for k, v in box_classification_metrics(torch.cat(region_scores), all_labels,
                                                                         len(dataset.class_names)).items()}

@@ -73,6 +73,12 @@ def test_box_classification_from_coco_instances_counts_what_it_skips(data, tmp_p
     assert result["region_top5"] >= result["region_top1"]
 
 
+def test_an_images_folder_without_the_annotated_images_says_why_nothing_was_scored(data, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(SystemExit, match=r"no box to classify in 7 images with boxes; skipped: .*'unreadable_image': 7"):
+        _evaluate(data, tmp_path, "--task", "box-cls", "--annotations", str(data / "instances.json"),
+                  "--images", str(tmp_path / "elsewhere"), "--templates", "shapes")
+
 def test_fineclips_protocol_keeps_crowd_boxes_and_drops_tiny_ones(data, tmp_path):
     coco = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 3, "name": "circle"}],
             "annotations": [{"image_id": 1, "category_id": 3, "bbox": bbox, "iscrowd": crowd} for bbox, crowd in
