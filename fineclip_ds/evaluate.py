@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--max_images", type=positive_int, default=256, help="dense-viz and world tasks")
     parser.add_argument("--world_seed", type=int, default=0)
-    parser.add_argument("--world_image_size", type=int, default=128)
+    parser.add_argument("--world_image_size", type=positive_int, default=128)
     parser.add_argument("--no_crop_baseline", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")

@@ -159,6 +159,7 @@ def test_task_inputs_are_checked_before_the_model_loads(data, tmp_path):
     (["--image_size", "64", "64", "64"], "--image_size: got 3 numbers, expected H or H W"),
     (["--batch_size", "0"], "argument --batch_size: got 0, expected an integer >= 1"),
     (["--max_images", "0"], "argument --max_images: got 0, expected an integer >= 1"),
+    (["--world_image_size", "0"], "argument --world_image_size: got 0, expected an integer >= 1"),
 ])
 def test_counts_and_sizes_out_of_range_are_usage_errors(data, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit):
