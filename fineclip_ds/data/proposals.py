@@ -2,15 +2,17 @@
 
 Sources: ground-truth boxes from a COCO instances JSON, a torchvision detector loaded from a local
 weights file, or a weight-free grid (for tests and smoke runs). Every source returns scored xyxy
-pixel boxes; `ProposalFilter` applies size limits, a score threshold, NMS and a cap.
+pixel boxes; `ProposalFilter` drops and counts bad boxes and scores (as the training loader does), then
+applies size limits, a score threshold, NMS and a cap.
 """
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import math
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -18,8 +20,30 @@ from torchvision.ops import nms
 from torchvision.transforms import functional as TF
 
 from fineclip_ds.data.records import FileNameLookup
+from fineclip_ds.data.transforms import validate_boxes
 
 Box = tuple[float, float, float, float]
+
+
+def coco_xyxy(bbox: Any) -> Any:
+    """COCO [x, y, w, h] -> (x1, y1, x2, y2); a bbox that is not four numbers (a string, null, three
+    values) comes back as it is, for validate_boxes to drop and count."""
+    try:
+        x, y, w, h = (float(v) for v in bbox if isinstance(v, (int, float)) and not isinstance(v, bool))
+    except (TypeError, ValueError, OverflowError):
+        return bbox
+    return (x, y, x + w, y + h)
+
+
+def proposal_score(value: Any) -> float | None:
+    """A proposal's score as a float; None when it is not a finite number (null, a string, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        score = float(value)
+    except OverflowError:
+        return None
+    return score if math.isfinite(score) else None
 
 
 class Proposer(Protocol):
@@ -52,8 +76,8 @@ class CocoBoxProposer:
         for annotation in coco["annotations"]:
             if annotation.get("iscrowd", 0):
                 continue
-            x, y, w, h = annotation["bbox"]
-            self.boxes[names[annotation["image_id"]]].append(((x, y, x + w, y + h), annotation.get("score", 1.0)))
+            bbox = coco_xyxy(annotation.get("bbox"))  # a bad one is counted by ProposalFilter, per image
+            self.boxes[names[annotation["image_id"]]].append((bbox, annotation.get("score", 1.0)))
 
     def propose(self, image: Image.Image, key: str) -> list[tuple[Box, float]]:
         return list(self.boxes.get(self.file_name(key), []))
@@ -89,11 +113,17 @@ class ProposalFilter:
     nms_iou: float = 0.7
     max_boxes: int = 10
 
-    def __call__(self, proposals: list[tuple[Box, float]], width: int, height: int) -> list[Box]:
-        """Clip to the image, drop too small / too large / low-score boxes, NMS, keep the best `max_boxes`."""
+    def __call__(self, proposals: list[tuple[Box, float]], width: int, height: int, counts: Counter) -> list[Box]:
+        """Drop bad boxes and scores (counted in `counts` by reason), clip to the image, drop too small / too
+        large / low-score boxes, NMS, keep the best `max_boxes`."""
+        boxes, kept_index, drops = validate_boxes([box for box, _ in proposals], width, height)
+        counts.update(drops)
         kept: list[tuple[Box, float]] = []
-        for (x1, y1, x2, y2), score in proposals:
-            x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)
+        for (x1, y1, x2, y2), index in zip(boxes, kept_index):
+            score = proposal_score(proposals[index][1])
+            if score is None:
+                counts["proposal_bad_score"] += 1
+                continue
             side = min(x2 - x1, y2 - y1)
             if side < self.min_side * min(width, height) or (x2 - x1) * (y2 - y1) > self.max_area * width * height:
                 continue

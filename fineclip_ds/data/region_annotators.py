@@ -32,7 +32,8 @@ class CaptionedProposals:
         self.proposer, self.box_filter, self.captioner, self.prompt = proposer, box_filter, captioner, prompt
 
     def __call__(self, images: list[Image.Image], keys: list[str], counts: Counter) -> list[list[Region]]:
-        boxes = [self.box_filter(self.proposer.propose(image, key), *image.size) for image, key in zip(images, keys)]
+        boxes = [self.box_filter(self.proposer.propose(image, key), *image.size, counts)
+                 for image, key in zip(images, keys)]
         counts["proposals"] += sum(len(image_boxes) for image_boxes in boxes)
         crops = [image.crop(tuple(round(v) for v in box)) for image, image_boxes in zip(images, boxes)
                  for box in image_boxes]

@@ -220,7 +220,10 @@ def test_detector_proposals_from_a_local_weights_file(tmp_path):
     image = ShapesWorld(seed=1, image_size=96).sample(0).image
     proposals = proposer.propose(image, "0.png")
     assert proposals and all(0 <= score <= 1 for _, score in proposals)
-    boxes = ProposalFilter(min_side=0.0, max_area=1.0, score_threshold=0.0, nms_iou=0.5, max_boxes=3)(proposals, 96, 96)
+    counts = Counter()
+    boxes = ProposalFilter(min_side=0.0, max_area=1.0, score_threshold=0.0, nms_iou=0.5, max_boxes=3)(proposals, 96, 96,
+                                                                                                      counts)
+    assert not counts  # a detector's boxes are all well-formed
     assert 1 <= len(boxes) <= 3
     assert all(0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96 for x1, y1, x2, y2 in boxes)
 
@@ -397,3 +400,24 @@ def test_a_16_bit_grey_image_is_written_scaled_not_clipped_white(tmp_path):
                                       empty_check=False)))
     written = np.asarray(Image.open(io.BytesIO(record["jpg"])).convert("L"), dtype=np.float64)
     assert np.abs(written - (levels >> 8)).mean() < 2  # JPEG error; clipped, the mean error was ~126
+
+
+def test_bad_coco_boxes_and_scores_are_dropped_and_counted_not_crashed_on_or_turned_into_other_boxes(tmp_path):
+    """A NaN or infinite coordinate used to become a full-width box (max/min clip NaN away); malformed bboxes
+    crashed the proposer; reversed, empty or outside boxes vanished without a count."""
+    bad = {"nan": [float("nan"), 10, 20, 20], "inf": [10, 10, float("inf"), 20], "huge": [1, 1, 10 ** 400, 5],
+           "reversed": [50, 50, -20, -20], "empty": [10, 10, 0, 0], "outside": [500, 500, 10, 10],
+           "strings": ["10", "10", "20", "20"], "three": [1, 2, 3], "null": None}
+    annotations = [{"id": n, "image_id": 1, "bbox": bbox} for n, bbox in enumerate(bad.values())]
+    annotations += [{"id": 97, "image_id": 1, "bbox": [5, 5, 30, 30], "score": None},
+                    {"id": 98, "image_id": 1, "bbox": [5, 5, 30, 30], "score": float("nan")},
+                    {"id": 99, "image_id": 1, "bbox": [60, 40, 30, 30]}]
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": annotations}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    box_filter = ProposalFilter(min_side=0.0, max_area=1.0, score_threshold=0.0, nms_iou=0.7, max_boxes=20)
+    counts = Counter()
+    regions = CaptionedProposals(CocoBoxProposer(tmp_path / "instances.json"), box_filter, SizeCaptioner())(
+        [Image.new("RGB", (100, 80))], ["a.jpg"], counts)
+    assert regions == [[([60.0, 40.0, 90.0, 70.0], "a region of 30 by 30")]]
+    assert counts == {"box_not_finite": 3, "box_non_positive": 2, "box_outside": 1, "box_malformed": 3,
+                      "proposal_bad_score": 2, "proposals": 1}
