@@ -88,6 +88,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{name} {value}: does not exist")
         if name in FOLDER_INPUTS and not value.is_dir():
             raise SystemExit(f"--{name} {value}: expected a folder")
+        if name not in FOLDER_INPUTS and not value.is_file():
+            raise SystemExit(f"--{name} {value}: expected a file")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

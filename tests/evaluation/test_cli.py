@@ -153,6 +153,8 @@ def test_task_inputs_are_checked_before_the_model_loads(data, tmp_path):
         main([*common, "--task", "box-cls", "--images", str(data / "images")])
     with pytest.raises(SystemExit, match="--images .*instances.json: expected a folder"):
         main([*common, "--task", "dense-viz", "--images", str(data / "instances.json")])
+    with pytest.raises(SystemExit, match="--annotations .*images: expected a file"):
+        main([*common, "--task", "retrieval", "--annotations", str(data / "images"), "--images", str(data / "images")])
 
 
 @pytest.mark.parametrize("args,message", [
