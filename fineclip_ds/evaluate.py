@@ -126,15 +126,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _results_path(args: argparse.Namespace) -> Path:
+    """The results JSON, checked (and its folder made) before the evaluation, whose results it would lose."""
+    output = args.output or Path(f"eval_{args.task}.json")
+    if output.is_dir():
+        raise SystemExit(f"--output {output}: is a folder, expected the path of the results JSON")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--output {output}: cannot make its folder ({error})") from error
+    return output
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
+    output = _results_path(args)
     try:
         results = {"task": args.task, "checkpoint": str(args.checkpoint), **run(args)}
     except (FileNotFoundError, ValueError) as error:  # a bad --checkpoint / --model: say so, no traceback
         raise SystemExit(f"evaluate: {error}") from error
-    output = args.output or Path(f"eval_{args.task}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

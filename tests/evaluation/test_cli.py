@@ -155,6 +155,13 @@ def test_task_inputs_are_checked_before_the_model_loads(data, tmp_path):
         main([*common, "--task", "dense-viz", "--images", str(data / "instances.json")])
     with pytest.raises(SystemExit, match="--annotations .*images: expected a file"):
         main([*common, "--task", "retrieval", "--annotations", str(data / "images"), "--images", str(data / "images")])
+    folder_output = ["--checkpoint", str(tmp_path / "not_read_yet"), "--output", str(data / "images")]
+    with pytest.raises(SystemExit, match="--output .*images: is a folder"):  # found only after the evaluation
+        main([*folder_output, "--task", "dense-viz", "--images", str(data / "images")])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="--output .*a_file/r.json: cannot make its folder"):
+        main(["--checkpoint", str(tmp_path / "not_read_yet"), "--output", str(tmp_path / "a_file" / "r.json"),
+              "--task", "world"])
 
 
 @pytest.mark.parametrize("args,message", [
