@@ -28,9 +28,12 @@ Box = tuple[float, float, float, float]
 def coco_xyxy(bbox: Any) -> Any:
     """COCO [x, y, w, h] -> (x1, y1, x2, y2); a bbox that is not four numbers (a string, null, three
     values) comes back as it is, for validate_boxes to drop and count."""
+    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        return bbox
     try:
-        x, y, w, h = (float(v) for v in bbox if isinstance(v, (int, float)) and not isinstance(v, bool))
-    except (TypeError, ValueError, OverflowError):
+        x, y, w, h = map(float, bbox)
+    except OverflowError:  # an integer past float range
         return bbox
     return (x, y, x + w, y + h)
 

@@ -15,8 +15,9 @@ from typing import Protocol
 from PIL import Image
 
 from fineclip_ds.data.captioner import Captioner, caption_regions
-from fineclip_ds.data.proposals import Box, ProposalFilter, Proposer
+from fineclip_ds.data.proposals import ProposalFilter, Proposer, coco_xyxy
 from fineclip_ds.data.records import FileNameLookup
+from fineclip_ds.data.transforms import validate_boxes
 
 Region = tuple[list[float], str]
 
@@ -58,7 +59,8 @@ class ReleasedRegionCaptions:
     """FineCLIP's released data: boxes from a COCO-format proposals JSON, captions from its region-caption JSON.
 
     Boxes are kept when min_size^2 <= w*h <= max_size^2 (FineCLIP's own rule), at most `max_boxes`;
-    a box without a caption is dropped and counted as caption_missing, an image the proposals JSON
+    a bad bbox is dropped and counted by validate_boxes' reasons (as the training loader would), a box
+    without a caption (or with one that is not text) as caption_missing, an image the proposals JSON
     does not list as image_not_in_proposals. Images are found by the pair's key (`FileNameLookup`).
     """
 
@@ -69,14 +71,14 @@ class ReleasedRegionCaptions:
         self.file_name = FileNameLookup(names.values())
         self.bboxes: dict[str, list[list[float]]] = defaultdict(list)
         for annotation in coco["annotations"]:
-            self.bboxes[names[annotation["image_id"]]].append(annotation["bbox"])
+            self.bboxes[names[annotation["image_id"]]].append(annotation.get("bbox"))
         self.captions: dict[str, str] = json.loads(Path(region_captions_json).read_text())
         self.min_area, self.max_area, self.max_boxes = min_size ** 2, max_size ** 2, max_boxes
 
     def __call__(self, images: list[Image.Image], keys: list[str], counts: Counter) -> list[list[Region]]:
-        return [self._regions(key, counts) for key in keys]
+        return [self._regions(key, *image.size, counts) for image, key in zip(images, keys)]
 
-    def _regions(self, key: str, counts: Counter) -> list[Region]:
+    def _regions(self, key: str, width: int, height: int, counts: Counter) -> list[Region]:
         regions: list[Region] = []
         file_name = self.file_name(key)
         if file_name is None:
@@ -84,14 +86,17 @@ class ReleasedRegionCaptions:
             return regions
         for bbox in self.bboxes[file_name]:
             counts["proposals"] += 1
-            x, y, w, h = bbox
+            boxes, _, drops = validate_boxes([coco_xyxy(bbox)], width, height)
+            if drops:
+                counts.update(drops)
+                continue
+            x, y, w, h = bbox  # four finite numbers, w and h positive
             if not self.min_area <= w * h <= self.max_area or (self.max_boxes and len(regions) == self.max_boxes):
                 counts["box_filtered"] += 1
                 continue
             caption = self.captions.get(released_region_key(file_name, bbox))
-            if not caption or not caption.strip():
+            if not isinstance(caption, str) or not caption.strip():
                 counts["caption_missing"] += 1
                 continue
-            box: Box = (x, y, x + w, y + h)
-            regions.append((list(box), caption.strip()))
+            regions.append((boxes[0], caption.strip()))
         return regions

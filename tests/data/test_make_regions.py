@@ -421,3 +421,21 @@ def test_bad_coco_boxes_and_scores_are_dropped_and_counted_not_crashed_on_or_tur
     assert regions == [[([60.0, 40.0, 90.0, 70.0], "a region of 30 by 30")]]
     assert counts == {"box_not_finite": 3, "box_non_positive": 2, "box_outside": 1, "box_malformed": 3,
                       "proposal_bad_score": 2, "proposals": 1}
+
+
+def test_bad_released_bboxes_and_captions_are_dropped_and_counted_not_crashed_on(tmp_path):
+    """NaN or infinite bboxes crashed building the caption key (int(nan)), malformed ones unpacking, a caption
+    that is not a string .strip(); a reversed bbox (w, h < 0: a positive area) was written for training to drop."""
+    bboxes = [[float("nan"), 1, 5, 5], [1, 1, float("inf"), 5], [50, 50, -20, -20], [500, 500, 10, 10],
+              ["1", "1", "5", "5"], None, [1, 2, 3], [10, 10, 20, 20], [30, 30, 20, 20]]
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}],
+            "annotations": [{"id": n, "image_id": 1, "bbox": bbox} for n, bbox in enumerate(bboxes)]}
+    (tmp_path / "proposals.json").write_text(json.dumps(coco))
+    (tmp_path / "region_captions.json").write_text(json.dumps({
+        "a.jpg_50_50_-20_-20.jpg": "reversed", "a.jpg_500_500_10_10.jpg": "outside",
+        "a.jpg_10_10_20_20.jpg": "a box", "a.jpg_30_30_20_20.jpg": 7}))
+    counts = Counter()
+    annotate = ReleasedRegionCaptions(tmp_path / "proposals.json", tmp_path / "region_captions.json")
+    assert annotate([Image.new("RGB", (100, 80))], ["a.jpg"], counts) == [[([10.0, 10.0, 30.0, 30.0], "a box")]]
+    assert counts == {"proposals": 9, "box_not_finite": 2, "box_non_positive": 1, "box_outside": 1,
+                      "box_malformed": 3, "caption_missing": 1}
