@@ -19,10 +19,10 @@ import torch
 
 from fineclip_ds.config import ModelConfig, positive_int
 from fineclip_ds.data.shapes_world import ShapesWorld
-from fineclip_ds.evaluation.box_classification import evaluate_box_classification, load_coco_boxes
+from fineclip_ds.evaluation.box_classification import BoxDataset, evaluate_box_classification, load_coco_boxes
 from fineclip_ds.evaluation.dense_viz import write_dense_pictures
-from fineclip_ds.evaluation.retrieval import evaluate_retrieval, load_caption_file
-from fineclip_ds.evaluation.segmentation import evaluate_segmentation, load_label_folder
+from fineclip_ds.evaluation.retrieval import CaptionedImage, evaluate_retrieval, load_caption_file
+from fineclip_ds.evaluation.segmentation import LabelledImage, evaluate_segmentation, load_label_folder
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.evaluation.zero_shot import TEMPLATE_SETS
 from fineclip_ds.export import model_name_of, open_clip_state_dict, resolve_checkpoint
@@ -33,6 +33,7 @@ TASKS = ("box-cls", "retrieval", "segmentation", "dense-viz", "world")
 TASK_INPUTS = {"box-cls": ("annotations", "images"), "retrieval": ("annotations", "images"),
                "segmentation": ("images", "labels", "classes"), "dense-viz": ("images",), "world": ()}
 FOLDER_INPUTS = ("images", "labels")
+Annotations = BoxDataset | list[CaptionedImage] | tuple[list[str], list[LabelledImage]] | None
 
 
 def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None, device: torch.device | str = "cpu",
@@ -55,16 +56,15 @@ def run(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" and not args.fp32 else torch.float32
     size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
     _check_inputs(args)
+    annotations = _read_annotations(args)
     model, tokenizer, normalization = load_for_evaluation(args.checkpoint, args.model, device, size)
     if args.task == "box-cls":
-        dataset = load_coco_boxes(args.annotations, args.images, args.keep_crowd, args.min_box_size)
-        return evaluate_box_classification(model, tokenizer, normalization, dataset, args.templates, args.batch_size,
-                                           not args.no_crop_baseline, device, dtype)
+        return evaluate_box_classification(model, tokenizer, normalization, annotations, args.templates,
+                                           args.batch_size, not args.no_crop_baseline, device, dtype)
     if args.task == "retrieval":
-        items = load_caption_file(args.annotations, args.images, args.split)
-        return evaluate_retrieval(model, tokenizer, normalization, items, args.batch_size, device, dtype)
+        return evaluate_retrieval(model, tokenizer, normalization, annotations, args.batch_size, device, dtype)
     if args.task == "segmentation":
-        class_names, items = load_label_folder(args.images, args.labels, args.classes)
+        class_names, items = annotations
         return evaluate_segmentation(model, tokenizer, normalization, class_names, items, args.templates, args.slide,
                                      device, dtype, reduce_zero_label=args.reduce_zero_label)
     if args.task == "dense-viz":
@@ -76,6 +76,18 @@ def run(args: argparse.Namespace) -> dict:
     world = ShapesWorld(seed=args.world_seed, image_size=args.world_image_size)
     return evaluate_on_world(model, tokenizer, normalization, world, args.max_images, args.batch_size, device,
                              crop_baseline=not args.no_crop_baseline, dtype=dtype, progress=True)
+
+
+def _read_annotations(args: argparse.Namespace) -> Annotations:
+    """The task's annotation files, parsed before the model loads so that a wrong file is named in seconds
+    (the images stay unopened until evaluation)."""
+    if args.task == "box-cls":
+        return load_coco_boxes(args.annotations, args.images, args.keep_crowd, args.min_box_size)
+    if args.task == "retrieval":
+        return load_caption_file(args.annotations, args.images, args.split)
+    if args.task == "segmentation":
+        return load_label_folder(args.images, args.labels, args.classes)
+    return None
 
 
 def _check_inputs(args: argparse.Namespace) -> None:

@@ -185,10 +185,13 @@ def test_a_checkpoint_or_size_that_does_not_fit_the_model_is_a_clear_exit(data, 
         _evaluate(data, tmp_path, "--task", "world", "--image_size", "65")
 
 
-def test_a_coco_captions_file_given_for_boxes_or_retrieval_is_named(data, tmp_path):
+def test_a_coco_captions_file_given_for_boxes_or_retrieval_is_named_before_the_model_loads(data, tmp_path):
     coco_captions = {"images": [{"id": 0, "file_name": "000.png"}], "annotations": [{"image_id": 0, "caption": "x"}]}
     (tmp_path / "captions.json").write_text(json.dumps(coco_captions))
     inputs = ("--annotations", str(tmp_path / "captions.json"), "--images", str(data / "images"))
+    with pytest.raises(SystemExit, match="captions.json: expected a COCO instances or panoptic JSON"):
+        main(["--checkpoint", str(tmp_path / "not_read_yet"), "--output", str(tmp_path / "r.json"),
+              "--task", "box-cls", *inputs])
     with pytest.raises(SystemExit, match="captions.json: expected a COCO instances or panoptic JSON"):
         _evaluate(data, tmp_path, "--task", "box-cls", *inputs)
     with pytest.raises(SystemExit, match=r"captions.json: expected a Karpathy JSON .* \(KeyError: 'filename'\)"):
