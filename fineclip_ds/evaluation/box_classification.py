@@ -48,6 +48,13 @@ def load_coco_boxes(annotation_file: Path, image_dir: Path, keep_crowd: bool = F
     if not isinstance(coco, dict) or not {"images", "annotations", "categories"} <= coco.keys():
         raise ValueError(f"{annotation_file}: expected a COCO instances or panoptic JSON (with images, annotations "
                          "and categories; a captions file has no categories)")
+    try:
+        return _parse_coco(coco, Path(image_dir), keep_crowd, min_box_size)
+    except (KeyError, TypeError, ValueError) as error:  # a missing field, an annotation of an unlisted image
+        raise ValueError(f"{annotation_file}: malformed COCO annotations ({type(error).__name__}: {error})") from error
+
+
+def _parse_coco(coco: dict, image_dir: Path, keep_crowd: bool, min_box_size: float) -> BoxDataset:
     categories = sorted(coco["categories"], key=lambda category: category["id"])
     index_of = {category["id"]: index for index, category in enumerate(categories)}
     per_image: dict[int, list[dict]] = {image["id"]: [] for image in coco["images"]}
@@ -72,7 +79,7 @@ def load_coco_boxes(annotation_file: Path, image_dir: Path, keep_crowd: bool = F
             boxes.append([x, y, x + w, y + h])
             labels.append(index_of[segment["category_id"]])
         if boxes:
-            path = Path(image_dir) / image["file_name"]
+            path = image_dir / image["file_name"]
             dataset.images.append(BoxImage(lambda path=path: Image.open(path), boxes, labels, image["file_name"]))
     return dataset
 

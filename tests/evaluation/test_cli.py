@@ -96,6 +96,18 @@ def test_fineclips_protocol_keeps_crowd_boxes_and_drops_tiny_ones(data, tmp_path
     assert "skipped_crowd_box" not in wired and wired["skipped_box_under_min_size"] >= 1
 
 
+@pytest.mark.parametrize("annotation,error", [
+    ({"image_id": 1, "category_id": 3}, "KeyError: 'bbox'"),
+    ({"image_id": 2, "category_id": 3, "bbox": [0, 0, 5, 5]}, "KeyError: 2"),  # an image the file does not list
+    ({"image_id": 1, "category_id": 3, "bbox": [0, 0, 5]}, "ValueError: not enough values"),
+])
+def test_malformed_coco_annotations_name_the_file(tmp_path, annotation, error):
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 3, "name": "circle"}],
+            "annotations": [annotation]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=f"coco.json: malformed COCO annotations \\({error}"):
+        load_coco_boxes(tmp_path / "coco.json", tmp_path)
+
 def test_panoptic_annotations_give_the_same_boxes(data, tmp_path):
     instances = _evaluate(data, tmp_path, "--task", "box-cls", "--annotations", str(data / "instances.json"),
                           "--images", str(data / "images"), "--templates", "shapes", "--no_crop_baseline")
