@@ -113,4 +113,6 @@ def evaluate_segmentation(model: FineCLIP, tokenizer: Callable[[list[str]], torc
         target, unknown = label_indices(labels, len(class_names), reduce_zero_label)
         skipped["unknown_label_pixels"] += unknown
         confusion += confusion_matrix(predicted, target, len(class_names), IGNORE_LABEL)
+    if confusion.sum() == 0:  # a wrong --labels folder: reporting mIoU 0 would read as a result
+        raise ValueError(f"no pixel scored; skipped: {dict(skipped)}")
     return {**segmentation_metrics(confusion), **{f"skipped_{reason}": float(n) for reason, n in skipped.items() if n}}

@@ -156,6 +156,9 @@ def test_segmentation_on_a_label_folder_and_at_another_resolution(data, tmp_path
     assert 0.0 <= sliding["miou"] <= 100.0
     shifted = _evaluate(data, tmp_path, *common, "--reduce_zero_label")  # the world's labels read one class lower
     assert 0.0 <= shifted["miou"] <= 100.0 and shifted != plain
+    (tmp_path / "no_labels").mkdir()
+    with pytest.raises(SystemExit, match=r"no pixel scored; skipped: \{'unreadable_image': 6"):
+        _evaluate(data, tmp_path, *common, "--labels", str(tmp_path / "no_labels"))
 
 
 def test_task_inputs_are_checked_before_the_model_loads(data, tmp_path):
