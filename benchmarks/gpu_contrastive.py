@@ -2,8 +2,9 @@
 
 Run from the repository root: `python benchmarks/gpu_contrastive.py [--sizes 4096 ... --dims 512 1024]
 [--output BENCHMARKS.md]` (`--smoke`: tiny sizes on a CPU, to check the script). Each run appends one
-Markdown section (device, date, command, one row per N and D) to the output file: forward and fwd+bwd
-milliseconds (median of CUDA-event timed repeats), peak memory of one fwd+bwd step above the inputs,
+Markdown section (device, date, command, one row per N, D and implementation, written as measured) to the
+output file: forward and fwd+bwd milliseconds (median of CUDA-event timed repeats for up to
+`--repeat_budget_s` seconds each), peak memory of one fwd+bwd step above the inputs,
 the loss difference to ClipLoss where that fits, and the Triton backward's bitwise repeatability.
 ClipLoss is skipped where its N x N logits would not fit; inf-cl is timed only when `import inf_cl`
 works. Where the launcher narrows the column blocks to fill the SMs (`fill_block_n`, small N),
@@ -21,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_contrastive import IMPLEMENTATIONS, cal_inf_loss, make_inputs  # noqa: E402
-from benchmarks.gpu_runs import append_section, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
+from benchmarks.gpu_runs import MarkdownSection, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
 from benchmarks.memory import peak_memory_bytes  # noqa: E402
 from kernels.contrastive.function import ContrastiveLossFunction  # noqa: E402
 from kernels.contrastive.launch import TritonTiles, fill_block_n  # noqa: E402
@@ -50,7 +51,7 @@ def triton_wide_columns(images: torch.Tensor, texts: torch.Tensor, logit_scale: 
 LOSSES = {**IMPLEMENTATIONS, "triton_n128": triton_wide_columns}
 
 
-def measure(name: str, rows: int, dim: int, device: torch.device) -> dict[str, float]:
+def measure(name: str, rows: int, dim: int, device: torch.device, repeat_budget_s: float) -> dict[str, float]:
     loss_fn = LOSSES[name]
     images, texts, logit_scale = make_inputs(rows, dim, device, DTYPE)
     with torch.no_grad():
@@ -66,7 +67,8 @@ def measure(name: str, rows: int, dim: int, device: torch.device) -> dict[str, f
         loss_fn(images, texts, logit_scale).backward()
         images.grad = texts.grad = logit_scale.grad = None
 
-    return {"loss": loss, "forward_ms": median_ms(forward, device), "step_ms": median_ms(forward_backward, device),
+    return {"loss": loss, "forward_ms": median_ms(forward, device, repeat_budget_s),
+            "step_ms": median_ms(forward_backward, device, repeat_budget_s),
             "peak_bytes": peak_memory_bytes(forward_backward, device)}
 
 
@@ -86,70 +88,64 @@ def triton_is_deterministic(rows: int, dim: int, device: torch.device) -> bool:
     return all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def sweep(sizes: list[int], dims: list[int], device: torch.device,
-          multiprocessors: int) -> tuple[list[list[str]], bool]:
+def sweep(sizes: list[int], dims: list[int], device: torch.device, multiprocessors: int, repeat_budget_s: float,
+          section: MarkdownSection) -> bool:
+    """Writes a row per size and implementation (ClipLoss first: the others' speed-up is against it);
+    returns whether the Triton backward repeated bitwise."""
     free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
-    rows_out = []
     for dim in dims:
         for rows in sizes:
             narrowed = fill_block_n(rows, WIDE_BLOCK_N, multiprocessors) < WIDE_BLOCK_N
-            names = (["triton"] + (["triton_n128"] if narrowed else []) + ["open_clip"]
+            clip_loss_fits = CLIP_LOSS_BYTES_PER_PAIR * rows * rows <= 0.8 * free_bytes
+            names = ((["open_clip"] if clip_loss_fits else []) + ["triton"] + (["triton_n128"] if narrowed else [])
                      + (["inf_cl"] if cal_inf_loss is not None else []))
             reference = (reference_loss(rows, dim, device) if REFERENCE_BYTES_PER_PAIR * rows * rows < 0.8 * free_bytes
                          else None)
-            results = {}
+            baseline = None
             for name in names:
-                if name == "open_clip" and CLIP_LOSS_BYTES_PER_PAIR * rows * rows > 0.8 * free_bytes:
-                    continue
                 try:
-                    results[name] = measure(name, rows, dim, device)
+                    result = measure(name, rows, dim, device, repeat_budget_s)
                 except torch.cuda.OutOfMemoryError:
-                    results[name] = None
+                    result = None
                 release_memory(device)
-            baseline = results.get("open_clip")
-            for name, result in results.items():
                 if result is None:
-                    rows_out.append([str(rows), str(dim), name, "OOM", "OOM", "-", "-", "-"])
-                else:
-                    speedup = f"{baseline['step_ms'] / result['step_ms']:.2f}x" if baseline else "-"
-                    diff = f"{abs(result['loss'] - reference):.2e}" if reference is not None else "-"
-                    rows_out.append([str(rows), str(dim), name, f"{result['forward_ms']:.2f}",
-                                     f"{result['step_ms']:.2f}", f"{result['peak_bytes'] / 2**20:.0f}", speedup, diff])
-                print(" | ".join(rows_out[-1]), flush=True)
+                    section.row([str(rows), str(dim), name, "OOM", "OOM", "-", "-", "-"])
+                    continue
+                baseline = result if name == "open_clip" else baseline
+                speedup = f"{baseline['step_ms'] / result['step_ms']:.2f}x" if baseline else "-"
+                diff = f"{abs(result['loss'] - reference):.2e}" if reference is not None else "-"
+                section.row([str(rows), str(dim), name, f"{result['forward_ms']:.2f}", f"{result['step_ms']:.2f}",
+                             f"{result['peak_bytes'] / 2**20:.0f}", speedup, diff])
     # bitwise repeatability at the smallest size, capped: at N = 1M the check alone is two 4.5 PFLOP steps
-    return rows_out, triton_is_deterministic(min(min(sizes), DETERMINISM_MAX_N), dims[0], device)
+    return triton_is_deterministic(min(min(sizes), DETERMINISM_MAX_N), dims[0], device)
 
 
-def markdown_section(device: str, rows: list[list[str]], deterministic: bool, command: str) -> str:
-    lines = [
-        f"## contrastive_loss (Triton) vs open_clip ClipLoss / inf-cl, {device}, "
-        f"{datetime.date.today().isoformat()}",
-        "",
-        f"Command: `{command}`; dtype {str(DTYPE).removeprefix('torch.')}; world size 1 (b = N), "
-        f"logit scale 100; torch {torch.__version__}; inf-cl {'installed' if cal_inf_loss else 'not installed'}. "
-        "Times are medians of CUDA-event timed repeats; peak memory is one fwd+bwd step above the inputs. "
-        f"Triton backward bitwise repeatable: {'yes' if deterministic else 'NO'}.",
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="global batch sizes N")
     parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS), help="feature dimensions D")
+    parser.add_argument("--repeat_budget_s", type=float, default=20.0,
+                        help="seconds of timed repeats per measurement (at least one, after a warm-up)")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     parser.add_argument("--smoke", action="store_true", help="one tiny size, on a CPU if there is no GPU")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     device = benchmark_device("gpu_contrastive.py", args.smoke)
     sizes, dims = (list(SMOKE_SIZES), list(SMOKE_DIMS)) if args.smoke else (args.sizes, args.dims)
     multiprocessors = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
                        else H100_MULTIPROCESSORS)
-    append_section(args.output, markdown_section(device_label(device), *sweep(sizes, dims, device, multiprocessors),
-                                                 command="python " + " ".join(sys.argv)))
+    section = MarkdownSection(
+        args.output, f"## contrastive_loss (Triton) vs open_clip ClipLoss / inf-cl, {device_label(device)}, "
+                     f"{datetime.date.today().isoformat()}",
+        f"Command: `python {' '.join(sys.argv)}`; dtype {str(DTYPE).removeprefix('torch.')}; world size 1 (b = N), "
+        f"logit scale 100; torch {torch.__version__}; inf-cl {'installed' if cal_inf_loss else 'not installed'}. "
+        "Times are medians of CUDA-event timed repeats; peak memory is one fwd+bwd step above the inputs.",
+        COLUMNS)
+    deterministic = sweep(sizes, dims, device, multiprocessors, args.repeat_budget_s, section)
+    section.note(f"Triton backward bitwise repeatable: {'yes' if deterministic else 'NO'}.")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 Run from the repository root: `python benchmarks/gpu_roi_pool.py [--output BENCHMARKS.md]`
 (`--smoke`: tiny sizes on a CPU, to check the script).
-Each run appends one Markdown section (device, date, command, one row per size) to the output file:
-median times from triton.testing.do_bench, peak memory of one fwd+bwd step, the fwd+bwd speed-up
-(target: >= 3x) and the largest forward difference between the two. The baseline is the model's
+Each run appends one Markdown section (device, date, command, one row per size, written as measured) to
+the output file: median times from triton.testing.do_bench, peak memory of one fwd+bwd step, the fwd+bwd
+speed-up (target: >= 3x) and the largest forward difference between the two. `--batches`, `--regions`,
+`--grids` and `--channels` pick a part of the sweep. The baseline is the model's
 previous path: NCHW copy of the tokens, roi_align, mask, F.normalize. The Triton op normalises in its
 forward kernel or, when that would leave SMs idle, in a second pass (`picks_second_pass`); each row
 also times the path it did not pick, so the choice is checked on the GPU.
@@ -26,7 +27,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_roi_pool import make_inputs, torchvision_pool  # noqa: E402
-from benchmarks.gpu_runs import append_section, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
+from benchmarks.gpu_runs import MarkdownSection, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
 from benchmarks.memory import peak_memory_bytes  # noqa: E402
 from kernels.roi_pool import region_pool  # noqa: E402
 from kernels.roi_pool.function import RegionPoolFunction  # noqa: E402
@@ -36,7 +37,7 @@ DTYPE = torch.bfloat16
 TARGET_SPEEDUP = 3.0
 BATCHES = (32, 128, 256)
 REGIONS = (5, 20, 100)
-GRIDS = ((14, 14), (24, 24), (40, 40))
+GRID_SIDES = (14, 24, 40)  # square token grids: 224 px at patch 16, 336 px at 14, 640 px at 16
 CHANNELS = (768, 1024)
 SMOKE_SIZES = ((2, 3, (5, 7), 24),)
 COLUMNS = ("B", "R", "H x W", "C", "fwd triton ms", "fwd torchvision ms", "fwd+bwd triton ms",
@@ -95,8 +96,9 @@ def backward_is_deterministic(inputs: tuple, grid_hw: tuple[int, int]) -> bool:
     return all(torch.equal(grads[0], grad) for grad in grads[1:])
 
 
-def sweep_rows(device: torch.device, sizes: list[tuple]) -> tuple[list[list[str]], list[float], bool]:
-    rows, speedups = [], []
+def sweep_rows(device: torch.device, sizes: list[tuple], section: MarkdownSection) -> tuple[list[float], bool]:
+    """Writes a row per size; returns the fwd+bwd speed-ups and whether the last size's backward repeated bitwise."""
+    speedups = []
     deterministic = True
     for batch, regions, grid_hw, channels in sizes:
         inputs = make_inputs(batch, regions, grid_hw, channels, device, DTYPE)
@@ -112,46 +114,47 @@ def sweep_rows(device: torch.device, sizes: list[tuple]) -> tuple[list[list[str]
         speedups.append(speedup)
         if (batch, regions, grid_hw, channels) == sizes[-1]:
             deterministic = backward_is_deterministic(inputs, grid_hw)
-        rows.append([str(batch), str(regions), f"{grid_hw[0]} x {grid_hw[1]}", str(channels),
+        section.row([str(batch), str(regions), f"{grid_hw[0]} x {grid_hw[1]}", str(channels),
                      f"{ours['forward_ms']:.3f}", f"{baseline['forward_ms']:.3f}",
                      f"{ours['step_ms']:.3f}", f"{baseline['step_ms']:.3f}", f"{speedup:.2f}x",
                      f"{ours['peak_bytes'] / 2**20:.1f}", f"{baseline['peak_bytes'] / 2**20:.1f}", f"{diff:.2e}",
                      "second pass" if second_pass else "kernel", f"{other_way['step_ms']:.3f}"])
-        print(" | ".join(rows[-1]), flush=True)
         del inputs, tokens, boxes, box_mask, ours_out
         release_memory(device)
-    return rows, speedups, deterministic
+    return speedups, deterministic
 
 
-def markdown_section(device: str, rows: list[list[str]], speedups: list[float], deterministic: bool) -> str:
-    today = datetime.date.today().isoformat()
+def summary(speedups: list[float], deterministic: bool) -> str:
     geomean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
-    lines = [
-        f"## region_pool (Triton) vs torchvision roi_align, {device}, {today}",
-        "",
-        f"Command: `python benchmarks/gpu_roi_pool.py`; dtype {str(DTYPE).removeprefix('torch.')}; "
-        f"normalize=True, sampling_ratio=-1, ~20% masked boxes; torch {torch.__version__}. "
-        f"Times are medians of triton.testing.do_bench; peak memory is one fwd+bwd step above the inputs.",
-        "",
-        f"fwd+bwd speed-up: geometric mean {geomean:.2f}x, min {min(speedups):.2f}x, max {max(speedups):.2f}x "
-        f"(target >= {TARGET_SPEEDUP:.0f}x: {'met' if min(speedups) >= TARGET_SPEEDUP else 'not met on every size'}); "
-        f"Triton backward bitwise repeatable over 3 runs: {'yes' if deterministic else 'NO'}.",
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return (f"fwd+bwd speed-up: geometric mean {geomean:.2f}x, min {min(speedups):.2f}x, max {max(speedups):.2f}x "
+            f"(target >= {TARGET_SPEEDUP:.0f}x: {'met' if min(speedups) >= TARGET_SPEEDUP else 'not met on every size'}); "
+            f"Triton backward bitwise repeatable over 3 runs: {'yes' if deterministic else 'NO'}.")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     parser.add_argument("--smoke", action="store_true", help="one tiny size, on a CPU if there is no GPU")
-    args = parser.parse_args()
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="images B")
+    parser.add_argument("--regions", type=int, nargs="+", default=list(REGIONS), help="boxes per image R")
+    parser.add_argument("--grids", type=int, nargs="+", default=list(GRID_SIDES), help="square token grid sides")
+    parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS), help="token widths C")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     device = benchmark_device("gpu_roi_pool.py", args.smoke)
-    sizes = list(SMOKE_SIZES) if args.smoke else list(itertools.product(BATCHES, REGIONS, GRIDS, CHANNELS))
-    append_section(args.output, markdown_section(device_label(device), *sweep_rows(device, sizes)))
+    sizes = list(SMOKE_SIZES) if args.smoke else list(itertools.product(
+        args.batches, args.regions, [(side, side) for side in args.grids], args.channels))
+    section = MarkdownSection(
+        args.output, f"## region_pool (Triton) vs torchvision roi_align, {device_label(device)}, "
+                     f"{datetime.date.today().isoformat()}",
+        f"Command: `python {' '.join(sys.argv)}`; dtype {str(DTYPE).removeprefix('torch.')}; "
+        f"normalize=True, sampling_ratio=-1, ~20% masked boxes; torch {torch.__version__}. "
+        f"Times are medians of triton.testing.do_bench; peak memory is one fwd+bwd step above the inputs.",
+        COLUMNS)
+    section.note(summary(*sweep_rows(device, sizes, section)))
 
 
 if __name__ == "__main__":

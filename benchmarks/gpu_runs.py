@@ -1,4 +1,4 @@
-"""What the GPU benchmark scripts share: the device, timing, and appending their section to BENCHMARKS.md.
+"""What the GPU benchmark scripts share: the device, timing, and writing their section to BENCHMARKS.md.
 
 Each script also has `--smoke`: tiny sizes on whatever device there is (on a CPU with
 TRITON_INTERPRET=1, so Triton runs in its interpreter), so a test runs it end to end and a GPU
@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -64,10 +64,28 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def append_section(output: Path, section: str) -> None:
-    """Append one Markdown section to `output` (created with a title if missing)."""
-    if not output.exists():
-        output.write_text("# Benchmarks\n")
-    with output.open("a") as handle:
-        handle.write("\n" + section)
-    print(f"appended {len(section.splitlines())} lines to {output}")
+class MarkdownSection:
+    """One benchmark's Markdown section, written to `output` as it is measured: the heading and notes
+    first, then each row as it comes (also printed). A run stopped at its time limit keeps every row it
+    finished; what is only known at the end (a geometric mean) goes in `note`, after the table."""
+
+    def __init__(self, output: Path, heading: str, notes: str, columns: Sequence[str]):
+        self._output = output
+        if not output.exists():
+            output.write_text("# Benchmarks\n")
+        table_head = "| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns)
+        self._write(f"\n{heading}\n\n{notes}\n\n{table_head}\n")
+        print(f"writing rows to {output}", flush=True)
+
+    def row(self, cells: Sequence[str]) -> None:
+        line = "| " + " | ".join(cells) + " |"
+        print(line, flush=True)
+        self._write(line + "\n")
+
+    def note(self, text: str) -> None:
+        print(text, flush=True)
+        self._write(f"\n{text}\n")
+
+    def _write(self, text: str) -> None:
+        with self._output.open("a") as handle:
+            handle.write(text)

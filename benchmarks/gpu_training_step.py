@@ -2,8 +2,9 @@
 ViT-B/16 and ViT-L/14 at 224 px, per attention backend, with and without activation checkpointing.
 
 Run from the repository root: `python benchmarks/gpu_training_step.py [--output BENCHMARKS.md]`
-(`--smoke`: a tiny model on a CPU, to check the script).
-Appends one Markdown section (device, date, command, one row per setting). The step is the full
+(`--smoke`: a tiny model on a CPU, to check the script; `--models ViT-L-14:32 --attention sdpa
+--checkpointing off` picks settings). Appends one Markdown section (device, date, command, one row per
+setting, written as measured). The step is the full
 FineCLIP objective (L_GC + L_SD + L_RC, crops through the trainable tower, text tower frozen) with
 AdamW on bf16 weights, no DeepSpeed: it measures the model, not the sharding. Target (issue 7):
 ViT-L/14 at 224 at >= 40% MFU on an H100. ViT-bigG/14 with ZeRO-3 + checkpointing is a real run:
@@ -23,15 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_runs import append_section, benchmark_device, device_label, release_memory, synchronize  # noqa: E402
+from benchmarks.gpu_runs import MarkdownSection, benchmark_device, device_label, release_memory, synchronize  # noqa: E402
 from fineclip_ds.config import KernelConfig, LossConfig, ModelConfig  # noqa: E402
 from fineclip_ds.losses.objective import FineCLIPObjective  # noqa: E402
 from fineclip_ds.models.factory import create_fineclip  # noqa: E402
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops  # noqa: E402
 from fineclip_ds.training.metrics import peak_tflops  # noqa: E402
 
-SETTINGS = (("ViT-B-16", 64), ("ViT-L-14", 32))  # model, images per step
-SMOKE_SETTINGS = (("FineCLIP-ViT-T-16-224", 2),)
+MODELS = ("ViT-B-16:64", "ViT-L-14:32")  # model name: images per step
+SMOKE_MODELS = ("FineCLIP-ViT-T-16-224:2",)
+CHECKPOINTING = {"off": False, "on": True}
 BOXES = 5
 COLUMNS = ("model", "attention", "checkpointing", "batch", "samples/s", "model TFLOP/s", "MFU", "peak GiB")
 
@@ -84,33 +86,49 @@ def measure(name: str, images: int, attention: str, checkpointing: bool, steps: 
             "peak GiB": peak_bytes / 2**30}
 
 
-def main() -> None:
+def model_and_batch(spec: str) -> tuple[str, int]:
+    """'ViT-L-14:32' -> ('ViT-L-14', 32)."""
+    name, _, images = spec.rpartition(":")
+    if not name or not images.isdigit() or int(images) < 1:
+        raise argparse.ArgumentTypeError(f"got {spec!r}, expected MODEL:IMAGES such as ViT-L-14:32")
+    return name, int(images)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--models", type=model_and_batch, nargs="+", default=None,
+                        help=f"MODEL:IMAGES per step (default: {' '.join(MODELS)})")
+    parser.add_argument("--attention", nargs="+", choices=("sdpa", "math", "flash_attn"), default=None,
+                        help="attention backends (default: sdpa, math, and flash_attn when installed)")
+    parser.add_argument("--checkpointing", nargs="+", choices=tuple(CHECKPOINTING), default=list(CHECKPOINTING))
     parser.add_argument("--smoke", action="store_true", help="a tiny model for one step, on a CPU if there is no GPU")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     device = benchmark_device("gpu_training_step.py", args.smoke)
     steps = 1 if args.smoke else args.steps
     flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    backends = ["sdpa", "math"] + (["flash_attn"] if flash else [])
-    lines = [f"## FineCLIP training step, {device_label(device)}, {datetime.date.today().isoformat()}\n",
-             f"`python {' '.join(sys.argv)}`; bf16 weights, AdamW, {steps} timed steps, "
-             f"{BOXES} boxes per image, text tower frozen.\n",
-             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    for name, images in SMOKE_SETTINGS if args.smoke else SETTINGS:
+    backends = args.attention or ["sdpa", "math"] + (["flash_attn"] if flash else [])
+    models = [model_and_batch(spec) for spec in SMOKE_MODELS] if args.smoke else args.models or [
+        model_and_batch(spec) for spec in MODELS]
+    section = MarkdownSection(
+        args.output, f"## FineCLIP training step, {device_label(device)}, {datetime.date.today().isoformat()}",
+        f"`python {' '.join(sys.argv)}`; bf16 weights, AdamW, {steps} timed steps, {BOXES} boxes per image, "
+        f"text tower frozen.", COLUMNS)
+    for name, images in models:
         for attention in backends:
-            for checkpointing in (False, True):
+            for checkpointing in args.checkpointing:
                 try:
-                    row = measure(name, images, attention, checkpointing, steps, device)
+                    row = measure(name, images, attention, CHECKPOINTING[checkpointing], steps, device)
                     cells = [f"{row[c]:.1f}" if c != "MFU" else f"{100 * row[c]:.1f}%" for c in COLUMNS[4:]]
                 except torch.OutOfMemoryError:
                     cells = ["out of memory"] + [""] * (len(COLUMNS) - 5)
                 release_memory(device)
-                line = "| " + " | ".join([name, attention, str(checkpointing), str(images), *cells]) + " |"
-                print(line, flush=True)
-                lines.append(line)
-    append_section(args.output, "\n".join(lines) + "\n")
+                section.row([name, attention, str(CHECKPOINTING[checkpointing]), str(images), *cells])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""The GPU session driver keeps to its budget and says what is left: checked on the CPU with stand-in
+steps, and every real step's command checked against the parser it will meet on the GPU."""
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_session import BIGG_ARGUMENTS, STEPS, Step, main, run_session
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _python(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan killed here may wait to be reaped by a PID 1 that never does)."""
+    time.sleep(0.5)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_steps_run_in_order_and_a_step_past_its_cap_is_killed_with_its_children(tmp_path):
+    grandchild_pid = tmp_path / "grandchild.pid"
+    spawns_and_hangs = ("import subprocess, sys, time; "
+                        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+                        f"open({str(grandchild_pid)!r}, 'w').write(str(child.pid)); "
+                        "print('waiting', flush=True); time.sleep(120)")
+    steps = [Step("quick", _python("print('hello from quick')"), 60, 0, "a quick one"),
+             Step("hangs", _python(spawns_and_hangs), 3, 0, "one past its cap"),
+             Step("fails", _python("raise SystemExit(4)"), 60, 0, "a failing one")]
+    started = time.monotonic()
+    outcomes = run_session(steps, tmp_path / "out", budget_s=120)
+    assert time.monotonic() - started < 60
+    assert [o.status for o in outcomes] == ["done", "cut off at 3 s", "failed"]
+    assert outcomes[2].exit_status == 4
+    assert not _running(int(grandchild_pid.read_text()))  # the whole process group went, not only the step
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert log.index("===== quick") < log.index("hello from quick") < log.index("===== hangs") < log.index("waiting")
+    report = (tmp_path / "out" / "steps.md").read_text()
+    assert "| quick | done |" in report and "| fails | failed |" in report
+    assert "--steps hangs fails`" in report
+
+
+def test_a_step_needing_more_than_is_left_is_passed_over_and_the_last_is_cut_to_the_budget(tmp_path):
+    steps = [Step("big", _python("print('never')"), 600, 500, "needs 500 s"),
+             Step("sleeps", _python("import time; time.sleep(60)"), 600, 0, "cut to the budget")]
+    outcomes = run_session(steps, tmp_path, budget_s=2)
+    assert outcomes[0].status == "not started: needs 500 s, 2 s left"
+    assert outcomes[1].status.startswith("cut off at") and outcomes[1].seconds < 20
+    assert "never" not in (tmp_path / "session.log").read_text()
+    assert "--steps big sleeps`" in (tmp_path / "steps.md").read_text()
+
+
+def test_an_unknown_step_name_is_refused_naming_the_choices(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path), "--steps", "contrastive", "bogus"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("step", [step for step in STEPS if step.command[1].startswith("benchmarks/")],
+                         ids=lambda step: step.name)
+def test_every_benchmark_step_parses_with_its_script(step, tmp_path):
+    script = importlib.import_module(step.command[1].removesuffix(".py").replace("/", "."))
+    args = script.parse_args([part.replace("{out}", str(tmp_path)) for part in step.command[2:]])
+    assert args.output == tmp_path / "rows.md"
+
+
+def test_every_test_path_of_the_pytest_steps_exists():
+    for step in STEPS:
+        if step.command[1:3] == ("-m", "pytest"):
+            paths = [part.split("=", 1)[-1] for part in step.command if part.startswith(("tests/", "--ignore="))]
+            assert paths and all((ROOT / path).exists() for path in paths), step.name
+
+
+def test_the_bigg_run_is_a_valid_vit_bigg_zero3_config_with_checkpointing():
+    from fineclip_ds.config import load_config
+    from fineclip_ds.training.parallelize import load_deepspeed_config
+
+    arguments = dict(zip(BIGG_ARGUMENTS[::2], BIGG_ARGUMENTS[1::2]))
+    overrides = [value for flag, value in zip(BIGG_ARGUMENTS[::2], BIGG_ARGUMENTS[1::2]) if flag == "--set"]
+    config = load_config(arguments["--recipe"], overrides + [f"train.max_steps={arguments['--max_steps']}"])
+    assert config.model.name == "ViT-bigG-14" and config.model.grad_checkpointing
+    assert config.data.source == "synthetic"
+    assert load_deepspeed_config(str(ROOT / arguments["--deepspeed_config"]))["zero_optimization"]["stage"] == 3
