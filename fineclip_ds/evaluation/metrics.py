@@ -18,7 +18,8 @@ def rank_of_true(scores: torch.Tensor, true_scores: torch.Tensor) -> torch.Tenso
 
 
 def box_classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Top-1/top-5 as the mean of per-class accuracies over classes that have boxes (FineCLIP, CLIPSelf), and overall.
+    """Top-1/top-5 as the mean of per-class accuracies over classes that have boxes (FineCLIP, CLIPSelf), and
+    overall (per box). With fewer than 5 classes every box is in the top 5, so top-5 is 100%.
 
     scores: [n, K] box-to-class similarity; labels: [n] class indices.
     """
@@ -39,7 +40,9 @@ def box_classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_c
 def retrieval_metrics(similarity: torch.Tensor, text_to_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """Image->text and text->image Recall@K. similarity: [n_images, n_texts]; text_to_image: [n_texts] image index.
 
-    An image is retrieved correctly at K when its best-scoring own caption is ranked within K.
+    An image is retrieved correctly at K when its best-scoring own caption is ranked within K (any of its
+    captions in the top K); a caption when its own image is ranked within K.
+    Image->text averages over images, text->image over captions, as COCO/Flickr30k retrieval reports them.
     """
     n_images = similarity.shape[0]
     own = text_to_image.unsqueeze(0) == torch.arange(n_images).unsqueeze(1)  # [n_images, n_texts]

@@ -55,7 +55,10 @@ def evaluate_retrieval(
     items: Sequence[CaptionedImage], batch_size: int = 32, device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32, progress: bool = True,
 ) -> dict[str, float]:
-    """Embeds every image and caption once, then ranks; unreadable images are skipped and counted."""
+    """Embeds every image and caption once, then ranks; unreadable images are skipped and counted.
+
+    Images are resized to the model's input without a centre crop, as in training (data/transforms.py);
+    open_clip's validation transform centre-crops, so on non-square images its numbers can differ."""
     device = torch.device(device)
     size = list(model.image_size)
     image_embeddings, text_embeddings, text_to_image = [], [], []
