@@ -41,7 +41,7 @@ def retrieval_metrics(similarity: torch.Tensor, text_to_image: torch.Tensor, ks:
     """Image->text and text->image Recall@K. similarity: [n_images, n_texts]; text_to_image: [n_texts] image index.
 
     An image is retrieved correctly at K when its best-scoring own caption is ranked within K (any of its
-    captions in the top K); a caption when its own image is ranked within K.
+    captions in the top K; an image without captions never is); a caption when its own image is.
     Image->text averages over images, text->image over captions, as COCO/Flickr30k retrieval reports them.
     """
     n_images = similarity.shape[0]
@@ -49,6 +49,7 @@ def retrieval_metrics(similarity: torch.Tensor, text_to_image: torch.Tensor, ks:
     # a NaN caption is the image's worst own caption, not its best: any other own caption can still hit
     best_own = similarity.nan_to_num(nan=float("-inf")).masked_fill(~own, float("-inf")).max(dim=1).values
     image_ranks = at_least(similarity, best_own.unsqueeze(1)).logical_and(~own).sum(dim=1)
+    image_ranks[~own.any(dim=1)] = torch.iinfo(image_ranks.dtype).max  # it ranked n_texts: a hit for K > n_texts
     text_scores = similarity.T  # [n_texts, n_images]
     text_ranks = rank_of_true(text_scores, text_scores.gather(1, text_to_image.unsqueeze(1)).squeeze(1))
     metrics: dict[str, float] = {}

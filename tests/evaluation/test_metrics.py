@@ -121,6 +121,13 @@ def test_a_model_that_diverged_to_nan_scores_nothing():
     assert retrieval_metrics(one_nan_caption, torch.tensor([0, 0, 1]))["i2t_r1"] == 100.0
 
 
+def test_an_image_without_captions_is_never_retrieved():
+    """Not even when K exceeds the number of captions, which put every caption in its top K."""
+    similarity = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])  # image 2 has no caption
+    metrics = retrieval_metrics(similarity, torch.tensor([0, 1]), ks=(1, 5))
+    assert metrics["i2t_r1"] == metrics["i2t_r5"] == pytest.approx(200 / 3)
+    assert metrics["t2i_r1"] == 100.0
+
 def test_no_boxes_is_an_error():
     with pytest.raises(ValueError, match="no boxes"):
         box_classification_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 3)
