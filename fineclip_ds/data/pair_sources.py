@@ -11,10 +11,11 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 
+from fineclip_ds.data.coco import read_coco
 from fineclip_ds.data.images import open_image
 from fineclip_ds.data.records import IMAGE_EXTENSIONS, decode_caption, image_key
 
@@ -52,13 +53,13 @@ def folder_units(image_dir: Path, captions_file: Path, samples_per_shard: int) -
 
 def coco_caption_units(captions_json: Path, image_dir: Path, samples_per_shard: int) -> list[Unit]:
     """Key: the image's file_name as the JSON gives it (FineCLIP's region-caption keys start with it)."""
-    coco = json.loads(Path(captions_json).read_text())
-    first_caption: dict[int, str] = {}
-    for annotation in coco["annotations"]:
+    names, annotations = read_coco(captions_json)
+    first_caption: dict[Any, str] = {}
+    for annotation in annotations:
         first_caption.setdefault(annotation["image_id"], annotation["caption"])
-    images = sorted(coco["images"], key=lambda image: image["file_name"])
-    return _file_units([(Path(image_dir) / image["file_name"], image["file_name"], first_caption.get(image["id"]))
-                        for image in images], samples_per_shard)
+    images = sorted(names.items(), key=lambda image: image[1])
+    return _file_units([(Path(image_dir) / file_name, file_name, first_caption.get(image_id))
+                        for image_id, file_name in images], samples_per_shard)
 
 
 def webdataset_units(urls: str) -> list[Unit]:

@@ -7,7 +7,6 @@ applies size limits, a score threshold, NMS and a cap.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from PIL import Image
 from torchvision.ops import nms
 from torchvision.transforms import functional as TF
 
+from fineclip_ds.data.coco import read_coco
 from fineclip_ds.data.records import FileNameLookup
 from fineclip_ds.data.transforms import validate_boxes
 
@@ -72,11 +72,10 @@ class CocoBoxProposer:
     """Boxes of a COCO instances/proposals JSON (its score, else 1), found by the pair's key (`FileNameLookup`)."""
 
     def __init__(self, annotation_file: Path):
-        coco = json.loads(Path(annotation_file).read_text())
-        names = {image["id"]: image["file_name"] for image in coco["images"]}
+        names, annotations = read_coco(annotation_file)
         self.file_name = FileNameLookup(names.values())
         self.boxes: dict[str, list[tuple[Box, float]]] = defaultdict(list)
-        for annotation in coco["annotations"]:
+        for annotation in annotations:
             if annotation.get("iscrowd", 0):
                 continue
             bbox = coco_xyxy(annotation.get("bbox"))  # a bad one is counted by ProposalFilter, per image

@@ -15,6 +15,7 @@ from typing import Protocol
 from PIL import Image
 
 from fineclip_ds.data.captioner import Captioner, caption_regions
+from fineclip_ds.data.coco import read_coco
 from fineclip_ds.data.proposals import ProposalFilter, Proposer, coco_xyxy
 from fineclip_ds.data.records import FileNameLookup
 from fineclip_ds.data.transforms import validate_boxes
@@ -66,13 +67,15 @@ class ReleasedRegionCaptions:
 
     def __init__(self, proposals_json: Path, region_captions_json: Path, min_size: float = 0.0,
                  max_size: float = float("inf"), max_boxes: int | None = None):
-        coco = json.loads(Path(proposals_json).read_text())
-        names = {image["id"]: image["file_name"] for image in coco["images"]}
+        names, annotations = read_coco(proposals_json)
         self.file_name = FileNameLookup(names.values())
         self.bboxes: dict[str, list[list[float]]] = defaultdict(list)
-        for annotation in coco["annotations"]:
+        for annotation in annotations:
             self.bboxes[names[annotation["image_id"]]].append(annotation.get("bbox"))
         self.captions: dict[str, str] = json.loads(Path(region_captions_json).read_text())
+        if not isinstance(self.captions, dict):
+            raise ValueError(f"{region_captions_json}: expected a JSON object {{region key: caption}}, got "
+                             f"{type(self.captions).__name__}")
         self.min_area, self.max_area, self.max_boxes = min_size ** 2, max_size ** 2, max_boxes
 
     def __call__(self, images: list[Image.Image], keys: list[str], counts: Counter) -> list[list[Region]]:

@@ -7,6 +7,7 @@ import itertools
 import json
 from collections import Counter
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from PIL import Image
 from fineclip_ds.data.captioner import clean_caption, new_tokens
 from fineclip_ds.data.collate import RegionCollator
 from fineclip_ds.data.make_regions import main, process_slot, record_key, run
-from fineclip_ds.data.pair_sources import folder_units, webdataset_units
+from fineclip_ds.data.pair_sources import coco_caption_units, folder_units, webdataset_units
 from fineclip_ds.data.proposals import CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter
 from fineclip_ds.data.random_captioners import save_random_blip, save_random_blip2, save_random_llava
 from fineclip_ds.data.region_annotators import CaptionedProposals, ReleasedRegionCaptions, released_region_key
@@ -439,3 +440,33 @@ def test_bad_released_bboxes_and_captions_are_dropped_and_counted_not_crashed_on
     assert annotate([Image.new("RGB", (100, 80))], ["a.jpg"], counts) == [[([10.0, 10.0, 30.0, 30.0], "a box")]]
     assert counts == {"proposals": 9, "box_not_finite": 2, "box_non_positive": 1, "box_outside": 1,
                       "box_malformed": 3, "caption_missing": 1}
+
+
+@pytest.mark.parametrize("read", [CocoBoxProposer, lambda path: ReleasedRegionCaptions(path, path.parent / "rc.json"),
+                                  lambda path: coco_caption_units(path, path.parent, 10)],
+                         ids=["instances", "released", "captions"])
+def test_coco_files_that_are_not_coco_are_named_and_stray_annotations_skipped_with_a_warning(tmp_path, read, caplog):
+    """These were KeyError tracebacks ('annotations', 'file_name', or the stray image id: 7)."""
+    (tmp_path / "rc.json").write_text(json.dumps({"a.jpg_1_1_5_5.jpg": "a box"}))
+    path = tmp_path / "coco.json"
+    expected = "expected a COCO-format JSON object with lists 'images' and 'annotations', got"
+    for coco, message in [({"images": []}, f"{expected} ['images']"), ([1, 2], f"{expected} list"),
+                          ({"images": [{"id": 1}], "annotations": []}, "images[0] = {'id': 1}; expected")]:
+        path.write_text(json.dumps(coco))
+        with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+            read(path)
+    annotations = [{"id": 1, "image_id": 1, "bbox": [1, 1, 5, 5], "caption": "a picture"},
+                   {"id": 2, "image_id": 7, "bbox": [1, 1, 5, 5], "caption": "of nothing"}]
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": annotations}))
+    with caplog.at_level("WARNING", logger="fineclip_ds"):
+        read(path)
+    assert [r.getMessage() for r in caplog.records] == [f"{path}: 1 of 2 annotations name no image the file lists "
+                                                        "(or are not objects); skipped"]
+
+
+def test_region_captions_that_are_not_a_json_object_are_named(released_files):
+    proposals, region_captions = released_files
+    region_captions.write_text(json.dumps([["000000000139.jpg_10_10_50_40.jpg", "a red box"]]))
+    with pytest.raises(ValueError, match=re.escape(f"{region_captions}: expected a JSON object {{region key: "
+                                                   "caption}, got list")):  # was AttributeError on .get, per image
+        ReleasedRegionCaptions(proposals, region_captions)
