@@ -41,14 +41,22 @@ def _file_units(entries: list[tuple[Path, str, str | None]], samples_per_shard: 
     return [unit(entries[start:start + samples_per_shard]) for start in range(0, len(entries), samples_per_shard)]
 
 
+def _caption(value: Any) -> str | None:
+    """A caption from a captions file, stripped; None (counted as missing) when it is not text or blank,
+    as webdataset captions are read, so every source writes only captions the training loader accepts."""
+    return decode_caption(value) if isinstance(value, str) else None
+
+
 def folder_units(image_dir: Path, captions_file: Path, samples_per_shard: int) -> list[Unit]:
     text = Path(captions_file).read_text()
     if Path(captions_file).suffix == ".json":
         captions = json.loads(text)
+        if not isinstance(captions, dict):
+            raise ValueError(f"{captions_file}: expected a JSON object {{file: caption}}, got {type(captions).__name__}")
     else:
         captions = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
     files = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    return _file_units([(path, path.name, captions.get(path.name)) for path in files], samples_per_shard)
+    return _file_units([(path, path.name, _caption(captions.get(path.name))) for path in files], samples_per_shard)
 
 
 def coco_caption_units(captions_json: Path, image_dir: Path, samples_per_shard: int) -> list[Unit]:
@@ -56,7 +64,9 @@ def coco_caption_units(captions_json: Path, image_dir: Path, samples_per_shard: 
     names, annotations = read_coco(captions_json)
     first_caption: dict[Any, str] = {}
     for annotation in annotations:
-        first_caption.setdefault(annotation["image_id"], annotation["caption"])
+        caption = _caption(annotation.get("caption"))
+        if caption:
+            first_caption.setdefault(annotation["image_id"], caption)
     images = sorted(names.items(), key=lambda image: image[1])
     return _file_units([(Path(image_dir) / file_name, file_name, first_caption.get(image_id))
                         for image_id, file_name in images], samples_per_shard)

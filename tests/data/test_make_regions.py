@@ -470,3 +470,32 @@ def test_region_captions_that_are_not_a_json_object_are_named(released_files):
     with pytest.raises(ValueError, match=re.escape(f"{region_captions}: expected a JSON object {{region key: "
                                                    "caption}, got list")):  # was AttributeError on .get, per image
         ReleasedRegionCaptions(proposals, region_captions)
+
+
+def test_captions_that_are_not_text_or_blank_count_as_missing_in_every_file_source(tmp_path):
+    """A number or list crashed writing the shard (after its regions were captioned); a blank caption was
+    written, for the training loader to drop every record of it."""
+    images = tmp_path / "images"
+    images.mkdir()
+    names = ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    for index, name in enumerate(names):
+        ShapesWorld(seed=6, image_size=48).sample(index).image.save(images / name)
+    coco = {"images": [{"id": n, "file_name": name} for n, name in enumerate(names)],
+            "annotations": [{"image_id": 0, "caption": 5}, {"image_id": 0, "caption": " a picture "},
+                            {"image_id": 1, "caption": "   "}, {"image_id": 2, "caption": ["a", "list"]},
+                            {"image_id": 3}, {"image_id": 4, "caption": "fine"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    (tmp_path / "folder.json").write_text(json.dumps({"a.png": " a picture ", "b.png": "  ", "c.png": ["a", "list"],
+                                                      "d.png": None, "e.png": "fine"}))
+    box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=2)
+    for name, units in [("coco", coco_caption_units(tmp_path / "captions.json", images, 10)),
+                        ("folder", folder_units(images, tmp_path / "folder.json", 10))]:
+        summary = run(units, CaptionedProposals(GridProposer(), box_filter, SizeCaptioner()), tmp_path / name)
+        assert (summary["images_out"], summary["missing_caption"]) == (2, 3), name
+        written = {r["__key__"]: r["txt"] for r in wds.WebDataset(str(tmp_path / name / "regions-000000.tar"),
+                                                                   shardshuffle=False, empty_check=False)}
+        assert written == {"a": b"a picture", "e": b"fine"}, name
+    (tmp_path / "folder.json").write_text(json.dumps([["a.png", "a picture"]]))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'folder.json'}: expected a JSON object {{file: "
+                                                   "caption}, got list")):  # was AttributeError on .get
+        folder_units(images, tmp_path / "folder.json", 10)
