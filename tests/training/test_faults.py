@@ -19,6 +19,7 @@ STEPS = 12
 JOB = ("--max_steps", str(STEPS), "--set", "optim.lr=1e-4", "--set", "optim.warmup_steps=1",
        "--set", "train.save_every=4", "--set", "data.max_boxes=4")
 NAN_SCRIPT = Path(__file__).with_name("nan_pretrain.py")
+STALLED_SAVE_SCRIPT = Path(__file__).with_name("stalled_save_pretrain.py")
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,16 @@ def _signal_workers_when(process: subprocess.Popen, output_dir: Path, steps_logg
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps_logged:
             break
         time.sleep(0.05)
-    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
-               if any(arg.startswith("--local_rank=") for arg in child.cmdline())]  # not DeepSpeed's launch.py
-    assert len(workers) == 2
-    for worker in workers:
+    for worker in _workers(process):
         worker.send_signal(signum)
+
+
+def _workers(process: subprocess.Popen) -> list[psutil.Process]:
+    """The two training ranks under the deepspeed launcher (not its launch.py in between)."""
+    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
+               if any(arg.startswith("--local_rank=") for arg in child.cmdline())]
+    assert len(workers) == 2
+    return workers
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
@@ -65,18 +71,32 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_gives_the_uninterrupted_cur
     assert events.Scalars("data/samples")[-1].value == STEPS * 32  # the run's total, carried over the resume
 
 
-def test_a_save_killed_half_way_is_never_resumed_from(reference, tmp_path):
+def test_kill_9_during_a_save_leaves_a_run_that_resumes_the_uninterrupted_curve(reference, tmp_path):
+    """Both ranks SIGKILLed (no handler, no cleanup) while the save at step 8 is half-way: DeepSpeed's files
+    written into the partial folder, nothing renamed. Resume takes step 4 and never reads the partial folder,
+    and the next save clears it."""
     config, uninterrupted = reference
-    output_dir = tmp_path / "killed"
-    run_pretrain(2, config, output_dir, *JOB, "--set", "train.stop_at_step=4")
-    # what kill -9 during the save at step 8 leaves: a partial folder, `latest` still at step 4
-    partial = output_dir / "checkpoints" / "step_00000008.tmp"
-    partial.mkdir()
-    (partial / "trainer_state_rank0.pt").write_bytes(b"truncated")
+    output_dir, stalled = tmp_path / "killed", tmp_path / "stalled"
+    stalled.mkdir()
+    process = subprocess.Popen(pretrain_command(config, output_dir, *JOB, script=STALLED_SAVE_SCRIPT), cwd=REPO,
+                               env=launcher_env(2, FINECLIP_TEST_STALL_STEP="8", FINECLIP_TEST_STALL_DIR=str(stalled)),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while len(list(stalled.iterdir())) < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert len(list(stalled.iterdir())) == 2, "the save at step 8 never stalled"
+    for worker in _workers(process):
+        worker.send_signal(signal.SIGKILL)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output[-3000:]
+    checkpoints = output_dir / "checkpoints"
+    partial = checkpoints / "step_00000008.tmp"
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+    assert (partial / "trainer_state_rank1.pt").is_file() and any(partial.rglob("*optim_states.pt"))
     run_pretrain(2, config, output_dir, *JOB, "--resume", "auto")
     assert losses(output_dir) == losses(uninterrupted)
     assert not partial.exists()
-    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir() if p.is_dir()) == [
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == [
         "step_00000004", "step_00000008", "step_00000012"]
 
 
