@@ -30,8 +30,8 @@ def box_classification_metrics(scores: torch.Tensor, labels: torch.Tensor, num_c
     present = torch.bincount(labels, minlength=num_classes) > 0
     metrics["classes_with_boxes"] = float(present.sum())
     for k in (1, 5):
-        correct = (ranks < k).float()
-        per_class = torch.zeros(num_classes).index_add_(0, labels, correct) / torch.bincount(labels, minlength=num_classes).clamp(min=1)
+        correct = (ranks < k).double()  # float64: a float32 mean printed 1/5 as 20.000000298
+        per_class = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, correct) / torch.bincount(labels, minlength=num_classes).clamp(min=1)
         metrics[f"top{k}"] = 100.0 * float(per_class[present].mean())
         metrics[f"top{k}_overall"] = 100.0 * float(correct.mean())
     return metrics
@@ -54,8 +54,8 @@ def retrieval_metrics(similarity: torch.Tensor, text_to_image: torch.Tensor, ks:
     text_ranks = rank_of_true(text_scores, text_scores.gather(1, text_to_image.unsqueeze(1)).squeeze(1))
     metrics: dict[str, float] = {}
     for k in ks:
-        metrics[f"i2t_r{k}"] = 100.0 * float((image_ranks < k).float().mean())
-        metrics[f"t2i_r{k}"] = 100.0 * float((text_ranks < k).float().mean())
+        metrics[f"i2t_r{k}"] = 100.0 * float((image_ranks < k).double().mean())
+        metrics[f"t2i_r{k}"] = 100.0 * float((text_ranks < k).double().mean())
     return metrics
 
 

@@ -158,3 +158,14 @@ def test_ade20k_labels_shift_by_one_with_zero_unscored():
     assert target.tolist() == [[IGNORE_LABEL, 0, 1], [2, IGNORE_LABEL, IGNORE_LABEL]] and unknown == 1
     target, unknown = label_indices(Image.fromarray(stored, "L"), 3, reduce_zero_label=False)
     assert target.tolist() == [[0, 1, 2], [IGNORE_LABEL, IGNORE_LABEL, IGNORE_LABEL]] and unknown == 2
+
+
+def test_percentages_are_exact_fractions_not_float32_noise():
+    """1 hit of 5 prints as 20.0, not 20.000000298 (a float32 mean)."""
+    scores = torch.eye(5)
+    labels = torch.tensor([0, 2, 3, 4, 0])  # box 0 right; boxes 1-4 wrong
+    metrics = box_classification_metrics(scores, labels, num_classes=5)
+    assert metrics["top1_overall"] == 100 * (1 / 5)
+    similarity = torch.eye(5)
+    recall = retrieval_metrics(similarity, torch.tensor([0, 2, 3, 4, 0]), ks=(1,))
+    assert recall["t2i_r1"] == 100 * (1 / 5)
