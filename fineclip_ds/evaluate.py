@@ -21,7 +21,7 @@ from fineclip_ds.config import ModelConfig, positive_int
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.evaluation.box_classification import BoxDataset, evaluate_box_classification, load_coco_boxes
 from fineclip_ds.evaluation.dense_viz import write_dense_pictures
-from fineclip_ds.evaluation.retrieval import CaptionedImage, evaluate_retrieval, load_caption_file
+from fineclip_ds.evaluation.retrieval import RESIZE_MODES, CaptionedImage, evaluate_retrieval, load_caption_file
 from fineclip_ds.evaluation.segmentation import LabelledImage, evaluate_segmentation, load_label_folder
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.evaluation.zero_shot import TEMPLATE_SETS
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> dict:
         return evaluate_box_classification(model, tokenizer, normalization, annotations, args.templates,
                                            args.batch_size, not args.no_crop_baseline, device, dtype)
     if args.task == "retrieval":
-        return evaluate_retrieval(model, tokenizer, normalization, annotations, args.batch_size, device, dtype)
+        return evaluate_retrieval(model, tokenizer, normalization, annotations, args.batch_size, device, dtype,
+                                  resize=args.retrieval_resize)
     if args.task == "segmentation":
         class_names, items = annotations
         return evaluate_segmentation(model, tokenizer, normalization, class_names, items, args.templates, args.slide,
@@ -124,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="evaluate at this size (H or H W); positional embeddings are interpolated")
     parser.add_argument("--templates", default="vild", choices=sorted(TEMPLATE_SETS))
     parser.add_argument("--split", default="test", help="Karpathy split for retrieval")
+    parser.add_argument("--retrieval_resize", default="center_crop", choices=RESIZE_MODES,
+                        help="retrieval: open_clip's centre crop (the published protocol) or the whole image squashed")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--max_images", type=positive_int, default=256, help="dense-viz and world tasks")
     parser.add_argument("--world_seed", type=int, default=0)

@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from fineclip_ds.data.images import open_image
+from fineclip_ds.data.images import open_image, to_rgb
 from fineclip_ds.data.transforms import RegionTransform
 from fineclip_ds.evaluation.metrics import box_classification_metrics
 from fineclip_ds.evaluation.zero_shot import class_embeddings
@@ -89,7 +89,7 @@ def crops_from_source(image: Image.Image, boxes: torch.Tensor, transform: Region
     own resolution and resized to the model input, normalised: [k, 3, H, W]. Crops of the resized input
     would blur small boxes, understating the crop baseline the region path is compared with."""
     width, height = image.size
-    source = TF.normalize(TF.to_tensor(image.convert("RGB")), transform.mean, transform.std)
+    source = TF.normalize(TF.to_tensor(to_rgb(image)), transform.mean, transform.std)
     to_source = boxes.new_tensor([width / transform.width, height / transform.height] * 2)
     every_box = torch.ones(1, len(boxes), dtype=torch.bool)
     return crop_regions(source[None], (boxes * to_source)[None], every_box, 1.0, (transform.height, transform.width))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from fineclip_ds.data.images import open_image
+from fineclip_ds.data.images import open_image, to_rgb
 from fineclip_ds.models.fineclip import FineCLIP
 
 
@@ -30,7 +30,7 @@ def dense_feature_picture(model: FineCLIP, normalization: tuple, image: Image.Im
                           dtype: torch.dtype = torch.float32) -> Image.Image:
     """The input (resized to the model's size) and its PCA picture side by side."""
     size = list(model.image_size)
-    resized = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    resized = TF.resize(to_rgb(image), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     batch = TF.normalize(TF.to_tensor(resized), *normalization).unsqueeze(0).to(device, dtype)
     dense, grid_hw = model.encode_dense(batch)
     picture = Image.fromarray(pca_rgb(dense[0].cpu(), grid_hw)).resize(resized.size, Image.NEAREST)

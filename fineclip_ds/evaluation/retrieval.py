@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 from torchvision.transforms import functional as TF
 
-from fineclip_ds.data.images import open_image
+from fineclip_ds.data.images import open_image, to_rgb
 from fineclip_ds.evaluation.metrics import retrieval_metrics
 from fineclip_ds.models.fineclip import FineCLIP
 
@@ -49,16 +49,34 @@ def load_caption_file(path: Path, image_dir: Path, split: str = "test") -> list[
     return items
 
 
+RESIZE_MODES = ("center_crop", "squash")
+
+
+def _resized(image: Image.Image, size: list[int], resize: str) -> Image.Image:
+    """The model input, [height, width] = size: squashed, or scaled to cover it and centre-cropped."""
+    bicubic = TF.InterpolationMode.BICUBIC
+    if resize == "squash":
+        return TF.resize(image, size, interpolation=bicubic, antialias=True)
+    height, width = size
+    scale = max(height / image.height, width / image.width)
+    covering = [max(height, round(image.height * scale)), max(width, round(image.width * scale))]
+    return TF.center_crop(TF.resize(image, covering, interpolation=bicubic, antialias=True), size)
+
+
 @torch.no_grad()
 def evaluate_retrieval(
     model: FineCLIP, tokenizer: Callable[[list[str]], torch.Tensor], normalization: tuple,
     items: Sequence[CaptionedImage], batch_size: int = 32, device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32, progress: bool = True,
+    dtype: torch.dtype = torch.float32, progress: bool = True, resize: str = "center_crop",
 ) -> dict[str, float]:
     """Embeds every image and caption once, then ranks; unreadable images are skipped and counted.
 
-    Images are resized to the model's input without a centre crop, as in training (data/transforms.py);
-    open_clip's validation transform centre-crops, so on non-square images its numbers can differ."""
+    resize: "center_crop" (default) is open_clip's validation transform, the protocol published CLIP and
+    FineCLIP retrieval numbers use: scaled to cover the input size, then the centre crop. "squash" resizes
+    the whole image to the input size, as training does (data/transforms.py); on non-square images the
+    two give different numbers."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize: got {resize!r}, expected one of {RESIZE_MODES}")
     device = torch.device(device)
     size = list(model.image_size)
     image_embeddings, text_embeddings, text_to_image = [], [], []
@@ -75,8 +93,7 @@ def evaluate_retrieval(
         if image is None:
             skipped["unreadable_image"] += 1
             continue
-        resized = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        pending.append(TF.normalize(TF.to_tensor(resized), *normalization))
+        pending.append(TF.normalize(TF.to_tensor(_resized(to_rgb(image), size, resize)), *normalization))
         image_index = sum(len(chunk) for chunk in image_embeddings) + len(pending) - 1
         text_to_image += [image_index] * len(item.captions)
         text_embeddings += item.captions

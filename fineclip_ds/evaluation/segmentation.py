@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from fineclip_ds.data.images import open_image
+from fineclip_ds.data.images import open_image, to_rgb
 from fineclip_ds.evaluation.metrics import confusion_matrix, segmentation_metrics
 from fineclip_ds.evaluation.zero_shot import class_embeddings
 from fineclip_ds.models.fineclip import FineCLIP
@@ -107,7 +107,7 @@ def evaluate_segmentation(model: FineCLIP, tokenizer: Callable[[list[str]], torc
         if labels.size != image.size:
             skipped["label_size_mismatch"] += 1
             continue
-        tensor = TF.normalize(TF.to_tensor(image.convert("RGB")), *normalization).to(device, dtype)
+        tensor = TF.normalize(TF.to_tensor(to_rgb(image)), *normalization).to(device, dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             predicted = segment(model, tensor, classes, slide).cpu()
         target, unknown = label_indices(labels, len(class_names), reduce_zero_label)

@@ -1,0 +1,65 @@
+"""Retrieval's image protocol: open_clip's centre crop by default (published numbers use it), or squashed."""
+import pytest
+import torch
+from PIL import Image
+
+from fineclip_ds.evaluation.retrieval import CaptionedImage, evaluate_retrieval
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+class RecordingModel:
+    """Stands in for FineCLIP: keeps the image batches it is given."""
+
+    def __init__(self, image_size: tuple[int, int]):
+        self.image_size = image_size
+        self.images: list[torch.Tensor] = []
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        self.images.append(images)
+        return torch.nn.functional.normalize(images.flatten(1)[:, :8] + 1, dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(tokens[:, :8].float() + 1, dim=-1)
+
+
+def _stripes(width: int, height: int) -> Image.Image:
+    """Red, green and blue vertical stripes: a quarter, a half and a quarter of the width."""
+    image = Image.new("RGB", (width, height), GREEN)
+    image.paste(RED, (0, 0, width // 4, height))
+    image.paste(BLUE, (width - width // 4, 0, width, height))
+    return image
+
+
+def _model_input(image: Image.Image, image_size: tuple[int, int], resize: str) -> torch.Tensor:
+    model = RecordingModel(image_size)
+    items = [CaptionedImage(lambda: image, ["stripes"])]
+    evaluate_retrieval(model, lambda texts: torch.ones(len(texts), 8, dtype=torch.long), ((0, 0, 0), (1, 1, 1)),
+                       items, progress=False, resize=resize)
+    (batch,) = model.images
+    return batch[0]
+
+
+def _colour_share(pixels: torch.Tensor, channel: int) -> float:
+    """Share of pixels where `channel` dominates."""
+    return float((pixels.argmax(dim=0) == channel).float().mean())
+
+
+def test_centre_crop_keeps_the_middle_of_a_wide_image_and_squash_keeps_all_of_it():
+    wide = _stripes(128, 64)
+    cropped = _model_input(wide, (64, 64), "center_crop")
+    squashed = _model_input(wide, (64, 64), "squash")
+    assert cropped.shape == squashed.shape == (3, 64, 64)
+    assert _colour_share(cropped, 1) > 0.95  # the middle half of the width: green
+    assert _colour_share(squashed, 0) > 0.2 and _colour_share(squashed, 2) > 0.2
+
+
+def test_centre_crop_to_a_non_square_input_covers_it_without_black_borders():
+    pixels = _model_input(Image.new("RGB", (50, 50), GREEN), (32, 64), "center_crop")
+    assert pixels.shape == (3, 32, 64)
+    assert _colour_share(pixels, 1) == 1.0 and pixels.sum(dim=0).min() > 0.5
+
+
+def test_an_unknown_resize_is_refused():
+    with pytest.raises(ValueError, match="resize"):
+        _model_input(_stripes(8, 8), (8, 8), "stretch")
