@@ -87,16 +87,25 @@ def expand_shard_urls(urls: str | list[str]) -> list[str]:
 
 def read_raw_records(shards: list[str], counts: Counter) -> Iterator[dict[str, Any]]:
     """The raw records of `shards` in order; unreadable shard data is skipped, logged and counted in
-    counts["corrupt_shard"]."""
+    counts["corrupt_shard"]. A record of a shard yielded after that shard failed was cut off by the failure
+    (webdataset yields the files it had, or merges in the next shard's first record when the keys match):
+    it is dropped and counted as truncated_record, the same way on every read, so positions stay exact."""
     import webdataset as wds
+
+    known, failed = set(shards), set()
 
     def count_and_continue(error: Exception) -> bool:
         counts["corrupt_shard"] += 1
+        failed.update(arg for arg in error.args if isinstance(arg, str) and arg in known)  # webdataset adds the url
         log.warning("skipping unreadable shard data: %s", error)  # webdataset's message names the shard
         return True
 
-    return iter(wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                               handler=count_and_continue, empty_check=False))
+    for record in wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                 handler=count_and_continue, empty_check=False):
+        if record.get("__url__") in failed:
+            counts["truncated_record"] += 1
+            continue
+        yield record
 
 
 class ShardHealth:

@@ -1,7 +1,10 @@
+import io
 import itertools
 import json
 import re
 import shutil
+import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import torch
 from fineclip_ds.config import ConfigError
 from fineclip_ds.data.collate import RegionCollator
 from fineclip_ds.data.shapes_world import ShapesWorld
-from fineclip_ds.data.streams import SyntheticStream, WebDatasetStream
+from fineclip_ds.data.streams import SyntheticStream, WebDatasetStream, read_raw_records
 from fineclip_ds.data.transforms import RegionTransform
 from tests.data.helpers import MEAN, STD, captions, char_tokenizer, defective_records, world_records, write_shard
 
@@ -229,3 +232,26 @@ def test_shards_named_for_the_built_in_world_are_warned_about(caplog):
         stream = build_train_stream(config, (32, 32), (MEAN, STD), char_tokenizer, 2, 0, 1, seed=0)
     assert isinstance(stream, SyntheticStream)
     assert any("data.train_shards='shards/part-{0..3}.tar' is not read" in r.getMessage() for r in caplog.records)
+
+
+def test_the_record_a_truncated_shard_cuts_off_is_dropped_and_counted_not_read_without_its_boxes(tmp_path):
+    """Written image, caption, json (an order other writers use), a shard cut in its last json gave a record
+    with image and caption only: trained as an image without regions, with nothing counted against it."""
+    world = ShapesWorld(seed=3, image_size=32)
+    with tarfile.open(tmp_path / "whole.tar", "w") as tar:
+        for record in world_records(world, range(3)):
+            for extension in ("jpg", "txt", "json"):
+                data = record[extension] if isinstance(record[extension], bytes) else record[extension].encode()
+                member = tarfile.TarInfo(f"{record['__key__']}.{extension}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        last_json = tar.getmember("000002.json")
+    cut = tmp_path / "cut-0.tar"
+    cut.write_bytes((tmp_path / "whole.tar").read_bytes()[:last_json.offset_data + 10])
+    counts = Counter()
+    records = list(read_raw_records([str(cut), str(tmp_path / "whole.tar")], counts))
+    assert [(Path(r["__url__"]).name, r["__key__"]) for r in records] == [
+        ("cut-0.tar", "000000"), ("cut-0.tar", "000001"),
+        ("whole.tar", "000000"), ("whole.tar", "000001"), ("whole.tar", "000002")]
+    assert counts["truncated_record"] == 1 and counts["corrupt_shard"] >= 1
