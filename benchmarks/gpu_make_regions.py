@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_runs import MarkdownSection, device_label, synchronize  # noqa: E402
-from fineclip_ds.data.make_regions import annotator_from, parse_args, run, units_from  # noqa: E402
+from fineclip_ds.data.make_regions import annotator_from, run, units_from  # noqa: E402
+from fineclip_ds.data.make_regions import parse_args as make_regions_args  # noqa: E402
 from fineclip_ds.data.random_captioners import save_random_blip2  # noqa: E402
 from fineclip_ds.data.shapes_world import ShapesWorld  # noqa: E402
 
@@ -71,10 +72,11 @@ def measure(args: argparse.Namespace, work: Path, cuda: bool) -> None:
     images = write_pairs(work / "images", args.images, args.image_size)
     model = save_random_blip2(work / "model", args.size, dtype=torch.bfloat16 if cuda else torch.float32)
     generate = json.dumps({"min_new_tokens": args.new_tokens})
-    cli = parse_args(["--images", str(images), "--captions", str(images / "captions.json"), "--captioner", str(model),
-                      "--prompt", "a photo of", "--max_new_tokens", str(args.new_tokens), "--generate", generate,
-                      "--score_threshold", "0", "--max_boxes", str(args.boxes), "--samples_per_shard", "16",
-                      "--output_dir", str(work / "unused")])
+    cli = make_regions_args([
+        "--images", str(images), "--captions", str(images / "captions.json"), "--captioner", str(model),
+        "--prompt", "a photo of", "--max_new_tokens", str(args.new_tokens), "--generate", generate,
+        "--score_threshold", "0", "--max_boxes", str(args.boxes), "--samples_per_shard", "16",
+        "--output_dir", str(work / "unused")])
     annotate = annotator_from(cli, device.type)
     captioner = annotate.captioner
     units = units_from(cli)

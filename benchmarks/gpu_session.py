@@ -57,6 +57,7 @@ def _script(name: str, *args: str) -> tuple[str, ...]:
 
 
 def _pytest(*args: str) -> tuple[str, ...]:
+    """-v where a cut-off run must still say which tests passed: pytest prints its summary only at the end."""
     return (sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *args)
 
 
@@ -75,7 +76,7 @@ STEPS = (
     Step("training_step", _script("gpu_training_step.py", "--models", "ViT-L-14:32", "ViT-B-16:64",
                                   "--attention", "sdpa", "--steps", "5"), 180, 60,
          "issue 7: ViT-L/14 and ViT-B/16 steps with SDPA, with and without checkpointing (MFU)"),
-    Step("kernel_tests", _pytest("-m", "not slow", "tests/kernels", "tests/models/test_attention.py",
+    Step("kernel_tests", _pytest("-v", "-m", "not slow", "tests/kernels", "tests/models/test_attention.py",
                                  "--ignore=tests/kernels/test_gpu_codegen.py"), 240, 60,
          "issue 4: every kernel test case compiled on the GPU vs float64; flash attention numerics"),
     Step("bigg_zero3", (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",

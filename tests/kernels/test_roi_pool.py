@@ -1,8 +1,9 @@
 """Region pooling against torchvision's roi_align in float64: values and token gradients, both backends.
 
 Under TRITON_INTERPRET=1 (tests/conftest.py) the Triton backend runs on the CPU interpreter, so
-shapes stay small; on a GPU the same cases run compiled there (tests/kernels/kernel_device.py). Box kinds cover the rules torchvision applies at the map borders. Exact-border
-boxes only use power-of-two scales: with a scale such as 9/37 a box ending on the image border
+shapes stay small; on a GPU the same cases run compiled there (tests/kernels/kernel_device.py). Box
+kinds cover the rules torchvision applies at the map borders. Exact-border boxes only use power-of-two
+scales: with a scale such as 9/37 a box ending on the image border
 lands within one float32 ulp of an integer in grid units, and ceil() of its size, the sample
 count, then depends on rounding (float32 here, float64 in the reference), not on the kernel.
 """
