@@ -8,6 +8,7 @@ crops, far too few to keep a GPU busy decoding).
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Protocol
@@ -37,8 +38,7 @@ class CaptionedProposals:
         boxes = [self.box_filter(self.proposer.propose(image, key), *image.size, counts)
                  for image, key in zip(images, keys)]
         counts["proposals"] += sum(len(image_boxes) for image_boxes in boxes)
-        crops = [image.crop(tuple(round(v) for v in box)) for image, image_boxes in zip(images, boxes)
-                 for box in image_boxes]
+        crops = [image.crop(_pixel_box(box)) for image, image_boxes in zip(images, boxes) for box in image_boxes]
         captions, drops = caption_regions(self.captioner, crops, self.prompt)  # every image's crops in one go
         counts.update(drops)
         regions, start = [], 0
@@ -48,6 +48,13 @@ class CaptionedProposals:
             regions.append([(list(box), caption) for box, caption in zip(image_boxes, image_captions)
                             if caption is not None])
         return regions
+
+
+def _pixel_box(box: list[float]) -> tuple[int, int, int, int]:
+    """The pixels a box touches: never empty (rounding both ends can give a box under a pixel, or
+    (1.5, 2.5) under round-half-to-even, no pixel, and a captioner's processor fails on an empty crop)."""
+    x1, y1, x2, y2 = box
+    return math.floor(x1), math.floor(y1), max(math.ceil(x2), math.floor(x1) + 1), max(math.ceil(y2), math.floor(y1) + 1)
 
 
 def released_region_key(file_name: str, bbox: list[float]) -> str:

@@ -499,3 +499,22 @@ def test_captions_that_are_not_text_or_blank_count_as_missing_in_every_file_sour
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'folder.json'}: expected a JSON object {{file: "
                                                    "caption}, got list")):  # was AttributeError on .get
         folder_units(images, tmp_path / "folder.json", 10)
+
+
+class SubPixelProposer:
+    def propose(self, image, key):
+        return [((1.5, 1.5, 2.5, 2.5), 1.0), ((10.2, 10.2, 10.4, 10.9), 1.0)]
+
+
+def test_boxes_under_a_pixel_are_captioned_from_the_pixels_they_touch_not_an_empty_crop():
+    """With --min_side 0 such boxes pass the filter; rounding both ends made (1.5, 2.5) an empty crop."""
+    seen = []
+
+    def captioner(crops):
+        seen.extend(crop.size for crop in crops)
+        return ["a small thing"] * len(crops)
+
+    box_filter = ProposalFilter(min_side=0.0, max_area=1.0, score_threshold=0.0, nms_iou=0.7, max_boxes=5)
+    regions = CaptionedProposals(SubPixelProposer(), box_filter, captioner)(
+        [Image.new("RGB", (32, 32))], ["k"], Counter())
+    assert seen == [(2, 2), (1, 1)] and len(regions[0]) == 2  # pixels 1-2 of each side; pixel 10
