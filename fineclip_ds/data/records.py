@@ -57,7 +57,8 @@ def encode_record(key: str, image: Image.Image, caption: str, boxes: list, regio
 
 
 def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    """UTF-8 text without the byte-order mark some editors write first (json.loads refuses it)."""
+    return (value.decode("utf-8") if isinstance(value, bytes) else str(value)).removeprefix("\ufeff")
 
 
 def decode_caption(value: Any) -> str | None:
@@ -89,7 +90,7 @@ def decode_record(record: dict[str, Any], transform: RegionTransform) -> tuple[T
             raise ValueError("boxes and region_captions must be lists of equal length")
         if not all(isinstance(region_caption, str) for region_caption in region_captions):
             raise ValueError("region_captions must be strings")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         return None, Counter(bad_json=1)
     image = open_image(lambda: Image.open(io.BytesIO(record[extension])))
     if image is None:

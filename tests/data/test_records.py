@@ -47,3 +47,17 @@ def test_a_coordinate_too_large_for_a_float_drops_the_box_not_the_run():
     record["json"] = '{"boxes": [[1, 1, 1' + "0" * 400 + ', 20], [1, 1, 20, 20]], "region_captions": ["huge", "kept"]}'
     sample, drops = _decode(record)
     assert not drops and sample.region_captions == ["kept"] and sample.drops == {"box_not_finite": 1}
+
+
+def test_a_byte_order_mark_before_the_json_or_caption_is_ignored():
+    record = _record("\ufeffa picture".encode(), [[1, 1, 20, 20]], ["kept"])
+    record["json"] = b"\xef\xbb\xbf" + record["json"].encode()
+    sample, drops = _decode(record)
+    assert not drops and sample.caption == "a picture" and sample.region_captions == ["kept"]
+
+
+def test_json_nested_past_the_recursion_limit_is_bad_json_not_a_crash():
+    record = _record(b"a picture", [], [])
+    record["json"] = "[" * 100_000 + "]" * 100_000
+    sample, drops = _decode(record)
+    assert sample is None and drops == {"bad_json": 1}
