@@ -70,9 +70,11 @@ class FineCLIP(nn.Module):
         self.clip = clip
         self.grad_checkpointing = grad_checkpointing
         self.checkpoint_every = checkpoint_every
+        self.freeze_text = freeze_text
         if freeze_text:
             for param in self.text_parameters():
                 param.requires_grad_(False)
+            self.train(self.training)
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -86,6 +88,19 @@ class FineCLIP(nn.Module):
     @property
     def patch_size(self) -> tuple[int, int]:
         return self.tower.patch_size
+
+    def text_modules(self) -> list[nn.Module]:
+        """The modules of the text tower: `.text` of a CustomTextCLIP, or every child of CLIP but the visual."""
+        return [child for child in self.clip.children() if child is not self.visual]
+
+    def train(self, mode: bool = True) -> "FineCLIP":
+        """A frozen text tower stays in eval mode, as FineCLIP's code keeps it (its CustomCLIP.train): with
+        dropout (HF text towers have it) the frozen caption and region-caption embeddings would be noisy."""
+        super().train(mode)
+        if self.freeze_text:
+            for module in self.text_modules():
+                module.train(False)
+        return self
 
     def text_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the text tower (all of CLIP but the visual tower and the logit scale)."""

@@ -109,6 +109,21 @@ def test_text_tower_frozen_by_default_and_trainable_on_request():
     assert all(p.requires_grad for p in frozen.visual.parameters()) and frozen.clip.logit_scale.requires_grad
 
 
+
+@pytest.mark.parametrize("name", ["FineCLIP-ViT-T-8", "FineCLIP-EVA02-T-14"])
+def test_a_frozen_text_tower_stays_in_eval_mode_so_its_embeddings_are_deterministic(name):
+    """FineCLIP's CustomCLIP.train keeps its frozen text tower in eval mode. A dropout is planted in the
+    tower (HF text towers have one): in training mode the frozen embeddings must not change from call to call."""
+    tokens = open_clip.get_tokenizer(name)(["a red circle", "a blue square"])
+    for freeze_text, deterministic in ((True, True), (False, False)):
+        model, _ = _model(name=name, freeze_text=freeze_text)
+        text = model.text_modules()[-1]
+        text.register_forward_hook(lambda module, args, output: torch.nn.functional.dropout(output, 0.5, module.training))
+        model.train()
+        assert model.visual.training
+        assert all(not m.training for m in model.text_modules()) == deterministic
+        assert torch.equal(model.encode_text(tokens), model.encode_text(tokens)) == deterministic
+
 def test_crops_are_enlarged_boxes_resized_to_the_input_size():
     images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
     boxes = torch.tensor([[[4.0, 4.0, 8.0, 8.0]], [[0.0, 0.0, 16.0, 16.0]]])
