@@ -82,3 +82,21 @@ def test_a_batch_without_a_valid_box_trains_and_still_runs_the_teacher_tower(mon
     assert report["sd"] == 0 and report["rc"] == 0 and torch.isfinite(total)
     assert encoded == [1]  # the teacher's stand-in (the student path encodes through encode_image_and_dense)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_the_crop_teacher_gets_gradient_by_default_as_in_fineclips_code():
+    """FineCLIP's training/clipself.py encodes the crops with the trained model outside no_grad, so L_SD
+    pulls the crop embedding towards the region feature too; losses.sd_teacher_grad=False detaches it."""
+    grads = {}
+    for teacher_grad in (True, False):
+        torch.manual_seed(0)
+        model, tokenizer, _ = create_fineclip(ModelConfig())
+        losses = LossConfig(w_gc=0.0, w_rc=0.0, **({} if teacher_grad else {"sd_teacher_grad": False}))
+        objective = FineCLIPObjective(model, losses, KernelConfig(region_pool="torch", contrastive="torch"))
+        samples = [TransformedSample(torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(i)), f"picture {i}",
+                                     torch.tensor([[4.0, 6.0, 40.0, 50.0]]), ["a region"]) for i in range(2)]
+        total, _ = objective(RegionCollator(tokenizer, max_boxes=2)(samples))
+        total.backward()
+        grads[teacher_grad] = model.visual.proj.grad.clone()
+    assert LossConfig().sd_teacher_grad
+    assert not torch.allclose(grads[True], grads[False])
