@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 from collections import Counter
 import os
 import re
@@ -161,7 +162,8 @@ def test_crops_of_several_images_are_captioned_in_one_call_and_go_back_to_their_
     for record in wds.WebDataset(str(tmp_path / "out" / "regions-000000.tar"), shardshuffle=False, empty_check=False):
         annotation = json.loads(record["json"])
         for (x1, y1, x2, y2), caption in zip(annotation["boxes"], annotation["region_captions"]):
-            assert caption == f"a region of {round(x2) - round(x1)} by {round(y2) - round(y1)}"
+            width, height = math.ceil(x2) - math.floor(x1), math.ceil(y2) - math.floor(y1)  # the pixels it touches
+            assert caption == f"a region of {width} by {height}"
 
 
 def test_units_split_over_processes_cover_everything_once(pairs, tmp_path):
