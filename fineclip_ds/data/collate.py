@@ -1,6 +1,8 @@
 """A list of transformed samples -> one padded batch, with the data counters it carries."""
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,10 +20,25 @@ class TransformedSample:
     crop_source: torch.Tensor | None = None  # [3, s*S, s*S]: the image teacher crops are cut from (s > 1)
 
 
+def pick_boxes(sample: TransformedSample, max_boxes: int, seed: str) -> TransformedSample:
+    """At most `max_boxes` of the sample's boxes, picked at random as FineCLIP's loader picks them each
+    time an image is read (the first `max_boxes` every epoch would never train on the rest). `seed`
+    names the read (seed, epoch, shard, key), so a resume picks the same boxes; the others are counted
+    under box_over_max."""
+    extra = len(sample.boxes) - max_boxes
+    if extra <= 0:
+        return sample
+    chosen = sorted(random.Random(seed).sample(range(len(sample.boxes)), max_boxes))
+    return dataclasses.replace(sample, boxes=sample.boxes[chosen],
+                               region_captions=[sample.region_captions[index] for index in chosen],
+                               drops=sample.drops + Counter(box_over_max=extra))
+
+
 class RegionCollator:
     """Pads boxes to the batch's largest count (at most `max_boxes`) and tokenises every caption.
 
-    Boxes beyond `max_boxes` are dropped and counted ("box_over_max"). `data_stats` carries the
+    Boxes beyond `max_boxes` are dropped and counted ("box_over_max"): the last ones, where a stream has
+    not already picked `max_boxes` at random (`pick_boxes`, as webdataset streams do). `data_stats` carries the
     counts of everything dropped since the previous batch, plus the samples and regions kept.
     """
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from fineclip_ds.config import ConfigError
-from fineclip_ds.data.collate import RegionCollator, TransformedSample
+from fineclip_ds.data.collate import RegionCollator, TransformedSample, pick_boxes
 from fineclip_ds.data.records import decode_record
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.data.stream_positions import (Piece, check_ranks, normalized, reader_shards, readers_per_rank,
@@ -188,6 +188,9 @@ class _ShardBatches(IterableDataset):
                 pending.update(self.shard_health.record(record.get("__url__", "?"), usable=sample is not None))
                 if sample is None:
                     continue
+                read_epoch = piece.epoch if piece else epoch
+                sample = pick_boxes(sample, self.collator.max_boxes,
+                                    f"{self.seed}:{read_epoch}:{record.get('__url__', '')}:{record.get('__key__', read)}")
                 usable += 1
                 samples.append(sample)
                 if len(samples) == self.local_batch:

@@ -255,3 +255,46 @@ def test_the_record_a_truncated_shard_cuts_off_is_dropped_and_counted_not_read_w
         ("cut-0.tar", "000000"), ("cut-0.tar", "000001"),
         ("whole.tar", "000000"), ("whole.tar", "000001"), ("whole.tar", "000002")]
     assert counts["truncated_record"] == 1 and counts["corrupt_shard"] >= 1
+
+
+def _many_boxes_records(count: int) -> list[dict]:
+    """Records whose 8 boxes each have their own region caption, "box i"."""
+    image = io.BytesIO()
+    ShapesWorld(image_size=32).sample(0).image.save(image, format="PNG")
+    boxes = [[i, i, i + 10, i + 10] for i in range(8)]
+    annotation = json.dumps({"boxes": boxes, "region_captions": [f"box {i}" for i in range(8)]})
+    return [{"__key__": f"{n:04d}", "png": image.getvalue(), "txt": f"image {n}", "json": annotation}
+            for n in range(count)]
+
+
+def _picked(batches: list[dict]) -> list[tuple[str, ...]]:
+    """Per sample, the region captions it kept, in order."""
+    picks = []
+    for batch in batches:
+        slots = batch["box_mask"].shape[1]
+        regions = captions(batch["region_texts"].view(-1, batch["region_texts"].shape[-1]))
+        for row in range(batch["box_mask"].shape[0]):
+            picks.append(tuple(regions[row * slots:row * slots + int(batch["box_mask"][row].sum())]))
+    return picks
+
+
+def test_records_with_more_boxes_than_max_boxes_train_on_a_new_random_pick_each_epoch(tmp_path):
+    """FineCLIP's loader picks max_boxes boxes at random at each read; the first ones every epoch would
+    leave the rest unused. The pick is repeatable: a resumed stream picks what the uninterrupted one did."""
+    write_shard(tmp_path / "many-0.tar", _many_boxes_records(4))
+
+    def stream() -> WebDatasetStream:
+        return WebDatasetStream(str(tmp_path / "many-0.tar"), RegionTransform(IMAGE_SIZE, MEAN, STD),
+                                RegionCollator(char_tokenizer, max_boxes=3), 4, 0, 1, num_workers=0, seed=5)
+
+    batches = _take(stream(), 6)  # one batch is one epoch
+    picks = _picked(batches)
+    assert all(len(pick) == 3 and list(pick) == sorted(pick) for pick in picks)  # 3 boxes, in their order
+    assert len(set(picks)) > 6  # 24 reads of 4 records: not the same 3 boxes each time
+    assert len({box for pick in picks for box in pick}) == 8  # every box gets trained on
+    assert all(batch["data_stats"]["box_over_max"] == 4 * 5 for batch in batches)
+    first = stream()
+    _take(first, 2)
+    resumed = stream()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert _picked(_take(resumed, 4)) == picks[8:]
