@@ -102,6 +102,23 @@ def test_deepspeed_json_values_deepspeed_would_assert_on_are_refused(tmp_path, s
         load_deepspeed_config(path)
 
 
+@pytest.mark.parametrize("section", [
+    {"optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "weight_decay": 0.2}}},
+    {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 3e-4, "total_num_steps": 1000}}},
+], ids=["optimizer", "scheduler"])
+def test_deepspeed_json_optimizer_and_scheduler_sections_are_refused_not_ignored(tmp_path, section):
+    """The trainer hands DeepSpeed its own AdamW and schedule (from optim.*), and DeepSpeed then drops a
+    JSON optimizer/scheduler without a word: the run would train at the recipe's lr, not the JSON's."""
+    from fineclip_ds.training.parallelize import DeepSpeedConfigError, load_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, **section}))
+    key = next(iter(section))
+    with pytest.raises(DeepSpeedConfigError, match=re.escape(f"the '{key}' section would be ignored")) as error:
+        load_deepspeed_config(path)
+    assert "optim.lr" in str(error.value) and str(path) in str(error.value)
+
+
 def test_resume_from_something_that_is_not_a_checkpoint_is_a_config_error(tmp_path):
     from fineclip_ds.training.checkpoint import find_resume_point
 

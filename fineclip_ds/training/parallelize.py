@@ -14,6 +14,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# DeepSpeed builds these from the JSON only when initialize() is given no optimizer / scheduler; this
+# trainer always gives both (built from the recipe's optim.*), so a JSON section would be dead config.
+RECIPE_SECTIONS = ("optimizer", "scheduler")
 
 
 class DeepSpeedConfigError(ValueError):
@@ -39,6 +42,12 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise DeepSpeedConfigError(f"{path}: zero_optimization.stage is {stage!r}, expected 0, 1, 2 or 3")
+    for key in RECIPE_SECTIONS:  # DeepSpeed lets the trainer's own optimizer and schedule win without a word
+        if key in config:
+            raise DeepSpeedConfigError(
+                f"{path}: the '{key}' section would be ignored: the AdamW optimizer and its warmup-cosine schedule "
+                f"come from the recipe (optim.lr, optim.weight_decay, optim.beta1, optim.beta2, optim.eps, "
+                f"optim.warmup_steps, optim.min_lr_ratio; --set optim.lr=...); remove '{key}' from the JSON")
     if "train_micro_batch_size_per_gpu" not in config and "train_batch_size" not in config:
         raise DeepSpeedConfigError(f"{path}: set train_micro_batch_size_per_gpu (the batch size per GPU)")
     return config
