@@ -63,6 +63,22 @@ def _mean_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[s
     return dict(zip(names, stacked.tolist()))
 
 
+def _device_figures_over_ranks(speed: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
+    """Collective. `speed` (a Throughput reading) with TFLOP/s per device averaged over the ranks and
+    the highest peak memory of any rank added: ranks hold different numbers of boxes (L_SD runs the
+    image tower once per box), so rank 0's own FLOPs and memory are one sample, not the run's figure.
+    The FLOPs are averaged, then timed by this rank's clock as samples/s is: ranks start their windows
+    apart (rank 0 sets up the logging first), so averaging each rank's own rate would mix clocks."""
+    teraflop_per_step = torch.tensor([speed["tflops_per_device"] * speed["step_time_s"]], dtype=torch.float64,
+                                     device=device)
+    memory = torch.tensor([peak_memory_mb()], dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(teraflop_per_step)
+        dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    tflops = teraflop_per_step.item() / world_size / max(speed["step_time_s"], 1e-9)
+    return {**speed, "tflops_per_device": tflops, "peak_memory_mb": memory.item()}
+
+
 def _sum_counters_over_ranks(counter: Counter, world_size: int) -> Counter:
     if world_size == 1:
         return counter
@@ -169,7 +185,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         last = _mean_over_ranks(averaged, world_size)
         done = step + 1
         is_log_step = done % config.train.log_every == 0 or done == stop_step
-        speed = throughput.read() if is_log_step else None
+        speed = _device_figures_over_ranks(throughput.read(), world_size, engine.device) if is_log_step else None
         monitor.step(done, last["total"], speed["samples_per_s"] if speed else None)
         if is_log_step:
             counts = _sum_counters_over_ranks(data_counts, world_size)
@@ -180,7 +196,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                 "train/skipped_nonfinite": float(nonfinite.skipped),
                 "perf/samples_per_s": speed["samples_per_s"],
                 "perf/step_time_s": speed["step_time_s"],
-                "perf/peak_memory_mb": peak_memory_mb(),
+                "perf/peak_memory_mb": speed["peak_memory_mb"],
             })
             if shapes is not None:
                 scalars["perf/tflops_per_device"] = speed["tflops_per_device"]
@@ -205,8 +221,8 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             if rank == 0 and os.environ.get(REQUEUE_FILE_VARIABLE):
                 Path(os.environ[REQUEUE_FILE_VARIABLE]).write_text(f"{done}\n")
             break
-    summary = {**whole_run.read(),
-               "peak_memory_mb": peak_memory_mb(), "device": device_name(), "world_size": world_size}
+    summary = {**_device_figures_over_ranks(whole_run.read(), world_size, engine.device),
+               "device": device_name(), "world_size": world_size}
     if shapes is None:
         del summary["tflops_per_device"]  # FLOPs of this tower are not modelled
     elif peak is not None:

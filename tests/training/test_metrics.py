@@ -1,6 +1,13 @@
+import json
+from pathlib import Path
+
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fineclip_ds.training.metrics import peak_tflops
+from tests.training.launcher import run_pretrain, write_ds_config
+
+RANK_METRICS_SCRIPT = Path(__file__).with_name("rank_metrics_pretrain.py")
 
 
 @pytest.mark.parametrize("device_name,peak", [
@@ -34,3 +41,22 @@ def test_paused_time_counts_in_no_throughput_window(monkeypatch):
         pass
     speed = throughput.read()
     assert speed["step_time_s"] == 20.0 and speed["tflops_per_device"] == pytest.approx(1 / 20)
+
+
+@pytest.mark.slow
+def test_tflops_are_averaged_over_ranks_and_peak_memory_is_the_highest_rank(tmp_path):
+    """2 ranks doing 1 and 2 TFLOP per step with 1000 and 2000 MB peaks: a device did 1.5 TFLOP per step
+    on average and the run needs 2000 MB; rank 0's own figures (1 TFLOP, 1000 MB) were logged before."""
+    output_dir = tmp_path / "run"
+    run_pretrain(2, write_ds_config(tmp_path / "ds.json", micro_batch=4, stage=2), output_dir,
+                 "--max_steps", "2", "--set", "data.max_boxes=4", script=RANK_METRICS_SCRIPT)
+    events = EventAccumulator(str(output_dir / "tensorboard"))
+    events.Reload()
+    step_times = [event.value for event in events.Scalars("perf/step_time_s")]
+    for event, step_time in zip(events.Scalars("perf/tflops_per_device"), step_times, strict=True):
+        # TFLOP per step (TensorBoard keeps float32)
+        assert event.value * step_time == pytest.approx(1.5, rel=1e-5), event.step
+    assert [event.value for event in events.Scalars("perf/peak_memory_mb")] == [2000.0, 2000.0]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["tflops_per_device"] * summary["step_time_s"] == pytest.approx(1.5, rel=1e-9)
+    assert summary["peak_memory_mb"] == 2000.0
