@@ -42,10 +42,14 @@ def tile_stats(dot: torch.Tensor, logits: torch.Tensor, dim: int) -> Stats:
 
 
 def finish_stats(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-sum-exp and softmax-expected dot; 0 for rows that saw no valid entry (never used, never NaN)."""
+    """Log-sum-exp and softmax-expected dot; 0 for rows that saw no valid entry (never used, never NaN).
+
+    A row that saw anything has a sum of at least 1 (its max contributes exp(0)); a sum of exactly 0
+    means nothing was seen. A NaN sum (a NaN or +inf logit) stays NaN: `total > 0` read it as unseen
+    and set its log-sum-exp to 0, so a NaN negative from another rank gave this rank a finite loss."""
     # members: [n] -> lse: [n], expected_dot: [n]
     top, total, weighted_dot = stats
-    seen = total > 0
+    seen = total != 0
     safe_total = torch.where(seen, total, 1.0)
     lse = torch.where(seen, _finite_or_zero(top) + torch.log(safe_total), 0.0)
     return lse, torch.where(seen, weighted_dot / safe_total, 0.0)

@@ -23,7 +23,7 @@ import kernels
 from kernels.contrastive import ContrastiveLoss, contrastive_loss, reference_losses
 from kernels.contrastive.function import ContrastiveLossFunction
 from kernels.contrastive.launch import TritonTiles, fill_block_n
-from kernels.contrastive.torch_chunked import TorchTiles
+from kernels.contrastive.torch_chunked import TorchTiles, finish_stats
 from tests.kernels.contrastive_worker import MASK_KINDS, global_batch, run
 from tests.kernels.kernel_device import KERNEL_DEVICE, drawn_on_the_cpu
 from tests.training.launcher import free_port
@@ -401,3 +401,31 @@ def test_gpu_backward_is_bitwise_deterministic_and_flat_in_memory():
     peak = torch.cuda.max_memory_allocated() - before
     logits_bytes = rows * rows * 4
     assert peak < logits_bytes / 16, f"peak {peak} bytes vs one fp32 logits matrix of {logits_bytes}"
+
+
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+def test_an_infinite_valid_feature_gives_nan_as_open_clip_does(backend):
+    """+inf times the other features gives inf and NaN logits; the loss was -inf (finite-looking to a
+    `loss < best` check), because a NaN log-sum-exp sum was taken for 'no valid entry' and set to 0."""
+    images, texts, logit_scale, _ = make_case(0, 9, 6, "none")
+    images, texts, logit_scale = images.float(), texts.float(), logit_scale.float()
+    images[4, 2] = float("inf")
+    want = ClipLoss(local_loss=True, gather_with_grad=True)(images, texts, logit_scale)
+    assert torch.isnan(want)
+    assert torch.isnan(contrastive_loss(images, texts, logit_scale, backend=backend))
+
+
+@pytest.mark.parametrize("passes", PASSES)
+def test_a_nan_negative_from_another_rank_makes_every_anchor_nan(passes):
+    """Rank 0's anchors see rank 1's texts only as negatives. A NaN among them made their log-sum-exp 0,
+    so rank 0's loss stayed finite while open_clip's is NaN on every rank (checked with 2 gloo ranks)."""
+    images, texts, logit_scale, _ = make_case(3, 8, 6, "none")
+    images, texts, scale = images[:4].float(), texts.float(), logit_scale.float()
+    texts[6, 1] = float("nan")  # a row of "rank 1"
+    tiles = TINY_TILES.get(passes, TritonTiles() if passes == "triton" else TorchTiles())
+    row_stats, col_stats = tiles.stats(images, texts, scale, torch.ones(4, dtype=torch.bool),
+                                       torch.ones(8, dtype=torch.bool))
+    row_lse, _ = finish_stats(row_stats)
+    col_lse, _ = finish_stats(col_stats)
+    assert torch.isnan(row_lse).all()
+    assert torch.isnan(col_lse[6]) and torch.isfinite(col_lse[torch.arange(8) != 6]).all()
