@@ -89,6 +89,8 @@ def region_pool_torch(
     with torch.autocast(tokens.device.type, enabled=False):
         weights = (rows[..., :, None] * cols[..., None, :]).flatten(2).to(compute_dtype)
         pooled = torch.bmm(weights, tokens.to(compute_dtype))
+        if box_mask is not None:  # zero weights times a NaN/inf token are NaN: masked rows are zero anyway
+            pooled = torch.where(box_mask.bool()[..., None], pooled, 0.0)
         if normalize:
             pooled = F.normalize(pooled, dim=-1, eps=NORMALIZE_EPS)
     return pooled.to(tokens.dtype)

@@ -377,3 +377,23 @@ def test_triton_refuses_second_order_gradients_instead_of_dropping_them():
     pooled = region_pool(tokens, boxes, (5, 5), 0.5, box_mask, normalize=True, backend="triton")
     with pytest.raises(RuntimeError, match="no second-order gradient"):
         torch.autograd.grad(pooled.square().sum(), tokens, create_graph=True)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_boxes_stay_zero_next_to_nan_tokens_and_nan_upstream_gradients(backend, normalize):
+    """Masked boxes' zero weights times a NaN token anywhere in the image made their rows NaN, and a NaN
+    upstream gradient on their rows (zero weights times NaN) made every token's gradient NaN."""
+    tokens, boxes, _, probe = make_case(18, 2, 4, (5, 7), 9, 0.25, torch.float32)
+    box_mask = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    tokens[0, 3, 2] = float("nan")
+    tokens[1, 30, 5] = float("inf")
+    probe[~box_mask] = float("nan")
+    pooled, grad = pooled_and_grad(tokens, probe, lambda t: region_pool(
+        t, boxes, (5, 7), 0.25, box_mask, normalize=normalize, backend=backend))
+    assert torch.equal(pooled[~box_mask], torch.zeros_like(pooled[~box_mask]))
+    _, want_grad = pooled_and_grad(tokens, torch.where(box_mask[..., None], probe, 0.0), lambda t: region_pool(
+        t, boxes, (5, 7), 0.25, box_mask, normalize=normalize, backend=backend))
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=0, equal_nan=True)
+    if not normalize:  # the plain gradient never reads the tokens: nothing here may be NaN
+        assert torch.isfinite(grad).all()
