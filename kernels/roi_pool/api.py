@@ -17,6 +17,8 @@ def _check_inputs(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[int,
         raise ValueError(f"backend: got {backend!r}, expected one of {BACKENDS}")
     if tokens.dim() != 3:
         raise ValueError(f"tokens: got shape {tuple(tokens.shape)}, expected [B, H*W, C]")
+    if len(grid_hw) != 2:
+        raise ValueError(f"grid_hw: got {tuple(grid_hw)}, expected (H, W)")
     height, width = grid_hw
     if height < 1 or width < 1 or height * width != tokens.shape[1]:
         raise ValueError(f"grid_hw: got {tuple(grid_hw)}, expected H * W == tokens.shape[1] == {tokens.shape[1]}")

@@ -296,6 +296,9 @@ def test_triton_rejects_float64_tokens_naming_the_dtype():
 def test_grid_that_does_not_match_the_tokens_raises():
     with pytest.raises(ValueError, match="grid_hw"):
         region_pool(torch.randn(1, 12, 3), torch.zeros(1, 1, 4), (3, 5), 1.0)
+    for grid_hw in [(12,), (3, 4, 1)]:  # was a bare "not enough / too many values to unpack"
+        with pytest.raises(ValueError, match=r"grid_hw: got .*expected \(H, W\)"):
+            region_pool(torch.randn(1, 12, 3), torch.zeros(1, 1, 4), grid_hw, 1.0)
 
 
 def test_auto_backend_runs_torch_on_cpu(monkeypatch):
