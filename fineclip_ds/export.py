@@ -18,6 +18,7 @@ import open_clip
 import torch
 
 from fineclip_ds.models.fineclip import LOGIT_SCALE_MAX
+from fineclip_ds.training.checkpoint import PARTIAL_SUFFIX, REPLACED_SUFFIX, UNIVERSAL_SUFFIX
 
 TRAINING_PREFIX = "model.clip."  # FineCLIPObjective.model (FineCLIP).clip (open_clip CLIP)
 
@@ -31,13 +32,26 @@ class CheckpointSource:
 
 
 def resolve_checkpoint(checkpoint: str | Path) -> CheckpointSource:
-    """Accept a run's output folder, its checkpoints folder, one tag folder, or a state-dict file."""
+    """Accept a run's output folder, its checkpoints folder, one tag folder, or a state-dict file.
+
+    A tag folder that a save is still writing (`step_N.tmp`) or replacing (`step_N.replaced`) is refused:
+    its files may be half written. A universal folder (`step_N_universal`, converted from `step_N` for a
+    resume at another world size) holds the same weights as `step_N` beside it, which is read instead
+    (zero_to_fp32 cannot read the universal layout)."""
     path = Path(checkpoint)
     if path.is_file():
         return CheckpointSource(path, None, None)
     for folder in (path / "checkpoints", path, path.parent):
         if (folder / "latest").is_file():
             tag = path.name if folder == path.parent else (folder / "latest").read_text().strip()
+            if tag.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX)):
+                raise ValueError(f"--checkpoint {checkpoint}: a checkpoint that is still being written or replaced; "
+                                 f"take a complete one (the run folder's latest is {(folder / 'latest').read_text().strip()})")
+            if tag.endswith(UNIVERSAL_SUFFIX):
+                tag = tag[:-len(UNIVERSAL_SUFFIX)]
+                if not (folder / tag).is_dir():
+                    raise FileNotFoundError(f"--checkpoint {checkpoint}: a universal checkpoint is exported from the "
+                                            f"tag it was converted from, and {folder / tag} is missing")
             config_file = folder.parent / "config.json"
             config = json.loads(config_file.read_text()) if config_file.is_file() else None
             return CheckpointSource(folder, tag, config)

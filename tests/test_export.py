@@ -1,5 +1,6 @@
 """Export from ZeRO-2 and ZeRO-3 checkpoints to one open_clip state dict that open_clip loads by itself."""
 import json
+import shutil
 
 import open_clip
 import pytest
@@ -10,6 +11,7 @@ from fineclip_ds.config import LossConfig, ModelConfig, KernelConfig
 from fineclip_ds.export import export, main, resolve_checkpoint, training_to_open_clip
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
+from fineclip_ds.training.checkpoint import PARTIAL_SUFFIX, REPLACED_SUFFIX, ResumePoint, convert_to_universal
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +68,24 @@ def test_the_cli_does_not_overwrite_or_crash_on_a_bad_output_checkpoint_or_model
     with pytest.raises(SystemExit, match="export: --model ViT-B-61: not an open_clip model name"):
         main(["--checkpoint", str(tmp_path / "fineclip.pt"), "--model", "ViT-B-61", "--output", str(tmp_path / "new.pt")])
     assert not (tmp_path / "new.json").exists()
+
+
+def test_a_universal_tag_exports_its_original_and_a_tag_still_being_written_is_refused(runs, tmp_path):
+    """`step_N_universal` (beside `step_N` after a resume at another world size) holds step_N's weights in a
+    layout zero_to_fp32 cannot read; `step_N.tmp` / `.replaced` are a save in progress, possibly half written."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["two_zero2"], run)
+    checkpoints = run / "checkpoints"
+    tag = (checkpoints / "latest").read_text().strip()
+    universal = convert_to_universal(ResumePoint(checkpoints, tag), rank=0)
+    _, from_run = export(run, tmp_path / "run.pt")
+    _, from_universal = export(checkpoints / universal.tag, tmp_path / "universal.pt")
+    expected, got = torch.load(from_run, weights_only=True), torch.load(from_universal, weights_only=True)
+    assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in expected)
+    for suffix in (PARTIAL_SUFFIX, REPLACED_SUFFIX):
+        in_progress = checkpoints / f"step_99999999{suffix}"  # every file present, as just before the rename
+        shutil.copytree(checkpoints / tag, in_progress)
+        with pytest.raises(SystemExit, match=f"export: --checkpoint .*{suffix}: a checkpoint that is still being "
+                           f"written or replaced; .* latest is {tag}"):
+            main(["--checkpoint", str(in_progress), "--output", str(tmp_path / "partial.pt")])
+    assert not (tmp_path / "partial.pt").exists()
