@@ -15,6 +15,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+import open_clip
 import torch
 
 from fineclip_ds.config import ModelConfig, positive_int
@@ -25,7 +26,7 @@ from fineclip_ds.evaluation.retrieval import RESIZE_MODES, CaptionedImage, evalu
 from fineclip_ds.evaluation.segmentation import LabelledImage, evaluate_segmentation, load_label_folder
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.evaluation.zero_shot import TEMPLATE_SETS
-from fineclip_ds.export import model_name_of, open_clip_state_dict, resolve_checkpoint
+from fineclip_ds.export import CheckpointSource, model_name_of, open_clip_state_dict, resolve_checkpoint
 from fineclip_ds.models.factory import Tokenizer, create_fineclip
 from fineclip_ds.models.fineclip import FineCLIP
 
@@ -38,17 +39,44 @@ Annotations = BoxDataset | list[CaptionedImage] | tuple[list[str], list[Labelled
 
 def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None, device: torch.device | str = "cpu",
                         image_size: int | list[int] | None = None) -> tuple[FineCLIP, Tokenizer, tuple]:
-    """Any checkpoint form -> the FineCLIP model in eval mode, through open_clip's own loading code."""
+    """Any checkpoint form -> the FineCLIP model in eval mode, through open_clip's own loading code.
+
+    Without `image_size`, a model trained at another size than its config's (model.image_size in the run's
+    config.json, or vision_cfg.image_size in the model config export writes beside its .pt) is evaluated at
+    the size it was trained at, as training's own evaluation saw it. It is built at that size before its
+    weights load: open_clip's pretrained= loads them first and resizes after, which interpolated a ViT's
+    positional embeddings to the config's size and refused a timm tower's (EVA02) altogether."""
     source = resolve_checkpoint(checkpoint)
     name = model_name_of(source, model_name)
+    trained_size = _trained_size(source)
     with tempfile.TemporaryDirectory() as scratch:
         weights = source.path
         if source.tag is not None:
             weights = Path(scratch) / "open_clip.pt"
             torch.save(open_clip_state_dict(source), weights)
-        model, tokenizer, normalization = create_fineclip(ModelConfig(name=name, pretrained=str(weights),
-                                                                      image_size=image_size))
+        if trained_size is not None and _pair(image_size or trained_size) == _pair(trained_size):
+            model, tokenizer, normalization = create_fineclip(ModelConfig(name=name, image_size=trained_size))
+            try:
+                open_clip.load_checkpoint(model.clip, str(weights), strict=True)
+            except RuntimeError as error:
+                raise ValueError(f"--checkpoint {checkpoint} does not load into --model {name} at its trained size "
+                                 f"{trained_size}: {str(error).splitlines()[0]}") from error
+        else:
+            model, tokenizer, normalization = create_fineclip(ModelConfig(name=name, pretrained=str(weights),
+                                                                          image_size=image_size))
     return model.to(device).eval(), tokenizer, normalization
+
+
+def _trained_size(source: CheckpointSource) -> int | list[int] | None:
+    if source.tag is None:  # export's model config beside the state dict records the trained size
+        model_config = source.path.with_suffix(".json")
+        config = json.loads(model_config.read_text()) if model_config.is_file() else {}
+        return config.get("vision_cfg", {}).get("image_size") if isinstance(config, dict) else None
+    return (source.run_config or {}).get("model", {}).get("image_size")
+
+
+def _pair(size: int | list[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def run(args: argparse.Namespace) -> dict:

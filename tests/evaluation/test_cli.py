@@ -211,3 +211,21 @@ def test_a_coco_captions_file_given_for_boxes_or_retrieval_is_named_before_the_m
         _evaluate(data, tmp_path, "--task", "box-cls", *inputs)
     with pytest.raises(SystemExit, match=r"captions.json: expected a Karpathy JSON .* \(KeyError: 'filename'\)"):
         _evaluate(data, tmp_path, "--task", "retrieval", *inputs)
+
+
+@pytest.mark.parametrize("name,size", [("FineCLIP-ViT-T-8", 96), ("FineCLIP-EVA02-T-14", 56)])
+def test_a_model_trained_at_another_size_is_evaluated_at_that_size(tmp_path, name, size):
+    """export's model config beside the .pt (as a run's config.json) records the trained size; open_clip's
+    pretrained= loading resized a ViT's positional table to the config's size and refused an EVA02's."""
+    from fineclip_ds.evaluate import load_for_evaluation
+
+    trained = open_clip.create_model(name, force_image_size=size).eval()
+    torch.save(trained.state_dict(), tmp_path / "fineclip.pt")
+    model_config = open_clip.get_model_config(name)
+    model_config["vision_cfg"]["image_size"] = size
+    (tmp_path / "fineclip.json").write_text(json.dumps(model_config))
+    model, _, _ = load_for_evaluation(tmp_path / "fineclip.pt", name)
+    assert model.image_size == (size, size)
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), trained.encode_image(images, normalize=True))
