@@ -79,11 +79,26 @@ def open_clip_state_dict(source: CheckpointSource) -> dict[str, torch.Tensor]:
 
 
 def model_name_of(source: CheckpointSource, model_name: str | None) -> str:
+    """--model, else the run's config.json, else the open_clip model config export wrote beside a state
+    dict (registered with open_clip under the file's stem, as the README tells a plain open_clip user)."""
     if model_name:
         return model_name
     if source.run_config:
         return source.run_config["model"]["name"]
-    raise ValueError(f"--model is needed: {source.path} has no run config.json to read the model name from")
+    model_config = source.path.with_suffix(".json") if source.tag is None else None
+    if model_config is not None and model_config.is_file() and _is_open_clip_config(model_config):
+        open_clip.add_model_config(model_config)
+        return model_config.stem
+    raise ValueError(f"--model is needed: {source.path} has no run config.json, nor an open_clip model config "
+                     "beside it, to read the model name from")
+
+
+def _is_open_clip_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return isinstance(config, dict) and {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys()
 
 
 def export(checkpoint: str | Path, output: Path, model_name: str | None = None) -> tuple[str, Path]:

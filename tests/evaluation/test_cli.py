@@ -1,5 +1,6 @@
 """`python -m fineclip_ds.evaluate` end to end on COCO / Karpathy files the test writes over synthetic images."""
 import json
+import shutil
 from pathlib import Path
 
 import open_clip
@@ -229,3 +230,16 @@ def test_a_model_trained_at_another_size_is_evaluated_at_that_size(tmp_path, nam
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), trained.encode_image(images, normalize=True))
+
+
+def test_an_exported_state_dict_names_its_model_through_the_config_beside_it(data, tmp_path):
+    """export writes <name>.pt and <name>.json (an open_clip model config): evaluate reads the model from
+    the .json as a plain open_clip user would register it; a bare state dict still needs --model."""
+    exported = tmp_path / "my_fineclip.pt"
+    shutil.copy(data / "weights.pt", exported)
+    exported.with_suffix(".json").write_text(json.dumps(open_clip.get_model_config("FineCLIP-ViT-T-8")))
+    common = ["--task", "world", "--max_images", "8", "--batch_size", "4", "--world_image_size", "64"]
+    main(["--checkpoint", str(exported), *common, "--output", str(tmp_path / "named.json")])
+    main(["--checkpoint", str(exported), "--model", "FineCLIP-ViT-T-8", *common,
+          "--output", str(tmp_path / "given.json")])
+    assert json.loads((tmp_path / "named.json").read_text()) == json.loads((tmp_path / "given.json").read_text())
