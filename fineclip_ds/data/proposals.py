@@ -20,7 +20,7 @@ from torchvision.transforms import functional as TF
 
 from fineclip_ds.data.coco import read_coco
 from fineclip_ds.data.records import FileNameLookup
-from fineclip_ds.data.transforms import validate_boxes
+from fineclip_ds.data.transforms import as_number, validate_boxes
 
 Box = tuple[float, float, float, float]
 
@@ -28,25 +28,17 @@ Box = tuple[float, float, float, float]
 def coco_xyxy(bbox: Any) -> Any:
     """COCO [x, y, w, h] -> (x1, y1, x2, y2); a bbox that is not four numbers (a string, null, three
     values) comes back as it is, for validate_boxes to drop and count."""
-    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+    values = [as_number(v) for v in bbox] if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else [None]
+    if None in values:
         return bbox
-    try:
-        x, y, w, h = map(float, bbox)
-    except OverflowError:  # an integer past float range
-        return bbox
+    x, y, w, h = values
     return (x, y, x + w, y + h)
 
 
 def proposal_score(value: Any) -> float | None:
     """A proposal's score as a float; None when it is not a finite number (null, a string, NaN)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        score = float(value)
-    except OverflowError:
-        return None
-    return score if math.isfinite(score) else None
+    score = as_number(value)
+    return score if score is not None and math.isfinite(score) else None
 
 
 class Proposer(Protocol):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
@@ -16,6 +16,17 @@ from torchvision.transforms import functional as TF
 from fineclip_ds.data.images import to_rgb
 
 MIN_BOX_SIDE_PX = 1.0  # at model resolution: thinner boxes pool less than one token's worth
+
+
+def as_number(value: Any) -> float | None:
+    """A JSON value as a float: None when it is not a number ("12", None, True); inf for an integer past
+    float range (JSON integers have no size limit: 1 followed by 400 zeros)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def validate_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) -> tuple[list[list[float]], list[int], Counter]:
@@ -27,17 +38,14 @@ def validate_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) ->
         if not isinstance(box, (list, tuple)) or len(box) != 4:
             drops["box_malformed"] += 1
             continue
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):  # "12", None, True
+        values = [as_number(v) for v in box]
+        if None in values:
             drops["box_malformed"] += 1
             continue
-        try:
-            x1, y1, x2, y2 = map(float, box)
-        except OverflowError:  # JSON integers have no size limit: 1 followed by 400 zeros
+        if not all(math.isfinite(v) for v in values):
             drops["box_not_finite"] += 1
             continue
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            drops["box_not_finite"] += 1
-            continue
+        x1, y1, x2, y2 = values
         if x2 <= x1 or y2 <= y1:
             drops["box_non_positive"] += 1
             continue
