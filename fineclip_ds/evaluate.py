@@ -26,7 +26,8 @@ from fineclip_ds.evaluation.retrieval import RESIZE_MODES, CaptionedImage, evalu
 from fineclip_ds.evaluation.segmentation import LabelledImage, evaluate_segmentation, load_label_folder
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.evaluation.zero_shot import TEMPLATE_SETS
-from fineclip_ds.export import CheckpointSource, model_name_of, open_clip_state_dict, resolve_checkpoint
+from fineclip_ds.export import (CheckpointSource, exported_model_config, model_name_of, open_clip_state_dict,
+                               resolve_checkpoint)
 from fineclip_ds.models.factory import Tokenizer, create_fineclip
 from fineclip_ds.models.fineclip import FineCLIP
 
@@ -69,9 +70,8 @@ def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None, d
 
 def _trained_size(source: CheckpointSource) -> int | list[int] | None:
     if source.tag is None:  # export's model config beside the state dict records the trained size
-        model_config = source.path.with_suffix(".json")
-        config = json.loads(model_config.read_text()) if model_config.is_file() else {}
-        return config.get("vision_cfg", {}).get("image_size") if isinstance(config, dict) else None
+        config = exported_model_config(source)
+        return config["vision_cfg"].get("image_size") if config else None
     return (source.run_config or {}).get("model", {}).get("image_size")
 
 

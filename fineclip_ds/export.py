@@ -85,20 +85,24 @@ def model_name_of(source: CheckpointSource, model_name: str | None) -> str:
         return model_name
     if source.run_config:
         return source.run_config["model"]["name"]
-    model_config = source.path.with_suffix(".json") if source.tag is None else None
-    if model_config is not None and model_config.is_file() and _is_open_clip_config(model_config):
+    if exported_model_config(source) is not None:
+        model_config = source.path.with_suffix(".json")
         open_clip.add_model_config(model_config)
         return model_config.stem
     raise ValueError(f"--model is needed: {source.path} has no run config.json, nor an open_clip model config "
                      "beside it, to read the model name from")
 
 
-def _is_open_clip_config(path: Path) -> bool:
+def exported_model_config(source: CheckpointSource) -> dict | None:
+    """The open_clip model config export writes beside a state dict (<name>.json), or None."""
+    path = source.path.with_suffix(".json")
+    if source.tag is not None or not path.is_file():
+        return None
     try:
         config = json.loads(path.read_text())
-    except ValueError:
-        return False
-    return isinstance(config, dict) and {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys()
+    except ValueError as error:
+        raise ValueError(f"{path}: the model config beside the state dict is not valid JSON ({error})") from error
+    return config if isinstance(config, dict) and {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys() else None
 
 
 def export(checkpoint: str | Path, output: Path, model_name: str | None = None) -> tuple[str, Path]:
