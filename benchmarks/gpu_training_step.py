@@ -31,8 +31,8 @@ from fineclip_ds.models.factory import create_fineclip  # noqa: E402
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops  # noqa: E402
 from fineclip_ds.training.metrics import peak_tflops  # noqa: E402
 
-MODELS = ("ViT-B-16:64", "ViT-L-14:32")  # model name: images per step
-SMOKE_MODELS = ("FineCLIP-ViT-T-16-224:2",)
+MODELS = (("ViT-B-16", 64), ("ViT-L-14", 32))  # model name, images per step
+SMOKE_MODELS = (("FineCLIP-ViT-T-16-224", 2),)
 CHECKPOINTING = {"off": False, "on": True}
 BOXES = 5
 COLUMNS = ("model", "attention", "checkpointing", "batch", "samples/s", "model TFLOP/s", "MFU", "peak GiB")
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--models", type=model_and_batch, nargs="+", default=None,
-                        help=f"MODEL:IMAGES per step (default: {' '.join(MODELS)})")
+                        help=f"MODEL:IMAGES per step (default: {' '.join(f'{n}:{i}' for n, i in MODELS)})")
     parser.add_argument("--attention", nargs="+", choices=("sdpa", "math", "flash_attn"), default=None,
                         help="attention backends (default: sdpa, math, and flash_attn when installed)")
     parser.add_argument("--checkpointing", nargs="+", choices=tuple(CHECKPOINTING), default=list(CHECKPOINTING))
@@ -113,8 +113,7 @@ def main() -> None:
     steps = 1 if args.smoke else args.steps
     flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     backends = args.attention or ["sdpa", "math"] + (["flash_attn"] if flash else [])
-    models = [model_and_batch(spec) for spec in SMOKE_MODELS] if args.smoke else args.models or [
-        model_and_batch(spec) for spec in MODELS]
+    models = SMOKE_MODELS if args.smoke else args.models or MODELS
     section = MarkdownSection(
         args.output, f"## FineCLIP training step, {device_label(device)}, {datetime.date.today().isoformat()}",
         f"`python {' '.join(sys.argv)}`; bf16 weights, AdamW, {steps} timed steps, {BOXES} boxes per image, "

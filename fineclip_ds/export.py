@@ -43,10 +43,11 @@ def resolve_checkpoint(checkpoint: str | Path) -> CheckpointSource:
         return CheckpointSource(path, None, None)
     for folder in (path / "checkpoints", path, path.parent):
         if (folder / "latest").is_file():
-            tag = path.name if folder == path.parent else (folder / "latest").read_text().strip()
+            latest = (folder / "latest").read_text().strip()
+            tag = path.name if folder == path.parent else latest
             if tag.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX)):
                 raise ValueError(f"--checkpoint {checkpoint}: a checkpoint that is still being written or replaced; "
-                                 f"take a complete one (the run folder's latest is {(folder / 'latest').read_text().strip()})")
+                                 f"take a complete one (the run folder's latest is {latest})")
             if tag.endswith(UNIVERSAL_SUFFIX):
                 tag = tag[:-len(UNIVERSAL_SUFFIX)]
                 if not (folder / tag).is_dir():

@@ -53,8 +53,8 @@ class CaptionedProposals:
 def _pixel_box(box: list[float]) -> tuple[int, int, int, int]:
     """The pixels a box touches: never empty (rounding both ends can give a box under a pixel, or
     (1.5, 2.5) under round-half-to-even, no pixel, and a captioner's processor fails on an empty crop)."""
-    x1, y1, x2, y2 = box
-    return math.floor(x1), math.floor(y1), max(math.ceil(x2), math.floor(x1) + 1), max(math.ceil(y2), math.floor(y1) + 1)
+    left, top = math.floor(box[0]), math.floor(box[1])
+    return left, top, max(math.ceil(box[2]), left + 1), max(math.ceil(box[3]), top + 1)
 
 
 def released_region_key(file_name: str, bbox: list[float]) -> str:

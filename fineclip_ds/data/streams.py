@@ -189,8 +189,8 @@ class _ShardBatches(IterableDataset):
                 if sample is None:
                     continue
                 read_epoch = piece.epoch if piece else epoch
-                sample = pick_boxes(sample, self.collator.max_boxes,
-                                    f"{self.seed}:{read_epoch}:{record.get('__url__', '')}:{record.get('__key__', read)}")
+                read_name = f"{self.seed}:{read_epoch}:{record.get('__url__', '')}:{record.get('__key__', read)}"
+                sample = pick_boxes(sample, self.collator.max_boxes, read_name)
                 usable += 1
                 samples.append(sample)
                 if len(samples) == self.local_batch:
