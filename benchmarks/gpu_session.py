@@ -57,7 +57,8 @@ def _script(name: str, *args: str) -> tuple[str, ...]:
 
 
 def _pytest(*args: str) -> tuple[str, ...]:
-    """-v where a cut-off run must still say which tests passed: pytest prints its summary only at the end."""
+    """Quiet, with a summary of failures, errors and skips. pytest prints that summary only at the end, so a
+    step that may be cut off at its cap adds -v, which names each test as it passes."""
     return (sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *args)
 
 
