@@ -1,4 +1,4 @@
-"""Start the process group the same way under every launcher, and undo DeepSpeed's CPU /dev/shm leak."""
+"""Start and end the process group the same way under every launcher, and undo DeepSpeed's CPU /dev/shm leak."""
 from __future__ import annotations
 
 import os
@@ -43,3 +43,13 @@ def init_process_group() -> tuple[int, int]:
         dist.barrier()
         cpu_allreduce_buffer(rank).unlink(missing_ok=True)
     return rank, world_size
+
+
+def shutdown_process_group() -> None:
+    """End a finished run's process group while the interpreter is whole.
+
+    Left to interpreter exit, gloo's worker threads can outlive Python and abort the rank ("terminate called
+    without an active exception", exit -6) after a run that completed. Call it only where every rank gets
+    there (a normal end): destroying the group while a peer still waits in a collective would hang."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
