@@ -8,15 +8,25 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of one JSON line, or None for a line that a crash (node lost, disk full) cut off mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # json.JSONDecodeError is a ValueError
+        return None
+
+
 def _keep_steps_up_to(metrics: Path, last_step: int) -> None:
-    """Rewrite the JSON-lines log (atomically) without the lines of steps after `last_step`."""
+    """Rewrite the JSON-lines log (atomically) without the lines of steps after `last_step` and without a
+    line cut off mid-write, which would otherwise stop every resume and glue the next line onto itself."""
     if not metrics.exists():
         return
-    lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-    if len(kept) < len(lines):
+    logged = metrics.read_text(errors="replace")  # a crash may leave stray bytes: that line is dropped
+    kept = [line for line in logged.splitlines() if (step := _logged_step(line)) is not None and step <= last_step]
+    rewritten = "".join(line + "\n" for line in kept)
+    if rewritten != logged:
         partial = metrics.with_suffix(".jsonl.tmp")
-        partial.write_text("".join(line + "\n" for line in kept))
+        partial.write_text(rewritten)
         os.replace(partial, metrics)
 
 

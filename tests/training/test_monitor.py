@@ -24,3 +24,16 @@ def test_steps_logged_past_the_checkpoint_are_replaced_by_the_resumed_runs(tmp_p
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(event.step, event.value) for event in events.Scalars("loss/total")] == expected
+
+
+def test_a_line_cut_off_by_a_crash_does_not_stop_the_resume(tmp_path):
+    """A node lost (or a full disk) while metrics.jsonl was written leaves a partial last line: the resumed
+    run drops it with the other steps past its checkpoint instead of failing to parse it, and its own lines
+    start on a line of their own."""
+    _run(tmp_path, start_step=0, last_step=4, loss_offset=0.0)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "lo')  # saved at 4, cut off while logging step 5
+    _run(tmp_path, start_step=4, last_step=6, loss_offset=100.0)
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(entry["step"], entry["loss"]) for entry in logged] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
+                                                                      (5, 105.0), (6, 106.0)]
