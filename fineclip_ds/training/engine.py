@@ -227,6 +227,9 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         del summary["tflops_per_device"]  # FLOPs of this tower are not modelled
     elif peak is not None:
         summary["mfu"] = summary["tflops_per_device"] / peak
-    monitor.summary(summary)
+    if summary["steps"]:
+        monitor.summary(summary)
+    elif rank == 0:  # resumed at its last step: 0 samples/s would replace the figures of the steps that did run
+        log.info("no step left to train (resumed at step %d): %s kept", start_step, output_dir / "summary.json")
     monitor.close()
     return last

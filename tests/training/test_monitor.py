@@ -1,10 +1,16 @@
 """A run resumed from a checkpoint older than its last logged step logs each step once, in
 metrics.jsonl and in TensorBoard (a kill between checkpoints logs steps the resumed run repeats)."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fineclip_ds.training.monitor import Monitor
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(output_dir, start_step: int, last_step: int, loss_offset: float) -> None:
@@ -37,3 +43,23 @@ def test_a_line_cut_off_by_a_crash_does_not_stop_the_resume(tmp_path):
     logged = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [(entry["step"], entry["loss"]) for entry in logged] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
                                                                       (5, 105.0), (6, 106.0)]
+
+
+def _pretrain(output_dir: Path, *args: str) -> None:
+    """One process, no launcher: the world of one that launch/pretrain.py sets up by itself."""
+    done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--deepspeed_config",
+                           str(REPO / "ds_configs" / "zero2.json"), "--output_dir", str(output_dir), "--max_steps", "2",
+                           "--set", "data.num_workers=0", "--set", "data.max_boxes=4", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_resume_with_no_step_left_keeps_the_runs_summary(tmp_path):
+    """--resume auto of a finished run (launch/slurm_pretrain.sbatch always passes it; a requeued or resubmitted
+    job meets a finished run) trains nothing: summary.json keeps the run's figures, not 0 samples/s."""
+    _pretrain(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["samples_per_s"] > 0
+    _pretrain(tmp_path, "--resume", "auto")
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
