@@ -216,7 +216,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         if done % config.train.save_every == 0 or done == stop_step or preempted:
             with throughput.paused(), whole_run.paused():
                 checkpoint.save(engine, checkpoint_dir, done, trainer_state(done), config.train.keep_last)
-        if preempted:
+        if preempted and done < stop_step:  # at the last step the run is done: nothing to requeue
             log.warning("stopped by signal after step %d; resume with --resume auto", done)
             if rank == 0 and os.environ.get(REQUEUE_FILE_VARIABLE):
                 Path(os.environ[REQUEUE_FILE_VARIABLE]).write_text(f"{done}\n")

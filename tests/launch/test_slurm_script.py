@@ -1,13 +1,16 @@
 """launch/slurm_pretrain.sbatch requeues a job that a stop signal ended, and only such a job: run with
 stand-ins for srun and scontrol on PATH (the trainer's side, writing the file, is in test_faults)."""
+import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+SIGNALLED_PRETRAIN = Path(__file__).with_name("signalled_pretrain.py")
 FAKE_SRUN = """#!/usr/bin/env bash
 # a training run: stopped by the time-limit signal when FAKE_PREEMPTED=1 (rank 0 writes the file)
 echo "$1 $2" > "${SRUN_ARGS}"
@@ -56,3 +59,25 @@ def test_srun_passes_the_cpus_per_task_on(tmp_path):
     """Slurm 22.05-23.02: srun does not inherit the batch script's --cpus-per-task."""
     _run_job(tmp_path, preempted=False)
     assert (tmp_path / "srun_args").read_text() == "--kill-on-bad-exit=1 --cpus-per-task=12\n"
+
+
+def _signalled_run(tmp_path: Path, max_steps: int, signal_at_step: int) -> Path:
+    """The trainer's side: one process (no launcher) told to stop by SIGUSR1 during `signal_at_step`."""
+    requeue_file = tmp_path / "requeue"
+    env = {**os.environ, "FINECLIP_REQUEUE_FILE": str(requeue_file), "FINECLIP_TEST_SIGNAL_CALL": str(signal_at_step)}
+    done = subprocess.run([sys.executable, str(SIGNALLED_PRETRAIN), "--deepspeed_config",
+                           str(REPO / "ds_configs" / "zero2.json"), "--output_dir", str(tmp_path / "run"),
+                           "--max_steps", str(max_steps), "--set", "data.num_workers=0", "--set", "data.max_boxes=4"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # slow on shared CPUs
+    assert done.returncode == 0, done.stderr[-3000:]
+    return requeue_file
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_last_step_does_not_requeue_the_finished_run(tmp_path):
+    """The run saved its last step and is done: a requeue would only start it again to train nothing."""
+    requeue_file = _signalled_run(tmp_path, max_steps=2, signal_at_step=2)
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [1, 2]
+    assert not requeue_file.exists()
