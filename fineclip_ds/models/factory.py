@@ -19,31 +19,82 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
+def _grid(image_size: int | tuple[int, int] | list[int], patch_size: int | tuple[int, int] | list[int]
+          ) -> tuple[int, int]:
+    (height, width), (patch_h, patch_w) = [(v, v) if isinstance(v, int) else tuple(v) for v in (image_size, patch_size)]
+    return height // patch_h, width // patch_w
+
+
 def _native_grid(name: str) -> tuple[int, int] | None:
     """The patch grid an open_clip ViT config (and so its checkpoints) was trained at; None for timm towers."""
     vision = open_clip.get_model_config(name).get("vision_cfg", {})
     size, patch = vision.get("image_size"), vision.get("patch_size")
     if size is None or patch is None or vision.get("timm_model_name"):
         return None
-    (height, width), (patch_h, patch_w) = [(v, v) if isinstance(v, int) else tuple(v) for v in (size, patch)]
-    return height // patch_h, width // patch_w
+    return _grid(size, patch)
 
 
-def _resample_same_length_positional_grid(clip: torch.nn.Module, name: str) -> None:
-    """Resample the loaded positional table when the new grid has as many tokens as the checkpoint's
-    but another shape (8 x 8 -> 4 x 16): open_clip resizes only when the token count changes, so the
-    table would otherwise be read in the wrong layout. Same interpolation as open_clip's resize, and
-    the same assumption: the checkpoint is at its model config's size (true of open_clip's and
-    OpenAI's weights, and of our exports, whose config records the trained size)."""
-    native, table = _native_grid(name), getattr(clip.visual, "positional_embedding", None)
-    grid = tuple(getattr(clip.visual, "grid_size", ()))
-    if native is None or table is None or grid == native or grid[0] * grid[1] != native[0] * native[1]:
-        return
-    # table: [1 + H*W, C] (class token first)
+def _resample_positional_grid(table: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """The positional table of a `native` patch grid resampled to `grid`, by open_clip's interpolation
+    (bicubic, antialiased) but from the grid's real shape: open_clip's own resize reads every table as
+    a square (sqrt of its length), so a non-square grid (an export trained at [48, 80]) came out scrambled,
+    and one of a non-square length failed to load."""
+    # table: [1 + H*W, C] (class token first) -> [1 + h*w, C]
     image_part = table[1:].detach().reshape(1, *native, -1).permute(0, 3, 1, 2).float()
     resampled = F.interpolate(image_part, size=grid, mode="bicubic", antialias=True, align_corners=False)
-    with torch.no_grad():
-        table[1:] = resampled.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(table.dtype)
+    resampled = resampled.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(table.dtype)
+    return torch.cat([table[:1].detach(), resampled])
+
+
+def _checkpoint_table_rows(path: str) -> int | None:
+    """Rows of a checkpoint's image positional table, read without loading its weights (memory-mapped);
+    None where it cannot be told cheaply (open_clip's own load then reads the file and reports any error)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as weights:
+                keys = [key for key in weights.keys() if key.removeprefix("module.") == "visual.positional_embedding"]
+                return weights.get_slice(keys[0]).get_shape()[0] if keys else None
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # not a zip-format torch file (an OpenAI TorchScript archive, a legacy file, not weights)
+        return None
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    for key, value in (state_dict or {}).items():
+        if str(key).removeprefix("module.") == "visual.positional_embedding" and isinstance(value, torch.Tensor):
+            return value.shape[0]
+    return None
+
+
+def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | None,
+                 device: torch.device | str) -> torch.nn.Module:
+    """open_clip's model with `config.pretrained` loaded, at `force_image_size`.
+
+    A checkpoint whose positional table has its model config's length is taken to be at that config's
+    grid (true of open_clip's and OpenAI's weights, and of our exports, whose config records the trained
+    size): it is loaded at that size and its table resampled to the new grid here, from the grid's real
+    shape (`_resample_positional_grid`), not by open_clip, which reads every table as a square and keeps
+    one of the same length as is (8 x 8 would be read as 4 x 16). A table of the new grid's own length
+    loads as is. timm towers (EVA02) resample their own table through timm's set_input_size."""
+    def build(size, pretrained=None):
+        return open_clip.create_model(config.name, pretrained=pretrained, nonscalar_logit_scale=True, device=device,
+                                      force_image_size=size)
+
+    native = _native_grid(config.name)
+    if config.pretrained is None or native is None or force_image_size is None:
+        return build(force_image_size, config.pretrained)
+    grid = _grid(force_image_size, open_clip.get_model_config(config.name)["vision_cfg"]["patch_size"])
+    if grid == native or _checkpoint_table_rows(config.pretrained) != 1 + native[0] * native[1]:
+        return build(force_image_size, config.pretrained)
+    clip = build(None, config.pretrained)
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: draw nothing for it
+        resized = build(force_image_size)
+    state_dict = clip.state_dict()
+    del clip
+    state_dict["visual.positional_embedding"] = _resample_positional_grid(
+        state_dict["visual.positional_embedding"], native, grid)
+    resized.load_state_dict(state_dict)
+    return resized
 
 
 def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
@@ -62,8 +113,7 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
     size = config.image_size
     force_image_size = tuple(size) if isinstance(size, list) else size  # positional embeddings interpolated
     try:
-        clip = open_clip.create_model(config.name, pretrained=config.pretrained, nonscalar_logit_scale=True,
-                                      device=device, force_image_size=force_image_size)
+        clip = _create_clip(config, force_image_size, device)
     except (RuntimeError, AssertionError, KeyError, EOFError, pickle.UnpicklingError) as error:
         if config.pretrained is None:
             raise
@@ -71,8 +121,6 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
         raise ConfigError(f"model.pretrained: {config.pretrained} does not load into model.name '{config.name}' "
                           f"(another architecture, or not a checkpoint file?): {type(error).__name__}: "
                           f"{' '.join(line.strip() for line in str(error).splitlines()[:2])}") from error
-    if config.pretrained is not None:
-        _resample_same_length_positional_grid(clip, config.name)
     model = FineCLIP(
         clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing,
         checkpoint_every=config.checkpoint_every, attention=config.attention,

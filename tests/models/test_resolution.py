@@ -65,3 +65,38 @@ def test_training_step_at_a_non_square_size_runs_and_saves_at_that_size(checkpoi
     torch.save(model.clip.state_dict(), tmp_path / "resized.pt")
     reloaded, _, _ = create_fineclip(ModelConfig(pretrained=str(tmp_path / "resized.pt"), image_size=[48, 80]))
     torch.testing.assert_close(reloaded.visual.positional_embedding, model.visual.positional_embedding)
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory):
+    """A model config trained at [32, 128] (a 4 x 16 grid), as export writes for a run trained at that size."""
+    import copy
+    import json
+
+    folder = tmp_path_factory.mktemp("wide")
+    model_config = copy.deepcopy(open_clip.get_model_config("FineCLIP-ViT-T-8"))
+    model_config["vision_cfg"]["image_size"] = [32, 128]
+    (folder / "wide-T-8.json").write_text(json.dumps(model_config))
+    open_clip.add_model_config(folder / "wide-T-8.json")
+    torch.manual_seed(0)
+    clip = open_clip.create_model("wide-T-8")
+    torch.save(clip.state_dict(), folder / "wide.pt")
+    return str(folder / "wide.pt"), clip.visual.positional_embedding.detach()
+
+
+@pytest.mark.parametrize("size,grid", [(96, (12, 12)), ([48, 80], (6, 10)), (64, (8, 8))])
+def test_a_non_square_checkpoint_grid_is_resampled_from_its_own_shape(wide_checkpoint, size, grid):
+    """open_clip reads a 65-row table as 8 x 8 whatever its config's grid: 96 px and 64 px came out scrambled
+    and [48, 80] too, each without a word."""
+    path, table = wide_checkpoint
+    model, _, _ = create_fineclip(ModelConfig(name="wide-T-8", pretrained=path, image_size=size))
+    image_part = table[1:].reshape(1, 4, 16, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(image_part, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(model.visual.positional_embedding[1:],
+                               expected.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1))
+    torch.testing.assert_close(model.visual.positional_embedding[0], table[0], rtol=0, atol=0)
+    reference = open_clip.create_model("wide-T-8", pretrained=path)
+    for name, value in reference.state_dict().items():  # every other weight is the checkpoint's
+        if name != "visual.positional_embedding":
+            torch.testing.assert_close(model.clip.state_dict()[name].reshape(value.shape), value, rtol=0, atol=0)
+
