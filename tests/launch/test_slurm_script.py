@@ -61,6 +61,16 @@ def test_srun_passes_the_cpus_per_task_on(tmp_path):
     assert (tmp_path / "srun_args").read_text() == "--kill-on-bad-exit=1 --cpus-per-task=12\n"
 
 
+def test_a_requeued_job_appends_to_its_log():
+    """A requeued job keeps its id, so slurm-%j.out names the same file in every allocation, and Slurm opens it
+    with O_TRUNC unless told to append (slurmstepd io_get_file_flags; JobFileAppend defaults to 0): without
+    --open-mode=append each requeue erased the log of the allocations before it, the signal and save included."""
+    script = (REPO / "launch" / "slurm_pretrain.sbatch").read_text()
+    directives = [line.split(None, 1)[1] for line in script.splitlines() if line.startswith("#SBATCH ")]
+    assert "--requeue" in directives and "--output=slurm-%j.out" in directives
+    assert "--open-mode=append" in directives
+
+
 def _signalled_run(tmp_path: Path, max_steps: int, signal_at_step: int) -> Path:
     """The trainer's side: one process (no launcher) told to stop by SIGUSR1 during `signal_at_step`."""
     requeue_file = tmp_path / "requeue"
