@@ -14,6 +14,7 @@ SIGNALLED_PRETRAIN = Path(__file__).with_name("signalled_pretrain.py")
 FAKE_SRUN = """#!/usr/bin/env bash
 # a training run: stopped by the time-limit signal when FAKE_PREEMPTED=1 (rank 0 writes the file)
 echo "$1 $2" > "${SRUN_ARGS}"
+echo "${MASTER_ADDR}:${MASTER_PORT}" > "${SRUN_MASTER}"
 if [[ "${FAKE_PREEMPTED}" == 1 ]]; then echo 7 > "${FINECLIP_REQUEUE_FILE}"; fi
 exit "${FAKE_STATUS:-0}"
 """
@@ -22,7 +23,8 @@ if [[ "$1" == show ]]; then echo node-001; else echo "$@" >> "${SCONTROL_CALLS}"
 """
 
 
-def _run_job(tmp_path: Path, preempted: bool, status: int = 0, stale_file: bool = False) -> tuple[int, str]:
+def _run_job(tmp_path: Path, preempted: bool, status: int = 0, stale_file: bool = False, job_id: int = 4242,
+             **extra_env: str) -> tuple[int, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -31,10 +33,12 @@ def _run_job(tmp_path: Path, preempted: bool, status: int = 0, stale_file: bool 
     if stale_file:  # an earlier allocation of the same job was requeued and left its file behind
         (tmp_path / ".fineclip-requeue-4242").write_text("3\n")
     calls = tmp_path / "scontrol_calls"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path),
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-001", "SCONTROL_CALLS": str(calls),
+    outer = {name: value for name, value in os.environ.items() if name != "MASTER_PORT"}  # as on a fresh node
+    env = {**outer, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "node-001", "SCONTROL_CALLS": str(calls),
            "FAKE_PREEMPTED": "1" if preempted else "0", "FAKE_STATUS": str(status),
-           "SLURM_CPUS_PER_TASK": "12", "SRUN_ARGS": str(tmp_path / "srun_args")}
+           "SLURM_CPUS_PER_TASK": "12", "SRUN_ARGS": str(tmp_path / "srun_args"),
+           "SRUN_MASTER": str(tmp_path / "srun_master"), **extra_env}
     done = subprocess.run(["bash", str(REPO / "launch" / "slurm_pretrain.sbatch"), "--recipe", "vit-l-14"],
                           env=env, capture_output=True, text=True, timeout=60)
     return done.returncode, calls.read_text() if calls.exists() else ""
@@ -59,6 +63,19 @@ def test_srun_passes_the_cpus_per_task_on(tmp_path):
     """Slurm 22.05-23.02: srun does not inherit the batch script's --cpus-per-task."""
     _run_job(tmp_path, preempted=False)
     assert (tmp_path / "srun_args").read_text() == "--kill-on-bad-exit=1 --cpus-per-task=12\n"
+
+
+def test_jobs_sharing_a_node_get_different_master_ports(tmp_path):
+    """Two jobs on one node (fewer GPUs than the node has) both bound port 29500: the second one's rank 0 failed
+    to start its store ('address already in use'). The port now follows the job id; MASTER_PORT still wins."""
+    masters = []
+    for job_id in (4242, 4243):
+        _run_job(tmp_path, preempted=False, job_id=job_id)
+        masters.append((tmp_path / "srun_master").read_text().strip())
+    assert masters[0].startswith("node-001:") and masters[0] != masters[1]
+    assert all(1024 < int(master.split(":")[1]) < 32768 for master in masters)  # below Linux's ephemeral range
+    _run_job(tmp_path, preempted=False, MASTER_PORT="31337")
+    assert (tmp_path / "srun_master").read_text() == "node-001:31337\n"
 
 
 def test_a_requeued_job_appends_to_its_log():
