@@ -1,5 +1,6 @@
 """launch/slurm_pretrain.sbatch requeues a job that a stop signal ended, and only such a job: run with
-stand-ins for srun and scontrol on PATH (the trainer's side, writing the file, is in test_faults)."""
+stand-ins for srun, scontrol and the trainer's python on PATH (the trainer's side, writing the file, is in
+test_faults and below)."""
 import json
 import os
 import stat
@@ -12,8 +13,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SIGNALLED_PRETRAIN = Path(__file__).with_name("signalled_pretrain.py")
 FAKE_SRUN = """#!/usr/bin/env bash
-# a training run: stopped by the time-limit signal when FAKE_PREEMPTED=1 (rank 0 writes the file)
+# one task: the command after srun's two options, with the variables srun gives a task
 echo "$1 $2" > "${SRUN_ARGS}"
+shift 2
+SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1 "$@"
+"""
+FAKE_PYTHON = """#!/usr/bin/env bash
+# the trainer: stopped by the time-limit signal when FAKE_PREEMPTED=1 (rank 0 writes the file)
+printf '%s\\n' "$@" > "${PYTHON_ARGS}"
 echo "${MASTER_ADDR}:${MASTER_PORT}" > "${SRUN_MASTER}"
 if [[ "${FAKE_PREEMPTED}" == 1 ]]; then echo 7 > "${FINECLIP_REQUEUE_FILE}"; fi
 exit "${FAKE_STATUS:-0}"
@@ -24,10 +31,10 @@ if [[ "$1" == show ]]; then echo node-001; else echo "$@" >> "${SCONTROL_CALLS}"
 
 
 def _run_job(tmp_path: Path, preempted: bool, status: int = 0, stale_file: bool = False, job_id: int = 4242,
-             **extra_env: str) -> tuple[int, str]:
+             job_args: tuple[str, ...] = (), **extra_env: str) -> tuple[int, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
     if stale_file:  # an earlier allocation of the same job was requeued and left its file behind
@@ -38,8 +45,8 @@ def _run_job(tmp_path: Path, preempted: bool, status: int = 0, stale_file: bool 
            "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "node-001", "SCONTROL_CALLS": str(calls),
            "FAKE_PREEMPTED": "1" if preempted else "0", "FAKE_STATUS": str(status),
            "SLURM_CPUS_PER_TASK": "12", "SRUN_ARGS": str(tmp_path / "srun_args"),
-           "SRUN_MASTER": str(tmp_path / "srun_master"), **extra_env}
-    done = subprocess.run(["bash", str(REPO / "launch" / "slurm_pretrain.sbatch"), "--recipe", "vit-l-14"],
+           "SRUN_MASTER": str(tmp_path / "srun_master"), "PYTHON_ARGS": str(tmp_path / "python_args"), **extra_env}
+    done = subprocess.run(["bash", str(REPO / "launch" / "slurm_pretrain.sbatch"), "--recipe", "vit-l-14", *job_args],
                           env=env, capture_output=True, text=True, timeout=60)
     return done.returncode, calls.read_text() if calls.exists() else ""
 
@@ -63,6 +70,30 @@ def test_srun_passes_the_cpus_per_task_on(tmp_path):
     """Slurm 22.05-23.02: srun does not inherit the batch script's --cpus-per-task."""
     _run_job(tmp_path, preempted=False)
     assert (tmp_path / "srun_args").read_text() == "--kill-on-bad-exit=1 --cpus-per-task=12\n"
+
+
+def _resume_of_the_task(tmp_path: Path) -> str:
+    """What launch/pretrain.py's argparse makes of the task's --resume options: the last one wins."""
+    arguments = (tmp_path / "python_args").read_text().splitlines()
+    assert arguments[0] == "launch/pretrain.py"
+    return [arguments[index + 1] for index, argument in enumerate(arguments) if argument == "--resume"][-1]
+
+
+def test_after_its_requeue_a_job_resumes_its_own_checkpoint_not_the_one_it_started_from(tmp_path):
+    """sbatch ... --resume runs/a/checkpoints/step_00000500 --output_dir runs/b: the first allocation starts from
+    step 500; once the signal has saved runs/b's own checkpoint and requeued the job, the next allocation must
+    resume that (--resume auto), or every requeue starts again from step 500 and the job never ends."""
+    start = ("--resume", "runs/a/checkpoints/step_00000500", "--output_dir", "runs/b")
+    assert _run_job(tmp_path, preempted=True, job_args=start) == (0, "requeue 4242\n")
+    assert _resume_of_the_task(tmp_path) == "runs/a/checkpoints/step_00000500"
+    assert _run_job(tmp_path, preempted=True, job_args=start) == (0, "requeue 4242\nrequeue 4242\n")
+    assert _resume_of_the_task(tmp_path) == "auto"
+    assert _run_job(tmp_path, preempted=False, status=1, job_args=start)[0] == 1  # failed: requeued by hand...
+    assert _run_job(tmp_path, preempted=False, job_args=start)[0] == 0  # ...it resumes, and finishes
+    assert _resume_of_the_task(tmp_path) == "auto"
+    assert not list(tmp_path.glob(".fineclip-*"))  # nothing left beside the job's log
+    _run_job(tmp_path, preempted=False, job_args=start)  # the same job id submitted anew starts where it is told
+    assert _resume_of_the_task(tmp_path) == "runs/a/checkpoints/step_00000500"
 
 
 def test_jobs_sharing_a_node_get_different_master_ports(tmp_path):
