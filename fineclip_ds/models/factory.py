@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +67,39 @@ def _checkpoint_table_rows(path: str) -> int | None:
     return None
 
 
+def _is_torchscript_archive(path: str) -> bool:
+    """OpenAI's own CLIP files (ViT-B-16.pt, ViT-L-14-336.pt, ...) are TorchScript archives."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _create_from_openai_archive(config: ModelConfig, build: Callable[..., torch.nn.Module]) -> torch.nn.Module:
+    """open_clip's model with the weights of an OpenAI TorchScript archive, which open_clip's file loading
+    refuses (torch.load with weights_only=True cannot read TorchScript). OpenAI trained with QuickGELU: a
+    GELU model (ViT-B-16, not ViT-B-16-quickgelu) loads the same weights without error and computes other
+    features, so it is refused here."""
+    if not open_clip.get_model_config(config.name).get("quick_gelu", False):
+        variant = f"{config.name}-quickgelu"
+        expected = f"'{variant}'" if variant in open_clip.list_models() else "a model config with \"quick_gelu\": true"
+        raise ConfigError(f"model.name: got '{config.name}', which uses GELU, but model.pretrained {config.pretrained} "
+                          f"is an OpenAI checkpoint, trained with QuickGELU; expected {expected}")
+    state_dict = torch.jit.load(config.pretrained, map_location="cpu").state_dict()
+    for key in ("input_resolution", "context_length", "vocab_size"):  # attributes of OpenAI's module, not weights
+        state_dict.pop(key, None)
+    clip = build()
+    state_dict["logit_scale"] = state_dict["logit_scale"].reshape(clip.logit_scale.shape)
+    native, table = _native_grid(config.name), state_dict.get("visual.positional_embedding")
+    grid = tuple(getattr(clip.visual, "grid_size", ()))
+    if native is not None and table is not None and grid != native and table.shape[0] == 1 + native[0] * native[1]:
+        table = table.to(clip.visual.positional_embedding.dtype)  # OpenAI's are fp16: resample at the model's
+        state_dict["visual.positional_embedding"] = _resample_positional_grid(table, native, grid)
+    clip.load_state_dict(state_dict)
+    return clip
+
+
 def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | None,
                  device: torch.device | str) -> torch.nn.Module:
     """open_clip's model with `config.pretrained` loaded, at `force_image_size`.
@@ -80,6 +114,8 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
         return open_clip.create_model(config.name, pretrained=pretrained, nonscalar_logit_scale=True, device=device,
                                       force_image_size=size)
 
+    if config.pretrained is not None and _is_torchscript_archive(config.pretrained):
+        return _create_from_openai_archive(config, lambda: build(force_image_size))
     native = _native_grid(config.name)
     if config.pretrained is None or native is None or force_image_size is None:
         return build(force_image_size, config.pretrained)
@@ -101,7 +137,8 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
                     ) -> tuple[FineCLIP, Tokenizer, tuple[tuple[float, ...], tuple[float, ...]]]:
     """Return the model, its tokenizer and its (mean, std) image normalisation.
 
-    `config.pretrained` is a local checkpoint file (open_clip or OpenAI format); nothing is downloaded.
+    `config.pretrained` is a local checkpoint file (an open_clip state dict, or OpenAI's TorchScript archive with
+    a QuickGELU model name such as ViT-B-16-quickgelu); nothing is downloaded.
     `device="meta"` (inside `with torch.device("meta")`) builds the structure without memory, for planning.
     """
     known = open_clip.list_models()
