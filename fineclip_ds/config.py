@@ -250,12 +250,13 @@ def validate(config: RunConfig) -> None:
     _require(config.data.world_image_size >= 16, "data.world_image_size", config.data.world_image_size, "an integer >= 16")
     for name in ("w_gc", "w_sd", "w_rc"):
         weight = getattr(config.losses, name)
-        _require(weight >= 0, f"losses.{name}", weight, "a weight >= 0")
+        _require(0 <= weight < math.inf, f"losses.{name}", weight, "a finite weight >= 0")
     _require(
         config.losses.w_gc + config.losses.w_sd + config.losses.w_rc > 0,
         "losses", (config.losses.w_gc, config.losses.w_sd, config.losses.w_rc), "at least one positive loss weight",
     )
-    _require(config.losses.crop_enlarge >= 1.0, "losses.crop_enlarge", config.losses.crop_enlarge, "a factor >= 1.0")
+    _require(1.0 <= config.losses.crop_enlarge < math.inf, "losses.crop_enlarge", config.losses.crop_enlarge,
+             "a finite factor >= 1.0")
     _require(isinstance(config.losses.crop_source_scale, int) and 1 <= config.losses.crop_source_scale <= 8,
              "losses.crop_source_scale", config.losses.crop_source_scale, "an integer in 1..8")
     _require(0 < config.optim.lr < math.inf, "optim.lr", config.optim.lr, "a finite learning rate > 0")

@@ -28,6 +28,10 @@ def test_exponent_floats_without_a_dot_are_floats():
     ("data.source=laion", "data.source: got 'laion'"),
     ("data.source=webdataset", "data.train_shards"),
     ("losses.w_gc=-1", "losses.w_gc: got -1.0"),
+    # an infinite weight made every step's loss non-finite: the run stopped at max_consecutive_nonfinite
+    ("losses.w_rc=.inf", "losses.w_rc: got inf, expected a finite weight >= 0"),
+    # an infinite enlargement crops the whole image for every box (and NaN for a box of zero width)
+    ("losses.crop_enlarge=.inf", "losses.crop_enlarge: got inf, expected a finite factor >= 1.0"),
     ("optim.lr=.inf", "optim.lr: got inf, expected a finite learning rate > 0"),
     ("optim.beta2=1.5", "optim.beta2: got 1.5, expected a value in [0, 1)"),
     ("optim.eps=-1", "optim.eps: got -1.0"),
