@@ -35,7 +35,7 @@ def _native_grid(name: str) -> tuple[int, int] | None:
     return _grid(size, patch)
 
 
-def _resample_positional_grid(table: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+def resample_positional_grid(table: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
     """The positional table of a `native` patch grid resampled to `grid`, by open_clip's interpolation
     (bicubic, antialiased) but from the grid's real shape: open_clip's own resize reads every table as
     a square (sqrt of its length), so a non-square grid (an export trained at [48, 80]) came out scrambled,
@@ -95,7 +95,7 @@ def _create_from_openai_archive(config: ModelConfig, build: Callable[..., torch.
     grid = tuple(getattr(clip.visual, "grid_size", ()))
     if native is not None and table is not None and grid != native and table.shape[0] == 1 + native[0] * native[1]:
         table = table.to(clip.visual.positional_embedding.dtype)  # OpenAI's are fp16: resample at the model's
-        state_dict["visual.positional_embedding"] = _resample_positional_grid(table, native, grid)
+        state_dict["visual.positional_embedding"] = resample_positional_grid(table, native, grid)
     clip.load_state_dict(state_dict)
     return clip
 
@@ -107,7 +107,7 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
     A checkpoint whose positional table has its model config's length is taken to be at that config's
     grid (true of open_clip's and OpenAI's weights, and of our exports, whose config records the trained
     size): it is loaded at that size and its table resampled to the new grid here, from the grid's real
-    shape (`_resample_positional_grid`), not by open_clip, which reads every table as a square and keeps
+    shape (`resample_positional_grid`), not by open_clip, which reads every table as a square and keeps
     one of the same length as is (8 x 8 would be read as 4 x 16). A table of the new grid's own length
     loads as is. timm towers (EVA02) resample their own table through timm's set_input_size."""
     def build(size, pretrained=None):
@@ -127,7 +127,7 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
         resized = build(force_image_size)
     state_dict = clip.state_dict()
     del clip
-    state_dict["visual.positional_embedding"] = _resample_positional_grid(
+    state_dict["visual.positional_embedding"] = resample_positional_grid(
         state_dict["visual.positional_embedding"], native, grid)
     resized.load_state_dict(state_dict)
     return resized

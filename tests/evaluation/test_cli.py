@@ -243,3 +243,46 @@ def test_an_exported_state_dict_names_its_model_through_the_config_beside_it(dat
     main(["--checkpoint", str(exported), "--model", "FineCLIP-ViT-T-8", *common,
           "--output", str(tmp_path / "given.json")])
     assert json.loads((tmp_path / "named.json").read_text()) == json.loads((tmp_path / "given.json").read_text())
+
+
+@pytest.mark.parametrize("trained_size,size", [([32, 64], [48, 40]), (96, 64)], ids=["non-square", "square"])
+def test_a_model_evaluated_off_its_trained_size_resamples_its_positional_table_from_the_trained_grid(
+        tmp_path, trained_size, size):
+    """Asked for another --image_size, a model trained at a non-square size had its table read as a square
+    (open_clip's resize): 4 x 8 trained rows came out scrambled, or failed to load."""
+    from fineclip_ds.evaluate import load_for_evaluation
+    from fineclip_ds.models.factory import resample_positional_grid
+
+    name = "FineCLIP-ViT-T-8"
+    trained = open_clip.create_model(name, force_image_size=tuple(trained_size) if isinstance(trained_size, list)
+                                     else trained_size).eval()
+    torch.save(trained.state_dict(), tmp_path / "fineclip.pt")
+    model_config = open_clip.get_model_config(name)
+    model_config["vision_cfg"]["image_size"] = trained_size
+    (tmp_path / "fineclip.json").write_text(json.dumps(model_config))
+    model, _, _ = load_for_evaluation(tmp_path / "fineclip.pt", name, image_size=size)
+    pair = (lambda s: (s, s) if isinstance(s, int) else tuple(s))
+    assert model.image_size == pair(size)
+    trained_grid, grid = [tuple(side // 8 for side in pair(s)) for s in (trained_size, size)]
+    expected = resample_positional_grid(trained.visual.positional_embedding, trained_grid, grid)
+    torch.testing.assert_close(model.clip.visual.positional_embedding, expected)
+    torch.testing.assert_close(model.clip.visual.proj, trained.visual.proj)
+
+
+def test_a_timm_tower_evaluated_off_its_trained_size_loads_with_its_table_resampled(tmp_path):
+    """open_clip's pretrained= loading refused an EVA02 table of another size than the one asked for."""
+    from fineclip_ds.evaluate import load_for_evaluation
+
+    name = "FineCLIP-EVA02-T-14"
+    trained = open_clip.create_model(name, force_image_size=56).eval()
+    torch.save(trained.state_dict(), tmp_path / "fineclip.pt")
+    model_config = open_clip.get_model_config(name)
+    model_config["vision_cfg"]["image_size"] = 56
+    (tmp_path / "fineclip.json").write_text(json.dumps(model_config))
+    model, _, _ = load_for_evaluation(tmp_path / "fineclip.pt", name, image_size=[42, 70])
+    assert model.image_size == (42, 70)
+    trained.visual.trunk.set_input_size(img_size=(42, 70))  # timm's own resampling of its table
+    torch.testing.assert_close(model.clip.visual.trunk.pos_embed, trained.visual.trunk.pos_embed)
+    images = torch.randn(2, 3, 42, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), trained.encode_image(images, normalize=True))
