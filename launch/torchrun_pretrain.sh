@@ -5,6 +5,15 @@
 # Any further arguments go to launch/pretrain.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${NNODES:-1}" -gt 1 ]; then
+    # left to their defaults, every node would be rank 0 of its own rendezvous on 127.0.0.1 and wait forever
+    for required in MASTER_ADDR NODE_RANK; do
+        if [ -z "${!required:-}" ]; then
+            echo "torchrun_pretrain.sh: NNODES=${NNODES} needs ${required} set on every node" >&2
+            exit 2
+        fi
+    done
+fi
 exec torchrun \
     --nnodes "${NNODES:-1}" \
     --node_rank "${NODE_RANK:-0}" \
