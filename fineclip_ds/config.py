@@ -286,4 +286,7 @@ def validate(config: RunConfig) -> None:
         "train.resume", resume, "null, 'auto' or an existing checkpoint directory",
     )
     pretrained = config.model.pretrained
-    _require(pretrained is None or Path(pretrained).is_file(), "model.pretrained", pretrained, "null or an existing checkpoint file")
+    _require(pretrained is None or Path(pretrained).is_file(), "model.pretrained", pretrained,
+             "null or an existing checkpoint file" + (
+                 f" (a run's checkpoint folder becomes one with: python -m fineclip_ds.export --checkpoint {pretrained} "
+                 "--output fineclip.pt)" if pretrained is not None and Path(pretrained).is_dir() else ""))

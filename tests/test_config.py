@@ -150,3 +150,11 @@ def test_resume_from_another_models_checkpoint_names_a_differing_parameter(tmp_p
     with pytest.raises(ConfigError, match=re.escape("1 parameters differ, e.g. clip.visual.positional_embedding: "
                                                     "(65, 64) there, (17, 64) here")):
         check_same_model(point, model)
+
+
+def test_a_run_folder_given_as_pretrained_names_the_export_that_makes_a_checkpoint_file(tmp_path):
+    """Fine-tuning from an earlier run: its checkpoint folder is not an open_clip file; the message says how."""
+    with pytest.raises(ConfigError, match=rf"model.pretrained: got '{tmp_path}', expected null or an existing "
+                                          rf"checkpoint file \(a run's checkpoint folder becomes one with: python -m "
+                                          rf"fineclip_ds.export --checkpoint {tmp_path} --output fineclip.pt\)"):
+        load_config("tiny-cpu", [f"model.pretrained={tmp_path}"])
