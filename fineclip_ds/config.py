@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import typing
@@ -187,6 +188,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _wants_text(keys: list[str]) -> bool:
+    """Whether the field at `keys` takes a string and no number or bool, so a value YAML reads as one
+    (a date, `off`, `2024`) is meant as its text."""
+    section: Any = RunConfig
+    for key in keys:
+        hints = typing.get_type_hints(section) if dataclasses.is_dataclass(section) else {}
+        if key not in hints:
+            return False  # an unknown key: _merge names it
+        section = hints[key]
+    allowed = set(typing.get_args(section) or (section,))
+    return str in allowed and not allowed & {bool, int, float}
+
+
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
@@ -205,6 +219,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         _merge(config, values or {}, "")
     for override in overrides:
         keys, value = parse_override(override)
+        if _wants_text(keys) and isinstance(value, (bool, int, float, datetime.date)):
+            value = override.split("=", 1)[1].strip()  # `train.output_dir=2024-01-01`: YAML read a date
         nested: Any = value
         for key in reversed(keys):
             nested = {key: nested}

@@ -158,3 +158,13 @@ def test_a_run_folder_given_as_pretrained_names_the_export_that_makes_a_checkpoi
                                           rf"checkpoint file \(a run's checkpoint folder becomes one with: python -m "
                                           rf"fineclip_ds.export --checkpoint {tmp_path} --output fineclip.pt\)"):
         load_config("tiny-cpu", [f"model.pretrained={tmp_path}"])
+
+
+@pytest.mark.parametrize("override,field,expected", [
+    ("train.output_dir=2024-01-01", ("train", "output_dir"), "2024-01-01"),  # YAML: a date
+    ("train.output_dir=2024", ("train", "output_dir"), "2024"),  # YAML: an int
+    ("model.name=off", ("model", "name"), "off"),  # YAML 1.1: a bool
+])
+def test_a_text_setting_keeps_the_text_yaml_would_read_as_another_type(override, field, expected):
+    config = load_config("tiny-cpu", [override])
+    assert getattr(getattr(config, field[0]), field[1]) == expected
