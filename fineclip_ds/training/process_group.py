@@ -23,6 +23,25 @@ def default_to_single_process() -> None:
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
 
 
+def use_the_one_visible_gpu() -> None:
+    """A process that sees one GPU uses it, whatever its LOCAL_RANK.
+
+    Where SLURM binds GPUs to tasks (--gpus-per-task, --gpu-bind, a site's default), each task sees only its
+    own GPU while LOCAL_RANK still counts the node's tasks, so DeepSpeed's cuda:LOCAL_RANK failed with
+    'invalid device ordinal' on every task but the first. LOCAL_RANK past the visible GPUs otherwise is an
+    error that says so, before DeepSpeed reads it."""
+    if not torch.cuda.is_available():
+        return
+    local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local_rank < visible:
+        return
+    if visible != 1:
+        raise RuntimeError(f"LOCAL_RANK {local_rank} but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give each process every GPU of "
+                           "its node, or exactly one")
+    os.environ["LOCAL_RANK"] = "0"
+
+
 def cpu_allreduce_buffer(rank: int) -> Path:
     """The segment DeepSpeed's CPU shared-memory all-reduce (ops/csrc/cpu/comm/shm.cpp) creates for `rank`."""
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
@@ -37,6 +56,7 @@ def init_process_group() -> tuple[int, int]:
     mapped its peers' segments (the barrier), each rank unlinks its own name: the mappings stay
     valid and the kernel frees the memory when the processes exit."""
     default_to_single_process()
+    use_the_one_visible_gpu()
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if not torch.cuda.is_available():

@@ -1,0 +1,29 @@
+"""Which GPU a rank takes when the launcher's LOCAL_RANK and the GPUs it can see disagree (SLURM binding)."""
+import os
+
+import pytest
+import torch
+
+from fineclip_ds.training.process_group import use_the_one_visible_gpu
+
+
+def _gpus(monkeypatch, visible: int, local_rank: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+
+
+@pytest.mark.parametrize("visible,local_rank,expected", [(1, 5, "0"), (8, 5, "5"), (1, 0, "0")],
+                         ids=["bound-to-one", "all-visible", "first"])
+def test_a_task_that_sees_one_gpu_uses_it_and_one_that_sees_all_keeps_its_local_rank(
+        monkeypatch, visible, local_rank, expected):
+    _gpus(monkeypatch, visible, local_rank)
+    use_the_one_visible_gpu()
+    assert os.environ["LOCAL_RANK"] == expected
+
+
+def test_a_local_rank_past_several_visible_gpus_is_an_error_that_names_both(monkeypatch):
+    _gpus(monkeypatch, 2, 5)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK 5 but this process sees 2 GPUs \(CUDA_VISIBLE_DEVICES=4,5\)"):
+        use_the_one_visible_gpu()
