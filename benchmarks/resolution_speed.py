@@ -16,7 +16,7 @@ from pathlib import Path
 from fineclip_ds.config import load_config
 from fineclip_ds.training.engine import train
 from fineclip_ds.training.metrics import device_name
-from fineclip_ds.training.process_group import shutdown_process_group
+from fineclip_ds.training.process_group import exit_without_finalization, shutdown_process_group
 
 
 def main() -> None:
@@ -53,3 +53,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_finalization(0)  # gloo's threads may abort a finalizing interpreter

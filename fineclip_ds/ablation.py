@@ -20,7 +20,7 @@ from fineclip_ds.evaluate import load_for_evaluation
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.training.engine import train
 from fineclip_ds.training.parallelize import DeepSpeedConfigError
-from fineclip_ds.training.process_group import shutdown_process_group
+from fineclip_ds.training.process_group import exit_without_finalization, shutdown_process_group
 
 LOSS_SETS: dict[str, dict[str, float]] = {
     "L_GC": {"w_gc": 1.0, "w_sd": 0.0, "w_rc": 0.0},
@@ -89,3 +89,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_finalization(0)  # gloo's threads may abort a finalizing interpreter

@@ -20,7 +20,7 @@ from fineclip_ds.training.engine import train  # noqa: E402
 from fineclip_ds.training.nonfinite import NonFiniteLossError  # noqa: E402
 from fineclip_ds.training.dry_run import plan  # noqa: E402
 from fineclip_ds.training.parallelize import DeepSpeedConfigError, load_deepspeed_config  # noqa: E402
-from fineclip_ds.training.process_group import shutdown_process_group  # noqa: E402
+from fineclip_ds.training.process_group import exit_without_finalization, shutdown_process_group  # noqa: E402
 
 DEFAULT_RECIPE = "tiny-cpu"
 
@@ -77,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_finalization(main())

@@ -1,9 +1,13 @@
 """Start and end the process group the same way under every launcher, and undo DeepSpeed's CPU /dev/shm leak."""
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import socket
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import deepspeed
 import torch
@@ -73,3 +77,17 @@ def shutdown_process_group() -> None:
     there (a normal end): destroying the group while a peer still waits in a collective would hang."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_without_finalization(code: int) -> NoReturn:
+    """Run the atexit handlers, flush, and end the process before the interpreter finalizes.
+
+    A C++ thread (gloo's workers, which DeepSpeed's groups keep alive past destroy_process_group) that
+    releases a tensor while Python finalizes takes the GIL, is ended with pthread_exit, and its unwinding
+    through a noexcept frame aborts the process ("terminate called without an active exception", exit
+    -6): CI saw it about once in 15 two-rank runs that had finished and saved. See pytorch#190489."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
