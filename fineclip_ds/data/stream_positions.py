@@ -60,8 +60,9 @@ def unit_of(leftovers: list[Piece], worker: int, workers: int, start_epoch: int,
 
 def normalized(state: dict[str, Any]) -> dict[str, Any]:
     """A saved stream state with int reader keys, tuple positions and Piece leftovers (JSON and older
-    checkpoints give string keys, lists, or no leftovers)."""
+    checkpoints give string keys, lists, or no leftovers or shard health)."""
     return {**state, "positions": {int(worker): tuple(p) for worker, p in state["positions"].items()},
+            "shard_health": {int(worker): list(health) for worker, health in state.get("shard_health", {}).items()},
             "start_epoch": int(state.get("start_epoch", 0)),
             "leftovers": [Piece(*piece) for piece in state.get("leftovers", [])]}
 

@@ -112,13 +112,21 @@ class ShardHealth:
     """Names the shards where more than `max_bad_fraction` of the records were unusable, once each.
 
     Records arrive shard after shard, so a shard is judged when the next one starts (or the epoch ends).
+    state() is what a resume needs to judge and report as an uninterrupted run would: the shard being read
+    with its counts so far, and the shards reported, as indices into `shards` (the data may move folder).
     """
 
-    def __init__(self, max_bad_fraction: float):
-        self.max_bad_fraction = max_bad_fraction
-        self.current: str | None = None
-        self.records = self.bad = 0
-        self.reported: set[str] = set()
+    def __init__(self, max_bad_fraction: float, shards: list[str], state: list | None = None):
+        self.max_bad_fraction, self.shards = max_bad_fraction, shards
+        self.index = {shard: i for i, shard in enumerate(shards)}
+        current, self.records, self.bad, reported = state or (None, 0, 0, [])
+        self.current: str | None = None if current is None else shards[current]
+        self.reported: set[str] = {shards[index] for index in reported}
+
+    def state(self) -> list:
+        current = self.index.get(self.current) if self.current is not None else None
+        return [current, self.records if current is not None else 0, self.bad if current is not None else 0,
+                sorted(self.index[shard] for shard in self.reported if shard in self.index)]
 
     def record(self, shard: str, usable: bool) -> Counter:
         verdict = Counter()
@@ -144,26 +152,28 @@ class ShardHealth:
 class _ShardBatches(IterableDataset):
     """Batches from one rank's readers; each DataLoader worker is one reader (see stream_positions).
 
-    Every batch carries `position` = (reader, unit, raw records read into it) so the stream can
-    record exactly where each reader stands in what the trainer consumed. DataLoader hands out
-    batches round-robin from worker 0, so on resume worker i plays reader (i + first_reader) % workers:
-    the reader whose turn was next when the checkpoint was taken goes first.
+    Every batch carries `position` = (reader, unit, raw records read into it) and the reader's
+    ShardHealth state, so the stream can record exactly where each reader stands in what the trainer
+    consumed. DataLoader hands out batches round-robin from worker 0, so on resume worker i plays reader
+    (i + first_reader) % workers: the reader whose turn was next when the checkpoint was taken goes first.
     """
 
     def __init__(self, shards: list[str], rank: int, world_size: int, transform: RegionTransform,
                  collator: RegionCollator, local_batch: int, seed: int, positions: dict[int, tuple[int, int]],
-                 first_reader: int, start_epoch: int, leftovers: list[Piece], max_bad_fraction: float):
+                 first_reader: int, start_epoch: int, leftovers: list[Piece], max_bad_fraction: float,
+                 shard_health: dict[int, list]):
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.transform, self.collator = transform, collator
         self.local_batch, self.seed, self.positions = local_batch, seed, positions
         self.first_reader, self.start_epoch, self.leftovers = first_reader, start_epoch, leftovers
-        self.shard_health = ShardHealth(max_bad_fraction)
+        self.max_bad_fraction, self.shard_health = max_bad_fraction, shard_health
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         worker = (worker + self.first_reader) % workers
         unit, read = self.positions.get(worker, (0, 0))
+        shard_health = ShardHealth(self.max_bad_fraction, self.shards, self.shard_health.get(worker))
         pending: Counter = Counter()
         samples: list[TransformedSample] = []  # an incomplete last batch rolls over into the next unit
         while True:
@@ -185,7 +195,7 @@ class _ShardBatches(IterableDataset):
                 sample, drops = decode_record(record, self.transform)
                 pending.update(drops)
                 epoch_drops.update(drops)
-                pending.update(self.shard_health.record(record.get("__url__", "?"), usable=sample is not None))
+                pending.update(shard_health.record(record.get("__url__", "?"), usable=sample is not None))
                 if sample is None:
                     continue
                 read_epoch = piece.epoch if piece else epoch
@@ -198,9 +208,10 @@ class _ShardBatches(IterableDataset):
                     pending.clear()
                     batch = self.collator(samples)
                     batch["position"] = (worker, unit, read)
+                    batch["shard_health"] = shard_health.state()
                     yield batch
                     samples = []
-            pending.update(self.shard_health.finish())
+            pending.update(shard_health.finish())
             if whole_epoch and read == 0:
                 raise RuntimeError(f"no readable records in shards {shards}")
             if whole_epoch and usable == 0:  # reading on would spin forever without yielding a batch
@@ -237,6 +248,7 @@ class WebDatasetStream:
         self.transform, self.collator, self.local_batch = transform, collator, local_batch
         self.num_workers, self.seed, self.max_bad_fraction = num_workers, seed, max_bad_fraction
         self.positions: dict[int, tuple[int, int]] = {}
+        self.shard_health: dict[int, list] = {}  # reader -> ShardHealth.state() as of its last consumed batch
         self.batches = 0
         self.start_epoch = 0
         self.leftovers: list[Piece] = []
@@ -245,7 +257,8 @@ class WebDatasetStream:
         return {"num_workers": self.num_workers, "batches": self.batches, "positions": dict(self.positions),
                 "world_size": self.world_size, "rank": self.rank, "start_epoch": self.start_epoch,
                 "leftovers": [list(piece) for piece in self.leftovers],
-                "shards": shard_list_fingerprint(self.shards), "seed": self.seed}
+                "shards": shard_list_fingerprint(self.shards), "seed": self.seed,
+                "shard_health": dict(self.shard_health)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """This rank's saved state; after a change of world size it must carry every old rank's state
@@ -256,6 +269,7 @@ class WebDatasetStream:
         if (state["world_size"], readers_per_rank(state["num_workers"])) == split:
             self.positions, self.batches = state["positions"], int(state["batches"])
             self.start_epoch, self.leftovers = state["start_epoch"], state["leftovers"]
+            self.shard_health = state["shard_health"]
             return
         if "ranks" in state:
             old_ranks = [normalized(rank_state) for rank_state in state["ranks"]]
@@ -270,6 +284,12 @@ class WebDatasetStream:
                              "checkpoint.load gives them)")
         self.start_epoch, self.leftovers = resplit(old, self.rank, self.world_size)
         self.positions, self.batches = {}, 0
+        # readers no longer map onto old ones: each new one knows every shard any old one had reported (a shard
+        # first judged bad in the leftovers may still be reported by more than one reader, as pieces of its
+        # epochs go to several; the shard each old reader was part-way through is judged on the rest only)
+        reported = sorted({shard for rank_state in old.values() for health in rank_state["shard_health"].values()
+                           for shard in health[3]})
+        self.shard_health = {reader: [None, 0, 0, reported] for reader in range(split[1])}
         log.info("webdataset positions of %d ranks x %d readers re-split for %d x %d: this rank first reads %d "
                  "unread pieces of epochs before %d", state["world_size"], readers_per_rank(state["num_workers"]),
                  *split, len(self.leftovers), self.start_epoch)
@@ -291,10 +311,11 @@ class WebDatasetStream:
                                 self.local_batch, self.seed, dict(self.positions),
                                 first_reader=self.batches % readers_per_rank(self.num_workers),
                                 start_epoch=self.start_epoch, leftovers=self.leftovers,
-                                max_bad_fraction=self.max_bad_fraction)
+                                max_bad_fraction=self.max_bad_fraction, shard_health=dict(self.shard_health))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
         for batch in loader:
             reader, unit, read = batch.pop("position")
             self.positions[int(reader)] = (int(unit), int(read))
+            self.shard_health[int(reader)] = batch.pop("shard_health")
             self.batches += 1
             yield batch

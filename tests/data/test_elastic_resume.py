@@ -181,6 +181,15 @@ def test_checkpoint_load_gives_every_saved_rank_s_stream_state_after_a_change_of
     assert before + leftovers == Counter(USABLE * start_epoch) and next_epoch == Counter(USABLE)
 
 
+def test_a_bad_shard_reported_before_a_re_split_is_not_reported_again(shards):
+    old_streams = [_stream(shards, rank, 2, 2) for rank in range(2)]
+    before = sum(batch["data_stats"].get("bad_shard", 0) for stream in old_streams
+                 for batch in itertools.islice(iter(stream), 24))  # every reader is past its first epoch
+    assert before == 1  # part-7.tar: 5 of its 7 records are defective
+    stream = _resume(shards, _states(old_streams), 1, 2)[0]
+    assert sum(batch["data_stats"].get("bad_shard", 0) for batch in itertools.islice(iter(stream), 60)) == 0
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_random_chains_of_resumes_read_every_record_as_often_as_every_other(tmp_path, seed):
     """Random shard sizes, splits and stops, resumed one to three times (the same split, another worker

@@ -221,6 +221,36 @@ def test_resuming_does_not_count_the_consumed_records_defects_again(shard_dir):
         assert corrupt_counts(consumed + _take(resumed, 12 - stop)) == corrupt_counts(uninterrupted), stop
 
 
+def _bad_shards(batches: list[dict]) -> int:
+    return sum(batch["data_stats"].get("bad_shard", 0) for batch in batches)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_does_not_report_a_bad_shard_again(shard_dir, workers):
+    """good-4.tar is mostly bad: reported once in a run (data/bad_shard), also when the run resumed in
+    between. The reported shards were not saved: a resume reported it again in its next epoch (2)."""
+    uninterrupted = _bad_shards(_take(_wds(shard_dir, 4, workers=workers), 12))
+    assert uninterrupted == 1
+    for stop in (2, 4, 6, 9):
+        first = _wds(shard_dir, 4, workers=workers)
+        consumed = _take(first, stop)
+        resumed = _wds(shard_dir, 4, workers=workers)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert _bad_shards(consumed + _take(resumed, 12 - stop)) == uninterrupted, stop
+
+
+def test_a_checkpoint_without_shard_health_resumes_exactly(shard_dir):
+    uninterrupted = _take(_wds(shard_dir, 4), 4)
+    first = _wds(shard_dir, 4)
+    _take(first, 2)
+    state = json.loads(json.dumps(first.state_dict()))
+    del state["shard_health"]  # written before shard health was saved
+    resumed = _wds(shard_dir, 4)
+    resumed.load_state_dict(state)
+    for expected, got in zip(uninterrupted[2:], _take(resumed, 2)):
+        _same_batch(expected, got)
+
+
 def test_shards_named_for_the_built_in_world_are_warned_about(caplog):
     """A recipe's shards overridden to data.source=synthetic is legitimate (the bigG GPU benchmark does
     it); a forgotten data.source=webdataset is not: either way the user hears that the shards are not read."""
