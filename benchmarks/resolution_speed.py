@@ -16,7 +16,7 @@ from pathlib import Path
 from fineclip_ds.config import load_config
 from fineclip_ds.training.engine import train
 from fineclip_ds.training.metrics import device_name
-from fineclip_ds.training.process_group import exit_without_finalization, shutdown_process_group
+from fineclip_ds.training.process_group import exit_without_finalization
 
 
 def main() -> None:
@@ -41,7 +41,6 @@ def main() -> None:
             train(config, str(ds_config))
             summary = json.loads((output_dir / "summary.json").read_text())
             rows.append((size, summary))
-    shutdown_process_group()
     print(f"\nFineCLIP-ViT-T-16-224, micro-batch {args.micro_batch}, 1 process, {device_name()}, "
           f"{datetime.date.today().isoformat()}\n")
     print("| image size | tokens | samples/s | step time (s) | peak memory (MB) |")

@@ -20,7 +20,7 @@ from fineclip_ds.evaluate import load_for_evaluation
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.training.engine import train
 from fineclip_ds.training.parallelize import DeepSpeedConfigError
-from fineclip_ds.training.process_group import exit_without_finalization, shutdown_process_group
+from fineclip_ds.training.process_group import exit_without_finalization
 
 LOSS_SETS: dict[str, dict[str, float]] = {
     "L_GC": {"w_gc": 1.0, "w_sd": 0.0, "w_rc": 0.0},
@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DeepSpeedConfigError) as error:  # as launch/pretrain.py: the message, no stack
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
-    shutdown_process_group()
     print(markdown_table(records))
 
 

@@ -20,7 +20,7 @@ from fineclip_ds.training.engine import train  # noqa: E402
 from fineclip_ds.training.nonfinite import NonFiniteLossError  # noqa: E402
 from fineclip_ds.training.dry_run import plan  # noqa: E402
 from fineclip_ds.training.parallelize import DeepSpeedConfigError, load_deepspeed_config  # noqa: E402
-from fineclip_ds.training.process_group import exit_without_finalization, shutdown_process_group  # noqa: E402
+from fineclip_ds.training.process_group import exit_without_finalization  # noqa: E402
 
 DEFAULT_RECIPE = "tiny-cpu"
 
@@ -66,15 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         train(config, args.deepspeed_config)
     except (ConfigError, DeepSpeedConfigError) as error:
         print(f"config error: {error}", file=sys.stderr)
-        shutdown_process_group()  # the same config on every rank: they all stop here
         return 2
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
-        shutdown_process_group()  # the ranks decide it together
         return 3
-    shutdown_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    exit_without_finalization(main())
+    exit_without_finalization(main())  # every return of main is reached by all ranks together

@@ -69,23 +69,17 @@ def init_process_group() -> tuple[int, int]:
     return rank, world_size
 
 
-def shutdown_process_group() -> None:
-    """End a finished run's process group while the interpreter is whole.
-
-    Left to interpreter exit, gloo's worker threads can outlive Python and abort the rank ("terminate called
-    without an active exception", exit -6) after a run that completed. Call it only where every rank gets
-    there (a normal end): destroying the group while a peer still waits in a collective would hang."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def exit_without_finalization(code: int) -> NoReturn:
-    """Run the atexit handlers, flush, and end the process before the interpreter finalizes.
+    """End the process group, run the atexit handlers, flush, and end the process before the interpreter
+    finalizes. Call it only where every rank gets (a normal end): destroying the group while a peer still
+    waits in a collective would hang.
 
     A C++ thread (gloo's workers, which DeepSpeed's groups keep alive past destroy_process_group) that
     releases a tensor while Python finalizes takes the GIL, is ended with pthread_exit, and its unwinding
     through a noexcept frame aborts the process ("terminate called without an active exception", exit
     -6): CI saw it about once in 15 two-rank runs that had finished and saved. See pytorch#190489."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
