@@ -28,7 +28,7 @@ from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.evaluation.zero_shot import TEMPLATE_SETS
 from fineclip_ds.export import (CheckpointSource, exported_model_config, model_name_of, open_clip_state_dict,
                                resolve_checkpoint)
-from fineclip_ds.models.factory import Tokenizer, create_fineclip, resample_positional_grid
+from fineclip_ds.models.factory import Tokenizer, create_fineclip, patch_grid, resample_positional_grid
 from fineclip_ds.models.fineclip import FineCLIP
 
 TASKS = ("box-cls", "retrieval", "segmentation", "dense-viz", "world")
@@ -84,9 +84,8 @@ def _rebuilt_at(model: FineCLIP, name: str, image_size: int | list[int]) -> tupl
     state_dict = model.clip.state_dict()
     table = state_dict.get("visual.positional_embedding")
     if table is not None:
-        trained_grid = tuple(side // patch for side, patch in zip(model.image_size, model.patch_size))
-        grid = tuple(side // patch for side, patch in zip(_pair(image_size), model.patch_size))
-        state_dict["visual.positional_embedding"] = resample_positional_grid(table, trained_grid, grid)
+        state_dict["visual.positional_embedding"] = resample_positional_grid(
+            table, patch_grid(model.image_size, model.patch_size), patch_grid(image_size, model.patch_size))
     rebuilt, tokenizer, normalization = create_fineclip(ModelConfig(name=name, image_size=image_size))
     rebuilt.clip.load_state_dict(state_dict)
     return rebuilt, tokenizer, normalization

@@ -20,8 +20,9 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
-def _grid(image_size: int | tuple[int, int] | list[int], patch_size: int | tuple[int, int] | list[int]
-          ) -> tuple[int, int]:
+def patch_grid(image_size: int | tuple[int, int] | list[int], patch_size: int | tuple[int, int] | list[int]
+               ) -> tuple[int, int]:
+    """(rows, columns) of patches a ViT makes of an image of `image_size`."""
     (height, width), (patch_h, patch_w) = [(v, v) if isinstance(v, int) else tuple(v) for v in (image_size, patch_size)]
     return height // patch_h, width // patch_w
 
@@ -32,7 +33,7 @@ def _native_grid(name: str) -> tuple[int, int] | None:
     size, patch = vision.get("image_size"), vision.get("patch_size")
     if size is None or patch is None or vision.get("timm_model_name"):
         return None
-    return _grid(size, patch)
+    return patch_grid(size, patch)
 
 
 def resample_positional_grid(table: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -119,7 +120,7 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
     native = _native_grid(config.name)
     if config.pretrained is None or native is None or force_image_size is None:
         return build(force_image_size, config.pretrained)
-    grid = _grid(force_image_size, open_clip.get_model_config(config.name)["vision_cfg"]["patch_size"])
+    grid = patch_grid(force_image_size, open_clip.get_model_config(config.name)["vision_cfg"]["patch_size"])
     if grid == native or _checkpoint_table_rows(config.pretrained) != 1 + native[0] * native[1]:
         return build(force_image_size, config.pretrained)
     clip = build(None, config.pretrained)

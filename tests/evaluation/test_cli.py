@@ -214,17 +214,23 @@ def test_a_coco_captions_file_given_for_boxes_or_retrieval_is_named_before_the_m
         _evaluate(data, tmp_path, "--task", "retrieval", *inputs)
 
 
+def _export_trained_at(tmp_path: Path, name: str, size: int | list[int]) -> torch.nn.Module:
+    """A model trained at `size`, written as export writes it: fineclip.pt and its model config recording the size."""
+    trained = open_clip.create_model(name, force_image_size=tuple(size) if isinstance(size, list) else size).eval()
+    torch.save(trained.state_dict(), tmp_path / "fineclip.pt")
+    model_config = open_clip.get_model_config(name)
+    model_config["vision_cfg"]["image_size"] = size
+    (tmp_path / "fineclip.json").write_text(json.dumps(model_config))
+    return trained
+
+
 @pytest.mark.parametrize("name,size", [("FineCLIP-ViT-T-8", 96), ("FineCLIP-EVA02-T-14", 56)])
 def test_a_model_trained_at_another_size_is_evaluated_at_that_size(tmp_path, name, size):
     """export's model config beside the .pt (as a run's config.json) records the trained size; open_clip's
     pretrained= loading resized a ViT's positional table to the config's size and refused an EVA02's."""
     from fineclip_ds.evaluate import load_for_evaluation
 
-    trained = open_clip.create_model(name, force_image_size=size).eval()
-    torch.save(trained.state_dict(), tmp_path / "fineclip.pt")
-    model_config = open_clip.get_model_config(name)
-    model_config["vision_cfg"]["image_size"] = size
-    (tmp_path / "fineclip.json").write_text(json.dumps(model_config))
+    trained = _export_trained_at(tmp_path, name, size)
     model, _, _ = load_for_evaluation(tmp_path / "fineclip.pt", name)
     assert model.image_size == (size, size)
     images = torch.randn(2, 3, size, size)
@@ -254,12 +260,7 @@ def test_a_model_evaluated_off_its_trained_size_resamples_its_positional_table_f
     from fineclip_ds.models.factory import resample_positional_grid
 
     name = "FineCLIP-ViT-T-8"
-    trained = open_clip.create_model(name, force_image_size=tuple(trained_size) if isinstance(trained_size, list)
-                                     else trained_size).eval()
-    torch.save(trained.state_dict(), tmp_path / "fineclip.pt")
-    model_config = open_clip.get_model_config(name)
-    model_config["vision_cfg"]["image_size"] = trained_size
-    (tmp_path / "fineclip.json").write_text(json.dumps(model_config))
+    trained = _export_trained_at(tmp_path, name, trained_size)
     model, _, _ = load_for_evaluation(tmp_path / "fineclip.pt", name, image_size=size)
     pair = (lambda s: (s, s) if isinstance(s, int) else tuple(s))
     assert model.image_size == pair(size)
@@ -274,11 +275,7 @@ def test_a_timm_tower_evaluated_off_its_trained_size_loads_with_its_table_resamp
     from fineclip_ds.evaluate import load_for_evaluation
 
     name = "FineCLIP-EVA02-T-14"
-    trained = open_clip.create_model(name, force_image_size=56).eval()
-    torch.save(trained.state_dict(), tmp_path / "fineclip.pt")
-    model_config = open_clip.get_model_config(name)
-    model_config["vision_cfg"]["image_size"] = 56
-    (tmp_path / "fineclip.json").write_text(json.dumps(model_config))
+    trained = _export_trained_at(tmp_path, name, 56)
     model, _, _ = load_for_evaluation(tmp_path / "fineclip.pt", name, image_size=[42, 70])
     assert model.image_size == (42, 70)
     trained.visual.trunk.set_input_size(img_size=(42, 70))  # timm's own resampling of its table
