@@ -20,9 +20,9 @@ from fineclip_ds.models.factory import create_fineclip
 from fineclip_ds.training import checkpoint
 from fineclip_ds.training.build import build_train_stream
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops
-from fineclip_ds.training.metrics import Throughput, device_name, peak_memory_mb, peak_tflops
+from fineclip_ds.training.metrics import RunTotals, Throughput, device_name, peak_memory_mb, peak_tflops
 from fineclip_ds.training.monitor import Monitor
-from fineclip_ds.training.optimizer import build_optimizer, build_scheduler
+from fineclip_ds.training.optimizer import build_optimizer, build_scheduler, warn_if_warmup_outlasts
 from fineclip_ds.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from fineclip_ds.training.periodic_eval import evaluate_during_training
 from fineclip_ds.training.preemption import PreemptionWatch
@@ -105,6 +105,8 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     objective = FineCLIPObjective(model, config.losses, config.kernels)
     optimizer = build_optimizer(objective, config.optim, cpu_offload=offloads_optimizer(ds_config))
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)
+    if rank == 0:
+        warn_if_warmup_outlasts(config.optim, config.train.max_steps)
     if resume_point is not None:
         checkpoint.check_same_model(resume_point, objective)
     if resume_point is not None and checkpoint.saved_world_size(resume_point) not in (0, world_size):
@@ -120,7 +122,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         config.data, model.image_size, normalization, tokenizer, micro_batch, rank, world_size, config.train.seed,
         crop_source_scale=config.losses.crop_source_scale,
     )
-    start_step, data_counts, skipped_nonfinite = 0, Counter(), 0
+    start_step, data_counts, skipped_nonfinite, earlier_starts = 0, Counter(), 0, RunTotals()
     if resume_point is not None:
         state = checkpoint.load(engine, resume_point)
         start_step = state["step"]
@@ -128,12 +130,14 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         # the run's totals so far (summed over ranks when saved): rank 0 carries them on, at any world size
         data_counts = Counter(state.get("data_counts", {}) if rank == 0 else {})
         skipped_nonfinite = state.get("skipped_nonfinite", 0)
+        earlier_starts = RunTotals.from_state(state.get("run_totals"))
         log.info("resumed from %s/%s at step %d", resume_point.directory, resume_point.tag, start_step)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    monitor = Monitor(output_dir, config.train.max_steps, start_step, enabled=rank == 0)
+    stop_step = config.train.stop_at_step or config.train.max_steps
+    monitor = Monitor(output_dir, stop_step, start_step, enabled=rank == 0)
     throughput, whole_run = Throughput(), Throughput()
     shapes = FineCLIPShapes.of(model.clip)
     text_trainable = any(p.requires_grad for p in model.text_parameters())
@@ -149,15 +153,19 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     batches = iter(stream)
     last: dict[str, float] = {}
     engine.train()
-    stop_step = config.train.stop_at_step or config.train.max_steps
     preemption = PreemptionWatch()
     nonfinite = NonFiniteGuard(config.train.max_consecutive_nonfinite)
     nonfinite.skipped = skipped_nonfinite
 
+    def run_totals() -> RunTotals:
+        """Collective. The earlier starts' totals with this start's steps so far."""
+        return earlier_starts.plus(_device_figures_over_ranks(whole_run.peek(), world_size, engine.device), world_size)
+
     def trainer_state(step: int) -> dict[str, Any]:
         """Collective (the data counts are summed over ranks)."""
         return {"step": step, "stream": stream.state_dict(), "world_size": world_size, "skipped_nonfinite":
-                nonfinite.skipped, "data_counts": dict(_sum_counters_over_ranks(data_counts, world_size))}
+                nonfinite.skipped, "data_counts": dict(_sum_counters_over_ranks(data_counts, world_size)),
+                "run_totals": run_totals().state_dict()}
 
     for step in range(start_step, stop_step):
         applied_lr = engine.get_lr()[0]  # engine.step() moves the schedule on to the next step's lr
@@ -221,13 +229,13 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             if rank == 0 and os.environ.get(REQUEUE_FILE_VARIABLE):
                 Path(os.environ[REQUEUE_FILE_VARIABLE]).write_text(f"{done}\n")
             break
-    summary = {**_device_figures_over_ranks(whole_run.read(), world_size, engine.device),
-               "device": device_name(), "world_size": world_size}
+    trained_now = whole_run.peek()["steps"]
+    summary = {**run_totals().figures(), "device": device_name(), "world_size": world_size}
     if shapes is None:
         del summary["tflops_per_device"]  # FLOPs of this tower are not modelled
     elif peak is not None:
         summary["mfu"] = summary["tflops_per_device"] / peak
-    if summary["steps"]:
+    if trained_now:
         monitor.summary(summary)
     elif rank == 0:  # resumed at its last step: 0 samples/s would replace the figures of the steps that did run
         log.info("no step left to train (resumed at step %d): %s kept", start_step, output_dir / "summary.json")

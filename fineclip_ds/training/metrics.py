@@ -1,11 +1,14 @@
 """Throughput, step time, achieved TFLOPs, MFU and peak memory in one place."""
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,9 +63,54 @@ class Throughput:
         finally:
             self._start += time.perf_counter() - started
 
-    def read(self) -> dict[str, float]:
+    def peek(self) -> dict[str, float]:
+        """The window's figures so far, the window going on."""
         elapsed = max(time.perf_counter() - self._start, 1e-9)
-        result = {"steps": self._steps, "samples_per_s": self._samples / elapsed, "step_time_s": elapsed / max(self._steps, 1),
-                  "tflops_per_device": self._flops / elapsed / 1e12}
+        return {"steps": self._steps, "samples_per_s": self._samples / elapsed,
+                "step_time_s": elapsed / max(self._steps, 1), "tflops_per_device": self._flops / elapsed / 1e12}
+
+    def read(self) -> dict[str, float]:
+        """The window's figures; the next window starts now."""
+        result = self.peek()
         self.__init__()
         return result
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """A run's training figures over all its starts. A run resumed from its checkpoint (a SLURM requeue,
+    a crash) adds each start's steps to what the checkpoint carried, so that summary.json describes the
+    run rather than its last start. Seconds are also kept per device (seconds x ranks), which keeps
+    TFLOP/s per device right when a resume changes the world size."""
+    starts: int = 0
+    steps: int = 0
+    samples: float = 0.0
+    seconds: float = 0.0
+    device_seconds: float = 0.0
+    teraflops: float = 0.0  # all ranks together
+    peak_memory_mb: float = 0.0
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> RunTotals:
+        """Checkpoints written before these totals were saved start the count afresh."""
+        return cls(**state) if state else cls()
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def plus(self, start: dict[str, float], world_size: int) -> RunTotals:
+        """These totals with one start's figures (a reading of `_device_figures_over_ranks`) added."""
+        seconds = start["step_time_s"] * start["steps"]
+        return RunTotals(
+            starts=self.starts + 1, steps=self.steps + int(start["steps"]),
+            samples=self.samples + start["samples_per_s"] * seconds, seconds=self.seconds + seconds,
+            device_seconds=self.device_seconds + seconds * world_size,
+            teraflops=self.teraflops + start["tflops_per_device"] * seconds * world_size,
+            peak_memory_mb=max(self.peak_memory_mb, start["peak_memory_mb"]))
+
+    def figures(self) -> dict[str, float]:
+        """The run's figures, under the names of a Throughput reading."""
+        seconds = max(self.seconds, 1e-9)
+        return {"steps": self.steps, "samples_per_s": self.samples / seconds, "step_time_s": seconds / max(self.steps, 1),
+                "tflops_per_device": self.teraflops / max(self.device_seconds, 1e-9),
+                "peak_memory_mb": self.peak_memory_mb, "starts": self.starts}

@@ -1,12 +1,15 @@
 """AdamW with open_clip's weight-decay split, and FineCLIP's warmup-then-cosine learning rate."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
 
 from fineclip_ds.config import OptimConfig
+
+log = logging.getLogger("fineclip_ds")
 
 
 def _decays(name: str, param: nn.Parameter) -> bool:
@@ -45,3 +48,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, config.warmup_steps, total_steps, config.min_lr_ratio)
     )
+
+
+def warn_if_warmup_outlasts(config: OptimConfig, total_steps: int) -> None:
+    """A warmup longer than the run never reaches optim.lr: a short smoke run does that on purpose (so it
+    is not an error), a real run by a forgotten optim.warmup_steps, which only the learning-rate curve
+    would show."""
+    if config.warmup_steps > total_steps:
+        peak = warmup_cosine(total_steps - 1, config.warmup_steps, total_steps, config.min_lr_ratio)
+        log.warning("optim.warmup_steps=%d > train.max_steps=%d: the learning rate peaks at %.0f%% of optim.lr",
+                    config.warmup_steps, total_steps, 100 * peak)

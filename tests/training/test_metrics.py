@@ -43,6 +43,22 @@ def test_paused_time_counts_in_no_throughput_window(monkeypatch):
     assert speed["step_time_s"] == 20.0 and speed["tflops_per_device"] == pytest.approx(1 / 20)
 
 
+def test_run_totals_weigh_each_start_by_its_time_and_world_size():
+    """A run on 2 ranks for 10 steps (20 s, 2 TFLOP/s per device), resumed on 1 rank for 10 more (30 s,
+    1 TFLOP/s): 20 steps in 50 s; TFLOP/s per device = 110 TFLOP / 70 device-seconds, not a mean of rates."""
+    from fineclip_ds.training.metrics import RunTotals
+
+    first = {"steps": 10, "samples_per_s": 4.0, "step_time_s": 2.0, "tflops_per_device": 2.0, "peak_memory_mb": 900.0}
+    second = {"steps": 10, "samples_per_s": 2.0, "step_time_s": 3.0, "tflops_per_device": 1.0, "peak_memory_mb": 700.0}
+    carried = RunTotals.from_state(RunTotals().plus(first, world_size=2).state_dict())  # through a checkpoint
+    figures = carried.plus(second, world_size=1).figures()
+    assert figures["steps"] == 20 and figures["starts"] == 2
+    assert figures["samples_per_s"] == pytest.approx((80 + 60) / 50)
+    assert figures["step_time_s"] == pytest.approx(2.5)
+    assert figures["tflops_per_device"] == pytest.approx((2.0 * 20 * 2 + 1.0 * 30) / (20 * 2 + 30))
+    assert figures["peak_memory_mb"] == 900.0
+
+
 @pytest.mark.slow
 def test_tflops_are_averaged_over_ranks_and_peak_memory_is_the_highest_rank(tmp_path):
     """2 ranks doing 1 and 2 TFLOP per step with 1000 and 2000 MB peaks: a device did 1.5 TFLOP per step

@@ -1,6 +1,7 @@
 """A run resumed from a checkpoint older than its last logged step logs each step once, in
 metrics.jsonl and in TensorBoard (a kill between checkpoints logs steps the resumed run repeats)."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,13 +46,14 @@ def test_a_line_cut_off_by_a_crash_does_not_stop_the_resume(tmp_path):
                                                                       (5, 105.0), (6, 106.0)]
 
 
-def _pretrain(output_dir: Path, *args: str) -> None:
-    """One process, no launcher: the world of one that launch/pretrain.py sets up by itself."""
+def _pretrain(output_dir: Path, *args: str) -> str:
+    """One process, no launcher: the world of one that launch/pretrain.py sets up by itself. Returns its stderr."""
     done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--deepspeed_config",
                            str(REPO / "ds_configs" / "zero2.json"), "--output_dir", str(output_dir), "--max_steps", "2",
                            "--set", "data.num_workers=0", "--set", "data.max_boxes=4", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=300)  # slow on shared CPUs
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
 
 
 @pytest.mark.slow
@@ -63,3 +65,18 @@ def test_a_resume_with_no_step_left_keeps_the_runs_summary(tmp_path):
     assert summary["steps"] == 2 and summary["samples_per_s"] > 0
     _pretrain(tmp_path, "--resume", "auto")
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_summary_covers_all_its_steps_and_each_bar_ends_at_its_stop(tmp_path):
+    """A job stopped early (train.stop_at_step, as a cluster time slot asks) and resumed: its bar counts to
+    the step it stops at, and summary.json describes the run's 2 steps over 2 starts, not the last start."""
+    first = _pretrain(tmp_path, "--set", "train.stop_at_step=1")
+    assert re.search(r"train: 100%\S* 1/1 ", first), first[-2000:]
+    second = _pretrain(tmp_path, "--resume", "auto")
+    assert re.search(r"train: 100%\S* 2/2 ", second), second[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["steps"], summary["starts"]) == (2, 2)
+    deepspeed = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    samples_per_step = deepspeed["train_micro_batch_size_per_gpu"] * deepspeed.get("gradient_accumulation_steps", 1)
+    assert summary["samples_per_s"] * summary["step_time_s"] == pytest.approx(samples_per_step)

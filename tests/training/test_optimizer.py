@@ -2,7 +2,7 @@ import pytest
 
 from fineclip_ds.config import ModelConfig, OptimConfig
 from fineclip_ds.models.factory import create_fineclip
-from fineclip_ds.training.optimizer import build_optimizer, warmup_cosine
+from fineclip_ds.training.optimizer import build_optimizer, warmup_cosine, warn_if_warmup_outlasts
 
 
 def test_weight_decay_follows_open_clips_split():
@@ -23,3 +23,10 @@ def test_warmup_then_cosine_reaches_the_floor():
     assert warmup_cosine(3, 4, 20, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_a_warmup_longer_than_the_run_is_reported_with_the_peak_it_reaches(caplog):
+    warn_if_warmup_outlasts(OptimConfig(warmup_steps=100), total_steps=100)  # reaches optim.lr at its last step
+    warn_if_warmup_outlasts(OptimConfig(warmup_steps=400), total_steps=100)
+    assert [record.getMessage() for record in caplog.records] == [
+        "optim.warmup_steps=400 > train.max_steps=100: the learning rate peaks at 25% of optim.lr"]
