@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "FineCLIP-ViT-T-8"  # an open_clip model name (ours are registered on import)
-    pretrained: str | None = None  # local open_clip / OpenAI checkpoint file; None = random init
+    pretrained: str | None = None  # open_clip / OpenAI checkpoint file, or a fineclip_ds run folder; None = random init
     freeze_text: bool = True  # FineCLIP trains the image tower only
     grad_checkpointing: bool = False  # recompute image blocks in backward (non-reentrant)
     checkpoint_every: int = 1  # with grad_checkpointing: every k-th block (1 = all; 2 = half the recompute)
@@ -302,7 +302,10 @@ def validate(config: RunConfig) -> None:
         "train.resume", resume, "null, 'auto' or an existing checkpoint directory",
     )
     pretrained = config.model.pretrained
-    _require(pretrained is None or Path(pretrained).is_file(), "model.pretrained", pretrained,
-             "null or an existing checkpoint file" + (
-                 f" (a run's checkpoint folder becomes one with: python -m fineclip_ds.export --checkpoint {pretrained} "
-                 "--output fineclip.pt)" if pretrained is not None and Path(pretrained).is_dir() else ""))
+    folder = Path(pretrained) if pretrained is not None and Path(pretrained).is_dir() else None
+    searched = (folder / "checkpoints", folder, folder.parent) if folder else ()  # where export finds a run's 'latest'
+    _require(pretrained is None or Path(pretrained).is_file() or any((path / "latest").is_file() for path in searched),
+             "model.pretrained", pretrained, "null, an existing checkpoint file, or a fineclip_ds run: its output "
+             "folder, checkpoints folder or one tag folder" + (
+                 f" (no 'latest' file in {folder / 'checkpoints'}, {folder} or {folder.parent}: has the run saved a "
+                 "checkpoint yet?)" if folder else ""))

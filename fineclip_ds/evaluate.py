@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 from pathlib import Path
 
-import open_clip
 import torch
 
 from fineclip_ds.config import ModelConfig, positive_int
@@ -26,9 +24,8 @@ from fineclip_ds.evaluation.retrieval import RESIZE_MODES, CaptionedImage, evalu
 from fineclip_ds.evaluation.segmentation import LabelledImage, evaluate_segmentation, load_label_folder
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.evaluation.zero_shot import TEMPLATE_SETS
-from fineclip_ds.export import (CheckpointSource, exported_model_config, model_name_of, open_clip_state_dict,
-                               resolve_checkpoint)
-from fineclip_ds.models.factory import Tokenizer, create_fineclip, patch_grid, resample_positional_grid
+from fineclip_ds.export import model_name_of, resolve_checkpoint, trained_image_size
+from fineclip_ds.models.factory import Tokenizer, create_fineclip
 from fineclip_ds.models.fineclip import FineCLIP
 
 TASKS = ("box-cls", "retrieval", "segmentation", "dense-viz", "world")
@@ -40,66 +37,18 @@ Annotations = BoxDataset | list[CaptionedImage] | tuple[list[str], list[Labelled
 
 def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None, device: torch.device | str = "cpu",
                         image_size: int | list[int] | None = None) -> tuple[FineCLIP, Tokenizer, tuple]:
-    """Any checkpoint form -> the FineCLIP model in eval mode, through open_clip's own loading code.
+    """Any checkpoint form -> the FineCLIP model in eval mode, loaded as model.pretrained is for training.
 
     Without `image_size`, a model trained at another size than its config's (model.image_size in the run's
     config.json, or vision_cfg.image_size in the model config export writes beside its .pt) is evaluated at
-    the size it was trained at, as training's own evaluation saw it. It is built at that size before its
-    weights load: open_clip's pretrained= loads them first and resizes after, which interpolated a ViT's
-    positional embeddings to the config's size and refused a timm tower's (EVA02) altogether. At another
-    `image_size` it is then rebuilt with its table resampled from the trained grid (`_rebuilt_at`)."""
+    the size it was trained at, as training's own evaluation saw it; at another `image_size` its positional
+    table is resampled from the trained grid (`factory.resized_clip`)."""
     source = resolve_checkpoint(checkpoint)
     name = model_name_of(source, model_name)
-    trained_size = _trained_size(source)
-    with tempfile.TemporaryDirectory() as scratch:
-        weights = source.path
-        if source.tag is not None:
-            weights = Path(scratch) / "open_clip.pt"
-            torch.save(open_clip_state_dict(source), weights)
-        if trained_size is None:
-            return _on(create_fineclip(ModelConfig(name=name, pretrained=str(weights), image_size=image_size)), device)
-        model, tokenizer, normalization = create_fineclip(ModelConfig(name=name, image_size=trained_size))
-        try:
-            open_clip.load_checkpoint(model.clip, str(weights), strict=True)
-        except RuntimeError as error:
-            raise ValueError(f"--checkpoint {checkpoint} does not load into --model {name} at its trained size "
-                             f"{trained_size}: {str(error).splitlines()[0]}") from error
-        if image_size is not None and _pair(image_size) != _pair(trained_size):
-            return _on(_rebuilt_at(model, name, image_size), device)
-    return _on((model, tokenizer, normalization), device)
-
-
-def _on(built: tuple[FineCLIP, Tokenizer, tuple], device: torch.device | str) -> tuple[FineCLIP, Tokenizer, tuple]:
-    model, tokenizer, normalization = built
+    size = image_size if image_size is not None else trained_image_size(source)
+    model, tokenizer, normalization = create_fineclip(ModelConfig(name=name, pretrained=str(checkpoint),
+                                                                  image_size=size))
     return model.to(device).eval(), tokenizer, normalization
-
-
-def _rebuilt_at(model: FineCLIP, name: str, image_size: int | list[int]) -> tuple[FineCLIP, Tokenizer, tuple]:
-    """`model` (loaded at its trained size) built again at `image_size`, its positional table resampled from
-    its own grid, which may be non-square: open_clip's resize reads every table as a square, and its
-    pretrained= loading refuses a timm tower's (EVA02) table of another size."""
-    trunk = getattr(model.clip.visual, "trunk", None)
-    if trunk is not None:  # a timm tower resamples its own table
-        trunk.set_input_size(img_size=_pair(image_size))
-    state_dict = model.clip.state_dict()
-    table = state_dict.get("visual.positional_embedding")
-    if table is not None:
-        state_dict["visual.positional_embedding"] = resample_positional_grid(
-            table, patch_grid(model.image_size, model.patch_size), patch_grid(image_size, model.patch_size))
-    rebuilt, tokenizer, normalization = create_fineclip(ModelConfig(name=name, image_size=image_size))
-    rebuilt.clip.load_state_dict(state_dict)
-    return rebuilt, tokenizer, normalization
-
-
-def _trained_size(source: CheckpointSource) -> int | list[int] | None:
-    if source.tag is None:  # export's model config beside the state dict records the trained size
-        config = exported_model_config(source)
-        return config["vision_cfg"].get("image_size") if config else None
-    return (source.run_config or {}).get("model", {}).get("image_size")
-
-
-def _pair(size: int | list[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -31,8 +31,9 @@ class CheckpointSource:
     run_config: dict | None  # the run's config.json when it can be found
 
 
-def resolve_checkpoint(checkpoint: str | Path) -> CheckpointSource:
-    """Accept a run's output folder, its checkpoints folder, one tag folder, or a state-dict file.
+def resolve_checkpoint(checkpoint: str | Path, field: str = "--checkpoint") -> CheckpointSource:
+    """Accept a run's output folder, its checkpoints folder, one tag folder, or a state-dict file; errors
+    name `field`, the setting that gave `checkpoint`.
 
     A tag folder that a save is still writing (`step_N.tmp`) or replacing (`step_N.replaced`) is refused:
     its files may be half written. A universal folder (`step_N_universal`, converted from `step_N` for a
@@ -46,26 +47,27 @@ def resolve_checkpoint(checkpoint: str | Path) -> CheckpointSource:
             latest = (folder / "latest").read_text().strip()
             tag = path.name if folder == path.parent else latest
             if tag.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX)):
-                raise ValueError(f"--checkpoint {checkpoint}: a checkpoint that is still being written or replaced; "
+                raise ValueError(f"{field} {checkpoint}: a checkpoint that is still being written or replaced; "
                                  f"take a complete one (the run folder's latest is {latest})")
             if tag.endswith(UNIVERSAL_SUFFIX):
                 tag = tag[:-len(UNIVERSAL_SUFFIX)]
                 if not (folder / tag).is_dir():
-                    raise FileNotFoundError(f"--checkpoint {checkpoint}: a universal checkpoint is exported from the "
+                    raise FileNotFoundError(f"{field} {checkpoint}: a universal checkpoint is exported from the "
                                             f"tag it was converted from, and {folder / tag} is missing")
             config_file = folder.parent / "config.json"
             config = json.loads(config_file.read_text()) if config_file.is_file() else None
             return CheckpointSource(folder, tag, config)
-    raise FileNotFoundError(f"--checkpoint {checkpoint}: not a state-dict file, a run folder, a checkpoints "
+    raise FileNotFoundError(f"{field} {checkpoint}: not a state-dict file, a run folder, a checkpoints "
                             "folder with 'latest', or a tag folder inside one")
 
 
-def training_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip the trainer's module prefix; the logit scale goes back to open_clip's default scalar, capped
-    at ln(100) as training used it (the stored value may sit just above: see CappedTemperature)."""
-    clip_state = {key[len(TRAINING_PREFIX):]: value for key, value in state.items() if key.startswith(TRAINING_PREFIX)}
+def training_to_open_clip(state: dict[str, torch.Tensor], prefix: str = TRAINING_PREFIX) -> dict[str, torch.Tensor]:
+    """Strip the trainer's module prefix (or FineCLIP's own, 'clip.'); the logit scale goes back to open_clip's
+    default scalar, capped at ln(100) as training used it (the stored value may sit just above: see
+    CappedTemperature)."""
+    clip_state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     if not clip_state:
-        raise ValueError(f"no '{TRAINING_PREFIX}*' parameters in the checkpoint: not a fineclip_ds training checkpoint")
+        raise ValueError(f"no '{prefix}*' parameters in the checkpoint: not a fineclip_ds training checkpoint")
     clip_state["logit_scale"] = clip_state["logit_scale"].reshape(()).clamp(max=LOGIT_SCALE_MAX)
     return clip_state
 
@@ -106,6 +108,15 @@ def exported_model_config(source: CheckpointSource) -> dict | None:
     return config if isinstance(config, dict) and {"embed_dim", "vision_cfg", "text_cfg"} <= config.keys() else None
 
 
+def trained_image_size(source: CheckpointSource) -> int | list[int] | None:
+    """The image size the weights were trained at: model.image_size in the run's config.json, or
+    vision_cfg.image_size in the model config export wrote beside a state dict; None where neither says."""
+    if source.tag is None:
+        config = exported_model_config(source)
+        return config["vision_cfg"].get("image_size") if config else None
+    return (source.run_config or {}).get("model", {}).get("image_size")
+
+
 def export(checkpoint: str | Path, output: Path, model_name: str | None = None) -> tuple[str, Path]:
     """Write the state dict and its open_clip model config; returns (model name, state-dict path)."""
     import fineclip_ds.models.factory  # noqa: F401  registers our model configs with open_clip
@@ -117,7 +128,7 @@ def export(checkpoint: str | Path, output: Path, model_name: str | None = None) 
         raise ValueError(f"--model {name}: not an open_clip model name (see open_clip.list_models())")
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(open_clip_state_dict(source), output)
-    trained_size = (source.run_config or {}).get("model", {}).get("image_size")
+    trained_size = trained_image_size(source)
     if trained_size is not None:  # trained at another size: the positional embeddings are for that grid
         model_config["vision_cfg"]["image_size"] = trained_size
     output.with_suffix(".json").write_text(json.dumps(model_config, indent=2))

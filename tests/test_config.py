@@ -152,12 +152,19 @@ def test_resume_from_another_models_checkpoint_names_a_differing_parameter(tmp_p
         check_same_model(point, model)
 
 
-def test_a_run_folder_given_as_pretrained_names_the_export_that_makes_a_checkpoint_file(tmp_path):
-    """Fine-tuning from an earlier run: its checkpoint folder is not an open_clip file; the message says how."""
-    with pytest.raises(ConfigError, match=rf"model.pretrained: got '{tmp_path}', expected null or an existing "
-                                          rf"checkpoint file \(a run's checkpoint folder becomes one with: python -m "
-                                          rf"fineclip_ds.export --checkpoint {tmp_path} --output fineclip.pt\)"):
-        load_config("tiny-cpu", [f"model.pretrained={tmp_path}"])
+def test_a_run_given_as_pretrained_is_accepted_and_a_folder_without_a_checkpoint_says_why(tmp_path):
+    """Fine-tuning from an earlier run: its output, checkpoints or tag folder, found by its 'latest' file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ConfigError, match=re.escape(
+            f"model.pretrained: got '{run}', expected null, an existing checkpoint file, or a fineclip_ds run: its "
+            f"output folder, checkpoints folder or one tag folder (no 'latest' file in {run / 'checkpoints'}, {run} "
+            f"or {tmp_path}: has the run saved a checkpoint yet?)")):
+        load_config("tiny-cpu", [f"model.pretrained={run}"])
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000002")
+    for folder in (run, run / "checkpoints", run / "checkpoints" / "step_00000002"):
+        assert load_config("tiny-cpu", [f"model.pretrained={folder}"]).model.pretrained == str(folder)
 
 
 @pytest.mark.parametrize("override,field,expected", [

@@ -48,21 +48,30 @@ def resample_positional_grid(table: torch.Tensor, native: tuple[int, int], grid:
     return torch.cat([table[:1].detach(), resampled])
 
 
+def _mapped_checkpoint(path: str) -> dict | None:
+    """A torch checkpoint's top-level dict, memory-mapped (its weights are not read); None where it cannot be
+    read so (an OpenAI TorchScript archive, a legacy or safetensors file, not weights)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return None
+    return checkpoint if isinstance(checkpoint, dict) else None
+
+
 def _checkpoint_table_rows(path: str) -> int | None:
     """Rows of a checkpoint's image positional table, read without loading its weights (memory-mapped);
     None where it cannot be told cheaply (open_clip's own load then reads the file and reports any error)."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
 
+        try:
             with safe_open(path, framework="pt") as weights:
                 keys = [key for key in weights.keys() if key.removeprefix("module.") == "visual.positional_embedding"]
                 return weights.get_slice(keys[0]).get_shape()[0] if keys else None
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # not a zip-format torch file (an OpenAI TorchScript archive, a legacy file, not weights)
-        return None
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    for key, value in (state_dict or {}).items():
+        except Exception:  # not a safetensors file after all
+            return None
+    checkpoint = _mapped_checkpoint(path) or {}
+    for key, value in checkpoint.get("state_dict", checkpoint).items():
         if str(key).removeprefix("module.") == "visual.positional_embedding" and isinstance(value, torch.Tensor):
             return value.shape[0]
     return None
@@ -101,45 +110,115 @@ def _create_from_openai_archive(config: ModelConfig, build: Callable[..., torch.
     return clip
 
 
+def _build(name: str, size: int | tuple[int, int] | list[int] | None, device: torch.device | str,
+           pretrained: str | None = None) -> torch.nn.Module:
+    return open_clip.create_model(name, pretrained=pretrained, nonscalar_logit_scale=True, device=device,
+                                  force_image_size=tuple(size) if isinstance(size, list) else size)
+
+
+def _size_of(name: str, size: int | tuple[int, int] | list[int] | None) -> tuple[int, int]:
+    """(height, width) of `size`; None is the model config's own."""
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"] if size is None else size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def resized_clip(clip: torch.nn.Module, name: str, image_size: int | tuple[int, int] | list[int] | None,
+                 device: torch.device | str = "cpu") -> torch.nn.Module:
+    """`clip`, loaded at the size its weights were trained at, built again at `image_size` (None: its model
+    config's) with the same weights, its positional table resampled from its own grid, which may be
+    non-square: open_clip's resize reads every table as a square, and its pretrained= loading refuses a timm
+    tower's (EVA02) table of another size. A timm tower resamples its own table, in `clip` itself."""
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: draw nothing for it
+        resized = _build(name, image_size, device)
+    if hasattr(clip.visual, "trunk"):
+        clip.visual.set_input_size(resized.visual.image_size)
+    state_dict = clip.state_dict()
+    if "visual.positional_embedding" in state_dict:
+        state_dict["visual.positional_embedding"] = resample_positional_grid(
+            state_dict["visual.positional_embedding"], tuple(clip.visual.grid_size), tuple(resized.visual.grid_size))
+    resized.load_state_dict(state_dict)
+    return resized
+
+
+def _pretrained_weights(config: ModelConfig, force_image_size: int | tuple[int, int] | None
+                        ) -> tuple[dict[str, torch.Tensor], int | list[int] | None] | None:
+    """`config.pretrained` as an open_clip state dict and the image size it was trained at (None: its model
+    config's), for what open_clip cannot load or size by itself: a run (its output, checkpoints or tag folder,
+    whose config.json names the model and the size), a state dict export wrote with its model config beside
+    it, a FineCLIP state_dict() (keys 'clip.*'). None for any other file, which open_clip loads."""
+    from fineclip_ds import export  # reads runs through DeepSpeed, right of models/: imported only when needed
+
+    try:
+        source = export.resolve_checkpoint(config.pretrained, field="model.pretrained")
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+    if source.tag is not None:
+        trained_name = (source.run_config or {}).get("model", {}).get("name", config.name)
+        if trained_name != config.name:
+            raise ConfigError(f"model.name: got '{config.name}', but model.pretrained {config.pretrained} is a run "
+                              f"of '{trained_name}'; expected '{trained_name}'")
+    elif export.exported_model_config(source) is None:
+        checkpoint = _mapped_checkpoint(config.pretrained) or {}
+        if isinstance(checkpoint.get("module"), dict):
+            tag = Path(config.pretrained).parent
+            raise ConfigError(
+                f"model.pretrained: got '{config.pretrained}', a DeepSpeed model-states file, whose weights are in "
+                "the training precision, or under ZeRO-3 not in it at all (each rank's shard is in its own file); "
+                f"expected the tag folder it lies in (model.pretrained={tag}), or one file made with: "
+                f"python -m fineclip_ds.export --checkpoint {tag} --output fineclip.pt")
+        if not checkpoint or not all(str(key).startswith("clip.") for key in checkpoint):
+            return None
+        state_dict = export.training_to_open_clip(checkpoint, prefix="clip.")
+        table, native = state_dict.get("visual.positional_embedding"), _native_grid(config.name)
+        at_native = table is None or native is None or table.shape[0] == 1 + native[0] * native[1]
+        return state_dict, None if at_native else force_image_size  # sized as an open_clip file is
+    try:
+        return export.open_clip_state_dict(source), export.trained_image_size(source)
+    except (FileNotFoundError, ValueError) as error:  # a tag folder deleted since, a folder of another trainer
+        raise ConfigError(f"model.pretrained {config.pretrained}: {error}") from error
+
+
 def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | None,
                  device: torch.device | str) -> torch.nn.Module:
     """open_clip's model with `config.pretrained` loaded, at `force_image_size`.
 
-    A checkpoint whose positional table has its model config's length is taken to be at that config's
-    grid (true of open_clip's and OpenAI's weights, and of our exports, whose config records the trained
-    size): it is loaded at that size and its table resampled to the new grid here, from the grid's real
-    shape (`resample_positional_grid`), not by open_clip, which reads every table as a square and keeps
-    one of the same length as is (8 x 8 would be read as 4 x 16). A table of the new grid's own length
-    loads as is. timm towers (EVA02) resample their own table through timm's set_input_size."""
-    def build(size, pretrained=None):
-        return open_clip.create_model(config.name, pretrained=pretrained, nonscalar_logit_scale=True, device=device,
-                                      force_image_size=size)
-
-    if config.pretrained is not None and _is_torchscript_archive(config.pretrained):
-        return _create_from_openai_archive(config, lambda: build(force_image_size))
-    native = _native_grid(config.name)
-    if config.pretrained is None or native is None or force_image_size is None:
-        return build(force_image_size, config.pretrained)
-    grid = patch_grid(force_image_size, open_clip.get_model_config(config.name)["vision_cfg"]["patch_size"])
-    if grid == native or _checkpoint_table_rows(config.pretrained) != 1 + native[0] * native[1]:
-        return build(force_image_size, config.pretrained)
-    clip = build(None, config.pretrained)
-    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: draw nothing for it
-        resized = build(force_image_size)
-    state_dict = clip.state_dict()
-    del clip
-    state_dict["visual.positional_embedding"] = resample_positional_grid(
-        state_dict["visual.positional_embedding"], native, grid)
-    resized.load_state_dict(state_dict)
-    return resized
+    Weights of a known trained size (`_pretrained_weights`) load at that size, and `resized_clip` builds the
+    model again at `force_image_size`. Otherwise a checkpoint whose positional table has its model config's
+    length is taken to be at that config's grid (true of open_clip's and OpenAI's weights): it is loaded at
+    that size and resized the same way, not by open_clip, which reads every table as a square and keeps one
+    of the same length as is (8 x 8 would be read as 4 x 16). A table of the new grid's own length loads as
+    is. timm towers (EVA02) resample their own table through timm's set_input_size."""
+    if not config.pretrained:  # None, or "" as open_clip takes it
+        return _build(config.name, force_image_size, device)
+    if _is_torchscript_archive(config.pretrained):
+        return _create_from_openai_archive(config, lambda: _build(config.name, force_image_size, device))
+    weights = _pretrained_weights(config, force_image_size)
+    if weights is not None:
+        state_dict, trained_size = weights
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: draw nothing for it
+            clip = _build(config.name, trained_size, device)
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(clip.logit_scale.shape)
+        clip.load_state_dict(state_dict)
+    else:
+        native = _native_grid(config.name)
+        if native is None or force_image_size is None:
+            return _build(config.name, force_image_size, device, config.pretrained)
+        grid = patch_grid(force_image_size, open_clip.get_model_config(config.name)["vision_cfg"]["patch_size"])
+        if grid == native or _checkpoint_table_rows(config.pretrained) != 1 + native[0] * native[1]:
+            return _build(config.name, force_image_size, device, config.pretrained)
+        clip = _build(config.name, None, device, config.pretrained)
+    if _size_of(config.name, clip.visual.image_size) == _size_of(config.name, force_image_size):
+        return clip
+    return resized_clip(clip, config.name, force_image_size, device)
 
 
 def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
                     ) -> tuple[FineCLIP, Tokenizer, tuple[tuple[float, ...], tuple[float, ...]]]:
     """Return the model, its tokenizer and its (mean, std) image normalisation.
 
-    `config.pretrained` is a local checkpoint file (an open_clip state dict, or OpenAI's TorchScript archive with
-    a QuickGELU model name such as ViT-B-16-quickgelu); nothing is downloaded.
+    `config.pretrained` is local (nothing is downloaded): a checkpoint file (an open_clip state dict, or OpenAI's
+    TorchScript archive with a QuickGELU model name such as ViT-B-16-quickgelu), or a fineclip_ds run, which
+    evaluate's --checkpoint takes too: its output folder, checkpoints folder or one tag folder.
     `device="meta"` (inside `with torch.device("meta")`) builds the structure without memory, for planning.
     """
     known = open_clip.list_models()
