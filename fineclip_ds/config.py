@@ -89,7 +89,8 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 3
     log_every: int = 10
-    max_consecutive_nonfinite: int = 5  # micro-batches with a NaN/inf loss skipped in a row before the run stops
+    # skips in a row (a NaN/inf loss, or an optimizer step DeepSpeed dropped for a NaN/inf gradient) before the run stops
+    max_consecutive_nonfinite: int = 5
 
 
 @dataclass

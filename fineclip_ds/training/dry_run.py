@@ -16,7 +16,8 @@ from fineclip_ds.config import RunConfig
 from fineclip_ds.models.factory import create_fineclip
 from fineclip_ds.models.fineclip import text_tower_of
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops
-from fineclip_ds.training.parallelize import DeepSpeedConfigError, offloads_optimizer, resolve_batch_sizes
+from fineclip_ds.training.parallelize import (DeepSpeedConfigError, adapt_precision_to_device, offloads_optimizer,
+                                              require_nonfinite_gradient_check, resolve_batch_sizes)
 
 GIB = 2**30
 
@@ -27,6 +28,7 @@ def _frozen_weight_bytes(frozen_params: int, stage: int, world_size: int, precis
 
 
 def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per_node: int) -> dict[str, Any]:
+    require_nonfinite_gradient_check(adapt_precision_to_device(ds_config, on_gpu=True))  # refused as training would be
     model_config = dataclasses.replace(config.model, pretrained=None)
     with torch.device("meta"):
         model, _, _ = create_fineclip(model_config, device="meta")

@@ -28,7 +28,8 @@ from fineclip_ds.training.periodic_eval import evaluate_during_training
 from fineclip_ds.training.preemption import PreemptionWatch
 from fineclip_ds.training.process_group import init_process_group
 from fineclip_ds.training.parallelize import (adapt_precision_to_device, initialize, load_deepspeed_config,
-                                              offloads_optimizer, resolve_batch_sizes)
+                                              offloads_optimizer, require_nonfinite_gradient_check,
+                                              resolve_batch_sizes)
 
 log = logging.getLogger("fineclip_ds")
 BATCH_TENSORS = ("images", "texts", "boxes", "box_mask", "region_texts")
@@ -98,6 +99,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
 
     # a bad DeepSpeed JSON or --resume fails here with its message, before a model is built
     ds_config = adapt_precision_to_device(load_deepspeed_config(deepspeed_config_path), on_gpu)
+    require_nonfinite_gradient_check(ds_config)
     resolve_batch_sizes(ds_config, world_size)  # DeepSpeed's own check is a bare assertion
     resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
     seed_everything(config.train.seed)
@@ -167,6 +169,15 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                 nonfinite.skipped, "data_counts": dict(_sum_counters_over_ranks(data_counts, world_size)),
                 "run_totals": run_totals().state_dict()}
 
+    def stop_if_exhausted(step: int, what: str) -> None:
+        if nonfinite.exhausted:
+            checkpoint.save(engine, checkpoint_dir, step, trainer_state(step), config.train.keep_last)
+            raise NonFiniteLossError(
+                f"{nonfinite.in_a_row} micro-batches or optimizer steps in a row were skipped, the last for a "
+                f"non-finite {what} at step {step}; the last good state is saved in {checkpoint_dir}/"
+                f"{checkpoint.tag_for_step(step)}. Lower optim.lr or check the data; "
+                f"train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}")
+
     for step in range(start_step, stop_step):
         applied_lr = engine.get_lr()[0]  # engine.step() moves the schedule on to the next step's lr
         step_terms: list[dict[str, torch.Tensor]] = []
@@ -176,15 +187,21 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             data_counts.update(batch["data_stats"])
             loss, terms = engine(_to_device(batch, engine.device, image_dtype))
             if not nonfinite.all_ranks_finite(loss, world_size):
-                if nonfinite.exhausted:
-                    checkpoint.save(engine, checkpoint_dir, step, trainer_state(step), config.train.keep_last)
-                    raise NonFiniteLossError(
-                        f"{nonfinite.in_a_row} micro-batches in a row gave a non-finite loss at step {step}; the last "
-                        f"good state is saved in {checkpoint_dir}/{checkpoint.tag_for_step(step)}. Lower optim.lr or "
-                        f"check the data; train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}")
+                stop_if_exhausted(step, "loss")
                 continue  # skipped on every rank together: no backward, no optimizer step
             engine.backward(loss)
+            skipped_before = engine.skipped_steps
             engine.step()
+            if engine.skipped_steps > skipped_before:
+                # DeepSpeed found a NaN/inf gradient (or, in fp16, a loss scale too high) on some rank: every
+                # rank dropped this step's gradients and kept weights, Adam state and lr; redo the step
+                if not engine.fp16_enabled():  # fp16's loss scaler skips while it searches for its scale
+                    nonfinite.skip()
+                    stop_if_exhausted(step, "gradient")
+                step_terms, flops = [], 0
+                continue
+            if engine.was_step_applied():
+                nonfinite.step_applied()
             step_terms.append({"total": loss.detach(), **terms})
             flops += batch_flops(batch)
         throughput.update(micro_batch * accumulation * world_size, flops)

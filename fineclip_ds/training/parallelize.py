@@ -89,6 +89,28 @@ def adapt_precision_to_device(config: dict[str, Any], on_gpu: bool) -> dict[str,
     return config
 
 
+def require_nonfinite_gradient_check(config: dict[str, Any]) -> None:
+    """The precision and ZeRO stage that will run (after adapt_precision_to_device) must be ones where
+    DeepSpeed 0.19.8 skips an optimizer step whose gradients hold a NaN or inf (the engine counts those
+    skips). Where it does not check, one such gradient behind a finite loss makes every weight and Adam
+    state NaN without a word (measured with 2 CPU ranks, 2026-11-26)."""
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    bf16, fp16 = config.get("bf16", {}).get("enabled", False), config.get("fp16", {}).get("enabled", False)
+    if stage == 0 and not (bf16 or fp16):
+        raise DeepSpeedConfigError(
+            "zero_optimization.stage is 0 with fp32 weights (bf16/fp16 off, or no GPU): DeepSpeed does not check "
+            "gradients for NaN/inf there; expected stage 1, 2 or 3")
+    if stage in (1, 2) and bf16 and not config["bf16"].get("check_grad_overflow", True):
+        raise DeepSpeedConfigError(
+            f"bf16.check_grad_overflow is false at zero_optimization.stage {stage}: DeepSpeed would apply NaN/inf "
+            "gradients; expected true")
+    if stage in (1, 2) and not (bf16 or fp16) and not zero.get("compute_grad_norm", True):
+        raise DeepSpeedConfigError(
+            f"zero_optimization.compute_grad_norm is false at stage {stage} in fp32: DeepSpeed would apply NaN/inf "
+            "gradients; expected true")
+
+
 def register_zero3_external_parameters(objective: nn.Module, parameters: list[nn.Parameter]) -> None:
     for parameter in parameters:
         deepspeed.zero.register_external_parameter(objective, parameter)

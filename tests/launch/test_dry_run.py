@@ -97,3 +97,15 @@ def test_dry_run_plans_an_eva_tower():
     assert 300 <= report["parameters"]["trainable"] / 1e6 <= 310  # EVA02-L/14 image tower; text frozen
     assert report["parameters"]["largest_block"] > 12e6
     assert report["model_tflops_per_gpu_step_at_max_boxes"] > 0
+
+
+def test_a_config_training_would_refuse_is_refused_by_the_dry_run(tmp_path):
+    """The plan is for GPUs: bf16 at ZeRO-2 without DeepSpeed's gradient check would apply NaN/inf gradients."""
+    ds_config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds_config["bf16"]["check_grad_overflow"] = False
+    path = tmp_path / "unchecked.json"
+    path.write_text(json.dumps(ds_config))
+    result = subprocess.run([sys.executable, "launch/pretrain.py", "--recipe", "vit-b-16", "--deepspeed_config",
+                             str(path), "--dry_run", "--world_size", "8"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "bf16.check_grad_overflow is false" in result.stderr, result.stderr[-3000:]

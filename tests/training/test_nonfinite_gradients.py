@@ -1,0 +1,114 @@
+"""A finite loss with a NaN/inf gradient (an overflow in backward): the loss guard lets it through, so
+DeepSpeed must drop the optimizer step on every rank, and the engine must count the skip, redo the step
+and stop after train.max_consecutive_nonfinite in a row. Fault injection with 2 real CPU processes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fineclip_ds.training.optimizer import warmup_cosine
+from fineclip_ds.training import parallelize
+from tests.training.launcher import REPO, losses, run_pretrain, write_ds_config
+
+STEPS = 12
+JOB = ("--max_steps", str(STEPS), "--set", "optim.lr=1e-4", "--set", "optim.warmup_steps=1",
+       "--set", "train.save_every=4", "--set", "data.max_boxes=4")
+INF_GRADIENT_SCRIPT = Path(__file__).with_name("inf_gradient_pretrain.py")
+
+
+def _run_with_inf_gradients(config: Path, output_dir: Path, calls: str, *args: str):
+    return run_pretrain(2, config, output_dir, *JOB, *args, script=INF_GRADIENT_SCRIPT, check=False,
+                        env={"FINECLIP_TEST_INF_GRAD_CALLS": calls, "FINECLIP_TEST_INF_GRAD_RANK": "1"})
+
+
+def _non_finite_tensors_in_checkpoints(checkpoints: Path) -> dict[str, int]:
+    """Saved tensors (weights, fp32 masters, Adam moments) holding a NaN or inf, per file."""
+    def tensors(value):
+        if torch.is_tensor(value):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from tensors(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from tensors(item)
+
+    found = {}
+    for path in sorted(checkpoints.rglob("*.pt")):
+        saved = torch.load(path, weights_only=False, map_location="cpu")
+        bad = sum(1 for t in tensors(saved) if t.is_floating_point() and not torch.isfinite(t).all())
+        if bad:
+            found[str(path.relative_to(checkpoints))] = bad
+    return found
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json", "zero2_vit_l.json"])
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu", "gpu"])
+def test_the_shipped_configs_let_deepspeed_check_gradients(name, on_gpu):
+    shipped = parallelize.load_deepspeed_config(REPO / "ds_configs" / name)
+    parallelize.require_nonfinite_gradient_check(parallelize.adapt_precision_to_device(shipped, on_gpu))
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({}, "zero_optimization.stage is 0"),
+    ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}, "cpu": True}, "zero_optimization.stage is 0"),
+    ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True, "check_grad_overflow": False}},
+     "bf16.check_grad_overflow is false"),
+    ({"zero_optimization": {"stage": 1, "compute_grad_norm": False}}, "zero_optimization.compute_grad_norm is false"),
+])
+def test_configs_where_deepspeed_applies_non_finite_gradients_are_refused(settings, field):
+    """Measured with 2 CPU ranks (DeepSpeed 0.19.8): one inf gradient made every weight and Adam moment NaN."""
+    settings = dict(settings)
+    on_gpu = not settings.pop("cpu", False)
+    with pytest.raises(parallelize.DeepSpeedConfigError, match=field):
+        parallelize.require_nonfinite_gradient_check(parallelize.adapt_precision_to_device(settings, on_gpu))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_inf_gradients_behind_finite_losses_are_skipped_on_every_rank_counted_and_redone(tmp_path, stage):
+    config = write_ds_config(tmp_path / "ds.json", micro_batch=16, stage=stage)
+    output_dir = tmp_path / "run"
+    result = _run_with_inf_gradients(config, output_dir, calls="3,4,9")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert [step for step, _ in losses(output_dir)] == list(range(1, STEPS + 1))
+    assert not _non_finite_tensors_in_checkpoints(output_dir / "checkpoints")
+    events = EventAccumulator(str(output_dir / "tensorboard"))
+    events.Reload()
+    assert events.Scalars("train/skipped_nonfinite")[-1].value == 3
+    assert events.Scalars("data/samples")[-1].value == (STEPS + 3) * 32  # the dropped steps' batches were consumed
+    # the schedule is not moved on by a dropped step (DeepSpeed holds it): step s trains at the lr of step s
+    optim = json.loads((output_dir / "config.json").read_text())["optim"]
+    assert [event.value for event in events.Scalars("train/lr")] == pytest.approx(
+        [optim["lr"] * warmup_cosine(s, optim["warmup_steps"], STEPS, optim["min_lr_ratio"]) for s in range(STEPS)])
+
+
+@pytest.mark.slow
+def test_inf_gradients_in_a_row_stop_the_run_with_the_last_good_state_saved(tmp_path):
+    config = write_ds_config(tmp_path / "ds.json", micro_batch=16, stage=2)
+    output_dir = tmp_path / "run"
+    result = _run_with_inf_gradients(config, output_dir, ",".join(str(call) for call in range(6, 40)),
+                                     "--set", "train.max_consecutive_nonfinite=3")
+    assert result.returncode != 0, "the run went on to max_steps without an update"
+    assert "non-finite gradient at step 5" in result.stdout + result.stderr
+    checkpoints = output_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000005"
+    assert not _non_finite_tensors_in_checkpoints(checkpoints)
+    assert [step for step, _ in losses(output_dir)] == list(range(1, 6))
+
+
+@pytest.mark.slow
+def test_zero_stage_0_in_fp32_is_refused_before_an_inf_gradient_makes_every_weight_nan(tmp_path):
+    config = write_ds_config(tmp_path / "ds.json", micro_batch=16, stage=2)
+    settings = json.loads(config.read_text())
+    settings["zero_optimization"]["stage"] = 0  # bf16 is turned off on this CPU machine: fp32
+    config.write_text(json.dumps(settings))
+    output_dir = tmp_path / "run"
+    result = _run_with_inf_gradients(config, output_dir, calls="3")
+    assert not _non_finite_tensors_in_checkpoints(output_dir / "checkpoints")
+    assert result.returncode != 0
+    assert "zero_optimization.stage is 0 with fp32 weights" in result.stdout + result.stderr
