@@ -68,17 +68,23 @@ def training_to_open_clip(state: dict[str, torch.Tensor], prefix: str = TRAINING
     clip_state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     if not clip_state:
         raise ValueError(f"no '{prefix}*' parameters in the checkpoint: not a fineclip_ds training checkpoint")
-    clip_state["logit_scale"] = clip_state["logit_scale"].reshape(()).clamp(max=LOGIT_SCALE_MAX)
+    clip_state["logit_scale"] = clip_state["logit_scale"].contiguous().reshape(()).clamp(max=LOGIT_SCALE_MAX)
     return clip_state
 
 
-def open_clip_state_dict(source: CheckpointSource) -> dict[str, torch.Tensor]:
+def open_clip_state_dict(source: CheckpointSource, lazy: bool = False) -> dict[str, torch.Tensor]:
+    """The weights under open_clip's names. `lazy`: a ZeRO-3 run's trained ones stay zero_to_fp32's lazy tensors, each
+    gathered from the shards at its `.contiguous()`, for a loader that reads them one at a time
+    (factory._load_one_at_a_time): every rank builds its model from a run given as model.pretrained, and gathering
+    them all held the weights twice. Frozen ones, and a ZeRO-2 run's (views of one concatenation of its shards), are
+    read at once either way."""
     if source.tag is None:
         state = torch.load(source.path, map_location="cpu", weights_only=True)
         return state.get("state_dict", state)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return training_to_open_clip(get_fp32_state_dict_from_zero_checkpoint(str(source.path), tag=source.tag))
+    return training_to_open_clip(get_fp32_state_dict_from_zero_checkpoint(str(source.path), tag=source.tag,
+                                                                          lazy_mode=lazy))
 
 
 def model_name_of(source: CheckpointSource, model_name: str | None) -> str:

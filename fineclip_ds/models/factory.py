@@ -173,9 +173,21 @@ def _pretrained_weights(config: ModelConfig, force_image_size: int | tuple[int, 
         at_native = table is None or native is None or table.shape[0] == 1 + native[0] * native[1]
         return state_dict, None if at_native else force_image_size  # sized as an open_clip file is
     try:
-        return export.open_clip_state_dict(source), export.trained_image_size(source)
+        return export.open_clip_state_dict(source, lazy=True), export.trained_image_size(source)
     except (FileNotFoundError, ValueError) as error:  # a tag folder deleted since, a folder of another trainer
         raise ConfigError(f"model.pretrained {config.pretrained}: {error}") from error
+
+
+def _load_one_at_a_time(clip: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """clip.load_state_dict(state_dict), strict, reading each tensor as it is copied and dropping it after, so that a
+    run's lazy tensors (export.open_clip_state_dict) are never all in memory: the model and one tensor, not the model
+    twice. The keys are compared first, as strict loading does, before anything is read."""
+    expected = clip.state_dict().keys()
+    if state_dict.keys() != expected:
+        raise RuntimeError(f"Error(s) in loading state_dict: missing key(s) {sorted(expected - state_dict.keys())}, "
+                           f"unexpected key(s) {sorted(state_dict.keys() - expected)}")
+    for name in list(state_dict):
+        clip.load_state_dict({name: state_dict.pop(name).contiguous()}, strict=False)
 
 
 def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | None,
@@ -198,7 +210,7 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
         with torch.random.fork_rng(devices=[]):  # its random init is overwritten: draw nothing for it
             clip = _build(config.name, trained_size, device)
         state_dict["logit_scale"] = state_dict["logit_scale"].reshape(clip.logit_scale.shape)
-        clip.load_state_dict(state_dict)
+        _load_one_at_a_time(clip, state_dict)
     else:
         native = _native_grid(config.name)
         if native is None or force_image_size is None:

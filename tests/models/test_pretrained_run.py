@@ -1,6 +1,7 @@
 """model.pretrained given a fineclip_ds run (pre-train, then fine-tune): the weights export would write."""
 import json
 import re
+import weakref
 
 import open_clip
 import pytest
@@ -63,6 +64,27 @@ def test_a_run_given_as_pretrained_loads_the_weights_export_writes(runs, tmp_pat
     assert loaded["logit_scale"].item() <= LOGIT_SCALE_MAX
 
 
+def test_a_zero3_run_is_gathered_one_tensor_at_a_time(runs, monkeypatch):
+    """Every rank builds its model from the run: gathering all its tensors before loading them held the weights
+    twice (peak memory: benchmarks/bench_pretrained_memory.py). Counted here as the gathered tensors alive at once,
+    which does not depend on timing or on the machine."""
+    from deepspeed.utils.zero_to_fp32 import GatheredTensor
+
+    gather, gathered, most_alive = GatheredTensor.contiguous, [], 0
+
+    def counted(lazy: GatheredTensor) -> torch.Tensor:
+        nonlocal most_alive
+        tensor = gather(lazy)
+        gathered.append(weakref.ref(tensor))
+        most_alive = max(most_alive, sum(ref() is not None for ref in gathered))
+        return tensor
+
+    monkeypatch.setattr(GatheredTensor, "contiguous", counted)
+    model, _, _ = create_fineclip(ModelConfig(pretrained=str(runs["two_zero3"])))
+    assert len(gathered) == len(model.clip.state_dict())  # every weight came from the shards
+    assert most_alive == 1
+
+
 @pytest.mark.parametrize("trained_at,size", [(None, FINE_TUNE_SIZE), (FINE_TUNE_SIZE, None)],
                          ids=["native-run-at-48x80", "48x80-run-at-native"])
 def test_a_run_at_another_size_resamples_its_table_from_the_grid_it_trained_at(runs, fine_tuned, tmp_path,
@@ -87,6 +109,18 @@ def test_a_run_of_another_model_is_a_config_error_naming_both(runs):
     with pytest.raises(ConfigError, match=re.escape(f"model.name: got 'FineCLIP-ViT-T-16-224', but model.pretrained "
                                                     f"{run} is a run of '{NAME}'; expected '{NAME}'")):
         create_fineclip(ModelConfig(name="FineCLIP-ViT-T-16-224", pretrained=str(run)))
+
+
+def test_a_run_without_its_config_loaded_as_another_model_is_a_config_error_naming_the_keys(runs, tmp_path):
+    """Without the run's config.json nothing names the model it trained: the keys are compared before any is read."""
+    checkpoints = runs["one_zero2"] / "checkpoints"
+    tag = (checkpoints / "latest").read_text().strip()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text(tag)
+    (tmp_path / "checkpoints" / tag).symlink_to(checkpoints / tag)
+    with pytest.raises(ConfigError, match=re.escape("does not load into model.name 'FineCLIP-ViT-T-16-224'") +
+                       r".*nexpected key.*visual\.transformer\.resblocks\.2\."):
+        create_fineclip(ModelConfig(name="FineCLIP-ViT-T-16-224", pretrained=str(tmp_path / "checkpoints")))
 
 
 @pytest.mark.parametrize("run_name,file_name", [("one_zero2", "mp_rank_00_model_states.pt"),
