@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import pickle
 import zipfile
 from pathlib import Path
@@ -18,6 +19,7 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+log = logging.getLogger("fineclip_ds")
 
 
 def patch_grid(image_size: int | tuple[int, int] | list[int], patch_size: int | tuple[int, int] | list[int]
@@ -116,6 +118,27 @@ def _build(name: str, size: int | tuple[int, int] | list[int] | None, device: to
                                   force_image_size=tuple(size) if isinstance(size, list) else size)
 
 
+class _RandomInitNotice(logging.Filter):
+    """open_clip's warning for a model built without pretrained=, dropped where the factory loads the weights
+    itself right after: 'Model initialized randomly' was printed on every rank of a fine-tuning run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+def _built_for_weights(name: str, size: int | tuple[int, int] | list[int] | None,
+                       device: torch.device | str) -> torch.nn.Module:
+    """A model whose weights the caller loads next: its random init draws nothing from the RNG and open_clip
+    does not announce it (open_clip logs through the root logger)."""
+    notice = _RandomInitNotice()
+    logging.getLogger().addFilter(notice)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _build(name, size, device)
+    finally:
+        logging.getLogger().removeFilter(notice)
+
+
 def _size_of(name: str, size: int | tuple[int, int] | list[int] | None) -> tuple[int, int]:
     """(height, width) of `size`; None is the model config's own."""
     size = open_clip.get_model_config(name)["vision_cfg"]["image_size"] if size is None else size
@@ -128,8 +151,7 @@ def resized_clip(clip: torch.nn.Module, name: str, image_size: int | tuple[int, 
     config's) with the same weights, its positional table resampled from its own grid, which may be
     non-square: open_clip's resize reads every table as a square, and its pretrained= loading refuses a timm
     tower's (EVA02) table of another size. A timm tower resamples its own table, in `clip` itself."""
-    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: draw nothing for it
-        resized = _build(name, image_size, device)
+    resized = _built_for_weights(name, image_size, device)
     if hasattr(clip.visual, "trunk"):
         clip.visual.set_input_size(resized.visual.image_size)
     state_dict = clip.state_dict()
@@ -203,12 +225,11 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
     if not config.pretrained:  # None, or "" as open_clip takes it
         return _build(config.name, force_image_size, device)
     if _is_torchscript_archive(config.pretrained):
-        return _create_from_openai_archive(config, lambda: _build(config.name, force_image_size, device))
+        return _create_from_openai_archive(config, lambda: _built_for_weights(config.name, force_image_size, device))
     weights = _pretrained_weights(config, force_image_size)
     if weights is not None:
         state_dict, trained_size = weights
-        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: draw nothing for it
-            clip = _build(config.name, trained_size, device)
+        clip = _built_for_weights(config.name, trained_size, device)
         state_dict["logit_scale"] = state_dict["logit_scale"].reshape(clip.logit_scale.shape)
         _load_one_at_a_time(clip, state_dict)
     else:
@@ -258,6 +279,8 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
         # the patch embedding would silently drop the remainder pixels and boxes would map off the grid
         raise ConfigError(f"model.image_size: got {list(model.image_size)}, expected multiples of {config.name}'s "
                           f"patch size {list(model.patch_size)}")
+    if config.pretrained:
+        log.info("model.pretrained %s loaded into %s at %s px", config.pretrained, config.name, list(model.image_size))
     tokenizer = open_clip.get_tokenizer(config.name)
     mean = tuple(getattr(clip.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(getattr(clip.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)

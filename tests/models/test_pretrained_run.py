@@ -42,6 +42,8 @@ def test_pretrain_fine_tunes_from_a_run_folder_given_as_model_pretrained(runs, f
     run, result = fine_tuned
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert [step for step, _ in losses(run)] == [1, 2]
+    printed = result.stdout + result.stderr  # open_clip's notice of a random init would be false here
+    assert "initialized randomly" not in printed and f"model.pretrained {runs['one_zero2']} loaded into" in printed
     started_from, _, _ = create_fineclip(ModelConfig(pretrained=str(runs["one_zero2"]), image_size=FINE_TUNE_SIZE))
     saved, _ = _exported(run, tmp_path)
     for key, value in started_from.clip.state_dict().items():
