@@ -14,6 +14,17 @@ GLOBAL_BATCH = 8
 COMMON = ("--max_steps", str(STEPS), "--set", "optim.lr=1e-4", "--set", "optim.warmup_steps=1",
           "--set", "train.save_every=2", "--set", "data.max_boxes=4", "--set", "eval.every=2",
           "--set", "eval.images=16", "--set", "eval.batch_size=8")
+# the fault-injection runs: 2 ranks x 16 images, saved every 4 of 12 steps
+FAULT_STEPS = 12
+FAULT_JOB = ("--max_steps", str(FAULT_STEPS), "--set", "optim.lr=1e-4", "--set", "optim.warmup_steps=1",
+             "--set", "train.save_every=4", "--set", "data.max_boxes=4")
+NONFINITE_SCRIPT = Path(__file__).with_name("nonfinite_pretrain.py")
+
+
+def nonfinite_env(kind: str, calls: str, rank: int) -> dict[str, str]:
+    """The environment of NONFINITE_SCRIPT: a non-finite `kind` ('loss' or 'gradient') at forward `calls` on `rank`."""
+    return {"FINECLIP_TEST_NONFINITE_KIND": kind, "FINECLIP_TEST_NONFINITE_CALLS": calls,
+            "FINECLIP_TEST_NONFINITE_RANK": str(rank)}
 
 
 def free_port() -> int:

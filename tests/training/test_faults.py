@@ -11,14 +11,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.training.launcher import (REPO, launcher_env, losses, pretrain_command, run_pretrain,
-                                     write_ds_config)
+from tests.training.launcher import FAULT_JOB as JOB
+from tests.training.launcher import FAULT_STEPS as STEPS
+from tests.training.launcher import (NONFINITE_SCRIPT, REPO, launcher_env, losses, nonfinite_env, pretrain_command,
+                                     run_pretrain, write_ds_config)
 
 pytestmark = pytest.mark.slow
-STEPS = 12
-JOB = ("--max_steps", str(STEPS), "--set", "optim.lr=1e-4", "--set", "optim.warmup_steps=1",
-       "--set", "train.save_every=4", "--set", "data.max_boxes=4")
-NAN_SCRIPT = Path(__file__).with_name("nan_pretrain.py")
 STALLED_SAVE_SCRIPT = Path(__file__).with_name("stalled_save_pretrain.py")
 EXIT_SCRIPT = Path(__file__).with_name("exit_pretrain.py")
 
@@ -104,8 +102,7 @@ def test_kill_9_during_a_save_leaves_a_run_that_resumes_the_uninterrupted_curve(
 def test_nan_losses_are_skipped_on_every_rank_and_counted(reference, tmp_path):
     config, _ = reference
     output_dir = tmp_path / "nan"
-    run_pretrain(2, config, output_dir, *JOB, script=NAN_SCRIPT,
-                 env={"FINECLIP_TEST_NAN_CALLS": "3,4,9", "FINECLIP_TEST_NAN_RANK": "1"})
+    run_pretrain(2, config, output_dir, *JOB, script=NONFINITE_SCRIPT, env=nonfinite_env("loss", "3,4,9", rank=1))
     curve = losses(output_dir)
     assert [step for step, _ in curve] == list(range(1, STEPS + 1))
     assert all(loss == loss for _, loss in curve)  # no NaN reached the logged (applied) steps
@@ -121,9 +118,8 @@ def test_too_many_nan_losses_in_a_row_stop_with_the_last_good_state_saved(refere
     output_dir = tmp_path / "nan_stop"
     first_nan_call = stop_step + 1
     result = run_pretrain(2, config, output_dir, *JOB, "--set", "train.max_consecutive_nonfinite=3",
-                          script=NAN_SCRIPT, check=False,
-                          env={"FINECLIP_TEST_NAN_CALLS": ",".join(str(c) for c in range(first_nan_call, 40)),
-                               "FINECLIP_TEST_NAN_RANK": "0"})
+                          script=NONFINITE_SCRIPT, check=False,
+                          env=nonfinite_env("loss", ",".join(str(c) for c in range(first_nan_call, 40)), rank=0))
     assert result.returncode != 0
     assert f"non-finite loss at step {stop_step}" in result.stdout + result.stderr
     checkpoints = output_dir / "checkpoints"

@@ -12,17 +12,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fineclip_ds.training.optimizer import warmup_cosine
 from fineclip_ds.training import parallelize
-from tests.training.launcher import REPO, losses, run_pretrain, write_ds_config
-
-STEPS = 12
-JOB = ("--max_steps", str(STEPS), "--set", "optim.lr=1e-4", "--set", "optim.warmup_steps=1",
-       "--set", "train.save_every=4", "--set", "data.max_boxes=4")
-INF_GRADIENT_SCRIPT = Path(__file__).with_name("inf_gradient_pretrain.py")
+from tests.training.launcher import FAULT_JOB as JOB
+from tests.training.launcher import FAULT_STEPS as STEPS
+from tests.training.launcher import NONFINITE_SCRIPT, REPO, losses, nonfinite_env, run_pretrain, write_ds_config
 
 
 def _run_with_inf_gradients(config: Path, output_dir: Path, calls: str, *args: str):
-    return run_pretrain(2, config, output_dir, *JOB, *args, script=INF_GRADIENT_SCRIPT, check=False,
-                        env={"FINECLIP_TEST_INF_GRAD_CALLS": calls, "FINECLIP_TEST_INF_GRAD_RANK": "1"})
+    return run_pretrain(2, config, output_dir, *JOB, *args, script=NONFINITE_SCRIPT, check=False,
+                        env=nonfinite_env("gradient", calls, rank=1))
 
 
 def _non_finite_tensors_in_checkpoints(checkpoints: Path) -> dict[str, int]:
