@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from fineclip_ds.run_layout import LATEST, folder_with_latest, folders_that_may_hold_latest
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 BACKENDS = ("auto", "triton", "torch")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "math")
@@ -303,10 +305,12 @@ def validate(config: RunConfig) -> None:
         "train.resume", resume, "null, 'auto' or an existing checkpoint directory",
     )
     pretrained = config.model.pretrained
-    folder = Path(pretrained) if pretrained is not None and Path(pretrained).is_dir() else None
-    searched = (folder / "checkpoints", folder, folder.parent) if folder else ()  # where export finds a run's 'latest'
-    _require(pretrained is None or Path(pretrained).is_file() or any((path / "latest").is_file() for path in searched),
-             "model.pretrained", pretrained, "null, an existing checkpoint file, or a fineclip_ds run: its output "
-             "folder, checkpoints folder or one tag folder" + (
-                 f" (no 'latest' file in {folder / 'checkpoints'}, {folder} or {folder.parent}: has the run saved a "
-                 "checkpoint yet?)" if folder else ""))
+    expected = ("null, an existing checkpoint file, or a fineclip_ds run: its output folder, checkpoints folder or "
+                "one tag folder")
+    if pretrained is not None and Path(pretrained).is_dir():
+        checkpoints, output, parent = folders_that_may_hold_latest(Path(pretrained))
+        _require(folder_with_latest(Path(pretrained)) is not None, "model.pretrained", pretrained,
+                 f"{expected} (no '{LATEST}' file in {checkpoints}, {output} or {parent}: has the run saved a "
+                 "checkpoint yet?)")
+    else:
+        _require(pretrained is None or Path(pretrained).is_file(), "model.pretrained", pretrained, expected)

@@ -18,6 +18,7 @@ import open_clip
 import torch
 
 from fineclip_ds.models.fineclip import LOGIT_SCALE_MAX
+from fineclip_ds.run_layout import LATEST, folder_with_latest
 from fineclip_ds.training.checkpoint import PARTIAL_SUFFIX, REPLACED_SUFFIX, UNIVERSAL_SUFFIX
 
 TRAINING_PREFIX = "model.clip."  # FineCLIPObjective.model (FineCLIP).clip (open_clip CLIP)
@@ -42,23 +43,23 @@ def resolve_checkpoint(checkpoint: str | Path, field: str = "--checkpoint") -> C
     path = Path(checkpoint)
     if path.is_file():
         return CheckpointSource(path, None, None)
-    for folder in (path / "checkpoints", path, path.parent):
-        if (folder / "latest").is_file():
-            latest = (folder / "latest").read_text().strip()
-            tag = path.name if folder == path.parent else latest
-            if tag.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX)):
-                raise ValueError(f"{field} {checkpoint}: a checkpoint that is still being written or replaced; "
-                                 f"take a complete one (the run folder's latest is {latest})")
-            if tag.endswith(UNIVERSAL_SUFFIX):
-                tag = tag[:-len(UNIVERSAL_SUFFIX)]
-                if not (folder / tag).is_dir():
-                    raise FileNotFoundError(f"{field} {checkpoint}: a universal checkpoint is exported from the "
-                                            f"tag it was converted from, and {folder / tag} is missing")
-            config_file = folder.parent / "config.json"
-            config = json.loads(config_file.read_text()) if config_file.is_file() else None
-            return CheckpointSource(folder, tag, config)
-    raise FileNotFoundError(f"{field} {checkpoint}: not a state-dict file, a run folder, a checkpoints "
-                            "folder with 'latest', or a tag folder inside one")
+    folder = folder_with_latest(path)
+    if folder is None:
+        raise FileNotFoundError(f"{field} {checkpoint}: not a state-dict file, a run folder, a checkpoints "
+                                f"folder with '{LATEST}', or a tag folder inside one")
+    latest = (folder / LATEST).read_text().strip()
+    tag = path.name if folder == path.parent else latest
+    if tag.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX)):
+        raise ValueError(f"{field} {checkpoint}: a checkpoint that is still being written or replaced; "
+                         f"take a complete one (the run folder's latest is {latest})")
+    if tag.endswith(UNIVERSAL_SUFFIX):
+        tag = tag[:-len(UNIVERSAL_SUFFIX)]
+        if not (folder / tag).is_dir():
+            raise FileNotFoundError(f"{field} {checkpoint}: a universal checkpoint is exported from the "
+                                    f"tag it was converted from, and {folder / tag} is missing")
+    config_file = folder.parent / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    return CheckpointSource(folder, tag, config)
 
 
 def training_to_open_clip(state: dict[str, torch.Tensor], prefix: str = TRAINING_PREFIX) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from torch import nn
 from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS, UNIVERSAL_CHECKPOINT_INFO
 
 from fineclip_ds.config import ConfigError
+from fineclip_ds.run_layout import LATEST
 
 TAG_PREFIX = "step_"
 TAG_PATTERN = re.compile(rf"{TAG_PREFIX}\d{{8}}")
@@ -64,7 +65,7 @@ def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint |
     if resume is None:
         return None
     directory = checkpoint_dir if resume == "auto" else Path(resume)
-    latest = directory / "latest"
+    latest = directory / LATEST
     if latest.is_file():
         return ResumePoint(directory, latest.read_text().strip())
     if resume != "auto" and directory.is_dir() and directory.name.startswith(TAG_PREFIX):
@@ -126,9 +127,9 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
             os.replace(final_dir, replaced_dir)
         os.replace(partial_dir, final_dir)
         shutil.rmtree(replaced_dir, ignore_errors=True)
-        pointer = checkpoint_dir / ("latest" + PARTIAL_SUFFIX)
+        pointer = checkpoint_dir / (LATEST + PARTIAL_SUFFIX)
         pointer.write_text(tag)
-        os.replace(pointer, checkpoint_dir / "latest")
+        os.replace(pointer, checkpoint_dir / LATEST)
         _prune(checkpoint_dir, keep_last)
     _barrier()
     return final_dir
@@ -148,7 +149,9 @@ def saved_world_size(point: ResumePoint) -> int:
 
 def convert_to_universal(point: ResumePoint, rank: int) -> ResumePoint:
     """Collective. DeepSpeed's universal format (parameters and Adam states per parameter, not per
-    rank) is what a different world size can load; rank 0 converts once, beside the original tag."""
+    rank) is what a different world size can load; rank 0 converts once, beside the original tag.
+    ds_to_universal also writes `latest_universal`, naming its output folder (our `.tmp` one, renamed
+    next): resume loads by tag and never reads it, and `latest` stays the one pointer, so it is removed."""
     universal = point.directory / (point.tag + UNIVERSAL_SUFFIX)
     if rank == 0 and not universal.is_dir():
         partial = point.directory / (point.tag + UNIVERSAL_SUFFIX + PARTIAL_SUFFIX)
@@ -162,6 +165,7 @@ def convert_to_universal(point: ResumePoint, rank: int) -> ResumePoint:
         for trainer_state in (point.directory / point.tag).glob("trainer_state_rank*.pt"):
             shutil.copy2(trainer_state, partial / trainer_state.name)
         os.replace(partial, universal)
+        (point.directory / (LATEST + UNIVERSAL_SUFFIX)).unlink(missing_ok=True)
     _barrier()
     return ResumePoint(point.directory, universal.name)
 

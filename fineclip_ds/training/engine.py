@@ -27,6 +27,7 @@ from fineclip_ds.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from fineclip_ds.training.periodic_eval import evaluate_during_training
 from fineclip_ds.training.preemption import PreemptionWatch
 from fineclip_ds.training.process_group import init_process_group
+from fineclip_ds.run_layout import checkpoints_folder
 from fineclip_ds.training.parallelize import (adapt_precision_to_device, initialize, load_deepspeed_config,
                                               offloads_optimizer, require_nonfinite_gradient_check,
                                               resolve_batch_sizes)
@@ -95,7 +96,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     rank, world_size = init_process_group()
     on_gpu = torch.cuda.is_available()
     output_dir = Path(config.train.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
+    checkpoint_dir = checkpoints_folder(output_dir)
 
     # a bad DeepSpeed JSON or --resume fails here with its message, before a model is built
     ds_config = adapt_precision_to_device(load_deepspeed_config(deepspeed_config_path), on_gpu)
