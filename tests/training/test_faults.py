@@ -147,6 +147,7 @@ def test_resume_at_another_world_size_continues_the_same_run(runs, tmp_path, sta
     run_pretrain(1, write_ds_config(tmp_path / "one.json", GLOBAL_BATCH, stage), output_dir, *COMMON,
                  "--resume", "auto")
     assert (output_dir / "checkpoints" / f"step_{STEPS // 2:08d}_universal").is_dir()
+    assert not (output_dir / "checkpoints" / "latest_universal").exists()  # it named the deleted .tmp folder
     uninterrupted = runs[f"two_zero{stage}"]
     resumed, reference = losses(output_dir), losses(uninterrupted)
     assert [step for step, _ in resumed] == [step for step, _ in reference]
