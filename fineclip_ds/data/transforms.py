@@ -1,6 +1,6 @@
 """Image + boxes -> model-ready tensors, with every dropped box counted by reason.
 
-Images are resized to the model's square input without cropping, so that no box is cut off by a
+Images are resized to the model's input size without cropping, so that no box is cut off by a
 centre crop; boxes are scaled with the image. A bad box is dropped and counted, never fatal.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from fineclip_ds.data.images import to_rgb
+from fineclip_ds.sizes import height_width
 
 MIN_BOX_SIDE_PX = 1.0  # at model resolution: thinner boxes pool less than one token's worth
 
@@ -63,7 +64,7 @@ class RegionTransform:
 
     def __init__(self, image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
                  crop_source_scale: int = 1):
-        self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.height, self.width = height_width(image_size)
         self.mean = list(mean)
         self.std = list(std)
         self.crop_source_scale = crop_source_scale

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fineclip_ds.config import ConfigError, ModelConfig
 from fineclip_ds.models.fineclip import FineCLIP
+from fineclip_ds.sizes import height_width
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -22,15 +23,10 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 log = logging.getLogger("fineclip_ds")
 
 
-def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """(height, width) of a size open_clip configs give as one int or two."""
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def patch_grid(image_size: int | tuple[int, int] | list[int], patch_size: int | tuple[int, int] | list[int]
                ) -> tuple[int, int]:
     """(rows, columns) of patches a ViT makes of an image of `image_size`."""
-    (height, width), (patch_h, patch_w) = _pair(image_size), _pair(patch_size)
+    (height, width), (patch_h, patch_w) = height_width(image_size), height_width(patch_size)
     return height // patch_h, width // patch_w
 
 
@@ -146,7 +142,7 @@ def _built_for_weights(name: str, size: int | tuple[int, int] | list[int] | None
 
 def _size_of(name: str, size: int | tuple[int, int] | list[int] | None) -> tuple[int, int]:
     """(height, width) of `size`; None is the model config's own."""
-    return _pair(open_clip.get_model_config(name)["vision_cfg"]["image_size"] if size is None else size)
+    return height_width(open_clip.get_model_config(name)["vision_cfg"]["image_size"] if size is None else size)
 
 
 def resized_clip(clip: torch.nn.Module, name: str, image_size: int | tuple[int, int] | list[int] | None,

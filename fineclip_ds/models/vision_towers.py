@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fineclip_ds.sizes import height_width
+
 
 class OpenClipViT:
     """open_clip.transformer.VisionTransformer (class token, ln_post, proj matrix)."""
@@ -25,13 +27,11 @@ class OpenClipViT:
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        size = self.visual.patch_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return height_width(self.visual.patch_size)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        size = self.visual.image_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return height_width(self.visual.image_size)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return self.visual._embeds(images), None
