@@ -134,7 +134,8 @@ def export(checkpoint: str | Path, output: Path, model_name: str | None = None) 
     if model_config is None:
         raise ValueError(f"--model {name}: not an open_clip model name (see open_clip.list_models())")
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(open_clip_state_dict(source), output)
+    # detached, as a module's state_dict() gives: zero_to_fp32's tensors come with requires_grad=True
+    torch.save({name: tensor.detach() for name, tensor in open_clip_state_dict(source).items()}, output)
     trained_size = trained_image_size(source)
     if trained_size is not None:  # trained at another size: the positional embeddings are for that grid
         model_config["vision_cfg"]["image_size"] = trained_size

@@ -30,6 +30,8 @@ def test_exported_state_dict_loads_in_open_clip_and_gives_the_training_features(
     name, path = export(runs[run_name], tmp_path / "fineclip.pt")
     assert name == "FineCLIP-ViT-T-8"
     assert json.loads(path.with_suffix(".json").read_text())["embed_dim"] == 64
+    # plain tensors, as a module's state_dict() gives: zero_to_fp32's came with requires_grad=True
+    assert not any(tensor.requires_grad for tensor in torch.load(path, weights_only=True).values())
     open_clip.add_model_config(path.with_suffix(".json"))  # as the README tells a plain open_clip user
     clip, _, preprocess = open_clip.create_model_and_transforms(path.stem, pretrained=str(path))
     clip.eval()
