@@ -9,8 +9,10 @@ files are converted into the same shards.
 
 Unit i of the input becomes `regions-{i:06d}.tar` (+ its counts in `regions-{i:06d}.json`), written
 under a temporary name and renamed when complete: a rerun skips finished shards and redoes partial
-ones. Units are split over processes by RANK / WORLD_SIZE (torchrun) or SLURM_PROCID / SLURM_NTASKS
-(srun), one GPU each. Each process, when done, sums the counts of every finished shard into
+ones. A unit whose input could not be read in full (a truncated or vanished input shard) keeps its
+counts but no .tar, so a rerun retries it; the summary counts it under unreadable_input_shards. Units
+are split over processes by RANK / WORLD_SIZE (torchrun) or SLURM_PROCID / SLURM_NTASKS (srun), one
+GPU each. Each process, when done, sums the counts of every finished shard into
 `<output_dir>/summary.json`: the last one to finish writes the complete summary.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -35,6 +38,9 @@ from fineclip_ds.data.proposals import (CocoBoxProposer, DetectorProposer, GridP
                                         Proposer)
 from fineclip_ds.data.records import encode_record, record_key
 from fineclip_ds.data.region_annotators import CaptionedProposals, RegionAnnotator, ReleasedRegionCaptions
+from fineclip_ds.data.streams import _is_local, expand_shard_urls
+
+log = logging.getLogger("fineclip_ds")
 
 
 # Images annotated together: their region crops (~10 each) fill the captioner's generate batches.
@@ -107,8 +113,27 @@ def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Pr
             if progress:
                 progress.images(len(chunk), counts["regions"] - regions_before)
     target.with_suffix(".json").write_text(json.dumps(counts))  # counts first: a finished .tar always has them
-    os.replace(partial, target)
+    if counts["corrupt_shard"]:  # left unfinished: a rerun retries it once the input is whole
+        partial.unlink()
+        log.warning("%s: its input could not be read in full (see above); not marked finished, a rerun retries it",
+                    target.name)
+    else:
+        os.replace(partial, target)
     return counts
+
+
+def summarize(output_dir: Path) -> Counter:
+    """The counts of every finished shard, plus the shards left unfinished because their input was unreadable."""
+    summary = Counter()
+    for counts_file in sorted(output_dir.glob("regions-*.json")):
+        counts = json.loads(counts_file.read_text())
+        if counts_file.with_suffix(".tar").is_file():
+            summary.update(counts)
+        elif counts.get("corrupt_shard"):
+            summary["unreadable_input_shards"] += 1
+            summary["corrupt_shard"] += counts["corrupt_shard"]
+    summary["shards"] = sum(1 for _ in output_dir.glob("regions-*.tar"))
+    return summary
 
 
 def run(units: list[Unit], annotate: RegionAnnotator, output_dir: Path, rank: int = 0, world_size: int = 1,
@@ -122,11 +147,7 @@ def run(units: list[Unit], annotate: RegionAnnotator, output_dir: Path, rank: in
         make_shard(units[index], annotate, output_dir / f"{shard_name(index)}.tar", progress, images_per_call)
         progress.shard_done()
     progress.bar.close()
-    summary = Counter()
-    for counts_file in sorted(output_dir.glob("regions-*.json")):
-        if counts_file.with_suffix(".tar").is_file():
-            summary.update(json.loads(counts_file.read_text()))
-    summary["shards"] = sum(1 for _ in output_dir.glob("regions-*.tar"))
+    summary = summarize(output_dir)
     partial_summary = output_dir / f"summary.json.{rank}.tmp"
     partial_summary.write_text(json.dumps(dict(summary), indent=2))
     os.replace(partial_summary, output_dir / "summary.json")
@@ -179,6 +200,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value and not Path(value).exists():
             parser.error(f"--{name} {value}: no such file or directory (local paths only; nothing is downloaded)")
+    if args.shards and (missing := missing_shard_files(args.shards)):
+        named = len(expand_shard_urls(args.shards))
+        shown = ", ".join(str(Path(shard).absolute()) for shard in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        parser.error(f"--shards {args.shards}: {len(missing)} of its {named} files do not exist: {shown}")
     if args.captioner and not Path(args.captioner).is_dir():
         parser.error(f"--captioner {args.captioner}: expected the folder of a transformers model")
     # checked here, not when the proposer is built: that comes after the captioner's (long) load
@@ -187,6 +212,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.fineclip_proposals and args.proposals == "detector" and not args.detector_weights:
         parser.error("--proposals detector needs --detector_weights")
     return args
+
+
+def missing_shard_files(pattern: str) -> list[str]:
+    """The local files a --shards pattern names that do not exist: reading one is only a warning, and its
+    output shard would be left unfinished; remote URLs are left to the read."""
+    return [shard for shard in expand_shard_urls(pattern) if _is_local(shard) and not Path(shard).is_file()]
 
 
 def units_from(args: argparse.Namespace) -> list[Unit]:

@@ -373,7 +373,8 @@ def test_webdataset_pairs_in_one_output_shard_per_input_shard(tmp_path):
     units = webdataset_units(str(tmp_path / "pairs-{0..2}.tar"))
     box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=3)
     summary = run(units, CaptionedProposals(GridProposer(), box_filter, SizeCaptioner()), tmp_path / "out")
-    assert summary["shards"] == 3 and summary["corrupt_image"] == 1 and summary["corrupt_shard"] >= 1
+    assert summary["shards"] == 2 and summary["corrupt_image"] == 1 and summary["corrupt_shard"] >= 1
+    assert summary["unreadable_input_shards"] == 1  # the truncated one, left for a rerun to retry
     assert summary["images_out"] == summary["images_in"] - 1
     keys = [r["__key__"] for r in wds.WebDataset(str(tmp_path / "out" / "regions-{000000..000001}.tar"),
                                                  shardshuffle=False, empty_check=False)]
@@ -520,3 +521,47 @@ def test_boxes_under_a_pixel_are_captioned_from_the_pixels_they_touch_not_an_emp
     regions = CaptionedProposals(SubPixelProposer(), box_filter, captioner)(
         [Image.new("RGB", (32, 32))], ["k"], Counter())
     assert seen == [(2, 2), (1, 1)] and len(regions[0]) == 2  # pixels 1-2 of each side; pixel 10
+
+
+def _pair_records(count: int) -> list[dict]:
+    world = ShapesWorld(seed=5, image_size=48)
+    return [{"__key__": f"{i:04d}", "jpg": encode_training_sample("k", world.sample(i))["jpg"],
+             "txt": world.sample(i).caption} for i in range(count)]
+
+
+def test_cli_refuses_a_shard_pattern_naming_files_that_do_not_exist_before_any_work(released_files, tmp_path, capsys):
+    """A missing pattern wrote 4 empty shards marked finished (exit 0), so a rerun on the real tars did nothing."""
+    proposals, region_captions = released_files
+    (tmp_path / "pairs").mkdir()
+    write_shard(tmp_path / "pairs" / "1.tar", _pair_records(2))
+    common = ["--fineclip_proposals", str(proposals), "--fineclip_region_captions", str(region_captions),
+              "--output_dir", str(tmp_path / "out")]
+    for pattern, missing in [("nope/{0..3}.tar", "4 of its 4"), ("pairs/{0..3}.tar", "3 of its 4")]:
+        with pytest.raises(SystemExit) as stopped:
+            main(["--shards", str(tmp_path / pattern), *common])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err
+        assert f"{missing} files do not exist" in error and str(tmp_path / pattern.replace("{0..3}", "0")) in error
+        assert str(tmp_path / "pairs" / "1.tar") not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_input_shard_is_counted_but_not_marked_finished_so_a_rerun_retries_it(tmp_path):
+    records = _pair_records(6)
+    write_shard(tmp_path / "pairs-0.tar", records[:3])
+    write_shard(tmp_path / "whole-1.tar", records[3:])
+    (tmp_path / "pairs-1.tar").write_bytes((tmp_path / "whole-1.tar").read_bytes()[:700])  # truncated
+    box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=3)
+
+    def make() -> Counter:
+        units = webdataset_units(str(tmp_path / "pairs-{0..1}.tar"))
+        return run(units, CaptionedProposals(GridProposer(), box_filter, SizeCaptioner()), tmp_path / "out")
+
+    summary = make()
+    assert not (tmp_path / "out" / "regions-000001.tar").exists()
+    assert (summary["shards"], summary["unreadable_input_shards"], summary["images_out"]) == (1, 1, 3)
+    assert summary["corrupt_shard"] >= 1
+    os.replace(tmp_path / "whole-1.tar", tmp_path / "pairs-1.tar")  # the user puts the real shard there
+    summary = make()
+    assert (summary["shards"], summary["unreadable_input_shards"], summary["images_out"]) == (2, 0, 6)
+    assert summary["corrupt_shard"] == 0
