@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fineclip_ds.config import RunConfig
+from fineclip_ds.config import ConfigError, KernelConfig, RunConfig
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
@@ -31,6 +31,8 @@ from fineclip_ds.run_layout import checkpoints_folder
 from fineclip_ds.training.parallelize import (adapt_precision_to_device, initialize, load_deepspeed_config,
                                               offloads_optimizer, require_nonfinite_gradient_check,
                                               resolve_batch_sizes)
+from kernels.contrastive.launch import runs_on as contrastive_runs_on
+from kernels.roi_pool.launch import runs_on as region_pool_runs_on
 
 log = logging.getLogger("fineclip_ds")
 BATCH_TENSORS = ("images", "texts", "boxes", "box_mask", "region_texts")
@@ -39,12 +41,24 @@ IMAGE_TENSORS = ("images", "crop_images")
 # Where a job script asks to be told that a stop signal ended the run (checkpoint written, exit 0),
 # so that it requeues itself (launch/slurm_pretrain.sbatch); rank 0 writes the step there.
 REQUEUE_FILE_VARIABLE = "FINECLIP_REQUEUE_FILE"
+KERNEL_DEVICES = {"region_pool": region_pool_runs_on, "contrastive": contrastive_runs_on}  # kernels.<field>
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def require_kernel_devices(kernels: KernelConfig, device: torch.device) -> None:
+    """A Triton backend this device cannot run, refused at start by its field: the kernel itself refuses it
+    only in the first step, after the model is built, with a traceback per rank. Not in config.validate:
+    a dry run plans GPU runs from a machine without one."""
+    for field, runs_on in KERNEL_DEVICES.items():
+        if getattr(kernels, field) == "triton" and not runs_on(device):
+            raise ConfigError(f"kernels.{field}: got 'triton', which runs on CUDA (or with TRITON_INTERPRET=1, "
+                              f"Triton's slow CPU interpreter), but this run is on {device.type}; expected 'auto' "
+                              "(triton on CUDA, torch elsewhere) or 'torch'")
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, image_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -102,6 +116,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     ds_config = adapt_precision_to_device(load_deepspeed_config(deepspeed_config_path), on_gpu)
     require_nonfinite_gradient_check(ds_config)
     resolve_batch_sizes(ds_config, world_size)  # DeepSpeed's own check is a bare assertion
+    require_kernel_devices(config.kernels, torch.device("cuda" if on_gpu else "cpu"))
     resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
     seed_everything(config.train.seed)
     model, tokenizer, normalization = create_fineclip(config.model)

@@ -25,6 +25,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INTERPRETED = isinstance(contrastive_stats_kernel, InterpretedFunction)
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels can run on tensors of `device`: CUDA ones, or any under the interpreter."""
+    return device.type == "cuda" or INTERPRETED
+
+
 def _fit(size: int, largest: int) -> int:
     """Power of two >= 16 (the tl.dot minimum), no larger than needed or than `largest`."""
     return max(16, min(largest, triton.next_power_of_2(max(size, 1))))

@@ -28,6 +28,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INTERPRETED = isinstance(region_pool_fwd_kernel, InterpretedFunction)
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels can run on tensors of `device`: CUDA ones, or any under the interpreter."""
+    return device.type == "cuda" or INTERPRETED
+
+
 # Largest (regions, tokens, channels) tiles per pass, keyed by "tokens are fp32" (exact fp32 dots
 # run on FMA units and need more registers than tf32 ones).
 FORWARD_TILES = {False: (64, 32, 128), True: (64, 32, 64)}

@@ -1,5 +1,6 @@
 """`launch/pretrain.py` turns bad arguments and DeepSpeed JSONs into exit 2 and one line, before a model is built."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +24,30 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, args, message):
                             timeout=300)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field", ["kernels.region_pool", "kernels.contrastive"])
+def test_a_triton_kernel_on_a_machine_without_cuda_exits_2_at_start(tmp_path, field):
+    """It started training and failed at the first step, one traceback per rank. Not refused by config
+    validation: --dry_run plans GPU runs from a laptop."""
+    no_gpu = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "launch/pretrain.py", "--deepspeed_config", "ds_configs/zero2.json",
+                             "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--set", f"{field}=triton"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**no_gpu, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2 and f"config error: {field}: got 'triton'" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_triton_kernels_are_accepted_where_they_run():
+    """On CUDA; on the CPU too where the kernels were imported under the interpreter (these tests, without a GPU)."""
+    import torch
+
+    from fineclip_ds.config import KernelConfig
+    from fineclip_ds.training.engine import require_kernel_devices
+    from kernels.roi_pool.launch import INTERPRETED
+
+    triton = KernelConfig(region_pool="triton", contrastive="triton")
+    require_kernel_devices(triton, torch.device("cuda"))
+    if INTERPRETED:
+        require_kernel_devices(triton, torch.device("cpu"))
