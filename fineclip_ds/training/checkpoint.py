@@ -8,6 +8,7 @@ job killed mid-save leaves a `.tmp` folder that resume never reads and the next 
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -32,6 +33,7 @@ TAG_PATTERN = re.compile(rf"{TAG_PREFIX}\d{{8}}")
 PARTIAL_SUFFIX = ".tmp"
 REPLACED_SUFFIX = ".replaced"  # a tag's previous copy while a save of the same step replaces it
 UNIVERSAL_SUFFIX = "_universal"  # a tag converted for a resume at another world size
+log = logging.getLogger("fineclip_ds")
 
 
 def tag_for_step(step: int) -> str:
@@ -61,7 +63,26 @@ class ResumePoint:
 
 def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint | None:
     """`auto`: the latest checkpoint under this run's checkpoint folder, or none (fresh start).
-    A path: a checkpoint folder (with `latest`) or one tag folder inside it."""
+    A path: a checkpoint folder (with `latest`) or one tag folder inside it.
+
+    An output folder that already holds checkpoints is this run's own: a fresh start (no resume) or a
+    resume from another run's checkpoint would mix a second history into it (metrics.jsonl and
+    summary.json replaced, tags of both runs pruned together, `latest` left naming a pruned tag)."""
+    point = _resume_point(resume, checkpoint_dir)
+    if (checkpoint_dir / LATEST).is_file() and (point is None or point.directory.resolve() != checkpoint_dir.resolve()):
+        output_dir = checkpoint_dir.parent
+        raise ConfigError(f"train.output_dir {output_dir} already holds a run (its latest checkpoint is "
+                          f"{(checkpoint_dir / LATEST).read_text().strip()}): continue it with --resume auto "
+                          f"(train.resume=auto), or start {'from ' + resume + ' ' if resume else ''}in a new "
+                          "train.output_dir")
+    later = _later_tags(point) if point is not None else []
+    if later and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning("resuming from %s while %s of later steps exist(s) in %s: kept as they are; this run's "
+                    "checkpoints and `latest` replace that continuation", point.tag, ", ".join(later), point.directory)
+    return point
+
+
+def _resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint | None:
     if resume is None:
         return None
     directory = checkpoint_dir if resume == "auto" else Path(resume)
@@ -74,6 +95,13 @@ def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint |
         return None
     raise ConfigError(f"train.resume (--resume): got {resume!r}, expected 'auto', a checkpoints folder with a "
                       f"'latest' file, or a tag folder ({TAG_PREFIX}N) inside one")
+
+
+def _later_tags(point: ResumePoint) -> list[str]:
+    """Tags of steps after the resume point's: a resume from an older checkpoint of the same run leaves
+    them from the continuation it replaces (kept, never pruned, see _prune)."""
+    return sorted(path.name for path in point.directory.iterdir()
+                  if path.is_dir() and TAG_PATTERN.fullmatch(path.name) and path.name > point.tag)
 
 
 def check_same_model(point: ResumePoint, model: nn.Module) -> None:
@@ -130,13 +158,16 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
         pointer = checkpoint_dir / (LATEST + PARTIAL_SUFFIX)
         pointer.write_text(tag)
         os.replace(pointer, checkpoint_dir / LATEST)
-        _prune(checkpoint_dir, keep_last)
+        _prune(checkpoint_dir, tag, keep_last)
     _barrier()
     return final_dir
 
 
-def _prune(checkpoint_dir: Path, keep_last: int) -> None:
-    tags = sorted(p for p in checkpoint_dir.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name))
+def _prune(checkpoint_dir: Path, saved_tag: str, keep_last: int) -> None:
+    """Keep the newest `keep_last` tags up to the one just saved (`latest`). Tags of later steps are left
+    by a resume from an older checkpoint: from the continuation this run replaces, not counted, not deleted."""
+    tags = sorted(p for p in checkpoint_dir.iterdir()
+                  if p.is_dir() and TAG_PATTERN.fullmatch(p.name) and p.name <= saved_tag)
     for old in tags[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
