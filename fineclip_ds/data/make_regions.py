@@ -14,6 +14,10 @@ counts but no .tar, so a rerun retries it; the summary counts it under unreadabl
 are split over processes by RANK / WORLD_SIZE (torchrun) or SLURM_PROCID / SLURM_NTASKS (srun), one
 GPU each. Each process, when done, sums the counts of every finished shard into
 `<output_dir>/summary.json`: the last one to finish writes the complete summary.
+
+The options that decide what the shards hold (all but --batch_size, --images_per_call and --output_dir)
+are recorded in `<output_dir>/settings.json`; a rerun into a folder holding finished shards made with
+other settings stops (exit 2) rather than mix old shards with new ones.
 """
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ import itertools
 import json
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -45,6 +51,10 @@ log = logging.getLogger("fineclip_ds")
 
 # Images annotated together: their region crops (~10 each) fill the captioner's generate batches.
 IMAGES_PER_CALL = 32
+
+SETTINGS_FILE = "settings.json"
+# Options that change how fast the shards are made, not what they hold: a rerun may change them.
+RUN_ONLY_OPTIONS = ("batch_size", "images_per_call", "output_dir")
 
 
 def shard_name(index: int) -> str:
@@ -142,6 +152,9 @@ def run(units: list[Unit], annotate: RegionAnnotator, output_dir: Path, rank: in
     output_dir.mkdir(parents=True, exist_ok=True)
     mine = [index for index in range(len(units)) if index % world_size == rank]
     todo = [index for index in mine if not (output_dir / f"{shard_name(index)}.tar").is_file()]
+    if len(todo) < len(mine):
+        print(f"regions (rank {rank}): {len(mine) - len(todo)} of {len(mine)} output shards already finished in "
+              f"{output_dir}, skipped; {len(todo)} to make", file=sys.stderr, flush=True)
     progress = Progress(rank, len(todo))
     for index in todo:
         make_shard(units[index], annotate, output_dir / f"{shard_name(index)}.tar", progress, images_per_call)
@@ -204,6 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         named = len(expand_shard_urls(args.shards))
         shown = ", ".join(str(Path(shard).absolute()) for shard in missing[:5]) + (", ..." if len(missing) > 5 else "")
         parser.error(f"--shards {args.shards}: {len(missing)} of its {named} files do not exist: {shown}")
+    if conflict := settings_conflict(args.output_dir, output_settings(args)):
+        parser.error(conflict)
     if args.captioner and not Path(args.captioner).is_dir():
         parser.error(f"--captioner {args.captioner}: expected the folder of a transformers model")
     # checked here, not when the proposer is built: that comes after the captioner's (long) load
@@ -212,6 +227,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.fineclip_proposals and args.proposals == "detector" and not args.detector_weights:
         parser.error("--proposals detector needs --detector_weights")
     return args
+
+
+def output_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that decide what the shards hold, as JSON values; paths absolute, so that a rerun
+    from another folder compares equal."""
+    def comparable(name: str, value: Any) -> Any:
+        if isinstance(value, Path) or (name in ("shards", "captioner") and value and _is_local(value)):
+            return os.path.abspath(value)
+        return value
+
+    settings = {name: comparable(name, value) for name, value in sorted(vars(args).items())
+                if name not in RUN_ONLY_OPTIONS}
+    return json.loads(json.dumps(settings))
+
+
+def settings_conflict(output_dir: Path, settings: dict[str, Any]) -> str | None:
+    """Why a run may not write into `output_dir`: its finished shards were made with other settings, and
+    would be skipped and mixed with the new ones. Options the recorded file lacks are not compared."""
+    recorded_file = output_dir / SETTINGS_FILE
+    if not recorded_file.is_file() or not any(output_dir.glob("regions-*.tar")):
+        return None
+    recorded = json.loads(recorded_file.read_text())
+    differing = [name for name in sorted(recorded.keys() & settings.keys()) if recorded[name] != settings[name]]
+    if not differing:
+        return None
+    changes = "; ".join(f"--{name}: {json.dumps(recorded[name])} in {recorded_file}, {json.dumps(settings[name])} now"
+                        for name in differing)
+    return (f"--output_dir {output_dir} holds shards made with other settings ({changes}); pick a new "
+            "--output_dir, or delete the old one to remake its shards")
+
+
+def record_settings(output_dir: Path, settings: dict[str, Any]) -> None:
+    """Written at the start (the same by every process) for a later rerun to be compared with."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    partial = output_dir / f"{SETTINGS_FILE}.{os.getpid()}.tmp"
+    partial.write_text(json.dumps(settings, indent=2))
+    os.replace(partial, output_dir / SETTINGS_FILE)
 
 
 def missing_shard_files(pattern: str) -> list[str]:
@@ -264,8 +316,9 @@ def annotator_from(args: argparse.Namespace, device: str = "cpu") -> RegionAnnot
 def main(argv: list[str] | None = None) -> dict[str, int]:
     args = parse_args(argv)
     rank, world_size, device = process_slot()
-    summary = run(units_from(args), annotator_from(args, device), args.output_dir, rank, world_size,
-                  args.images_per_call)
+    units, annotate = units_from(args), annotator_from(args, device)
+    record_settings(args.output_dir, output_settings(args))  # once the inputs load: a failed start records nothing
+    summary = run(units, annotate, args.output_dir, rank, world_size, args.images_per_call)
     print(json.dumps(dict(summary), indent=2))
     return dict(summary)
 

@@ -565,3 +565,45 @@ def test_an_unreadable_input_shard_is_counted_but_not_marked_finished_so_a_rerun
     summary = make()
     assert (summary["shards"], summary["unreadable_input_shards"], summary["images_out"]) == (2, 0, 6)
     assert summary["corrupt_shard"] == 0
+
+
+@pytest.fixture
+def released_cli(tmp_path: Path) -> list[str]:
+    """make_regions arguments converting FineCLIP's released files for 3 images, one output shard each."""
+    images = tmp_path / "train2017"
+    images.mkdir()
+    world = ShapesWorld(seed=2, image_size=64)
+    coco_images = [{"id": 100 + i, "file_name": f"{i:012d}.jpg", "width": 64, "height": 64} for i in range(3)]
+    for index, image in enumerate(coco_images):
+        world.sample(index).image.save(images / image["file_name"])
+    annotations = [{"id": i, "image_id": 100 + i, "bbox": [10.7, 4.2, 20.5, 30.0], "category_id": 1} for i in range(3)]
+    (tmp_path / "proposals.json").write_text(json.dumps({"images": coco_images, "annotations": annotations}))
+    (tmp_path / "captions.json").write_text(json.dumps({"images": coco_images, "annotations": [
+        {"id": i, "image_id": 100 + i, "caption": f"picture {i}"} for i in range(3)]}))
+    (tmp_path / "region_captions.json").write_text(json.dumps({f"{i:012d}.jpg_10_4_20_30.jpg": "a red circle"
+                                                               for i in range(3)}))
+    return ["--images", str(images), "--coco_captions", str(tmp_path / "captions.json"), "--samples_per_shard", "1",
+            "--fineclip_proposals", str(tmp_path / "proposals.json"),
+            "--fineclip_region_captions", str(tmp_path / "region_captions.json"), "--output_dir", str(tmp_path / "out")]
+
+
+def test_a_rerun_says_how_many_finished_output_shards_it_skipped(released_cli, capsys):
+    assert main(released_cli)["shards"] == 3
+    capsys.readouterr()
+    assert main(released_cli)["shards"] == 3
+    assert "regions (rank 0): 3 of 3 output shards already finished" in capsys.readouterr().err
+
+
+def test_a_rerun_with_settings_that_change_the_output_stops_naming_the_setting_and_both_values(released_cli, capsys,
+                                                                                             tmp_path):
+    """A rerun with --max_boxes 2 into a folder made with 6 skipped every shard and printed the old summary."""
+    main([*released_cli, "--max_boxes", "6"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main([*released_cli, "--max_boxes", "2"])
+    assert stopped.value.code == 2
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["max_boxes"] == 6
+    error = capsys.readouterr().err
+    assert "--max_boxes: 6 in" in error and "2 now" in error and "pick a new --output_dir" in error
+    summary = main([*released_cli, "--max_boxes", "6", "--batch_size", "8", "--images_per_call", "2"])  # no change
+    assert summary["shards"] == 3
