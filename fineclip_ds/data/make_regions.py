@@ -5,7 +5,9 @@
         --output_dir data/regions
 
 With --fineclip_proposals and --fineclip_region_captions instead of --captioner, FineCLIP's released
-files are converted into the same shards.
+files are converted into the same shards. A box's caption is the one keyed
+"{file_name}_{x}_{y}_{w}_{h}.jpg": the file name as the proposals JSON gives it, and its COCO bbox
+truncated to integers ([10.7, 4.2, 20.5, 30.0] -> "000000000139.jpg_10_4_20_30.jpg").
 
 Unit i of the input becomes `regions-{i:06d}.tar` (+ its counts in `regions-{i:06d}.json`), written
 under a temporary name and renamed when complete: a rerun skips finished shards and redoes partial
@@ -199,7 +201,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          "(with --images and --coco_captions)")
     released.add_argument("--fineclip_proposals", type=Path, help="COCO-format proposals JSON")
     released.add_argument("--fineclip_region_captions", type=Path,
-                          help='JSON {"{file}_{x}_{y}_{w}_{h}.jpg": caption}')
+                          help='JSON {"{file_name}_{x}_{y}_{w}_{h}.jpg": caption}: file_name as in '
+                               "--fineclip_proposals, x y w h its COCO bbox truncated to integers (10.7 -> 10), "
+                               'e.g. "000000000139.jpg_10_4_20_30.jpg"')
     released.add_argument("--min_box_size", type=float, default=0.0, help="keep boxes with w*h >= this^2")
     released.add_argument("--max_box_size", type=float, default=float("inf"), help="keep boxes with w*h <= this^2")
     parser.add_argument("--output_dir", type=Path, required=True)
@@ -319,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     units, annotate = units_from(args), annotator_from(args, device)
     record_settings(args.output_dir, output_settings(args))  # once the inputs load: a failed start records nothing
     summary = run(units, annotate, args.output_dir, rank, world_size, args.images_per_call)
+    if isinstance(annotate, ReleasedRegionCaptions):  # a run shorter than KEY_CHECK_IMAGES is checked here
+        annotate.warn_if_no_key_matched()
     print(json.dumps(dict(summary), indent=2))
     return dict(summary)
 

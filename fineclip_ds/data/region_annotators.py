@@ -8,6 +8,7 @@ crops, far too few to keep a GPU busy decoding).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -21,7 +22,12 @@ from fineclip_ds.data.proposals import ProposalFilter, Proposer, coco_xyxy
 from fineclip_ds.data.records import FileNameLookup
 from fineclip_ds.data.transforms import validate_boxes
 
+log = logging.getLogger("fineclip_ds")
+
 Region = tuple[list[float], str]
+
+# Images after which released region captions that matched no box key are warned about (the whole run if shorter).
+KEY_CHECK_IMAGES = 20
 
 
 class RegionAnnotator(Protocol):
@@ -58,7 +64,8 @@ def _pixel_box(box: list[float]) -> tuple[int, int, int, int]:
 
 
 def released_region_key(file_name: str, bbox: list[float]) -> str:
-    """FineCLIP's region-caption key: "{file_name}_{x}_{y}_{w}_{h}.jpg" with the COCO bbox truncated to ints."""
+    """FineCLIP's region-caption key: "{file_name}_{x}_{y}_{w}_{h}.jpg" with the COCO bbox truncated to ints
+    (int(), toward zero: [10.7, 4.2, 20.5, 30.0] -> "_10_4_20_30.jpg")."""
     x, y, w, h = (int(v) for v in bbox)
     return f"{file_name}_{x}_{y}_{w}_{h}.jpg"
 
@@ -70,6 +77,8 @@ class ReleasedRegionCaptions:
     a bad bbox is dropped and counted by validate_boxes' reasons (as the training loader would), a box
     without a caption (or with one that is not text) as caption_missing, an image the proposals JSON
     does not list as image_not_in_proposals. Images are found by the pair's key (`FileNameLookup`).
+    Caption keys are `released_region_key`s; when none looked up in the first KEY_CHECK_IMAGES images
+    (or the whole run: `warn_if_no_key_matched`) is in the file, one of each is shown in a warning.
     """
 
     def __init__(self, proposals_json: Path, region_captions_json: Path, min_size: float = 0.0,
@@ -83,10 +92,27 @@ class ReleasedRegionCaptions:
         if not isinstance(self.captions, dict):
             raise ValueError(f"{region_captions_json}: expected a JSON object {{region key: caption}}, got "
                              f"{type(self.captions).__name__}")
+        self.region_captions_json = region_captions_json
+        self.images_seen, self.keys_found, self.key_not_found, self.warned = 0, 0, None, False
         self.min_area, self.max_area, self.max_boxes = min_size ** 2, max_size ** 2, max_boxes
 
     def __call__(self, images: list[Image.Image], keys: list[str], counts: Counter) -> list[list[Region]]:
-        return [self._regions(key, *image.size, counts) for image, key in zip(images, keys)]
+        regions = [self._regions(key, *image.size, counts) for image, key in zip(images, keys)]
+        self.images_seen += len(images)
+        if self.images_seen >= KEY_CHECK_IMAGES:
+            self.warn_if_no_key_matched()
+        return regions
+
+    def warn_if_no_key_matched(self) -> None:
+        """Once, when every caption key looked up so far is missing from the file: its keys are of another form
+        (rounded coordinates, another file name), and every box would be dropped as caption_missing."""
+        if self.warned or self.keys_found or self.key_not_found is None:
+            return
+        self.warned = True
+        log.warning("%s: no region caption key of the %d images annotated so far is in the file; expected keys "
+                    "like %r ({file_name}_{x}_{y}_{w}_{h}.jpg: the proposals' file name and COCO bbox truncated to "
+                    "integers), the file has keys like %r", self.region_captions_json, self.images_seen,
+                    self.key_not_found, next(iter(self.captions), None))
 
     def _regions(self, key: str, width: int, height: int, counts: Counter) -> list[Region]:
         regions: list[Region] = []
@@ -104,7 +130,12 @@ class ReleasedRegionCaptions:
             if not self.min_area <= w * h <= self.max_area or (self.max_boxes and len(regions) == self.max_boxes):
                 counts["box_filtered"] += 1
                 continue
-            caption = self.captions.get(released_region_key(file_name, bbox))
+            key = released_region_key(file_name, bbox)
+            if key in self.captions:
+                self.keys_found += 1
+            elif self.key_not_found is None:
+                self.key_not_found = key
+            caption = self.captions.get(key)
             if not isinstance(caption, str) or not caption.strip():
                 counts["caption_missing"] += 1
                 continue

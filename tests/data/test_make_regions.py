@@ -26,7 +26,8 @@ from fineclip_ds.data.make_regions import main, process_slot, record_key, run
 from fineclip_ds.data.pair_sources import coco_caption_units, folder_units, webdataset_units
 from fineclip_ds.data.proposals import CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter
 from fineclip_ds.data.random_captioners import save_random_blip, save_random_blip2, save_random_llava
-from fineclip_ds.data.region_annotators import CaptionedProposals, ReleasedRegionCaptions, released_region_key
+from fineclip_ds.data.region_annotators import (KEY_CHECK_IMAGES, CaptionedProposals, ReleasedRegionCaptions,
+                                              released_region_key)
 from fineclip_ds.data.shapes_world import ShapesWorld, encode_training_sample
 from fineclip_ds.data.streams import WebDatasetStream
 from fineclip_ds.data.transforms import RegionTransform
@@ -607,3 +608,38 @@ def test_a_rerun_with_settings_that_change_the_output_stops_naming_the_setting_a
     assert "--max_boxes: 6 in" in error and "2 now" in error and "pick a new --output_dir" in error
     summary = main([*released_cli, "--max_boxes", "6", "--batch_size", "8", "--images_per_call", "2"])  # no change
     assert summary["shards"] == 3
+
+
+def test_released_captions_keyed_otherwise_are_warned_about_with_an_expected_and_a_present_key(released_cli, tmp_path,
+                                                                                               caplog, capsys):
+    """Keys with rounded coordinates matched no box: "caption_missing": 3, "regions": 0, and not a word said."""
+    def key_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "region caption key" in r.getMessage()]
+
+    with caplog.at_level("WARNING", logger="fineclip_ds"):
+        main([*released_cli, "--output_dir", str(tmp_path / "matching")])
+        assert not key_warnings()
+        (tmp_path / "region_captions.json").write_text(json.dumps({f"{i:012d}.jpg_11_4_21_30.jpg": "a red circle"
+                                                                   for i in range(3)}))  # rounded, not truncated
+        summary = main([*released_cli, "--output_dir", str(tmp_path / "rounded")])
+    assert (summary["regions"], summary["caption_missing"]) == (0, 3)
+    [warning] = key_warnings()
+    assert "'000000000000.jpg_10_4_20_30.jpg'" in warning and "'000000000000.jpg_11_4_21_30.jpg'" in warning
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "truncated to integers" in " ".join(capsys.readouterr().out.split())
+
+
+def test_released_captions_matching_no_key_in_the_first_images_are_warned_about_before_the_run_ends(tmp_path, caplog):
+    names = [f"{index}.jpg" for index in range(KEY_CHECK_IMAGES)]
+    coco = {"images": [{"id": n, "file_name": name} for n, name in enumerate(names)],
+            "annotations": [{"id": n, "image_id": n, "bbox": [1.5, 1, 5, 5]} for n in range(len(names))]}
+    (tmp_path / "proposals.json").write_text(json.dumps(coco))
+    (tmp_path / "region_captions.json").write_text(json.dumps({"0.jpg_2_1_5_5.jpg": "a box"}))
+    annotate = ReleasedRegionCaptions(tmp_path / "proposals.json", tmp_path / "region_captions.json")
+    with caplog.at_level("WARNING", logger="fineclip_ds"):
+        annotate([Image.new("RGB", (32, 32))] * (len(names) - 1), names[:-1], Counter())
+        assert not caplog.records
+        annotate([Image.new("RGB", (32, 32))], names[-1:], Counter())
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "'0.jpg_1_1_5_5.jpg'" in warning and "'0.jpg_2_1_5_5.jpg'" in warning
