@@ -72,13 +72,18 @@ class Progress:
 
     def images(self, count: int, regions: int) -> None:
         self.regions += regions
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
         self.bar.update(count)
-        self.bar.set_postfix({"regions/s": f"{self.regions / elapsed:.1f}",
-                              "shards": f"{self.shards}/{self.shards_total}"}, refresh=False)
+        self._show_rates()
 
     def shard_done(self) -> None:
+        """Updates the postfix too: the last shard's images came before it was done, and no images() after."""
         self.shards += 1
+        self._show_rates()
+
+    def _show_rates(self) -> None:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix({"regions/s": f"{self.regions / elapsed:.1f}",
+                              "shards": f"{self.shards}/{self.shards_total}"}, refresh=False)
 
 
 def annotate_pairs(pairs: list[Pair], annotate: RegionAnnotator, counts: Counter, taken_keys: set[str]) -> list[dict]:

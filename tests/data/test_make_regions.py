@@ -643,3 +643,8 @@ def test_released_captions_matching_no_key_in_the_first_images_are_warned_about_
         annotate([Image.new("RGB", (32, 32))], names[-1:], Counter())
     [warning] = [r.getMessage() for r in caplog.records]
     assert "'0.jpg_1_1_5_5.jpg'" in warning and "'0.jpg_2_1_5_5.jpg'" in warning
+
+
+def test_the_progress_bar_ends_counting_every_shard_written(pairs, tmp_path, capsys):
+    _run(pairs, tmp_path / "out", SizeCaptioner(), images_per_call=4)
+    assert re.findall(r"shards=(\d+/\d+)", capsys.readouterr().err)[-1] == "3/3"  # was 2/3
