@@ -129,8 +129,8 @@ class _RandomInitNotice(logging.Filter):
 
 def _built_for_weights(name: str, size: int | tuple[int, int] | list[int] | None,
                        device: torch.device | str) -> torch.nn.Module:
-    """A model whose weights the caller loads next: its random init draws nothing from the RNG and open_clip
-    does not announce it (open_clip logs through the root logger)."""
+    """A model whose weights the caller (or, for a plan, the run) loads next: its random init draws nothing from
+    the RNG and open_clip does not announce it (open_clip logs through the root logger)."""
     notice = _RandomInitNotice()
     logging.getLogger().addFilter(notice)
     try:
@@ -212,8 +212,8 @@ def _load_one_at_a_time(clip: torch.nn.Module, state_dict: dict[str, torch.Tenso
         clip.load_state_dict({name: state_dict.pop(name).contiguous()}, strict=False)
 
 
-def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | None,
-                 device: torch.device | str) -> torch.nn.Module:
+def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | None, device: torch.device | str,
+                 load_pretrained: bool = True) -> torch.nn.Module:
     """open_clip's model with `config.pretrained` loaded, at `force_image_size`.
 
     Weights of a known trained size (`_pretrained_weights`) load at that size, and `resized_clip` builds the
@@ -222,6 +222,8 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
     that size and resized the same way, not by open_clip, which reads every table as a square and keeps one
     of the same length as is (8 x 8 would be read as 4 x 16). A table of the new grid's own length loads as
     is. timm towers (EVA02) resample their own table through timm's set_input_size."""
+    if not load_pretrained:
+        return _built_for_weights(config.name, force_image_size, device)
     if not config.pretrained:  # None, or "" as open_clip takes it
         return _build(config.name, force_image_size, device)
     if _is_torchscript_archive(config.pretrained):
@@ -245,14 +247,15 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
     return resized_clip(clip, config.name, force_image_size, device)
 
 
-def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
+def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu", load_pretrained: bool = True
                     ) -> tuple[FineCLIP, Tokenizer, tuple[tuple[float, ...], tuple[float, ...]]]:
     """Return the model, its tokenizer and its (mean, std) image normalisation.
 
     `config.pretrained` is local (nothing is downloaded): a checkpoint file (an open_clip state dict, or OpenAI's
     TorchScript archive with a QuickGELU model name such as ViT-B-16-quickgelu), or a fineclip_ds run, which
     evaluate's --checkpoint takes too: its output folder, checkpoints folder or one tag folder.
-    `device="meta"` (inside `with torch.device("meta")`) builds the structure without memory, for planning.
+    `device="meta"` (inside `with torch.device("meta")`) builds the structure without memory, for planning;
+    `load_pretrained=False` leaves `config.pretrained` unread too: a plan of a run that will load it.
     """
     known = open_clip.list_models()
     if config.name not in known:
@@ -263,9 +266,9 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
     size = config.image_size
     force_image_size = tuple(size) if isinstance(size, list) else size  # positional embeddings interpolated
     try:
-        clip = _create_clip(config, force_image_size, device)
+        clip = _create_clip(config, force_image_size, device, load_pretrained)
     except (RuntimeError, AssertionError, KeyError, EOFError, pickle.UnpicklingError) as error:
-        if config.pretrained is None:
+        if config.pretrained is None or not load_pretrained:
             raise
         # open_clip's shape asserts and torch's state-dict errors do not say which setting is wrong
         raise ConfigError(f"model.pretrained: {config.pretrained} does not load into model.name '{config.name}' "
@@ -279,7 +282,7 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu"
         # the patch embedding would silently drop the remainder pixels and boxes would map off the grid
         raise ConfigError(f"model.image_size: got {list(model.image_size)}, expected multiples of {config.name}'s "
                           f"patch size {list(model.patch_size)}")
-    if config.pretrained:
+    if config.pretrained and load_pretrained:
         log.info("model.pretrained %s loaded into %s at %s px", config.pretrained, config.name, list(model.image_size))
     tokenizer = open_clip.get_tokenizer(config.name)
     mean = tuple(getattr(clip.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)

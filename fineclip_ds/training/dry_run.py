@@ -5,7 +5,6 @@ The model is built on the meta device, so a ViT-bigG plan takes a second on a la
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -29,9 +28,8 @@ def _frozen_weight_bytes(frozen_params: int, stage: int, world_size: int, precis
 
 def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per_node: int) -> dict[str, Any]:
     require_nonfinite_gradient_check(adapt_precision_to_device(ds_config, on_gpu=True))  # refused as training would be
-    model_config = dataclasses.replace(config.model, pretrained=None)
     with torch.device("meta"):
-        model, _, _ = create_fineclip(model_config, device="meta")
+        model, _, _ = create_fineclip(config.model, device="meta", load_pretrained=False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     blocks = list(model.tower.blocks) + list(text_tower_of(model.clip).transformer.resblocks)

@@ -9,11 +9,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _plan(recipe: str, ds_config: str, world_size: int) -> dict:
+def _dry_run(recipe: str, ds_config: str, world_size: int, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "launch/pretrain.py", "--recipe", recipe, "--deepspeed_config",
-                             f"ds_configs/{ds_config}", "--dry_run", "--world_size", str(world_size)],
+                             f"ds_configs/{ds_config}", "--dry_run", "--world_size", str(world_size), *args],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _plan(recipe: str, ds_config: str, world_size: int) -> dict:
+    result = _dry_run(recipe, ds_config, world_size)
     report = result.stdout[result.stdout.index("{\n"):]  # DeepSpeed logs its accelerator choice to stdout first
     return json.loads(report)
 
@@ -109,3 +114,9 @@ def test_a_config_training_would_refuse_is_refused_by_the_dry_run(tmp_path):
                              str(path), "--dry_run", "--world_size", "8"], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2 and "bf16.check_grad_overflow is false" in result.stderr, result.stderr[-3000:]
+
+
+def test_dry_run_does_not_say_the_model_was_initialized_randomly():
+    """It builds no weights at all (the meta device): open_clip's notice of a random init is not true of it."""
+    result = _dry_run("vit-b-16", "zero2.json", 8)
+    assert "initialized randomly" not in result.stdout + result.stderr
