@@ -3,9 +3,15 @@
 Nothing downloads: the tokenizer is a word-level one written here. Tests use the "tiny" size; the
 throughput benchmark uses BLIP-2 OPT-2.7b's real shapes, since generation speed does not depend on
 what the weights are (the benchmark fixes the caption length).
+
+    python -m fineclip_ds.data.random_captioners --kind blip2 --size tiny --output models/blip2-tiny
+    python -m fineclip_ds.data.make_regions ... --captioner models/blip2-tiny
+
+Kinds: blip2 (sizes: tiny, opt-2.7b), blip and llava (tiny only; llava's --prompt must hold "<image>").
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -93,6 +99,10 @@ def save_random_blip(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+# A prompt the tiny LLaVA's word vocabulary holds, with the image token its processor expands.
+LLAVA_PROMPT = "USER: <image> describe ASSISTANT:"
+
+
 def save_random_llava(directory: Path, seed: int = 0) -> Path:
     """A tiny LlavaForConditionalGeneration (CLIP ViT + Llama, width 32) + LlavaProcessor; its prompt must
     hold "<image>", e.g. "USER: <image> describe ASSISTANT:"."""
@@ -120,3 +130,25 @@ def save_random_llava(directory: Path, seed: int = 0) -> Path:
                    patch_size=16, vision_feature_select_strategy="default",
                    num_additional_image_tokens=1).save_pretrained(directory)  # the CLS token the ViT adds
     return directory
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """The command line: a random captioner of a kind and size, saved for make_regions --captioner."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kind", choices=("blip2", "blip", "llava"), default="blip2")
+    parser.add_argument("--size", choices=tuple(BLIP2_SIZES), default="tiny", help="blip and llava: tiny only")
+    parser.add_argument("--output", type=Path, required=True, help="folder to save the model and processor in")
+    args = parser.parse_args(argv)
+    if args.kind == "blip2":
+        directory = save_random_blip2(args.output, args.size)
+    elif args.size != "tiny":
+        parser.error(f"--size {args.size}: --kind {args.kind} comes in one size: tiny")
+    else:
+        directory = (save_random_blip if args.kind == "blip" else save_random_llava)(args.output)
+    prompt = f' --prompt "{LLAVA_PROMPT}"' if args.kind == "llava" else ""
+    print(f"wrote a random {args.kind} {args.size} captioner; use it as make_regions --captioner {directory}{prompt}")
+    return directory
+
+
+if __name__ == "__main__":
+    main()

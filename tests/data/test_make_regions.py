@@ -25,6 +25,7 @@ from fineclip_ds.data.collate import RegionCollator
 from fineclip_ds.data.make_regions import main, process_slot, record_key, run
 from fineclip_ds.data.pair_sources import coco_caption_units, folder_units, webdataset_units
 from fineclip_ds.data.proposals import CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter
+from fineclip_ds.data import random_captioners
 from fineclip_ds.data.random_captioners import save_random_blip, save_random_blip2, save_random_llava
 from fineclip_ds.data.region_annotators import (KEY_CHECK_IMAGES, CaptionedProposals, ReleasedRegionCaptions,
                                               released_region_key)
@@ -187,7 +188,7 @@ def test_caption_cleaning(raw, prompt, expected):
 DROP_REASONS = ("caption_empty", "caption_degenerate")
 
 
-LLAVA_PROMPT = "USER: <image> describe ASSISTANT:"
+LLAVA_PROMPT = random_captioners.LLAVA_PROMPT
 
 
 @pytest.mark.parametrize("save_model,prompt", [
@@ -648,3 +649,16 @@ def test_released_captions_matching_no_key_in_the_first_images_are_warned_about_
 def test_the_progress_bar_ends_counting_every_shard_written(pairs, tmp_path, capsys):
     _run(pairs, tmp_path / "out", SizeCaptioner(), images_per_call=4)
     assert re.findall(r"shards=(\d+/\d+)", capsys.readouterr().err)[-1] == "3/3"  # was 2/3
+
+
+def test_the_random_captioner_cli_saves_a_model_make_regions_captions_with(pairs, tmp_path, capsys):
+    """Building the offline captioner took a Python call to save_random_blip2; there was no command."""
+    model = random_captioners.main(["--kind", "blip2", "--size", "tiny", "--output", str(tmp_path / "blip2")])
+    assert model == tmp_path / "blip2" and f"--captioner {model}" in capsys.readouterr().out
+    summary = main(["--images", str(pairs[0]), "--captions", str(pairs[1]), "--captioner", str(model),
+                    "--score_threshold", "0", "--max_boxes", "2", "--max_new_tokens", "4",
+                    "--output_dir", str(tmp_path / "out")])
+    assert summary["images_out"] == IMAGES - 1 and summary["proposals"] == 2 * summary["images_out"]
+    with pytest.raises(SystemExit) as stopped:
+        random_captioners.main(["--kind", "blip", "--size", "opt-2.7b", "--output", str(tmp_path / "blip")])
+    assert stopped.value.code == 2 and "--kind blip comes in one size: tiny" in capsys.readouterr().err
