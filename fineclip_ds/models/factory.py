@@ -247,8 +247,18 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
     return resized_clip(clip, config.name, force_image_size, device)
 
 
-def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu", load_pretrained: bool = True
-                    ) -> tuple[FineCLIP, Tokenizer, tuple[tuple[float, ...], tuple[float, ...]]]:
+def _warn_if_text_stays_random(config: ModelConfig) -> None:
+    """The big recipes freeze the text tower and name no weights: unless the user sets model.pretrained, the
+    image tower learns to match the captions' random encodings, and nothing else says so."""
+    if config.freeze_text and not config.pretrained:
+        log.warning("model.freeze_text is true but model.pretrained is not set: the text tower stays at its random "
+                    "initialisation, so every caption is encoded by random weights; set model.pretrained=<open_clip "
+                    "checkpoint file> (e.g. --set model.pretrained=/path/to/ViT-B-16.pt), or model.freeze_text=false "
+                    "to train the text tower")
+
+
+def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu", load_pretrained: bool = True,
+                    announce: bool = True) -> tuple[FineCLIP, Tokenizer, tuple[tuple[float, ...], tuple[float, ...]]]:
     """Return the model, its tokenizer and its (mean, std) image normalisation.
 
     `config.pretrained` is local (nothing is downloaded): a checkpoint file (an open_clip state dict, or OpenAI's
@@ -256,6 +266,7 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu", loa
     evaluate's --checkpoint takes too: its output folder, checkpoints folder or one tag folder.
     `device="meta"` (inside `with torch.device("meta")`) builds the structure without memory, for planning;
     `load_pretrained=False` leaves `config.pretrained` unread too: a plan of a run that will load it.
+    `announce` logs what was loaded and warns of a frozen text tower left random: one rank of a run does.
     """
     known = open_clip.list_models()
     if config.name not in known:
@@ -282,7 +293,9 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu", loa
         # the patch embedding would silently drop the remainder pixels and boxes would map off the grid
         raise ConfigError(f"model.image_size: got {list(model.image_size)}, expected multiples of {config.name}'s "
                           f"patch size {list(model.patch_size)}")
-    if config.pretrained and load_pretrained:
+    if announce:
+        _warn_if_text_stays_random(config)
+    if announce and config.pretrained and load_pretrained:
         log.info("model.pretrained %s loaded into %s at %s px", config.pretrained, config.name, list(model.image_size))
     tokenizer = open_clip.get_tokenizer(config.name)
     mean = tuple(getattr(clip.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)

@@ -119,7 +119,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     require_kernel_devices(config.kernels, torch.device("cuda" if on_gpu else "cpu"))
     resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
     seed_everything(config.train.seed)
-    model, tokenizer, normalization = create_fineclip(config.model)
+    model, tokenizer, normalization = create_fineclip(config.model, announce=rank == 0)
     objective = FineCLIPObjective(model, config.losses, config.kernels)
     optimizer = build_optimizer(objective, config.optim, cpu_offload=offloads_optimizer(ds_config))
     scheduler = build_scheduler(optimizer, config.optim, config.train.max_steps)

@@ -116,7 +116,18 @@ def test_a_config_training_would_refuse_is_refused_by_the_dry_run(tmp_path):
     assert result.returncode == 2 and "bf16.check_grad_overflow is false" in result.stderr, result.stderr[-3000:]
 
 
-def test_dry_run_does_not_say_the_model_was_initialized_randomly():
-    """It builds no weights at all (the meta device): open_clip's notice of a random init is not true of it."""
+@pytest.fixture(scope="module")
+def vit_b_16_printed() -> str:
+    """What a dry run of the vit-b-16 recipe (text tower frozen, no model.pretrained) prints."""
     result = _dry_run("vit-b-16", "zero2.json", 8)
-    assert "initialized randomly" not in result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_dry_run_does_not_say_the_model_was_initialized_randomly(vit_b_16_printed):
+    """It builds no weights at all (the meta device): open_clip's notice of a random init is not true of it."""
+    assert "initialized randomly" not in vit_b_16_printed
+
+
+def test_dry_run_warns_of_a_frozen_text_tower_left_random(vit_b_16_printed):
+    assert "model.freeze_text is true but model.pretrained is not set: the text tower stays at its random " \
+           "initialisation" in vit_b_16_printed

@@ -83,3 +83,25 @@ def test_an_openai_archive_into_a_gelu_model_is_refused_naming_the_quick_gelu_co
         create_fineclip(ModelConfig(pretrained=path))
     with pytest.raises(ConfigError, match=re.escape("expected 'ViT-B-16-quickgelu'")):
         create_fineclip(ModelConfig(name="ViT-B-16", pretrained=path), device="meta")
+
+
+FROZEN_RANDOM_TEXT = "the text tower stays at its random initialisation"
+
+
+@pytest.mark.parametrize("settings,load_pretrained,announce,warned", [
+    ({}, True, True, True),  # the big recipes' model.pretrained: null with freeze_text: true
+    ({}, False, True, True),  # a dry run's plan of such a run
+    ({"pretrained": "ViT-B-16.pt"}, False, True, False),  # a plan of a run that loads weights
+    ({"freeze_text": False}, True, True, False),  # the text tower trains from its random init (tiny-cpu)
+    ({}, True, False, False),  # ranks other than 0 build the same model
+])
+def test_a_frozen_text_tower_left_random_is_warned_about(caplog, settings, load_pretrained, announce, warned):
+    with caplog.at_level("WARNING", logger="fineclip_ds"):
+        create_fineclip(ModelConfig(**settings), device="meta", load_pretrained=load_pretrained, announce=announce)
+    messages = [record.getMessage() for record in caplog.records if record.name == "fineclip_ds"]
+    assert any(FROZEN_RANDOM_TEXT in message for message in messages) == warned, messages
+    if warned:
+        assert messages == [f"model.freeze_text is true but model.pretrained is not set: {FROZEN_RANDOM_TEXT}, so "
+                            "every caption is encoded by random weights; set model.pretrained=<open_clip checkpoint "
+                            "file> (e.g. --set model.pretrained=/path/to/ViT-B-16.pt), or model.freeze_text=false to "
+                            "train the text tower"]
