@@ -46,7 +46,7 @@ from fineclip_ds.data.proposals import (CocoBoxProposer, DetectorProposer, GridP
                                         Proposer)
 from fineclip_ds.data.records import encode_record, record_key
 from fineclip_ds.data.region_annotators import CaptionedProposals, RegionAnnotator, ReleasedRegionCaptions
-from fineclip_ds.data.streams import _is_local, expand_shard_urls
+from fineclip_ds.data.streams import expand_shard_urls, is_local, missing_local_shards
 
 log = logging.getLogger("fineclip_ds")
 
@@ -222,10 +222,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value and not Path(value).exists():
             parser.error(f"--{name} {value}: no such file or directory (local paths only; nothing is downloaded)")
-    if args.shards and (missing := missing_shard_files(args.shards)):
-        named = len(expand_shard_urls(args.shards))
+    named = expand_shard_urls(args.shards) if args.shards else []
+    if missing := missing_local_shards(named):
         shown = ", ".join(str(Path(shard).absolute()) for shard in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        parser.error(f"--shards {args.shards}: {len(missing)} of its {named} files do not exist: {shown}")
+        parser.error(f"--shards {args.shards}: {len(missing)} of its {len(named)} files do not exist: {shown}")
     if conflict := settings_conflict(args.output_dir, output_settings(args)):
         parser.error(conflict)
     if args.captioner and not Path(args.captioner).is_dir():
@@ -242,7 +242,7 @@ def output_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that decide what the shards hold, as JSON values; paths absolute, so that a rerun
     from another folder compares equal."""
     def comparable(name: str, value: Any) -> Any:
-        if isinstance(value, Path) or (name in ("shards", "captioner") and value and _is_local(value)):
+        if isinstance(value, Path) or (name in ("shards", "captioner") and value and is_local(value)):
             return os.path.abspath(value)
         return value
 
@@ -273,12 +273,6 @@ def record_settings(output_dir: Path, settings: dict[str, Any]) -> None:
     partial = output_dir / f"{SETTINGS_FILE}.{os.getpid()}.tmp"
     partial.write_text(json.dumps(settings, indent=2))
     os.replace(partial, output_dir / SETTINGS_FILE)
-
-
-def missing_shard_files(pattern: str) -> list[str]:
-    """The local files a --shards pattern names that do not exist: reading one is only a warning, and its
-    output shard would be left unfinished; remote URLs are left to the read."""
-    return [shard for shard in expand_shard_urls(pattern) if _is_local(shard) and not Path(shard).is_file()]
 
 
 def units_from(args: argparse.Namespace) -> list[Unit]:

@@ -73,8 +73,13 @@ class SyntheticStream:
             yield batch
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
+
+
+def missing_local_shards(shards: list[str]) -> list[str]:
+    """The local files among `shards` that do not exist; remote URLs are left to the read."""
+    return [shard for shard in shards if is_local(shard) and not Path(shard).is_file()]
 
 
 def expand_shard_urls(urls: str | list[str]) -> list[str]:
@@ -236,7 +241,7 @@ class WebDatasetStream:
     def __init__(self, urls: str | list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,
                  rank: int, world_size: int, num_workers: int = 1, seed: int = 0, max_bad_fraction: float = 0.1):
         shards = expand_shard_urls(urls)
-        if all(_is_local(shard) and not Path(shard).is_file() for shard in shards):
+        if len(missing_local_shards(shards)) == len(shards):
             # a typo in the pattern: otherwise every reader skips every shard and fails in the first step
             raise ConfigError(f"data.train_shards: got {urls!r}, expected existing shard files; none of its "
                               f"{len(shards)} files exists (the first: {Path(shards[0]).absolute()})")
