@@ -131,3 +131,9 @@ def test_dry_run_does_not_say_the_model_was_initialized_randomly(vit_b_16_printe
 def test_dry_run_warns_of_a_frozen_text_tower_left_random(vit_b_16_printed):
     assert "model.freeze_text is true but model.pretrained is not set: the text tower stays at its random " \
            "initialisation" in vit_b_16_printed
+
+
+def test_dry_run_warns_that_shards_of_a_synthetic_run_are_not_read():
+    """The recipe's shards with data.source=synthetic (as a GPU benchmark overrides it): a run warns of it."""
+    result = _dry_run("vit-b-16", "zero2.json", 8, "--set", "data.source=synthetic")
+    assert "data.train_shards='data/regions/regions-{000000..000099}.tar' is not read" in result.stderr
