@@ -141,8 +141,9 @@ def evaluate_box_classification(
     transform = RegionTransform(model.image_size, *normalization)
     skipped = Counter(dataset.skipped)
     region_scores, crop_scores, labels = [], [], []
-    batches = _batches(dataset.images, transform, batch_size, skipped, crop_baseline)
-    for images, boxes, mask, batch_labels, crops in tqdm(batches, desc="box classification", unit="batch", disable=not progress):
+    # counted in images, whose number the annotations give: batches are known only as unreadable images drop out
+    counted = tqdm(dataset.images, desc="box classification", unit="img", disable=not progress)
+    for images, boxes, mask, batch_labels, crops in _batches(counted, transform, batch_size, skipped, crop_baseline):
         images, boxes, mask = images.to(device, dtype), boxes.to(device), mask.to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             dense, grid_hw = model.encode_dense(images)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
+from tqdm import tqdm
 
 from fineclip_ds.data.images import open_image, to_rgb
 from fineclip_ds.models.fineclip import FineCLIP
@@ -41,11 +42,11 @@ def dense_feature_picture(model: FineCLIP, normalization: tuple, image: Image.Im
 
 
 def write_dense_pictures(model: FineCLIP, normalization: tuple, image_paths: list[Path], output_dir: Path,
-                         device: torch.device | str = "cpu") -> tuple[list[Path], int]:
+                         device: torch.device | str = "cpu", progress: bool = True) -> tuple[list[Path], int]:
     """One `<stem>_dense.png` per readable image; returns the pictures and how many images were unreadable."""
     output_dir.mkdir(parents=True, exist_ok=True)
     written, unreadable = [], 0
-    for path in image_paths:
+    for path in tqdm(image_paths, desc="dense pictures", unit="img", disable=not progress):
         image = open_image(lambda: Image.open(path))
         if image is None:
             unreadable += 1

@@ -1,5 +1,6 @@
 """`python -m fineclip_ds.evaluate` end to end on COCO / Karpathy files the test writes over synthetic images."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -283,3 +284,19 @@ def test_a_timm_tower_evaluated_off_its_trained_size_loads_with_its_table_resamp
     images = torch.randn(2, 3, 42, 70)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), trained.encode_image(images, normalize=True))
+
+
+@pytest.mark.parametrize("args,bars", [
+    (("--task", "box-cls", "--annotations", "instances.json", "--templates", "shapes"), {"box classification": 7}),
+    (("--task", "retrieval", "--annotations", "karpathy.json"), {"retrieval: images": 7}),
+    (("--task", "dense-viz",), {"dense pictures": 7}),
+    (("--task", "world", "--max_images", "4"), {"box classification": 4, "segmentation": 4}),
+])
+def test_progress_bars_count_towards_a_total(data, tmp_path, capsys, args, bars):
+    """A COCO-sized evaluation gives an ETA: box classification showed '4batch', a count without a total."""
+    inputs = [str(data / arg) if arg.endswith(".json") else arg for arg in args]
+    images = [] if "world" in args else ["--images", str(data / "images")]
+    _evaluate(data, tmp_path, *inputs, *images)
+    printed = capsys.readouterr().err
+    for bar, total in bars.items():
+        assert re.search(rf"{bar}: 100%\|.*\| {total}/{total} ", printed), printed[-2000:]
