@@ -146,7 +146,10 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         directory = (save_random_blip if args.kind == "blip" else save_random_llava)(args.output)
     prompt = f' --prompt "{LLAVA_PROMPT}"' if args.kind == "llava" else ""
-    print(f"wrote a random {args.kind} {args.size} captioner; use it as make_regions --captioner {directory}{prompt}")
+    # random weights repeat a word: without this every caption is dropped as degenerate ("a a a a")
+    generate = """ --generate '{"no_repeat_ngram_size": 1}'"""
+    print(f"wrote a random {args.kind} {args.size} captioner; use it as make_regions --captioner {directory}{prompt}"
+          f"{generate}")
     return directory
 
 

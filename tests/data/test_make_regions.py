@@ -9,6 +9,7 @@ import math
 from collections import Counter
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -654,11 +655,14 @@ def test_the_progress_bar_ends_counting_every_shard_written(pairs, tmp_path, cap
 def test_the_random_captioner_cli_saves_a_model_make_regions_captions_with(pairs, tmp_path, capsys):
     """Building the offline captioner took a Python call to save_random_blip2; there was no command."""
     model = random_captioners.main(["--kind", "blip2", "--size", "tiny", "--output", str(tmp_path / "blip2")])
-    assert model == tmp_path / "blip2" and f"--captioner {model}" in capsys.readouterr().out
-    summary = main(["--images", str(pairs[0]), "--captions", str(pairs[1]), "--captioner", str(model),
+    printed = capsys.readouterr().out
+    assert model == tmp_path / "blip2" and f"--captioner {model}" in printed
+    suggested = shlex.split(printed.split("use it as make_regions ")[1])  # with the options it needs
+    summary = main(["--images", str(pairs[0]), "--captions", str(pairs[1]), *suggested,
                     "--score_threshold", "0", "--max_boxes", "2", "--max_new_tokens", "4",
                     "--output_dir", str(tmp_path / "out")])
     assert summary["images_out"] == IMAGES - 1 and summary["proposals"] == 2 * summary["images_out"]
+    assert summary["regions"] > 0  # without the suggested --generate, random weights' captions were all degenerate
     with pytest.raises(SystemExit) as stopped:
         random_captioners.main(["--kind", "blip", "--size", "opt-2.7b", "--output", str(tmp_path / "blip")])
     assert stopped.value.code == 2 and "--kind blip comes in one size: tiny" in capsys.readouterr().err
