@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import deepspeed  # noqa: E402
 
 from fineclip_ds.config import ConfigError, load_config, positive_int  # noqa: E402
+from fineclip_ds.data.streams import DataError  # noqa: E402
 from fineclip_ds.training.engine import train  # noqa: E402
 from fineclip_ds.training.nonfinite import NonFiniteLossError  # noqa: E402
 from fineclip_ds.training.dry_run import plan  # noqa: E402
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         train(config, args.deepspeed_config)
     except (ConfigError, DeepSpeedConfigError) as error:
         print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except DataError as error:  # shards too small or unusable: a message, not a worker's traceback per rank
+        print(f"data error: {error.reason()}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)

@@ -73,6 +73,15 @@ class SyntheticStream:
             yield batch
 
 
+class DataError(RuntimeError):
+    """Shards that cannot make a batch. Raised in a DataLoader worker, it reaches the main process again
+    as a DataError whose message is the worker's whole traceback; `reason` is the message alone."""
+
+    def reason(self) -> str:
+        last_line = str(self).rstrip().splitlines()[-1]
+        return last_line.removeprefix(f"{DataError.__module__}.{DataError.__qualname__}: ")
+
+
 def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
@@ -218,12 +227,12 @@ class _ShardBatches(IterableDataset):
                     samples = []
             pending.update(shard_health.finish())
             if whole_epoch and read == 0:
-                raise RuntimeError(f"no readable records in shards {shards}")
+                raise DataError(f"no readable records in shards {shards}")
             if whole_epoch and usable == 0:  # reading on would spin forever without yielding a batch
-                raise RuntimeError(f"none of the {read} records in shards {shards} is usable ({dict(epoch_drops)}); "
+                raise DataError(f"none of the {read} records in shards {shards} is usable ({dict(epoch_drops)}); "
                                    "expected the training format: image (jpg/png/webp), txt, json {boxes, region_captions}")
             if whole_epoch and usable < self.local_batch:  # a batch would hold the same record twice
-                raise RuntimeError(f"shards {shards} hold {usable} usable records, fewer than one local batch of "
+                raise DataError(f"shards {shards} hold {usable} usable records, fewer than one local batch of "
                                    f"{self.local_batch}; use fewer ranks or DataLoader workers, a smaller batch or "
                                    "more data")
             unit, read = unit + 1, 0

@@ -52,3 +52,15 @@ def test_teacher_crops_from_a_higher_resolution_source_train(tmp_path):
                  "--set", "losses.crop_source_scale=2")
     assert [step for step, _ in losses(output_dir)] == [1, 2]
     assert json.loads((output_dir / "config.json").read_text())["losses"]["crop_source_scale"] == 2
+
+
+def test_shards_too_small_for_a_batch_stop_with_a_message_not_a_worker_traceback(tmp_path):
+    """Raised in a DataLoader worker, the error came back as the worker's traceback (about 30 lines per rank)."""
+    write_shard(tmp_path / "part-0.tar", world_records(ShapesWorld(seed=7, image_size=64), range(0, 5)))
+    result = run_pretrain(1, write_ds_config(tmp_path / "ds.json", micro_batch=8, stage=2), tmp_path / "run",
+                          "--max_steps", "2", "--set", "data.source=webdataset", "--set", "data.num_workers=1",
+                          "--set", f"data.train_shards={tmp_path}/part-0.tar", check=False)
+    assert result.returncode == 2
+    assert (f"data error: shards ['{tmp_path}/part-0.tar'] hold 5 usable records, fewer than one local batch of 8"
+            in result.stderr)
+    assert "Traceback" not in result.stderr and "Caught DataError in DataLoader worker" not in result.stderr
