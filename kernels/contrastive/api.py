@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kernels.contrastive.function import ContrastiveLossFunction, TilePasses
-from kernels.contrastive.launch import INTERPRETED, TritonTiles
+from kernels.contrastive.launch import TritonTiles, runs_on
 from kernels.contrastive.torch_chunked import TorchTiles
 
 BACKENDS = ("triton", "torch", "auto")
@@ -35,7 +35,7 @@ def select_passes(backend: str, device: torch.device) -> TilePasses:
     """Triton on CUDA (or under the interpreter when asked for by name), torch otherwise."""
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return TorchTiles()
-    if device.type != "cuda" and not INTERPRETED:
+    if not runs_on(device):
         raise ValueError(f"backend: got 'triton' for features on {device}, expected CUDA tensors "
                          "(or TRITON_INTERPRET=1 set before kernels.contrastive is imported)")
     return TritonTiles()

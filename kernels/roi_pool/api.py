@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kernels.roi_pool.function import RegionPoolFunction
-from kernels.roi_pool.launch import INTERPRETED, SUPPORTED_DTYPES
+from kernels.roi_pool.launch import SUPPORTED_DTYPES, runs_on
 from kernels.roi_pool.reference import region_pool_torch
 
 BACKENDS = ("triton", "torch", "auto")
@@ -55,7 +55,7 @@ def region_pool(
     use_triton = backend == "triton" or (backend == "auto" and tokens.is_cuda)
     if use_triton and tokens.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"tokens.dtype: got {tokens.dtype}, the triton backend expects one of {SUPPORTED_DTYPES}")
-    if use_triton and not (tokens.is_cuda or INTERPRETED):
+    if use_triton and not runs_on(tokens.device):
         raise ValueError(f"backend: got 'triton' for tokens on {tokens.device}, expected CUDA tensors "
                          "(or TRITON_INTERPRET=1 set before kernels.roi_pool is imported)")
     if not use_triton or boxes.shape[1] == 0 or tokens.shape[0] == 0 or tokens.shape[2] == 0:
