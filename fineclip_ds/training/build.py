@@ -15,6 +15,14 @@ from fineclip_ds.data.transforms import RegionTransform
 log = logging.getLogger("fineclip_ds")
 
 
+def warn_if_shards_are_not_read(config: DataConfig) -> None:
+    """A recipe's shards overridden to the built-in world (e.g. a GPU benchmark: legitimate), or a forgotten
+    data.source: said at start, and by --dry_run."""
+    if config.source == "synthetic" and config.train_shards:
+        log.warning("data.train_shards=%r is not read: data.source is 'synthetic' (the built-in world); set "
+                    "data.source=webdataset to train on the shards", config.train_shards)
+
+
 def build_train_stream(
     config: DataConfig,
     image_size: tuple[int, int],
@@ -30,9 +38,7 @@ def build_train_stream(
     transform = RegionTransform(image_size, *normalization, crop_source_scale=crop_source_scale)
     collator = RegionCollator(tokenizer, config.max_boxes)
     if config.source == "synthetic":
-        if config.train_shards:  # a recipe's shards overridden to synthetic (e.g. a GPU benchmark), or a forgotten source
-            log.warning("data.train_shards=%r is not read: data.source is 'synthetic' (the built-in world); set "
-                        "data.source=webdataset to train on the shards", config.train_shards)
+        warn_if_shards_are_not_read(config)
         world = ShapesWorld(seed=config.world_seed, image_size=config.world_image_size)
         return SyntheticStream(world, transform, collator, local_batch, rank, world_size, num_workers=config.num_workers)
     return WebDatasetStream(

@@ -12,10 +12,10 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from fineclip_ds.config import RunConfig
-from fineclip_ds.models.factory import Tokenizer, create_fineclip
-from fineclip_ds.models.fineclip import FineCLIP, text_tower_of
+from fineclip_ds.models.factory import create_fineclip
+from fineclip_ds.models.fineclip import text_tower_of
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops
-from fineclip_ds.training.build import build_train_stream
+from fineclip_ds.training.build import warn_if_shards_are_not_read
 from fineclip_ds.training.parallelize import (DeepSpeedConfigError, adapt_precision_to_device, offloads_optimizer,
                                               require_nonfinite_gradient_check, resolve_batch_sizes)
 
@@ -27,19 +27,10 @@ def _frozen_weight_bytes(frozen_params: int, stage: int, world_size: int, precis
     return frozen_params * precision_bytes / (world_size if stage == 3 else 1)
 
 
-def _warn_as_the_stream_would(config: RunConfig, model: FineCLIP, tokenizer: Tokenizer, normalization: tuple,
-                               micro_batch: int, world_size: int) -> None:
-    """The built-in world's stream, built (never read) for what it warns of, as a run's start does. A shard
-    stream is not built: it looks for its files, and a plan may be made away from them."""
-    if config.data.source == "synthetic":
-        build_train_stream(config.data, model.image_size, normalization, tokenizer, micro_batch, 0, world_size,
-                           config.train.seed, crop_source_scale=config.losses.crop_source_scale)
-
-
 def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per_node: int) -> dict[str, Any]:
     require_nonfinite_gradient_check(adapt_precision_to_device(ds_config, on_gpu=True))  # refused as training would be
     with torch.device("meta"):
-        model, tokenizer, normalization = create_fineclip(config.model, device="meta", load_pretrained=False)
+        model, _, _ = create_fineclip(config.model, device="meta", load_pretrained=False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     blocks = list(model.tower.blocks) + list(text_tower_of(model.clip).transformer.resblocks)
@@ -63,7 +54,7 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
     half = ds_config.get("bf16", {}).get("enabled", False) or ds_config.get("fp16", {}).get("enabled", False)
     gpu_bytes += _frozen_weight_bytes(frozen, stage, world_size, 2 if half else 4)
     micro_batch, accumulation, global_batch = resolve_batch_sizes(ds_config, world_size)
-    _warn_as_the_stream_would(config, model, tokenizer, normalization, micro_batch, world_size)
+    warn_if_shards_are_not_read(config.data)
     images = micro_batch
     regions = micro_batch * config.data.max_boxes
     weights = {"gc": config.losses.w_gc, "sd": config.losses.w_sd, "rc": config.losses.w_rc}
