@@ -20,7 +20,7 @@ from fineclip_ds.config import ModelConfig, positive_int
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.evaluation.box_classification import BoxDataset, evaluate_box_classification, load_coco_boxes
 from fineclip_ds.evaluation.dense_viz import write_dense_pictures
-from fineclip_ds.evaluation.retrieval import RESIZE_MODES, CaptionedImage, evaluate_retrieval, load_caption_file
+from fineclip_ds.evaluation.retrieval import RESIZE_MODES, CaptionFile, evaluate_retrieval, load_caption_file
 from fineclip_ds.evaluation.segmentation import LabelledImage, evaluate_segmentation, load_label_folder
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.evaluation.zero_shot import TEMPLATE_SETS
@@ -32,7 +32,7 @@ TASKS = ("box-cls", "retrieval", "segmentation", "dense-viz", "world")
 TASK_INPUTS = {"box-cls": ("annotations", "images"), "retrieval": ("annotations", "images"),
                "segmentation": ("images", "labels", "classes"), "dense-viz": ("images",), "world": ()}
 FOLDER_INPUTS = ("images", "labels")
-Annotations = BoxDataset | list[CaptionedImage] | tuple[list[str], list[LabelledImage]] | None
+Annotations = BoxDataset | CaptionFile | tuple[list[str], list[LabelledImage]] | None
 
 
 def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None, device: torch.device | str = "cpu",
@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> dict:
         return evaluate_box_classification(model, tokenizer, normalization, annotations, args.templates,
                                            args.batch_size, not args.no_crop_baseline, device, dtype)
     if args.task == "retrieval":
-        return evaluate_retrieval(model, tokenizer, normalization, annotations, args.batch_size, device, dtype,
-                                  resize=args.retrieval_resize)
+        results = evaluate_retrieval(model, tokenizer, normalization, annotations.images, args.batch_size, device,
+                                     dtype, resize=args.retrieval_resize)
+        return {**results, **annotations.counts()}
     if args.task == "segmentation":
         class_names, items = annotations
         return evaluate_segmentation(model, tokenizer, normalization, class_names, items, args.templates, args.slide,

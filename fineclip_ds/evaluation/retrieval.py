@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,30 +23,56 @@ class CaptionedImage:
     captions: list[str]
 
 
-def load_caption_file(path: Path, image_dir: Path, split: str = "test") -> list[CaptionedImage]:
+@dataclass
+class CaptionFile:
+    """The images of a caption file with their captions, and what reading it merged or skipped (reported with
+    the recalls, so a file that lost rows does not pass for a clean one)."""
+    images: list[CaptionedImage]
+    merged_duplicate_image_rows: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def counts(self) -> dict[str, float]:
+        return {"merged_duplicate_image_rows": float(self.merged_duplicate_image_rows),
+                **{f"skipped_{reason}": float(count) for reason, count in self.skipped.items()}}
+
+
+def load_caption_file(path: Path, image_dir: Path, split: str = "test") -> CaptionFile:
     """Karpathy JSON ({"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}) or a list of
-    {"image": file, "caption": [captions]} (the open_clip / BLIP retrieval files)."""
+    {"image": file, "caption": caption or [captions]} (the open_clip / BLIP retrieval files).
+
+    Rows naming the same image are one image with all their captions, in order of first appearance: as separate
+    images their copies tie with each other and recall collapses."""
     data = json.loads(Path(path).read_text())
-    items: list[CaptionedImage] = []
     expected = f"{path}: expected a Karpathy JSON (with 'images') or a list of {{image, caption}} records"
     try:  # a COCO captions file also has 'images', but no filename/sentences in them
         if isinstance(data, dict) and "images" in data:
-            for entry in data["images"]:
-                if entry.get("split", split) != split:
-                    continue
-                file = Path(image_dir) / entry.get("filepath", "") / entry["filename"]
-                captions = [sentence["raw"] for sentence in entry["sentences"]]
-                items.append(CaptionedImage(lambda file=file: Image.open(file), captions))
+            rows = _karpathy_rows(data["images"], split)
         elif isinstance(data, list):
-            for entry in data:
-                captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-                file = Path(image_dir) / entry["image"]
-                items.append(CaptionedImage(lambda file=file: Image.open(file), captions))
+            rows = [(Path(entry["image"]), _as_list(entry["caption"])) for entry in data]
         else:
             raise ValueError(expected)
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{expected} ({type(error).__name__}: {error})") from error
-    return items
+    return _grouped(rows, Path(image_dir))
+
+
+def _karpathy_rows(entries: list[dict], split: str) -> list[tuple[Path, list]]:
+    return [(Path(entry.get("filepath", "")) / entry["filename"], [sentence["raw"] for sentence in entry["sentences"]])
+            for entry in entries if entry.get("split", split) == split]
+
+
+def _as_list(caption: object) -> list:
+    return caption if isinstance(caption, list) else [caption]
+
+
+def _grouped(rows: list[tuple[Path, list]], image_dir: Path) -> CaptionFile:
+    """One CaptionedImage per distinct image file, its captions in file order."""
+    captions_of: dict[Path, list] = {}
+    for file, captions in rows:
+        captions_of.setdefault(file, []).extend(captions)
+    images = [CaptionedImage(lambda file=image_dir / file: Image.open(file), captions)
+              for file, captions in captions_of.items()]
+    return CaptionFile(images, merged_duplicate_image_rows=len(rows) - len(captions_of))
 
 
 RESIZE_MODES = ("center_crop", "squash")

@@ -1,9 +1,13 @@
-"""Retrieval's image protocol: open_clip's centre crop by default (published numbers use it), or squashed."""
+"""Retrieval's image protocol: open_clip's centre crop by default (published numbers use it), or squashed; and
+reading caption files."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 
-from fineclip_ds.evaluation.retrieval import CaptionedImage, evaluate_retrieval
+from fineclip_ds.evaluation.retrieval import CaptionedImage, evaluate_retrieval, load_caption_file
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -63,3 +67,26 @@ def test_centre_crop_to_a_non_square_input_covers_it_without_black_borders():
 def test_an_unknown_resize_is_refused():
     with pytest.raises(ValueError, match="resize"):
         _model_input(_stripes(8, 8), (8, 8), "stretch")
+
+
+def _caption_file(tmp_path: Path, content: object) -> Path:
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(content))
+    return path
+
+
+PAIR_ROWS = [{"image": "0.jpg", "caption": "a red square"}, {"image": "1.jpg", "caption": ["a blue circle"]},
+             {"image": "0.jpg", "caption": "a photo of a red square"}]
+KARPATHY_PAIRS = {"images": [{"filename": row["image"], "split": "test", "sentences": [{"raw": row["caption"]}]}
+                             for row in ({"image": "0.jpg", "caption": "a red square"},
+                                         {"image": "1.jpg", "caption": "a blue circle"},
+                                         {"image": "0.jpg", "caption": "a photo of a red square"})]}
+
+
+@pytest.mark.parametrize("content", [PAIR_ROWS, KARPATHY_PAIRS], ids=["list", "karpathy"])
+def test_rows_naming_the_same_image_are_one_image_with_all_its_captions(tmp_path, content):
+    """One row per image-caption pair made each row an image: the copies tied and recall collapsed silently."""
+    captions = load_caption_file(_caption_file(tmp_path, content), tmp_path)
+    assert [item.captions for item in captions.images] == [["a red square", "a photo of a red square"],
+                                                          ["a blue circle"]]
+    assert captions.counts()["merged_duplicate_image_rows"] == 1
