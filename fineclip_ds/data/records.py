@@ -73,7 +73,9 @@ def decode_record(record: dict[str, Any], transform: RegionTransform) -> tuple[T
     """Training-format record (image, txt caption, json {boxes, region_captions}) -> sample and drops.
 
     A record that cannot be used returns None with one count under its reason; boxes that cannot be
-    used (bad coordinates, or an empty region caption) are dropped from the sample and counted.
+    used (bad coordinates, or an empty region caption) are dropped from the sample and counted. A record
+    without `json` trains the global loss only and is counted (no_region_json): under another member
+    name (`regions.json`) a whole data set would otherwise train as plain CLIP without a word.
     """
     extension = image_key(record)
     if extension is None:
@@ -96,6 +98,8 @@ def decode_record(record: dict[str, Any], transform: RegionTransform) -> tuple[T
     if image is None:
         return None, Counter(corrupt_image=1)
     tensor, kept_boxes, kept_index, drops = transform(image, boxes)
+    if "json" not in record:
+        drops["no_region_json"] += 1
     captioned = [row for row, index in enumerate(kept_index) if region_captions[index].strip()]
     if len(captioned) < len(kept_index):
         drops["region_caption_empty"] += len(kept_index) - len(captioned)

@@ -82,6 +82,13 @@ class DataError(RuntimeError):
         return last_line.removeprefix(f"{DataError.__module__}.{DataError.__qualname__}: ")
 
 
+def _pattern_hint(shards: list[str]) -> str:
+    """What to write instead, when the pattern is a folder or a shell glob (webdataset expands braces only)."""
+    if any(Path(shard).is_dir() or any(char in shard for char in "*?[") for shard in shards):
+        return "; a folder or a glob (*) is not expanded: name the files with braces, e.g. shards/part-{000000..000099}.tar"
+    return ""
+
+
 def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
@@ -250,10 +257,14 @@ class WebDatasetStream:
     def __init__(self, urls: str | list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,
                  rank: int, world_size: int, num_workers: int = 1, seed: int = 0, max_bad_fraction: float = 0.1):
         shards = expand_shard_urls(urls)
-        if len(missing_local_shards(shards)) == len(shards):
+        missing = missing_local_shards(shards)
+        if len(missing) == len(shards):
             # a typo in the pattern: otherwise every reader skips every shard and fails in the first step
             raise ConfigError(f"data.train_shards: got {urls!r}, expected existing shard files; none of its "
-                              f"{len(shards)} files exists (the first: {Path(shards[0]).absolute()})")
+                              f"{len(shards)} files exists (the first: {Path(shards[0]).absolute()}){_pattern_hint(shards)}")
+        if missing and rank == 0:  # read as unreadable (data/corrupt_shard) only once the epoch reaches them
+            log.warning("data.train_shards=%r: %d of its %d files do not exist (the first: %s); training reads the "
+                        "others", urls, len(missing), len(shards), Path(missing[0]).absolute())
         readers = world_size * readers_per_rank(num_workers)
         if len(shards) < readers:
             raise ConfigError(f"data.train_shards={urls!r}: {len(shards)} shards for {world_size} ranks x "

@@ -27,6 +27,15 @@ def test_a_caption_that_is_not_text_skips_the_record_and_is_counted(caption):
     assert sample is None and drops == {"bad_caption": 1}
 
 
+def test_a_record_without_json_trains_the_global_loss_only_and_is_counted():
+    """Boxes under another member name (`regions.json`) trained a whole data set as plain CLIP, uncounted."""
+    record = _record(b"a picture", [[1, 1, 20, 20]], ["a box"])
+    record["regions.json"] = record.pop("json")
+    sample, drops = _decode(record)
+    assert not drops and sample.caption == "a picture" and len(sample.boxes) == 0
+    assert sample.drops == {"no_region_json": 1}
+
+
 def test_region_captions_that_are_not_strings_are_bad_json():
     sample, drops = _decode(_record(b"a picture", [[1, 1, 20, 20]], [None]))
     assert sample is None and drops == {"bad_json": 1}

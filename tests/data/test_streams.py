@@ -1,6 +1,7 @@
 import io
 import itertools
 import json
+import logging
 import re
 import shutil
 import tarfile
@@ -122,6 +123,20 @@ def test_a_shard_pattern_that_names_no_existing_file_is_a_config_error(shard_dir
     with pytest.raises(ConfigError, match=re.escape(missing)):
         WebDatasetStream(str(shard_dir / "gooood-{0..2}.tar"), *_parts(), 2, 0, 1, num_workers=0)
     WebDatasetStream(str(shard_dir / "good-{4..9}.tar"), *_parts(), 2, 0, 1, num_workers=0)
+
+
+@pytest.mark.parametrize("pattern", ["", "*.tar"], ids=["folder", "glob"])
+def test_a_folder_or_a_glob_given_as_shards_is_told_to_use_braces(shard_dir, pattern):
+    """Both read as one missing file: the message said so of a folder that exists."""
+    with pytest.raises(ConfigError, match=re.escape("name the files with braces, e.g. shards/part-{000000..000099}.tar")):
+        WebDatasetStream(str(shard_dir / pattern) if pattern else str(shard_dir), *_parts(), 2, 0, 1, num_workers=0)
+
+
+def test_missing_shards_among_existing_ones_are_named_at_start(shard_dir, caplog):
+    """They were only met when the epoch reached them, logged as unreadable and counted as corrupt_shard."""
+    with caplog.at_level(logging.WARNING, logger="fineclip_ds"):
+        WebDatasetStream(str(shard_dir / "good-{0..7}.tar"), *_parts(), 2, 0, 1, num_workers=0)
+    assert f"2 of its 8 files do not exist (the first: {shard_dir}/good-6.tar)" in caplog.text
 
 
 def test_synthetic_stream_resumes_at_another_world_size_with_the_next_unseen_samples():
