@@ -66,13 +66,18 @@ def _as_list(caption: object) -> list:
 
 
 def _grouped(rows: list[tuple[Path, list]], image_dir: Path) -> CaptionFile:
-    """One CaptionedImage per distinct image file, its captions in file order."""
-    captions_of: dict[Path, list] = {}
+    """One CaptionedImage per distinct image file, its captions in file order. Non-string captions (null,
+    numbers) are dropped and counted here, before any model work: the tokenizer fails on them only after
+    every image is encoded."""
+    captions_of: dict[Path, list[str]] = {}
+    skipped: Counter = Counter()
     for file, captions in rows:
-        captions_of.setdefault(file, []).extend(captions)
+        texts = [caption for caption in captions if isinstance(caption, str)]
+        skipped["non_string_caption"] += len(captions) - len(texts)
+        captions_of.setdefault(file, []).extend(texts)
     images = [CaptionedImage(lambda file=image_dir / file: Image.open(file), captions)
               for file, captions in captions_of.items()]
-    return CaptionFile(images, merged_duplicate_image_rows=len(rows) - len(captions_of))
+    return CaptionFile(images, len(rows) - len(captions_of), +skipped)
 
 
 RESIZE_MODES = ("center_crop", "squash")

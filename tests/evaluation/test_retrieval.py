@@ -90,3 +90,12 @@ def test_rows_naming_the_same_image_are_one_image_with_all_its_captions(tmp_path
     assert [item.captions for item in captions.images] == [["a red square", "a photo of a red square"],
                                                           ["a blue circle"]]
     assert captions.counts()["merged_duplicate_image_rows"] == 1
+
+
+def test_non_string_captions_are_skipped_and_counted_when_the_file_is_read(tmp_path):
+    """A null caption crashed inside the tokenizer (ftfy: NoneType has no len()) after every image was encoded."""
+    rows = [{"image": "0.jpg", "caption": ["a red square", None]}, {"image": "5.jpg", "caption": None},
+            {"image": "6.jpg", "caption": [7, "a green dot"]}]
+    captions = load_caption_file(_caption_file(tmp_path, rows), tmp_path)
+    assert all(isinstance(text, str) for item in captions.images for text in item.captions)
+    assert captions.counts()["skipped_non_string_caption"] == 3
