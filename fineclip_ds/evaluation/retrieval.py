@@ -76,7 +76,8 @@ def _grouped(rows: list[tuple[Path, list]], image_dir: Path) -> CaptionFile:
         skipped["non_string_caption"] += len(captions) - len(texts)
         captions_of.setdefault(file, []).extend(texts)
     images = [CaptionedImage(lambda file=image_dir / file: Image.open(file), captions)
-              for file, captions in captions_of.items()]
+              for file, captions in captions_of.items() if captions]
+    skipped["no_caption"] += len(captions_of) - len(images)  # kept, it would lower image-to-text recall quietly
     return CaptionFile(images, len(rows) - len(captions_of), +skipped)
 
 

@@ -99,3 +99,12 @@ def test_non_string_captions_are_skipped_and_counted_when_the_file_is_read(tmp_p
     captions = load_caption_file(_caption_file(tmp_path, rows), tmp_path)
     assert all(isinstance(text, str) for item in captions.images for text in item.captions)
     assert captions.counts()["skipped_non_string_caption"] == 3
+
+
+def test_an_image_without_captions_is_skipped_and_counted(tmp_path):
+    """An image with no caption stayed a candidate no text could retrieve, lowering image-to-text recall quietly."""
+    rows = [{"image": "0.jpg", "caption": ["a red square"]}, {"image": "1.jpg", "caption": []},
+            {"image": "2.jpg", "caption": [None]}]
+    captions = load_caption_file(_caption_file(tmp_path, rows), tmp_path)
+    assert [item.captions for item in captions.images] == [["a red square"]]
+    assert captions.counts()["skipped_no_caption"] == 2
