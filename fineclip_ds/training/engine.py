@@ -61,6 +61,16 @@ def require_kernel_devices(kernels: KernelConfig, device: torch.device) -> None:
                               "(triton on CUDA, torch elsewhere) or 'torch'")
 
 
+def warn_if_no_regions(counts: Counter, step: int) -> None:
+    """Batches without a single region train L_SD and L_RC on nothing (both 0): records whose boxes sit under
+    another member name than `json`, or boxes all dropped. Said once, at the first logged step."""
+    if counts["samples"] and not counts["regions"]:
+        reasons = {reason: count for reason, count in counts.items() if reason not in ("samples", "regions")}
+        log.warning("no region in the %d samples of the first %d step(s): loss/sd and loss/rc train nothing; records "
+                    "need a `json` member with boxes and region_captions (data counts: %s)", counts["samples"], step,
+                    reasons)
+
+
 def _to_device(batch: dict[str, Any], device: torch.device, image_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     moved = {key: batch[key].to(device, non_blocking=True)
              for key in BATCH_TENSORS + OPTIONAL_TENSORS if key in batch}
@@ -169,6 +179,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                           config.losses.sd_teacher_grad, objective.weights)
 
     batches = iter(stream)
+    logged_counts = False  # the data counts of this start not logged yet
     last: dict[str, float] = {}
     engine.train()
     preemption = PreemptionWatch()
@@ -230,6 +241,9 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         monitor.step(done, last["total"], speed["samples_per_s"] if speed else None)
         if is_log_step:
             counts = _sum_counters_over_ranks(data_counts, world_size)
+            if rank == 0 and not logged_counts:
+                warn_if_no_regions(counts, done)
+            logged_counts = True
             scalars = {f"loss/{name}": value for name, value in last.items() if name != "logit_scale"}
             scalars.update({
                 "train/lr": applied_lr,

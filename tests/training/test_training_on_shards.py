@@ -64,3 +64,20 @@ def test_shards_too_small_for_a_batch_stop_with_a_message_not_a_worker_traceback
     assert (f"data error: shards ['{tmp_path}/part-0.tar'] hold 5 usable records, fewer than one local batch of 8"
             in result.stderr)
     assert "Traceback" not in result.stderr and "Caught DataError in DataLoader worker" not in result.stderr
+
+
+def test_shards_whose_boxes_sit_under_another_member_name_are_warned_about_and_counted(tmp_path):
+    """`regions.json` instead of `json`: the run trained as plain CLIP (loss/sd = loss/rc = 0) without a word."""
+    records = world_records(ShapesWorld(seed=8, image_size=64), range(0, 16))
+    for record in records:
+        record["regions.json"] = record.pop("json")
+    write_shard(tmp_path / "part-0.tar", records)
+    output_dir = tmp_path / "run"
+    result = run_pretrain(1, write_ds_config(tmp_path / "ds.json", micro_batch=8, stage=2), output_dir,
+                          "--max_steps", "2", "--set", "data.source=webdataset",
+                          "--set", f"data.train_shards={tmp_path}/part-0.tar")
+    assert "no region in the 8 samples of the first 1 step(s): loss/sd and loss/rc train nothing" in result.stderr
+    assert "'no_region_json': 8" in result.stderr
+    events = EventAccumulator(str(output_dir / "tensorboard"))
+    events.Reload()
+    assert events.Scalars("data/no_region_json")[-1].value == 16
