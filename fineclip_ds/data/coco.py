@@ -1,32 +1,85 @@
-"""Reading COCO-format JSON (captions, instances, FineCLIP's proposals): the image list and the annotations,
-with a clear error when a file is not one."""
+"""Reading COCO-format JSON (captions, instances, panoptic, FineCLIP's proposals): the image list and the
+annotations, with a clear error when a file is not one. One set of rules for every reader: an annotation
+of no listed image is skipped and counted, a bad box is named by validate_boxes' reasons."""
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Hashable
+
+from fineclip_ds.data.transforms import as_number, validate_boxes
 
 log = logging.getLogger("fineclip_ds")
 
 
-def read_coco(path: Path) -> tuple[dict[Any, str], list[dict[str, Any]]]:
-    """(image id -> file_name, annotations whose image_id the file lists). An annotation naming an image
-    the file does not list belongs to no image: it is dropped with a warning naming the count."""
+def load_coco_json(path: Path) -> dict[str, Any]:
+    """The parsed file, refused unless it is an object with lists 'images' and 'annotations'."""
     coco = json.loads(Path(path).read_text())
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) or not isinstance(
             coco.get("annotations"), list):
         found = sorted(coco) if isinstance(coco, dict) else type(coco).__name__
         raise ValueError(f"{path}: expected a COCO-format JSON object with lists 'images' and 'annotations', "
                          f"got {found}")
+    return coco
+
+
+def image_names(coco: dict[str, Any], path: Path) -> dict[Any, str]:
+    """image id -> file_name; an image entry without both names the file and the entry (nothing can be read
+    without it)."""
     names: dict[Any, str] = {}
     for index, image in enumerate(coco["images"]):
         if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
             raise ValueError(f"{path}: images[{index}] = {image!r:.200}; expected an object with 'id' and a "
                              "'file_name' string")
         names[image["id"]] = image["file_name"]
-    annotations = [a for a in coco["annotations"] if isinstance(a, dict) and a.get("image_id") in names]
-    if len(annotations) < len(coco["annotations"]):
+    return names
+
+
+def stray_annotation_reason(annotation: Any, names: dict[Any, str]) -> str | None:
+    """Why an annotation belongs to no listed image ('annotation_not_an_object', 'unknown_image'), else None."""
+    if not isinstance(annotation, dict):
+        return "annotation_not_an_object"
+    image_id = annotation.get("image_id")
+    if not isinstance(image_id, Hashable) or image_id not in names:  # a JSON list or object is no id
+        return "unknown_image"
+    return None
+
+
+def images_annotations(coco: dict[str, Any], path: Path) -> tuple[dict[Any, str], list[dict[str, Any]], Counter]:
+    """(image id -> file_name, the annotations of listed images, the others counted by reason)."""
+    names = image_names(coco, path)
+    kept, skipped = [], Counter()
+    for annotation in coco["annotations"]:
+        reason = stray_annotation_reason(annotation, names)
+        if reason is None:
+            kept.append(annotation)
+        else:
+            skipped[reason] += 1
+    return names, kept, skipped
+
+
+def coco_box(bbox: Any) -> tuple[list[float] | None, str | None]:
+    """COCO [x, y, w, h] as ([x1, y1, x2, y2], None), or (None, reason) by validate_boxes' reasons
+    (box_malformed, box_not_finite, box_non_positive, ...): a box is judged as the training loader judges it,
+    before the image (and so its size) is known."""
+    values = [as_number(v) for v in bbox] if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else [None]
+    if None in values:
+        return None, "box_malformed"
+    x, y, w, h = values
+    xyxy = [x, y, x + w, y + h]
+    _, _, drops = validate_boxes([xyxy], math.inf, math.inf)
+    return (None, next(iter(drops))) if drops else (xyxy, None)
+
+
+def read_coco(path: Path) -> tuple[dict[Any, str], list[dict[str, Any]]]:
+    """(image id -> file_name, annotations whose image_id the file lists). An annotation naming an image
+    the file does not list belongs to no image: it is dropped with a warning naming the count."""
+    names, annotations, skipped = images_annotations(load_coco_json(path), path)
+    if skipped:
+        total = len(annotations) + sum(skipped.values())
         log.warning("%s: %d of %d annotations name no image the file lists (or are not objects); skipped", path,
-                    len(coco["annotations"]) - len(annotations), len(coco["annotations"]))
+                    sum(skipped.values()), total)
     return names, annotations

@@ -3,7 +3,6 @@ embeddings, the same region path as training; plus the crop baseline (global emb
 cut from the image at its own resolution)."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from fineclip_ds.data.coco import coco_box, images_annotations, load_coco_json
 from fineclip_ds.data.images import open_image, to_rgb
 from fineclip_ds.data.transforms import RegionTransform
 from fineclip_ds.evaluation.metrics import box_classification_metrics
@@ -40,47 +40,75 @@ class BoxDataset:
 def load_coco_boxes(annotation_file: Path, image_dir: Path, keep_crowd: bool = False,
                     min_box_size: float = 0.0) -> BoxDataset:
     """COCO instances (bbox per annotation) or panoptic (segments_info per image); crowd boxes are
-    skipped unless `keep_crowd`, boxes with w * h < min_box_size^2 always (both counted).
+    skipped unless `keep_crowd`, boxes with w * h < min_box_size^2 always; an annotation of an unlisted
+    image or a box that is not four finite numbers of positive size is skipped too (all counted by reason,
+    with the reader make_regions uses: fineclip_ds.data.coco).
 
     FineCLIP's own evaluation (panoptic val2017) keeps crowd segments and drops w * h < 8^2:
     `keep_crowd=True, min_box_size=8` gives numbers comparable with the paper's tables."""
-    coco = json.loads(Path(annotation_file).read_text())
-    if not isinstance(coco, dict) or not {"images", "annotations", "categories"} <= coco.keys():
+    coco = load_coco_json(annotation_file)
+    if "categories" not in coco:
         raise ValueError(f"{annotation_file}: expected a COCO instances or panoptic JSON (with images, annotations "
                          "and categories; a captions file has no categories)")
+    categories = _categories_by_id(coco["categories"], annotation_file)
+    names, annotations, skipped = images_annotations(coco, annotation_file)
     try:
-        return _parse_coco(coco, Path(image_dir), keep_crowd, min_box_size)
-    except (KeyError, TypeError, ValueError) as error:  # a missing field, an annotation of an unlisted image
+        dataset = _parse_coco(names, annotations, categories, Path(image_dir), keep_crowd, min_box_size)
+    except (KeyError, TypeError, ValueError) as error:  # e.g. a segments_info that is not a list
         raise ValueError(f"{annotation_file}: malformed COCO annotations ({type(error).__name__}: {error})") from error
+    dataset.skipped.update(skipped)
+    return dataset
 
 
-def _parse_coco(coco: dict, image_dir: Path, keep_crowd: bool, min_box_size: float) -> BoxDataset:
-    categories = sorted(coco["categories"], key=lambda category: category["id"])
-    index_of = {category["id"]: index for index, category in enumerate(categories)}
-    per_image: dict[int, list[dict]] = {image["id"]: [] for image in coco["images"]}
-    for annotation in coco["annotations"]:
-        segments = annotation.get("segments_info")
-        for segment in segments if segments is not None else [annotation]:
-            per_image[annotation["image_id"]].append(segment)
-    dataset = BoxDataset([category["name"] for category in categories], [])
-    for image in coco["images"]:
+def _categories_by_id(categories: object, annotation_file: Path) -> dict[object, str]:
+    """category id -> name, in id order."""
+    if not isinstance(categories, list):
+        raise ValueError(f"{annotation_file}: 'categories' = {categories!r:.200}; expected a list")
+    names: dict[object, str] = {}
+    for index, category in enumerate(categories):
+        if not isinstance(category, dict) or not isinstance(category.get("id"), int) or not isinstance(
+                category.get("name"), str):
+            raise ValueError(f"{annotation_file}: categories[{index}] = {category!r:.200}; expected an object with "
+                             "an integer 'id' and a 'name' string")
+        names[category["id"]] = category["name"]
+    return dict(sorted(names.items()))
+
+
+def _segments(annotation: dict) -> list:
+    """The boxes of one annotation: its own (instances) or its segments_info (panoptic)."""
+    segments = annotation.get("segments_info")
+    return [annotation] if segments is None else segments
+
+
+def _parse_coco(names: dict, annotations: list[dict], categories: dict[object, str], image_dir: Path,
+                keep_crowd: bool, min_box_size: float) -> BoxDataset:
+    index_of = {category_id: index for index, category_id in enumerate(categories)}
+    per_image: dict[object, list[dict]] = {image_id: [] for image_id in names}
+    for annotation in annotations:
+        per_image[annotation["image_id"]].extend(_segments(annotation))
+    dataset = BoxDataset(list(categories.values()), [])
+    for image_id, file_name in names.items():
         boxes, labels = [], []
-        for segment in per_image[image["id"]]:
+        for segment in per_image[image_id]:
             if segment.get("iscrowd", 0) and not keep_crowd:
                 dataset.skipped["crowd_box"] += 1
                 continue
-            if segment["category_id"] not in index_of:
+            if segment.get("category_id") not in index_of:
                 dataset.skipped["unknown_category"] += 1
                 continue
-            x, y, w, h = segment["bbox"]
-            if w * h < min_box_size ** 2:
+            box, reason = coco_box(segment.get("bbox"))
+            if reason is not None:
+                dataset.skipped[reason] += 1
+                continue
+            x1, y1, x2, y2 = box
+            if (x2 - x1) * (y2 - y1) < min_box_size ** 2:
                 dataset.skipped["box_under_min_size"] += 1
                 continue
-            boxes.append([x, y, x + w, y + h])
+            boxes.append(box)
             labels.append(index_of[segment["category_id"]])
         if boxes:
-            path = image_dir / image["file_name"]
-            dataset.images.append(BoxImage(lambda path=path: Image.open(path), boxes, labels, image["file_name"]))
+            path = image_dir / file_name
+            dataset.images.append(BoxImage(lambda path=path: Image.open(path), boxes, labels, file_name))
     return dataset
 
 

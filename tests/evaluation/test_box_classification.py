@@ -1,4 +1,6 @@
-"""The crop baseline's crops come from the image at its own resolution, not from the resized model input."""
+"""The crop baseline's crops come from the image at its own resolution, not from the resized model input;
+reading COCO boxes skips and counts bad annotations."""
+import json
 from collections import Counter
 
 import numpy as np
@@ -6,7 +8,7 @@ import torch
 from PIL import Image
 
 from fineclip_ds.data.transforms import RegionTransform
-from fineclip_ds.evaluation.box_classification import BoxImage, _batches
+from fineclip_ds.evaluation.box_classification import BoxImage, _batches, load_coco_boxes
 from fineclip_ds.models.regions import crop_regions
 
 
@@ -69,3 +71,29 @@ def test_scores_are_fp32_products_of_the_features_under_bf16_autocast(monkeypatc
     assert region_scores.dtype == crop_scores.dtype == torch.float32
     torch.testing.assert_close(region_scores, region_features[mask].float() @ classes.T, rtol=0, atol=1e-6)
     torch.testing.assert_close(crop_scores, crop_embeddings.float() @ classes.T, rtol=0, atol=1e-6)
+
+
+def _coco_file(tmp_path, annotations: list, categories: list | None = None):
+    """A one-image COCO instances file (a.png, 64 x 64) with `annotations`; category 3 is a circle."""
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": annotations,
+            "categories": categories or [{"id": 3, "name": "circle"}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    return tmp_path / "coco.json"
+
+
+def test_bad_annotations_are_skipped_and_counted_and_the_rest_kept(tmp_path):
+    """Each of these aborted the whole evaluation ('malformed COCO annotations (KeyError: 999)', ...)."""
+    good = {"image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5]}
+    bad = [{"image_id": 999, "category_id": 3, "bbox": [1, 1, 5, 5]}, {"image_id": 1, "category_id": 3},
+           {"image_id": 1, "category_id": 3, "bbox": ["1", "1", "5", "5"]},
+           {"image_id": 1, "category_id": 3, "bbox": [1, 1, 5]}, "not an annotation"]
+    dataset = load_coco_boxes(_coco_file(tmp_path, [good, *bad]), tmp_path)
+    assert [image.boxes for image in dataset.images] == [[[1, 1, 6, 6]]]
+    assert dataset.skipped == {"unknown_image": 1, "box_malformed": 3, "annotation_not_an_object": 1}
+
+
+def test_a_box_of_negative_width_is_counted_as_non_positive_not_as_small(tmp_path):
+    """With no --min_box_size it was counted as box_under_min_size (w * h = -200 < 0)."""
+    dataset = load_coco_boxes(_coco_file(tmp_path, [{"image_id": 1, "category_id": 3, "bbox": [10, 10, -5, 40]}]),
+                              tmp_path)
+    assert dataset.images == [] and dataset.skipped == {"box_non_positive": 1}
