@@ -241,7 +241,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         monitor.step(done, last["total"], speed["samples_per_s"] if speed else None)
         if is_log_step:
             counts = _sum_counters_over_ranks(data_counts, world_size)
-            if rank == 0 and not logged_counts:
+            if rank == 0 and not logged_counts and (config.losses.w_sd or config.losses.w_rc):
                 warn_if_no_regions(counts, done)
             logged_counts = True
             scalars = {f"loss/{name}": value for name, value in last.items() if name != "logit_scale"}
