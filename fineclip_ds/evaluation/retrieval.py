@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from fineclip_ds.data.images import open_image, to_rgb
 from fineclip_ds.evaluation.metrics import retrieval_metrics
 from fineclip_ds.models.fineclip import FineCLIP
 
+log = logging.getLogger("fineclip_ds")
 
 @dataclass
 class CaptionedImage:
@@ -84,6 +86,15 @@ def _grouped(rows: list[tuple[Path, list]], image_dir: Path) -> CaptionFile:
 RESIZE_MODES = ("center_crop", "squash")
 
 
+def captions_over_context(tokenizer: Callable[[list[str]], torch.Tensor], captions: list[str]) -> int | None:
+    """How many captions the tokenizer cuts at its context length (77 tokens for CLIP, start and end tokens
+    included), which it does without a word; None for a tokenizer that cannot say (no encode/context_length)."""
+    encode, context_length = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
+    if encode is None or context_length is None:
+        return None
+    return sum(len(encode(caption)) + 2 > context_length for caption in captions)
+
+
 def _resized(image: Image.Image, size: list[int], resize: str) -> Image.Image:
     """The model input, [height, width] = size: squashed, or scaled to cover it and centre-cropped."""
     bicubic = TF.InterpolationMode.BICUBIC
@@ -136,6 +147,10 @@ def evaluate_retrieval(
     if not image_embeddings:
         raise ValueError("no readable images to evaluate retrieval on")
     captions = text_embeddings
+    truncated = captions_over_context(tokenizer, captions)
+    if truncated:
+        log.warning("retrieval: %d of %d captions are longer than the tokenizer's %d-token context and are cut",
+                    truncated, len(captions), tokenizer.context_length)
     encoded = []
     for start in range(0, len(captions), batch_size * 4):
         tokens = tokenizer(captions[start:start + batch_size * 4]).to(device)
@@ -144,5 +159,7 @@ def evaluate_retrieval(
     similarity = torch.cat(image_embeddings) @ torch.cat(encoded).T
     results = retrieval_metrics(similarity, torch.tensor(text_to_image))
     results.update({"images": float(similarity.shape[0]), "texts": float(similarity.shape[1])})
+    if truncated is not None:
+        results["captions_truncated"] = float(truncated)
     results.update({f"skipped_{reason}": float(count) for reason, count in skipped.items()})
     return results

@@ -124,6 +124,7 @@ def test_retrieval_on_a_karpathy_file(data, tmp_path):
                        "--images", str(data / "images"))
     assert result["images"] == IMAGES and result["texts"] == IMAGES and result["skipped_unreadable_image"] == 1
     assert result["merged_duplicate_image_rows"] == 0  # 000.png again, but in the train split
+    assert result["captions_truncated"] == 0
     assert result["i2t_r10"] == 100.0 and result["t2i_r10"] == 100.0  # 6 candidates: everything is within 10
 
 

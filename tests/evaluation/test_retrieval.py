@@ -108,3 +108,17 @@ def test_an_image_without_captions_is_skipped_and_counted(tmp_path):
     captions = load_caption_file(_caption_file(tmp_path, rows), tmp_path)
     assert [item.captions for item in captions.images] == [["a red square"]]
     assert captions.counts()["skipped_no_caption"] == 2
+
+
+def test_captions_longer_than_the_context_are_counted_and_warned_about_once(caplog):
+    """The tokenizer cut long captions at its context length (77 for CLIP) without a word."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    long_caption = " ".join(["a red square beside a blue circle"] * 12)  # 84 words
+    items = [CaptionedImage(lambda: _stripes(8, 8), ["stripes", long_caption, long_caption])]
+    with caplog.at_level("WARNING", logger="fineclip_ds"):
+        result = evaluate_retrieval(RecordingModel((8, 8)), SimpleTokenizer(), ((0, 0, 0), (1, 1, 1)), items,
+                                    progress=False)
+    assert result["captions_truncated"] == 2
+    assert [record.getMessage() for record in caplog.records] == [
+        "retrieval: 2 of 3 captions are longer than the tokenizer's 77-token context and are cut"]
