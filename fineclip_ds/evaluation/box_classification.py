@@ -61,7 +61,8 @@ def load_coco_boxes(annotation_file: Path, image_dir: Path, keep_crowd: bool = F
 
 
 def _categories_by_id(categories: object, annotation_file: Path) -> dict[object, str]:
-    """category id -> name, in id order."""
+    """category id -> name, in id order. A category id listed twice is refused: which name a box of that id
+    would be scored against depends on the order of the list, and the scores change silently."""
     if not isinstance(categories, list):
         raise ValueError(f"{annotation_file}: 'categories' = {categories!r:.200}; expected a list")
     names: dict[object, str] = {}
@@ -70,6 +71,9 @@ def _categories_by_id(categories: object, annotation_file: Path) -> dict[object,
                 category.get("name"), str):
             raise ValueError(f"{annotation_file}: categories[{index}] = {category!r:.200}; expected an object with "
                              "an integer 'id' and a 'name' string")
+        if category["id"] in names:
+            raise ValueError(f"{annotation_file}: category id {category['id']} is listed twice, as "
+                             f"{names[category['id']]!r} and {category['name']!r}; expected one name per id")
         names[category["id"]] = category["name"]
     return dict(sorted(names.items()))
 

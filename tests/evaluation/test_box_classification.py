@@ -4,6 +4,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -97,3 +98,11 @@ def test_a_box_of_negative_width_is_counted_as_non_positive_not_as_small(tmp_pat
     dataset = load_coco_boxes(_coco_file(tmp_path, [{"image_id": 1, "category_id": 3, "bbox": [10, 10, -5, 40]}]),
                               tmp_path)
     assert dataset.images == [] and dataset.skipped == {"box_non_positive": 1}
+
+
+def test_a_category_id_listed_twice_is_refused_naming_both_names(tmp_path):
+    """Both names were kept and a box of id 1 scored against one of them: top-1 fell from 100 to 50, silently."""
+    categories = [{"id": 1, "name": "red square"}, {"id": 1, "name": "red block"}]
+    annotation_file = _coco_file(tmp_path, [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}], categories)
+    with pytest.raises(ValueError, match="coco.json: category id 1 is listed twice, as 'red square' and 'red block'"):
+        load_coco_boxes(annotation_file, tmp_path)
