@@ -49,6 +49,9 @@ def load_caption_file(path: Path, image_dir: Path, split: str = "test") -> Capti
     try:  # a COCO captions file also has 'images', but no filename/sentences in them
         if isinstance(data, dict) and "images" in data:
             rows = _karpathy_rows(data["images"], split)
+            if not rows:  # said here, not later as "no readable images"
+                raise ValueError(f"{path}: no entry has split {split!r} (splits in the file: "
+                                 f"{sorted({str(entry.get('split')) for entry in data['images']})}); see --split")
         elif isinstance(data, list):
             rows = [(Path(entry["image"]), _as_list(entry["caption"])) for entry in data]
         else:

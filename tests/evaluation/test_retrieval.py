@@ -122,3 +122,9 @@ def test_captions_longer_than_the_context_are_counted_and_warned_about_once(capl
     assert result["captions_truncated"] == 2
     assert [record.getMessage() for record in caplog.records] == [
         "retrieval: 2 of 3 captions are longer than the tokenizer's 77-token context and are cut"]
+
+
+def test_a_split_the_karpathy_file_lacks_is_named_with_the_splits_it_has(tmp_path):
+    """--split val on a file without val entries said 'no readable images to evaluate retrieval on'."""
+    with pytest.raises(ValueError, match=r"no entry has split 'val' \(splits in the file: \['test'\]\)"):
+        load_caption_file(_caption_file(tmp_path, KARPATHY_PAIRS), tmp_path, split="val")
