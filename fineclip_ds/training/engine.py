@@ -278,6 +278,8 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
             break
     trained_now = whole_run.peek()["steps"]
     summary = {**run_totals().figures(), "device": device_name(), "world_size": world_size}
+    # the run's data counts (samples, regions, every skip by reason), summed over ranks and starts
+    summary["data"] = dict(sorted(_sum_counters_over_ranks(data_counts, world_size).items()))
     if shapes is None:
         del summary["tflops_per_device"]  # FLOPs of this tower are not modelled
     elif peak is not None:

@@ -76,3 +76,5 @@ def test_tflops_are_averaged_over_ranks_and_peak_memory_is_the_highest_rank(tmp_
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["tflops_per_device"] * summary["step_time_s"] == pytest.approx(1.5, rel=1e-9)
     assert summary["peak_memory_mb"] == 2000.0
+    # the data counts of the run, over both ranks (they were only in TensorBoard and the console)
+    assert summary["data"]["samples"] == 2 * 2 * 4 and summary["data"]["regions"] <= 2 * 2 * 4 * 4
