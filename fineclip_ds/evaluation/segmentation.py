@@ -3,6 +3,7 @@ embeddings, logits upsampled to the image, argmax per pixel. Measures what regio
 is for: dense features that name what is under them."""
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,18 @@ from fineclip_ds.evaluation.zero_shot import class_embeddings
 from fineclip_ds.models.fineclip import FineCLIP
 
 IGNORE_LABEL = 255
+LABEL_PROBLEMS = {"missing_label": "no label map",
+                  "unreadable_label": "the label map cannot be read",
+                  "label_not_1_channel": "the label map has several channels (an RGB colour-coded PNG?); a 1-channel "
+                                         "map of class indices is needed (mode L, P or 16-bit I;16)"}
+log = logging.getLogger("fineclip_ds")
 
 
 @dataclass
 class LabelledImage:
     image: Callable[[], Image.Image]
     labels: Callable[[], Image.Image]  # "L"/"P" PNG: class index per pixel, IGNORE_LABEL unscored
+    label_path: Path | None = None  # where `labels` reads from, to tell a missing label map from a bad one
 
 
 def load_label_folder(image_dir: Path, label_dir: Path, class_file: Path) -> tuple[list[str], list[LabelledImage]]:
@@ -35,7 +42,8 @@ def load_label_folder(image_dir: Path, label_dir: Path, class_file: Path) -> tup
     items = []
     for image_path in sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
         label_path = Path(label_dir) / f"{image_path.stem}.png"
-        items.append(LabelledImage(lambda p=image_path: Image.open(p), lambda p=label_path: Image.open(p)))
+        items.append(LabelledImage(lambda p=image_path: Image.open(p), lambda p=label_path: Image.open(p),
+                                   label_path))
     return class_names, items
 
 
@@ -53,6 +61,18 @@ def label_indices(labels: Image.Image, num_classes: int, reduce_zero_label: bool
     unknown = (target >= num_classes) & (target != IGNORE_LABEL)
     target[unknown] = IGNORE_LABEL
     return target, int(unknown.sum())
+
+
+def _scorable_labels(item: LabelledImage) -> tuple[Image.Image | None, str]:
+    """The label map, or which of LABEL_PROBLEMS keeps it from being scored (an RGB map crashed the metrics)."""
+    if item.label_path is not None and not item.label_path.exists():
+        return None, "missing_label"
+    labels = open_image(item.labels)
+    if labels is None:
+        return None, "unreadable_label"
+    if len(labels.getbands()) != 1:
+        return None, "label_not_1_channel"
+    return labels, ""
 
 
 def _window_logits(model: FineCLIP, window: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -100,9 +120,16 @@ def evaluate_segmentation(model: FineCLIP, tokenizer: Callable[[list[str]], torc
     confusion = torch.zeros(len(class_names), len(class_names), dtype=torch.long)
     skipped: Counter = Counter()
     for item in tqdm(list(items), desc="segmentation", unit="img", disable=not progress):
-        image, labels = open_image(item.image), open_image(item.labels)
-        if image is None or labels is None:
+        image = open_image(item.image)
+        if image is None:
             skipped["unreadable_image"] += 1
+            continue
+        labels, problem = _scorable_labels(item)
+        if labels is None:
+            skipped[problem] += 1
+            if skipped[problem] == 1:
+                log.warning("segmentation: %s: %s; skipped, counted as skipped_%s", item.label_path,
+                            LABEL_PROBLEMS[problem], problem)
             continue
         if labels.size != image.size:
             skipped["label_size_mismatch"] += 1

@@ -161,8 +161,24 @@ def test_segmentation_on_a_label_folder_and_at_another_resolution(data, tmp_path
     shifted = _evaluate(data, tmp_path, *common, "--reduce_zero_label")  # the world's labels read one class lower
     assert 0.0 <= shifted["miou"] <= 100.0 and shifted != plain
     (tmp_path / "no_labels").mkdir()
-    with pytest.raises(SystemExit, match=r"no pixel scored; skipped: \{'unreadable_image': 6"):
+    with pytest.raises(SystemExit, match=r"no pixel scored; skipped: \{'missing_label': 6"):
         _evaluate(data, tmp_path, *common, "--labels", str(tmp_path / "no_labels"))
+
+
+def test_segmentation_counts_rgb_and_missing_label_maps_apart_from_unreadable_images(data, tmp_path):
+    """An RGB label PNG crashed the metrics (IndexError); a missing label was counted as an unreadable image."""
+    world = ShapesWorld(seed=9, image_size=96)
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    for index in range(3):
+        (images / f"{index:03d}.png").write_bytes((data / "images" / f"{index:03d}.png").read_bytes())
+    world.sample(0).label_map.save(labels / "000.png")
+    world.sample(1).label_map.convert("RGB").save(labels / "001.png")  # 002.png: no label map
+    (tmp_path / "classes.txt").write_text("\n".join(world.classes))
+    result = _evaluate(data, tmp_path, "--task", "segmentation", "--images", str(images), "--labels", str(labels),
+                       "--classes", str(tmp_path / "classes.txt"), "--templates", "shapes")
+    assert result["skipped_label_not_1_channel"] == 1 and result["skipped_missing_label"] == 1
+    assert "skipped_unreadable_image" not in result and 0.0 <= result["miou"] <= 100.0
 
 
 def test_task_inputs_are_checked_before_the_model_loads(data, tmp_path):
