@@ -219,7 +219,10 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         except (json.JSONDecodeError, yaml.YAMLError) as error:  # a typo in the user's recipe, not a crash
             kind = "JSON" if path.suffix == ".json" else "YAML"
             raise ConfigError(f"recipe {path}: not valid {kind} ({_one_line(error)})") from error
-        _merge(config, values or {}, "")
+        if values is None:  # an empty or comment-only file would train the bare defaults without a word
+            raise ConfigError(f"recipe {path}: the file holds no settings; give a recipe's sections (model, data, "
+                              f"losses, optim, train, ...) or a built-in recipe name")
+        _merge(config, values, "")
     for override in overrides:
         keys, value = parse_override(override)
         if _wants_text(keys) and isinstance(value, (bool, int, float, datetime.date)):

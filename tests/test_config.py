@@ -64,6 +64,9 @@ def test_all_built_in_recipes_load():
 @pytest.mark.parametrize("file_name,text,message", [
     ("tab.yaml", "model:\n  name: ViT-B-16\n\tfreeze_text: true\n", "not valid YAML"),
     ("broken.json", '{"model": {', "not valid JSON (Expecting property name"),
+    # both trained the bare defaults (lr 1e-5, a frozen random text tower) without a word
+    ("empty.yaml", "", "the file holds no settings"),
+    ("comments.yaml", "# model:\n#   name: ViT-B-16\n", "the file holds no settings"),
 ])
 def test_a_recipe_file_that_does_not_parse_names_the_file(tmp_path, file_name, text, message):
     (tmp_path / file_name).write_text(text)
