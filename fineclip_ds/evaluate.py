@@ -32,7 +32,8 @@ TASKS = ("box-cls", "retrieval", "segmentation", "dense-viz", "world")
 TASK_INPUTS = {"box-cls": ("annotations", "images"), "retrieval": ("annotations", "images"),
                "segmentation": ("images", "labels", "classes"), "dense-viz": ("images",), "world": ()}
 FOLDER_INPUTS = ("images", "labels")
-Annotations = BoxDataset | CaptionFile | tuple[list[str], list[LabelledImage]] | None
+DENSE_VIZ_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+Annotations = BoxDataset | CaptionFile | tuple[list[str], list[LabelledImage]] | list[Path] | None
 
 
 def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None, device: torch.device | str = "cpu",
@@ -70,10 +71,8 @@ def run(args: argparse.Namespace) -> dict:
         return evaluate_segmentation(model, tokenizer, normalization, class_names, items, args.templates, args.slide,
                                      device, dtype, reduce_zero_label=args.reduce_zero_label)
     if args.task == "dense-viz":
-        folder = args.images
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
-        output_dir = args.output.parent / "dense_viz" if args.output else folder.parent / "dense_viz"
-        written, unreadable = write_dense_pictures(model, normalization, paths[:args.max_images], output_dir, device)
+        output_dir = args.output.parent / "dense_viz" if args.output else args.images.parent / "dense_viz"
+        written, unreadable = write_dense_pictures(model, normalization, annotations, output_dir, device)
         return {"pictures": [str(path) for path in written], "skipped_unreadable_image": unreadable}
     world = ShapesWorld(seed=args.world_seed, image_size=args.world_image_size)
     return evaluate_on_world(model, tokenizer, normalization, world, args.max_images, args.batch_size, device,
@@ -88,8 +87,20 @@ def _read_annotations(args: argparse.Namespace) -> Annotations:
     if args.task == "retrieval":
         return load_caption_file(args.annotations, args.images, args.split)
     if args.task == "segmentation":
-        return load_label_folder(args.images, args.labels, args.classes)
+        class_names, items = load_label_folder(args.images, args.labels, args.classes)
+        return class_names, _some_images(items, args.images)
+    if args.task == "dense-viz":
+        paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in DENSE_VIZ_SUFFIXES)
+        return _some_images(paths, args.images)[:args.max_images]
     return None
+
+
+def _some_images(items: list, folder: Path) -> list:
+    """`items`, refused when empty: an empty folder gave an empty result (dense-viz) or a bare 'no pixel scored'
+    after the model had loaded (segmentation)."""
+    if not items:
+        raise SystemExit(f"--images {folder}: no images in {folder}")
+    return items
 
 
 def _check_inputs(args: argparse.Namespace) -> None:

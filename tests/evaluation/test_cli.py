@@ -199,6 +199,17 @@ def test_task_inputs_are_checked_before_the_model_loads(data, tmp_path):
               "--task", "world"])
 
 
+@pytest.mark.parametrize("task", ["dense-viz", "segmentation"])
+def test_an_empty_images_folder_is_refused_before_the_model_loads(tmp_path, task):
+    """dense-viz exited 0 with no pictures; segmentation said 'no pixel scored' only after loading the model."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "classes.txt").write_text("circle\n")
+    segmentation_inputs = ["--labels", str(tmp_path / "empty"), "--classes", str(tmp_path / "classes.txt")]
+    with pytest.raises(SystemExit, match=f"--images {tmp_path / 'empty'}: no images in {tmp_path / 'empty'}"):
+        main(["--checkpoint", str(tmp_path / "not_read_yet"), "--output", str(tmp_path / "r.json"), "--task", task,
+              "--images", str(tmp_path / "empty"), *(segmentation_inputs if task == "segmentation" else [])])
+
+
 @pytest.mark.parametrize("args,message", [
     (["--image_size", "64", "64", "64"], "--image_size: got 3 numbers, expected H or H W"),
     (["--batch_size", "0"], "argument --batch_size: got 0, expected an integer >= 1"),
