@@ -2,6 +2,7 @@
 view the FineCLIP paper uses to show that region-aware training gives cleaner, object-aligned maps."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +42,26 @@ def dense_feature_picture(model: FineCLIP, normalization: tuple, image: Image.Im
     return side_by_side
 
 
+def picture_names(image_paths: list[Path]) -> list[str]:
+    """`<stem>_dense.png`, or `<name>_dense.png` (extension kept) for images sharing a stem: dup.jpg and
+    dup.png both wrote dup_dense.png, one picture lost and listed twice."""
+    stems = Counter(Path(path).stem for path in image_paths)
+    return [f"{Path(path).stem if stems[Path(path).stem] == 1 else Path(path).name}_dense.png" for path in image_paths]
+
+
 def write_dense_pictures(model: FineCLIP, normalization: tuple, image_paths: list[Path], output_dir: Path,
                          device: torch.device | str = "cpu", progress: bool = True) -> tuple[list[Path], int]:
-    """One `<stem>_dense.png` per readable image; returns the pictures and how many images were unreadable."""
+    """One picture per readable image (named by `picture_names`); returns the pictures and how many images were
+    unreadable."""
     output_dir.mkdir(parents=True, exist_ok=True)
     written, unreadable = [], 0
-    for path in tqdm(image_paths, desc="dense pictures", unit="img", disable=not progress):
+    names = picture_names(image_paths)
+    for path, name in tqdm(list(zip(image_paths, names)), desc="dense pictures", unit="img", disable=not progress):
         image = open_image(lambda: Image.open(path))
         if image is None:
             unreadable += 1
             continue
-        target = output_dir / f"{Path(path).stem}_dense.png"
+        target = output_dir / name
         dense_feature_picture(model, normalization, image, device).save(target)
         written.append(target)
     return written, unreadable

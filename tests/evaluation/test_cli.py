@@ -7,6 +7,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 import fineclip_ds.models.factory  # noqa: F401  registers the tiny model configs
 from fineclip_ds.data.shapes_world import ShapesWorld
@@ -132,6 +133,16 @@ def test_dense_pictures_are_written_beside_the_results(data, tmp_path):
     result = _evaluate(data, tmp_path, "--task", "dense-viz", "--images", str(data / "images"))
     assert len(result["pictures"]) == IMAGES and all(Path(p).is_file() for p in result["pictures"])
     assert result["skipped_unreadable_image"] == 1
+
+
+def test_dense_pictures_of_images_sharing_a_stem_are_all_kept(data, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("dup.jpg", "dup.png"):
+        Image.open(data / "images" / "000.png").save(images / name)
+    result = _evaluate(data, tmp_path, "--task", "dense-viz", "--images", str(images))
+    assert sorted(Path(p).name for p in result["pictures"]) == ["dup.jpg_dense.png", "dup.png_dense.png"]
+    assert all(Path(p).is_file() for p in result["pictures"])
 
 
 def test_a_missing_input_is_a_clear_exit(data, tmp_path):
