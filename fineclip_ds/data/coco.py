@@ -61,17 +61,23 @@ def images_annotations(coco: dict[str, Any], path: Path) -> tuple[dict[Any, str]
     return names, kept, skipped
 
 
+def coco_xyxy(bbox: Any) -> Any:
+    """COCO [x, y, w, h] -> (x1, y1, x2, y2); a bbox that is not four numbers (a string, null, three
+    values) comes back as it is, for validate_boxes to drop and count."""
+    values = [as_number(v) for v in bbox] if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else [None]
+    if None in values:
+        return bbox
+    x, y, w, h = values
+    return (x, y, x + w, y + h)
+
+
 def coco_box(bbox: Any) -> tuple[list[float] | None, str | None]:
     """COCO [x, y, w, h] as ([x1, y1, x2, y2], None), or (None, reason) by validate_boxes' reasons
     (box_malformed, box_not_finite, box_non_positive, ...): a box is judged as the training loader judges it,
     before the image (and so its size) is known."""
-    values = [as_number(v) for v in bbox] if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else [None]
-    if None in values:
-        return None, "box_malformed"
-    x, y, w, h = values
-    xyxy = [x, y, x + w, y + h]
+    xyxy = coco_xyxy(bbox)
     _, _, drops = validate_boxes([xyxy], math.inf, math.inf)
-    return (None, next(iter(drops))) if drops else (xyxy, None)
+    return (None, next(iter(drops))) if drops else (list(xyxy), None)
 
 
 def read_coco(path: Path) -> tuple[dict[Any, str], list[dict[str, Any]]]:

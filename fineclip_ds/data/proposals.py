@@ -18,21 +18,11 @@ from PIL import Image
 from torchvision.ops import nms
 from torchvision.transforms import functional as TF
 
-from fineclip_ds.data.coco import read_coco
+from fineclip_ds.data.coco import coco_xyxy, read_coco
 from fineclip_ds.data.records import FileNameLookup
 from fineclip_ds.data.transforms import as_number, validate_boxes
 
 Box = tuple[float, float, float, float]
-
-
-def coco_xyxy(bbox: Any) -> Any:
-    """COCO [x, y, w, h] -> (x1, y1, x2, y2); a bbox that is not four numbers (a string, null, three
-    values) comes back as it is, for validate_boxes to drop and count."""
-    values = [as_number(v) for v in bbox] if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else [None]
-    if None in values:
-        return bbox
-    x, y, w, h = values
-    return (x, y, x + w, y + h)
 
 
 def proposal_score(value: Any) -> float | None:
