@@ -33,6 +33,7 @@ TAG_PATTERN = re.compile(rf"{TAG_PREFIX}\d{{8}}")
 PARTIAL_SUFFIX = ".tmp"
 REPLACED_SUFFIX = ".replaced"  # a tag's previous copy while a save of the same step replaces it
 UNIVERSAL_SUFFIX = "_universal"  # a tag converted for a resume at another world size
+SUPERSEDED_SUFFIX = ".superseded"  # a tag after the one a run resumed from, set aside at its first save
 log = logging.getLogger("fineclip_ds")
 
 
@@ -75,10 +76,12 @@ def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint |
                           f"{(checkpoint_dir / LATEST).read_text().strip()}): continue it with --resume auto "
                           f"(train.resume=auto), or start {'from ' + resume + ' ' if resume else ''}in a new "
                           "train.output_dir")
-    later = _later_tags(point) if point is not None else []
+    own = point is not None and point.directory.resolve() == checkpoint_dir.resolve()
+    later = _later_tags(checkpoint_dir, point.tag) if own else []
     if later and (not dist.is_initialized() or dist.get_rank() == 0):
-        log.warning("resuming from %s while %s of later steps exist(s) in %s: kept as they are; this run's "
-                    "checkpoints and `latest` replace that continuation", point.tag, ", ".join(later), point.directory)
+        log.warning("resuming from %s while %s of later steps exist(s) in %s: this run's first checkpoint sets "
+                    "them aside as <tag>%s (kept, never pruned)", point.tag, ", ".join(later), checkpoint_dir,
+                    SUPERSEDED_SUFFIX)
     return point
 
 
@@ -97,11 +100,25 @@ def _resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint | Non
                       f"'latest' file, or a tag folder ({TAG_PREFIX}N) inside one")
 
 
-def _later_tags(point: ResumePoint) -> list[str]:
-    """Tags of steps after the resume point's: a resume from an older checkpoint of the same run leaves
-    them from the continuation it replaces (kept, never pruned, see _prune)."""
-    return sorted(path.name for path in point.directory.iterdir()
-                  if path.is_dir() and TAG_PATTERN.fullmatch(path.name) and path.name > point.tag)
+def _later_tags(checkpoint_dir: Path, tag: str) -> list[str]:
+    """Tags of steps after `tag`: a resume from an older checkpoint of the run leaves them from the
+    continuation it replaces."""
+    return sorted(path.name for path in checkpoint_dir.iterdir()
+                  if path.is_dir() and TAG_PATTERN.fullmatch(path.name) and path.name > tag)
+
+
+def _set_aside_later_tags(checkpoint_dir: Path, saved_tag: str) -> None:
+    """Rename the tags after the one just saved (a superseded continuation, see _later_tags) so that
+    pruning, which keeps the newest tags, neither counts nor deletes them; their universal copies go with them."""
+    for tag in _later_tags(checkpoint_dir, saved_tag):
+        for name in (tag, tag + UNIVERSAL_SUFFIX):
+            if (checkpoint_dir / name).is_dir():
+                aside = checkpoint_dir / (name + SUPERSEDED_SUFFIX)
+                copies = 1
+                while aside.exists():  # set aside before, by an earlier resume from a still older tag
+                    copies += 1
+                    aside = checkpoint_dir / f"{name}{SUPERSEDED_SUFFIX}{copies}"
+                os.replace(checkpoint_dir / name, aside)
 
 
 def check_same_model(point: ResumePoint, model: nn.Module) -> None:
@@ -158,16 +175,14 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
         pointer = checkpoint_dir / (LATEST + PARTIAL_SUFFIX)
         pointer.write_text(tag)
         os.replace(pointer, checkpoint_dir / LATEST)
-        _prune(checkpoint_dir, tag, keep_last)
+        _set_aside_later_tags(checkpoint_dir, tag)
+        _prune(checkpoint_dir, keep_last)
     _barrier()
     return final_dir
 
 
-def _prune(checkpoint_dir: Path, saved_tag: str, keep_last: int) -> None:
-    """Keep the newest `keep_last` tags up to the one just saved (`latest`). Tags of later steps are left
-    by a resume from an older checkpoint: from the continuation this run replaces, not counted, not deleted."""
-    tags = sorted(p for p in checkpoint_dir.iterdir()
-                  if p.is_dir() and TAG_PATTERN.fullmatch(p.name) and p.name <= saved_tag)
+def _prune(checkpoint_dir: Path, keep_last: int) -> None:
+    tags = sorted(p for p in checkpoint_dir.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name))
     for old in tags[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)

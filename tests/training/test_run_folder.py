@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fineclip_ds.config import ConfigError
-from fineclip_ds.training.checkpoint import ResumePoint, _prune, find_resume_point, tag_for_step
+from fineclip_ds.training.checkpoint import ResumePoint, _prune, _set_aside_later_tags, find_resume_point, tag_for_step
 from tests.training.launcher import REPO, run_pretrain
 
 
@@ -34,17 +34,26 @@ def test_a_resume_from_an_older_tag_of_the_run_names_the_later_ones_it_keeps(tmp
     checkpoints = _checkpoints(tmp_path / "run", [10, 20, 30], latest=30)
     with caplog.at_level(logging.WARNING, logger="fineclip_ds"):
         point = find_resume_point(str(checkpoints / tag_for_step(10)), checkpoints)
+        find_resume_point(str(checkpoints / tag_for_step(10)), tmp_path / "fine-tune" / "checkpoints")
     assert point == ResumePoint(checkpoints, tag_for_step(10))
-    assert "step_00000020, step_00000030 of later steps exist(s)" in caplog.text
+    # said once: a resume from another run's folder into a new one leaves that folder alone
+    assert caplog.text.count("step_00000020, step_00000030 of later steps exist(s)") == 1
 
 
-def test_pruning_keeps_the_saved_tag_and_leaves_later_steps_alone(tmp_path):
-    """Resumed from step 10 with keep_last=1: the old code kept the highest tags (30) and deleted the one
-    just saved, which `latest` names: the next resume failed."""
-    checkpoints = _checkpoints(tmp_path / "run", [8, 10, 11, 20, 30], latest=11)
-    (checkpoints / (tag_for_step(8) + "_universal")).mkdir()
-    _prune(checkpoints, tag_for_step(11), keep_last=1)
-    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == [tag_for_step(s) for s in (11, 20, 30)]
+def test_saves_after_an_older_resume_point_set_the_later_tags_aside_and_prune_only_their_own(tmp_path):
+    """Resumed from step 10 of a run that had reached 30, saving every 15 with keep_last=3: the old code deleted
+    the run's own step 15 at step 45 while keeping the superseded 20 (and, with keep_last=1, deleted the tag
+    `latest` had just been set to)."""
+    checkpoints = _checkpoints(tmp_path / "run", [10, 20, 30], latest=30)
+    (checkpoints / (tag_for_step(20) + "_universal")).mkdir()
+    (checkpoints / (tag_for_step(30) + ".superseded")).mkdir()  # set aside by an earlier resume already
+    for step in (15, 30, 45):
+        (checkpoints / tag_for_step(step)).mkdir(exist_ok=True)
+        _set_aside_later_tags(checkpoints, tag_for_step(step))
+        _prune(checkpoints, keep_last=3)
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == sorted([
+        tag_for_step(15), tag_for_step(20) + "_universal.superseded", tag_for_step(20) + ".superseded",
+        tag_for_step(30), tag_for_step(30) + ".superseded", tag_for_step(30) + ".superseded2", tag_for_step(45)])
 
 
 def test_the_trainer_refuses_a_second_run_into_a_run_folder_and_changes_nothing(runs, tmp_path):
