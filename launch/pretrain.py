@@ -21,7 +21,7 @@ from fineclip_ds.training.engine import train  # noqa: E402
 from fineclip_ds.training.nonfinite import NonFiniteLossError  # noqa: E402
 from fineclip_ds.training.dry_run import plan  # noqa: E402
 from fineclip_ds.training.parallelize import DeepSpeedConfigError, load_deepspeed_config  # noqa: E402
-from fineclip_ds.training.process_group import exit_without_finalization  # noqa: E402
+from fineclip_ds.training.process_group import exit_alone, exit_without_finalization  # noqa: E402
 
 DEFAULT_RECIPE = "tiny-cpu"
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as error:  # shards too small or unusable: a message, not a worker's traceback per rank
         print(f"data error: {error.reason()}", file=sys.stderr)
-        return 2
+        exit_alone(2)  # this rank's shards: its peers may be waiting for it in the first step
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 3

@@ -85,3 +85,13 @@ def exit_without_finalization(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def exit_alone(code: int) -> NoReturn:
+    """End this process only: a rank that stops by itself (its data failed) while its peers may wait in a
+    collective for it. Ending the group would wait for them; the launcher (deepspeed, torchrun, srun
+    --kill-on-bad-exit) ends the others when this process exits non-zero."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
