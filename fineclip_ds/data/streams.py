@@ -262,9 +262,12 @@ class WebDatasetStream:
             # a typo in the pattern: otherwise every reader skips every shard and fails in the first step
             raise ConfigError(f"data.train_shards: got {urls!r}, expected existing shard files; none of its "
                               f"{len(shards)} files exists (the first: {Path(shards[0]).absolute()}){_pattern_hint(shards)}")
-        if missing and rank == 0:  # read as unreadable (data/corrupt_shard) only once the epoch reaches them
+        if missing and rank == 0:
             log.warning("data.train_shards=%r: %d of its %d files do not exist (the first: %s); training reads the "
                         "others", urls, len(missing), len(shards), Path(missing[0]).absolute())
+        # left out of the split: a reader given only missing files in some epoch would stop the run there
+        absent = set(missing)
+        shards = [shard for shard in shards if shard not in absent]
         readers = world_size * readers_per_rank(num_workers)
         if len(shards) < readers:
             raise ConfigError(f"data.train_shards={urls!r}: {len(shards)} shards for {world_size} ranks x "

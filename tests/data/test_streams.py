@@ -135,8 +135,12 @@ def test_a_folder_or_a_glob_given_as_shards_is_told_to_use_braces(shard_dir, pat
 def test_missing_shards_among_existing_ones_are_named_at_start(shard_dir, caplog):
     """They were only met when the epoch reached them, logged as unreadable and counted as corrupt_shard."""
     with caplog.at_level(logging.WARNING, logger="fineclip_ds"):
-        WebDatasetStream(str(shard_dir / "good-{0..7}.tar"), *_parts(), 2, 0, 1, num_workers=0)
+        stream = WebDatasetStream(str(shard_dir / "good-{0..7}.tar"), *_parts(), 2, 0, 1, num_workers=0)
     assert f"2 of its 8 files do not exist (the first: {shard_dir}/good-6.tar)" in caplog.text
+    # left out of the split, where an epoch could give one reader nothing but missing files
+    assert stream.shards == [str(shard_dir / f"good-{index}.tar") for index in range(6)]
+    with pytest.raises(ConfigError, match="6 shards for 4 ranks x 2 workers"):
+        WebDatasetStream(str(shard_dir / "good-{0..7}.tar"), *_parts(), 2, 0, 4, num_workers=2)
 
 
 def test_synthetic_stream_resumes_at_another_world_size_with_the_next_unseen_samples():
