@@ -31,7 +31,8 @@ def image_names(coco: dict[str, Any], path: Path) -> dict[Any, str]:
     without it)."""
     names: dict[Any, str] = {}
     for index, image in enumerate(coco["images"]):
-        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+        if not isinstance(image, dict) or not isinstance(image.get("id"), Hashable) or not isinstance(
+                image.get("file_name"), str):  # a JSON list or object is no id
             raise ValueError(f"{path}: images[{index}] = {image!r:.200}; expected an object with 'id' and a "
                              "'file_name' string")
         names[image["id"]] = image["file_name"]

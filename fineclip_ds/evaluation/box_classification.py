@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -79,9 +79,10 @@ def _categories_by_id(categories: object, annotation_file: Path) -> dict[object,
 
 
 def _segments(annotation: dict) -> list:
-    """The boxes of one annotation: its own (instances) or its segments_info (panoptic)."""
+    """The boxes of one annotation: its own (instances) or its segments_info (panoptic); segments_info that
+    is not a list is one entry that is not an object."""
     segments = annotation.get("segments_info")
-    return [annotation] if segments is None else segments
+    return [annotation] if segments is None else segments if isinstance(segments, list) else [segments]
 
 
 def _parse_coco(names: dict, annotations: list[dict], categories: dict[object, str], image_dir: Path,
@@ -94,10 +95,13 @@ def _parse_coco(names: dict, annotations: list[dict], categories: dict[object, s
     for image_id, file_name in names.items():
         boxes, labels = [], []
         for segment in per_image[image_id]:
+            if not isinstance(segment, dict):
+                dataset.skipped["annotation_not_an_object"] += 1
+                continue
             if segment.get("iscrowd", 0) and not keep_crowd:
                 dataset.skipped["crowd_box"] += 1
                 continue
-            if segment.get("category_id") not in index_of:
+            if not isinstance(segment.get("category_id"), Hashable) or segment["category_id"] not in index_of:
                 dataset.skipped["unknown_category"] += 1
                 continue
             box, reason = coco_box(segment.get("bbox"))

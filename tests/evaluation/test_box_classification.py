@@ -93,6 +93,25 @@ def test_bad_annotations_are_skipped_and_counted_and_the_rest_kept(tmp_path):
     assert dataset.skipped == {"unknown_image": 1, "box_malformed": 3, "annotation_not_an_object": 1}
 
 
+def test_panoptic_segments_that_are_not_objects_and_list_category_ids_are_skipped_and_counted(tmp_path):
+    """Each escaped as a traceback: AttributeError ('NoneType' object has no attribute 'get'), TypeError (unhashable)."""
+    good = {"category_id": 3, "bbox": [1, 1, 5, 5]}
+    panoptic = [{"image_id": 1, "segments_info": [good, None, "segment", {"category_id": [3], "bbox": [1, 1, 5, 5]}]},
+                {"image_id": 1, "segments_info": "not a list"}]
+    dataset = load_coco_boxes(_coco_file(tmp_path, panoptic), tmp_path)
+    assert [image.boxes for image in dataset.images] == [[[1, 1, 6, 6]]]
+    assert dataset.skipped == {"annotation_not_an_object": 3, "unknown_category": 1}
+
+
+def test_an_image_entry_whose_id_is_not_an_id_is_refused_naming_it(tmp_path):
+    annotation_file = _coco_file(tmp_path, [])
+    coco = json.loads(annotation_file.read_text())
+    coco["images"][0]["id"] = [1]
+    annotation_file.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r"coco.json: images\[0\] = .*expected an object with 'id' and a"):
+        load_coco_boxes(annotation_file, tmp_path)
+
+
 def test_a_box_of_negative_width_is_counted_as_non_positive_not_as_small(tmp_path):
     """With no --min_box_size it was counted as box_under_min_size (w * h = -200 < 0)."""
     dataset = load_coco_boxes(_coco_file(tmp_path, [{"image_id": 1, "category_id": 3, "bbox": [10, 10, -5, 40]}]),
