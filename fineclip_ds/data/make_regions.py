@@ -242,8 +242,10 @@ def output_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The options that decide what the shards hold, as JSON values; paths absolute, so that a rerun
     from another folder compares equal."""
     def comparable(name: str, value: Any) -> Any:
-        if isinstance(value, Path) or (name in ("shards", "captioner") and value and is_local(value)):
+        if isinstance(value, Path) or (name == "captioner" and value and is_local(value)):
             return os.path.abspath(value)
+        if name == "shards" and value:  # each of a '::'-separated list
+            return "::".join(os.path.abspath(part) if is_local(part) else part for part in value.split("::"))
         return value
 
     settings = {name: comparable(name, value) for name, value in sorted(vars(args).items())
@@ -267,10 +269,11 @@ def settings_conflict(output_dir: Path, settings: dict[str, Any]) -> str | None:
             "--output_dir, or delete the old one to remake its shards")
 
 
-def record_settings(output_dir: Path, settings: dict[str, Any]) -> None:
-    """Written at the start (the same by every process) for a later rerun to be compared with."""
+def record_settings(output_dir: Path, settings: dict[str, Any], rank: int) -> None:
+    """Written at the start (the same by every process) for a later rerun to be compared with; each process
+    through its own temporary file (named by rank: process ids repeat across nodes)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    partial = output_dir / f"{SETTINGS_FILE}.{os.getpid()}.tmp"
+    partial = output_dir / f"{SETTINGS_FILE}.{rank}.tmp"
     partial.write_text(json.dumps(settings, indent=2))
     os.replace(partial, output_dir / SETTINGS_FILE)
 
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     args = parse_args(argv)
     rank, world_size, device = process_slot()
     units, annotate = units_from(args), annotator_from(args, device)
-    record_settings(args.output_dir, output_settings(args))  # once the inputs load: a failed start records nothing
+    record_settings(args.output_dir, output_settings(args), rank)  # once the inputs load: a failed start records nothing
     summary = run(units, annotate, args.output_dir, rank, world_size, args.images_per_call)
     if isinstance(annotate, ReleasedRegionCaptions):  # a run shorter than KEY_CHECK_IMAGES is checked here
         annotate.warn_if_no_key_matched()

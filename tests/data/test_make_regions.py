@@ -2,6 +2,7 @@
 loader reads them, counts add up, a rerun after a kill resumes without losing or duplicating a sample."""
 from __future__ import annotations
 
+import argparse
 import io
 import itertools
 import json
@@ -23,7 +24,7 @@ from PIL import Image
 
 from fineclip_ds.data.captioner import clean_caption, new_tokens
 from fineclip_ds.data.collate import RegionCollator
-from fineclip_ds.data.make_regions import main, process_slot, record_key, run
+from fineclip_ds.data.make_regions import main, output_settings, process_slot, record_key, run
 from fineclip_ds.data.pair_sources import coco_caption_units, folder_units, webdataset_units
 from fineclip_ds.data.proposals import CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter
 from fineclip_ds.data import random_captioners
@@ -666,3 +667,10 @@ def test_the_random_captioner_cli_saves_a_model_make_regions_captions_with(pairs
     with pytest.raises(SystemExit) as stopped:
         random_captioners.main(["--kind", "blip", "--size", "opt-2.7b", "--output", str(tmp_path / "blip")])
     assert stopped.value.code == 2 and "--kind blip comes in one size: tiny" in capsys.readouterr().err
+
+
+def test_every_shard_of_a_list_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """Only the first of a '::'-separated --shards list was made absolute: a rerun from another folder was refused."""
+    monkeypatch.chdir(tmp_path)
+    settings = output_settings(argparse.Namespace(shards="a/0.tar::b/1.tar", captioner=None, output_dir=Path("out")))
+    assert settings["shards"] == f"{tmp_path}/a/0.tar::{tmp_path}/b/1.tar"
