@@ -58,7 +58,11 @@ def load_caption_file(path: Path, image_dir: Path, split: str = "test") -> Capti
             raise ValueError(expected)
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{expected} ({type(error).__name__}: {error})") from error
-    return _grouped(rows, Path(image_dir))
+    captioned = _grouped(rows, Path(image_dir))
+    if not captioned.images:  # said before the model loads, not after it as "no readable images"
+        raise ValueError(f"{path}: no image with a caption to evaluate retrieval on ({len(rows)} rows; skipped: "
+                         f"{dict(captioned.skipped)})")
+    return captioned
 
 
 def _karpathy_rows(entries: list[dict], split: str) -> list[tuple[Path, list]]:

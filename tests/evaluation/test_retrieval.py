@@ -128,3 +128,11 @@ def test_a_split_the_karpathy_file_lacks_is_named_with_the_splits_it_has(tmp_pat
     """--split val on a file without val entries said 'no readable images to evaluate retrieval on'."""
     with pytest.raises(ValueError, match=r"no entry has split 'val' \(splits in the file: \['test'\]\)"):
         load_caption_file(_caption_file(tmp_path, KARPATHY_PAIRS), tmp_path, split="val")
+
+
+@pytest.mark.parametrize("rows", [[], [{"image": "0.jpg", "caption": []}, {"image": "1.jpg", "caption": None}]],
+                         ids=["empty", "no-caption-left"])
+def test_a_caption_file_with_no_captioned_image_is_refused_when_read(tmp_path, rows):
+    """It failed only after the model had loaded, as 'no readable images'."""
+    with pytest.raises(ValueError, match="no image with a caption to evaluate retrieval on"):
+        load_caption_file(_caption_file(tmp_path, rows), tmp_path)
