@@ -84,9 +84,9 @@ def coco_box(bbox: Any) -> tuple[list[float] | None, str | None]:
 def read_coco(path: Path) -> tuple[dict[Any, str], list[dict[str, Any]]]:
     """(image id -> file_name, annotations whose image_id the file lists). An annotation naming an image
     the file does not list belongs to no image: it is dropped with a warning naming the count."""
-    names, annotations, skipped = images_annotations(load_coco_json(path), path)
+    coco = load_coco_json(path)
+    names, annotations, skipped = images_annotations(coco, path)
     if skipped:
-        total = len(annotations) + sum(skipped.values())
         log.warning("%s: %d of %d annotations name no image the file lists (or are not objects); skipped", path,
-                    sum(skipped.values()), total)
+                    len(coco["annotations"]) - len(annotations), len(coco["annotations"]))
     return names, annotations

@@ -17,8 +17,7 @@ from typing import Protocol
 from PIL import Image
 
 from fineclip_ds.data.captioner import Captioner, caption_regions
-from fineclip_ds.data.coco import read_coco
-from fineclip_ds.data.coco import coco_xyxy
+from fineclip_ds.data.coco import coco_xyxy, read_coco
 from fineclip_ds.data.proposals import ProposalFilter, Proposer
 from fineclip_ds.data.records import FileNameLookup
 from fineclip_ds.data.transforms import validate_boxes

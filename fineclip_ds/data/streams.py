@@ -237,11 +237,11 @@ class _ShardBatches(IterableDataset):
                 raise DataError(f"no readable records in shards {shards}")
             if whole_epoch and usable == 0:  # reading on would spin forever without yielding a batch
                 raise DataError(f"none of the {read} records in shards {shards} is usable ({dict(epoch_drops)}); "
-                                   "expected the training format: image (jpg/png/webp), txt, json {boxes, region_captions}")
+                                "expected the training format: image (jpg/png/webp), txt, json {boxes, region_captions}")
             if whole_epoch and usable < self.local_batch:  # a batch would hold the same record twice
                 raise DataError(f"shards {shards} hold {usable} usable records, fewer than one local batch of "
-                                   f"{self.local_batch}; use fewer ranks or DataLoader workers, a smaller batch or "
-                                   "more data")
+                                f"{self.local_batch}; use fewer ranks or DataLoader workers, a smaller batch or "
+                                "more data")
             unit, read = unit + 1, 0
 
 

@@ -52,10 +52,7 @@ def load_coco_boxes(annotation_file: Path, image_dir: Path, keep_crowd: bool = F
                          "and categories; a captions file has no categories)")
     categories = _categories_by_id(coco["categories"], annotation_file)
     names, annotations, skipped = images_annotations(coco, annotation_file)
-    try:
-        dataset = _parse_coco(names, annotations, categories, Path(image_dir), keep_crowd, min_box_size)
-    except (KeyError, TypeError, ValueError) as error:  # e.g. a segments_info that is not a list
-        raise ValueError(f"{annotation_file}: malformed COCO annotations ({type(error).__name__}: {error})") from error
+    dataset = _parse_coco(names, annotations, categories, Path(image_dir), keep_crowd, min_box_size)
     dataset.skipped.update(skipped)
     return dataset
 

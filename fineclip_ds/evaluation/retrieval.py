@@ -19,6 +19,7 @@ from fineclip_ds.models.fineclip import FineCLIP
 
 log = logging.getLogger("fineclip_ds")
 
+
 @dataclass
 class CaptionedImage:
     image: Callable[[], Image.Image]

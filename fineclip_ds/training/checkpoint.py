@@ -70,13 +70,13 @@ def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint |
     resume from another run's checkpoint would mix a second history into it (metrics.jsonl and
     summary.json replaced, tags of both runs pruned together, `latest` left naming a pruned tag)."""
     point = _resume_point(resume, checkpoint_dir)
-    if (checkpoint_dir / LATEST).is_file() and (point is None or point.directory.resolve() != checkpoint_dir.resolve()):
+    own = point is not None and point.directory.resolve() == checkpoint_dir.resolve()
+    if (checkpoint_dir / LATEST).is_file() and not own:
         output_dir = checkpoint_dir.parent
         raise ConfigError(f"train.output_dir {output_dir} already holds a run (its latest checkpoint is "
                           f"{(checkpoint_dir / LATEST).read_text().strip()}): continue it with --resume auto "
                           f"(train.resume=auto), or start {'from ' + resume + ' ' if resume else ''}in a new "
                           "train.output_dir")
-    own = point is not None and point.directory.resolve() == checkpoint_dir.resolve()
     later = _later_tags(checkpoint_dir, point.tag) if own else []
     if later and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning("resuming from %s while %s of later steps exist(s) in %s: this run's first checkpoint sets "

@@ -17,6 +17,7 @@ from fineclip_ds.config import ConfigError, KernelConfig, RunConfig
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
+from fineclip_ds.run_layout import checkpoints_folder
 from fineclip_ds.training import checkpoint
 from fineclip_ds.training.build import build_train_stream
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops
@@ -27,7 +28,6 @@ from fineclip_ds.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from fineclip_ds.training.periodic_eval import evaluate_during_training
 from fineclip_ds.training.preemption import PreemptionWatch
 from fineclip_ds.training.process_group import init_process_group
-from fineclip_ds.run_layout import checkpoints_folder
 from fineclip_ds.training.parallelize import (adapt_precision_to_device, initialize, load_deepspeed_config,
                                               offloads_optimizer, require_nonfinite_gradient_check,
                                               resolve_batch_sizes)

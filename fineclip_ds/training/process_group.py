@@ -81,10 +81,7 @@ def exit_without_finalization(code: int) -> NoReturn:
     if dist.is_initialized():
         dist.destroy_process_group()
     atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_alone(code)
 
 
 def exit_alone(code: int) -> NoReturn:
