@@ -88,12 +88,14 @@ def decode_record(record: dict[str, Any], transform: RegionTransform) -> tuple[T
     try:
         annotation = json.loads(_text(record["json"])) if "json" in record else {"boxes": [], "region_captions": []}
         boxes, region_captions = annotation["boxes"], annotation["region_captions"]
-        if not isinstance(boxes, list) or not isinstance(region_captions, list) or len(boxes) != len(region_captions):
-            raise ValueError("boxes and region_captions must be lists of equal length")
+        if not isinstance(boxes, list) or not isinstance(region_captions, list):
+            raise ValueError("boxes and region_captions must be lists")
         if not all(isinstance(region_caption, str) for region_caption in region_captions):
             raise ValueError("region_captions must be strings")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         return None, Counter(bad_json=1)
+    if len(boxes) != len(region_captions):  # well-formed, but which caption belongs to which box is lost
+        return None, Counter(region_captions_mismatch=1)
     image = open_image(lambda: Image.open(io.BytesIO(record[extension])))
     if image is None:
         return None, Counter(corrupt_image=1)

@@ -41,6 +41,12 @@ def test_region_captions_that_are_not_strings_are_bad_json():
     assert sample is None and drops == {"bad_json": 1}
 
 
+def test_region_captions_of_another_length_than_the_boxes_have_a_reason_of_their_own():
+    """Captions that lost their pairing with the boxes (a captioner that skipped one) were counted as bad JSON."""
+    sample, drops = _decode(_record(b"a picture", [[1, 1, 20, 20], [2, 2, 9, 9]], ["one caption"]))
+    assert sample is None and drops == {"region_captions_mismatch": 1}
+
+
 def test_malformed_boxes_and_empty_region_captions_are_trimmed_and_counted():
     boxes = [None, 3, [1, 1, 20, 20], [2, 2, 30, 30], [4, 4, 12, 12]]
     region_captions = ["null", "number", "kept", "  ", "also kept "]
