@@ -43,10 +43,22 @@ def dense_feature_picture(model: FineCLIP, normalization: tuple, image: Image.Im
 
 
 def picture_names(image_paths: list[Path]) -> list[str]:
-    """`<stem>_dense.png`, or `<name>_dense.png` (extension kept) for images sharing a stem: dup.jpg and
-    dup.png both wrote dup_dense.png, one picture lost and listed twice."""
+    """`<stem>_dense.png`, or `<name>_dense.png` (extension kept) for images sharing a stem, numbered where
+    that name is still taken twice: dup.jpg and dup.png both wrote dup_dense.png, one picture lost and listed
+    twice."""
     stems = Counter(Path(path).stem for path in image_paths)
-    return [f"{Path(path).stem if stems[Path(path).stem] == 1 else Path(path).name}_dense.png" for path in image_paths]
+    candidates = [f"{Path(path).stem if stems[Path(path).stem] == 1 else Path(path).name}_dense.png"
+                  for path in image_paths]
+    uses, taken, names = Counter(candidates), set(candidates), []
+    for name in candidates:
+        if uses[name] > 1:  # rare: dup.jpg named in full beside dup.png, and dup.jpg.webp whose stem is dup.jpg
+            base, number = name.removesuffix("_dense.png"), 2
+            while f"{base}_{number}_dense.png" in taken:
+                number += 1
+            name = f"{base}_{number}_dense.png"
+            taken.add(name)
+        names.append(name)
+    return names
 
 
 def write_dense_pictures(model: FineCLIP, normalization: tuple, image_paths: list[Path], output_dir: Path,
