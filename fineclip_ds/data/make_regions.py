@@ -12,12 +12,15 @@ truncated to integers ([10.7, 4.2, 20.5, 30.0] -> "000000000139.jpg_10_4_20_30.j
 Unit i of the input becomes `regions-{i:06d}.tar` (+ its counts in `regions-{i:06d}.json`), written
 under a temporary name and renamed when complete: a rerun skips finished shards and redoes partial
 ones. A unit whose input could not be read in full (a truncated or vanished input shard) keeps its
-counts but no .tar, so a rerun retries it; the summary counts it under unreadable_input_shards. Units
+counts but no .tar, so a rerun retries it; the summary counts it under unreadable_input_shards. An input
+shard truncated for good is finished from the records before the break by a rerun with --keep_readable_part
+(counted under partly_read_input_shards). Units
 are split over processes by RANK / WORLD_SIZE (torchrun) or SLURM_PROCID / SLURM_NTASKS (srun), one
 GPU each. Each process, when done, sums the counts of every finished shard into
 `<output_dir>/summary.json`: the last one to finish writes the complete summary.
 
-The options that decide what the shards hold (all but --batch_size, --images_per_call and --output_dir)
+The options that decide what the shards hold (all but --batch_size, --images_per_call, --keep_readable_part
+and --output_dir)
 are recorded in `<output_dir>/settings.json`; a rerun into a folder holding finished shards made with
 other settings stops (exit 2) rather than mix old shards with new ones.
 """
@@ -56,7 +59,7 @@ IMAGES_PER_CALL = 32
 
 SETTINGS_FILE = "settings.json"
 # Options that change how fast the shards are made, not what they hold: a rerun may change them.
-RUN_ONLY_OPTIONS = ("batch_size", "images_per_call", "output_dir")
+RUN_ONLY_OPTIONS = ("batch_size", "images_per_call", "keep_readable_part", "output_dir")
 
 
 def shard_name(index: int) -> str:
@@ -116,8 +119,10 @@ def annotate_pairs(pairs: list[Pair], annotate: RegionAnnotator, counts: Counter
 
 
 def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Progress | None = None,
-               images_per_call: int = IMAGES_PER_CALL) -> Counter:
-    """Annotate one unit into `target` (.tar, atomically), `images_per_call` images at a time; returns its counts."""
+               images_per_call: int = IMAGES_PER_CALL, keep_readable_part: bool = False) -> Counter:
+    """Annotate one unit into `target` (.tar, atomically), `images_per_call` images at a time; returns its counts.
+
+    A unit whose input broke off is finished only with `keep_readable_part`: else a rerun retries it."""
     counts: Counter = Counter()
     partial = target.with_suffix(".tar.tmp")
     taken_keys: set[str] = set()
@@ -130,22 +135,26 @@ def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Pr
             if progress:
                 progress.images(len(chunk), counts["regions"] - regions_before)
     target.with_suffix(".json").write_text(json.dumps(counts))  # counts first: a finished .tar always has them
-    if counts["corrupt_shard"]:  # left unfinished: a rerun retries it once the input is whole
+    if counts["corrupt_shard"] and not keep_readable_part:  # left unfinished: a rerun retries it
         partial.unlink()
-        log.warning("%s: its input could not be read in full (see above); not marked finished, a rerun retries it",
-                    target.name)
+        log.warning("%s: its input could not be read in full (see above); not marked finished, a rerun retries it. "
+                    "If that input stays truncated, rerun with --keep_readable_part to keep the %d images read "
+                    "before the break", target.name, counts["images_out"])
     else:
         os.replace(partial, target)
     return counts
 
 
 def summarize(output_dir: Path) -> Counter:
-    """The counts of every finished shard, plus the shards left unfinished because their input was unreadable."""
+    """The counts of every finished shard (those finished from a truncated input counted as partly read), plus
+    the shards left unfinished because their input was unreadable."""
     summary = Counter()
     for counts_file in sorted(output_dir.glob("regions-*.json")):
         counts = json.loads(counts_file.read_text())
         if counts_file.with_suffix(".tar").is_file():
             summary.update(counts)
+            if counts.get("corrupt_shard"):
+                summary["partly_read_input_shards"] += 1
         elif counts.get("corrupt_shard"):
             summary["unreadable_input_shards"] += 1
             summary["corrupt_shard"] += counts["corrupt_shard"]
@@ -154,7 +163,7 @@ def summarize(output_dir: Path) -> Counter:
 
 
 def run(units: list[Unit], annotate: RegionAnnotator, output_dir: Path, rank: int = 0, world_size: int = 1,
-        images_per_call: int = IMAGES_PER_CALL) -> Counter:
+        images_per_call: int = IMAGES_PER_CALL, keep_readable_part: bool = False) -> Counter:
     """Annotate this process's units that are not finished yet; returns the summary over all finished shards."""
     output_dir.mkdir(parents=True, exist_ok=True)
     mine = [index for index in range(len(units)) if index % world_size == rank]
@@ -164,7 +173,8 @@ def run(units: list[Unit], annotate: RegionAnnotator, output_dir: Path, rank: in
               f"{output_dir}, skipped; {len(todo)} to make", file=sys.stderr, flush=True)
     progress = Progress(rank, len(todo))
     for index in todo:
-        make_shard(units[index], annotate, output_dir / f"{shard_name(index)}.tar", progress, images_per_call)
+        make_shard(units[index], annotate, output_dir / f"{shard_name(index)}.tar", progress, images_per_call,
+                   keep_readable_part)
         progress.shard_done()
     progress.bar.close()
     summary = summarize(output_dir)
@@ -212,6 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     released.add_argument("--min_box_size", type=float, default=0.0, help="keep boxes with w*h >= this^2")
     released.add_argument("--max_box_size", type=float, default=float("inf"), help="keep boxes with w*h <= this^2")
     parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--keep_readable_part", action="store_true",
+                        help="finish an output shard from the records read before its input shard broke off, "
+                             "instead of leaving it for a rerun (for inputs truncated for good)")
     args = parser.parse_args(argv)
     if bool(args.fineclip_proposals) != bool(args.fineclip_region_captions):
         parser.error("--fineclip_proposals and --fineclip_region_captions go together")
@@ -324,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     rank, world_size, device = process_slot()
     units, annotate = units_from(args), annotator_from(args, device)
     record_settings(args.output_dir, output_settings(args), rank)  # once the inputs load: a failed start records nothing
-    summary = run(units, annotate, args.output_dir, rank, world_size, args.images_per_call)
+    summary = run(units, annotate, args.output_dir, rank, world_size, args.images_per_call, args.keep_readable_part)
     if isinstance(annotate, ReleasedRegionCaptions):  # a run shorter than KEY_CHECK_IMAGES is checked here
         annotate.warn_if_no_key_matched()
     print(json.dumps(dict(summary), indent=2))

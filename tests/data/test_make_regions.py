@@ -571,6 +571,26 @@ def test_an_unreadable_input_shard_is_counted_but_not_marked_finished_so_a_rerun
     assert summary["corrupt_shard"] == 0
 
 
+def test_keep_readable_part_finishes_an_input_shard_that_stays_truncated(released_files, tmp_path, caplog):
+    """Without it a shard whose input is truncated for good was captioned again on every rerun, then thrown away."""
+    records = _pair_records(40)
+    write_shard(tmp_path / "pairs-0.tar", records[:3])
+    write_shard(tmp_path / "whole-1.tar", records[3:])
+    whole = (tmp_path / "whole-1.tar").read_bytes()
+    (tmp_path / "pairs-1.tar").write_bytes(whole[:len(whole) // 2])  # the second half is lost
+    proposals, region_captions = released_files
+    cli = ["--shards", str(tmp_path / "pairs-{0..1}.tar"), "--fineclip_proposals", str(proposals),
+           "--fineclip_region_captions", str(region_captions), "--output_dir", str(tmp_path / "out")]
+    summary = main(cli)
+    assert (summary["shards"], summary["unreadable_input_shards"]) == (1, 1)
+    assert "--keep_readable_part" in caplog.text
+    summary = main([*cli, "--keep_readable_part"])  # not a setting of its own: the rerun is not refused
+    assert summary["shards"] == 2 and summary["partly_read_input_shards"] == 1 and "unreadable_input_shards" not in summary
+    assert 3 < summary["images_out"] < 40 and summary["corrupt_shard"] >= 1
+    assert (tmp_path / "out" / "regions-000001.tar").is_file()
+    assert main(cli)["partly_read_input_shards"] == 1  # finished now: a plain rerun skips it
+
+
 @pytest.fixture
 def released_cli(tmp_path: Path) -> list[str]:
     """make_regions arguments converting FineCLIP's released files for 3 images, one output shard each."""
