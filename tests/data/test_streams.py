@@ -81,7 +81,8 @@ def test_one_epoch_reads_every_good_record_once_and_counts_every_defect(shard_di
     expected = [world.sample(i).caption for i in range(22)] + ["bad boxes"]
     assert sorted(seen) == sorted(expected)
     stats = epoch[0]["data_stats"]
-    assert stats["corrupt_image"] == 1 and stats["missing_image"] == 1 and stats["bad_json"] == 2
+    assert stats["corrupt_image"] == 1 and stats["missing_image"] == 1 and stats["bad_json"] == 1
+    assert stats["region_captions_mismatch"] == 1
     assert stats["box_non_positive"] == 1 and stats["box_outside"] == 1 and stats["box_too_small"] == 1
     assert stats["box_not_finite"] == 1 and stats["corrupt_shard"] >= 1
     assert stats["samples"] == 23
