@@ -17,7 +17,7 @@ class RegionPoolFunction(torch.autograd.Function):
         ctx,
         tokens: torch.Tensor,
         boxes: torch.Tensor,
-        box_mask: torch.Tensor | None,
+        box_mask: torch.Tensor,
         grid_hw: tuple[int, int],
         spatial_scale: float,
         sampling_ratio: int,
@@ -28,11 +28,10 @@ class RegionPoolFunction(torch.autograd.Function):
         # tokens: [B, H*W, C]; boxes: [B, R, 4] xyxy pixels; box_mask: [B, R] bool -> [B, R, C]
         rows, cols = launch.region_factors(boxes, box_mask, grid_hw, spatial_scale, sampling_ratio)
         out, norms = launch.pool_forward(tokens, rows, cols, grid_hw, normalize, second_pass)
-        if box_mask is not None:
-            # Zero weights times a NaN/inf token anywhere in the image are still NaN in the dot.
-            out.masked_fill_(~box_mask[..., None], 0)
-            if norms is not None:
-                norms.masked_fill_(~box_mask, 0)
+        # Zero weights times a NaN/inf token anywhere in the image are still NaN in the dot.
+        out.masked_fill_(~box_mask[..., None], 0)
+        if norms is not None:
+            norms.masked_fill_(~box_mask, 0)
         ctx.grid_hw = grid_hw
         ctx.save_for_backward(rows, cols, out if normalize else None, norms, box_mask)
         return out
@@ -45,8 +44,8 @@ class RegionPoolFunction(torch.autograd.Function):
         rows, cols, out, norms, box_mask = ctx.saved_tensors
         grad_tokens = None
         if ctx.needs_input_grad[0]:
-            if box_mask is not None:  # masked boxes pass on no gradient, whatever arrives for them (0 * NaN)
-                grad_out = grad_out.masked_fill(~box_mask[..., None], 0)
+            # masked boxes pass on no gradient, whatever arrives for them (0 * NaN)
+            grad_out = grad_out.masked_fill(~box_mask[..., None], 0)
             pooled = grad_out if out is None else out  # only read when normalising
             grad_tokens = launch.pool_backward(grad_out, pooled, norms, rows, cols, ctx.grid_hw)
         return grad_tokens, None, None, None, None, None, None, None

@@ -20,6 +20,7 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from kernels.device import launch_device, multiprocessor_count
+from kernels.roi_pool import reference
 from kernels.roi_pool.reference import NORMALIZE_EPS
 from kernels.roi_pool.triton_kernels import region_factors_kernel, region_pool_bwd_kernel, region_pool_fwd_kernel
 
@@ -50,7 +51,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def region_factors(
     boxes: torch.Tensor,
-    box_mask: torch.Tensor | None,
+    box_mask: torch.Tensor,
     grid_hw: tuple[int, int],
     spatial_scale: float,
     sampling_ratio: int,
@@ -62,11 +63,10 @@ def region_factors(
     rows = boxes.new_empty(batch, regions, height, dtype=torch.float32)
     cols = boxes.new_empty(batch, regions, width, dtype=torch.float32)
     boxes = boxes.detach().contiguous()
-    mask = boxes if box_mask is None else box_mask.contiguous()
     with launch_device(boxes):
         region_factors_kernel[(batch * regions,)](
-            boxes, mask, rows, cols, float(spatial_scale), int(sampling_ratio), height, width,
-            HAS_MASK=box_mask is not None,
+            boxes, box_mask.contiguous(), rows, cols, float(spatial_scale), int(sampling_ratio), height, width,
+            MAX_POINTS=reference.MAX_SAMPLES_PER_AXIS,
             BLOCK_H=triton.next_power_of_2(height), BLOCK_W=triton.next_power_of_2(width),
         )
     return rows, cols

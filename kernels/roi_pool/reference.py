@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 NORMALIZE_EPS = 1e-12
+# torchvision samples ceil(box size in cells) points per axis; capped here, so that an absurd finite box
+# (1e30 px) does not loop ~2**31 times on a GPU (the float -> int cast saturates there) and the point
+# count of a box (rows x cols) stays within int32 in the kernel. Boxes under 32768 cells a side are exact.
+MAX_SAMPLES_PER_AXIS = 2**15
 
 
 def axis_factors(start: torch.Tensor, size: torch.Tensor, points: torch.Tensor, length: int) -> torch.Tensor:
@@ -56,7 +60,7 @@ def region_factors(
     valid = torch.ones_like(x1, dtype=torch.bool) if box_mask is None else box_mask.reshape(-1).bool()
 
     def sample_points(size: torch.Tensor) -> torch.Tensor:
-        adaptive = size.ceil().clamp_min(0).long()
+        adaptive = size.clamp(0, MAX_SAMPLES_PER_AXIS).ceil().long()
         points = adaptive if sampling_ratio <= 0 else torch.full_like(adaptive, sampling_ratio)
         return torch.where(valid, points, torch.zeros_like(points))
 

@@ -34,9 +34,10 @@ def _axis_factors(start, size, points, length, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sample_points(size, sampling_ratio, valid):
-    """torchvision's sampling grid per axis: the fixed ratio, else ceil(size); none for masked boxes."""
-    adaptive = tl.maximum(tl.ceil(size), 0.0).to(tl.int32)
+def _sample_points(size, sampling_ratio, valid, MAX_POINTS: tl.constexpr):
+    """torchvision's sampling grid per axis: the fixed ratio, else ceil(size) up to MAX_POINTS; none for
+    masked boxes."""
+    adaptive = tl.ceil(tl.minimum(tl.maximum(size, 0.0), MAX_POINTS)).to(tl.int32)
     points = tl.where(sampling_ratio > 0, sampling_ratio, adaptive)
     return tl.where(valid, points, 0)
 
@@ -45,7 +46,7 @@ def _sample_points(size, sampling_ratio, valid):
 def region_factors_kernel(
     boxes_ptr, mask_ptr, rows_ptr, cols_ptr,
     spatial_scale, sampling_ratio, height, width,
-    HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    MAX_POINTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One program per box: rows[box] (already divided by the point count) and cols[box]."""
     # boxes: [B*R, 4] xyxy pixels contiguous; mask: [B*R] bool -> rows: [B*R, H], cols: [B*R, W] fp32
@@ -54,9 +55,9 @@ def region_factors_kernel(
     y1 = tl.load(boxes_ptr + box * 4 + 1).to(tl.float32) * spatial_scale - 0.5
     x2 = tl.load(boxes_ptr + box * 4 + 2).to(tl.float32) * spatial_scale - 0.5
     y2 = tl.load(boxes_ptr + box * 4 + 3).to(tl.float32) * spatial_scale - 0.5
-    valid = tl.load(mask_ptr + box) != 0 if HAS_MASK else True
-    row_points = _sample_points(y2 - y1, sampling_ratio, valid)
-    col_points = _sample_points(x2 - x1, sampling_ratio, valid)
+    valid = tl.load(mask_ptr + box) != 0
+    row_points = _sample_points(y2 - y1, sampling_ratio, valid, MAX_POINTS)
+    col_points = _sample_points(x2 - x1, sampling_ratio, valid, MAX_POINTS)
     inv_count = 1.0 / tl.maximum(row_points * col_points, 1).to(tl.float32)
     rows = _axis_factors(y1, y2 - y1, row_points, height, BLOCK_H) * inv_count
     cols = _axis_factors(x1, x2 - x1, col_points, width, BLOCK_W)

@@ -400,3 +400,66 @@ def test_masked_boxes_stay_zero_next_to_nan_tokens_and_nan_upstream_gradients(ba
     torch.testing.assert_close(grad, want_grad, rtol=0, atol=0, equal_nan=True)
     if not normalize:  # the plain gradient never reads the tokens: nothing here may be NaN
         assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_boxes_with_a_non_finite_coordinate_pool_like_masked_ones(backend):
+    """torchvision raises on them; here they gave a silent zero row on the CPU, and on a GPU their sample
+    count (ceil(inf) cast to int) would have looped about 2**31 times."""
+    tokens, boxes, box_mask, probe = make_case(19, 2, 5, (5, 7), 6, 0.25, torch.float32)
+    box_mask[:] = True
+    bad = torch.tensor([[False, True, False, True, False], [True, False, False, False, True]])
+    boxes[0, 1, 2], boxes[0, 3, 0], boxes[1, 0, 3], boxes[1, 4, 1] = (float("inf"), float("nan"), float("-inf"),
+                                                                     float("nan"))
+    got, got_grad = pooled_and_grad(tokens, probe, lambda t: region_pool(t, boxes, (5, 7), 0.25, box_mask,
+                                                                         backend=backend))
+    clean = torch.where(bad[..., None], 0.0, boxes)
+    want, want_grad = pooled_and_grad(tokens.double(), probe, lambda t: torchvision_reference(
+        t, clean, (5, 7), 0.25, box_mask & ~bad, -1, False))
+    assert torch.equal(got[bad], torch.zeros_like(got[bad]))
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(got_grad.double(), want_grad, **TOLERANCES[torch.float32])
+    unmasked = region_pool(tokens, boxes, (5, 7), 0.25, backend=backend)  # no box_mask given: the same rule
+    torch.testing.assert_close(unmasked, got)
+    tokens[1, 7, 2] = float("nan")  # like masked rows, theirs stay zero next to a NaN token
+    only_bad = region_pool(tokens, boxes, (5, 7), 0.25, bad, backend=backend)
+    assert torch.equal(only_bad, torch.zeros_like(only_bad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_sample_count_is_capped_per_axis(backend, monkeypatch):
+    """With the cap at 3 points a side, adaptive sampling of boxes over 3 cells a side is a fixed ratio of 3:
+    the cap that keeps an absurd finite box (1e30 px) from looping for hours on a GPU is applied by both paths."""
+    import kernels.roi_pool.reference as reference
+
+    monkeypatch.setattr(reference, "MAX_SAMPLES_PER_AXIS", 3)
+    tokens, _, box_mask, probe = make_case(20, 2, 3, (9, 8), 5, 0.5, torch.float32)
+    boxes = torch.tensor([[[0.0, 0.0, 16.0, 18.0], [2.5, 1.0, 13.0, 17.5], [-4.0, 3.0, 9.0, 20.0]],
+                          [[1.0, 1.0, 15.0, 9.5], [0.0, 0.0, 16.0, 18.0], [3.0, 2.0, 11.0, 16.0]]])  # > 6 px a side
+    got, got_grad = pooled_and_grad(tokens, probe, lambda t: region_pool(t, boxes, (9, 8), 0.5, box_mask,
+                                                                         backend=backend))
+    want, want_grad = pooled_and_grad(tokens.double(), probe, lambda t: torchvision_reference(
+        t, boxes, (9, 8), 0.5, box_mask, 3, False))
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
+    torch.testing.assert_close(got_grad.double(), want_grad, **TOLERANCES[torch.float32])
+
+
+BAD_CALLS = {
+    "boxes as torchvision's list": (lambda t, b: region_pool(t, list(b), (2, 3), 1.0), "boxes: got a list"),
+    "tokens as a list": (lambda t, b: region_pool(t.tolist(), b, (2, 3), 1.0), "tokens: got a list"),
+    "integer tokens": (lambda t, b: region_pool(t.long(), b, (2, 3), 1.0, backend="torch"), "torch.int64"),
+    "grid_hw an int": (lambda t, b: region_pool(t, b, 6, 1.0), r"grid_hw: got 6, expected \(H, W\)"),
+    "negative grid_hw": (lambda t, b: region_pool(t, b, (-2, -3), 1.0), "expected positive"),
+    "two scales": (lambda t, b: region_pool(t, b, (2, 3), torch.tensor([1.0, 0.5])), "spatial_scale: got shape"),
+    "float sampling_ratio": (lambda t, b: region_pool(t, b, (2, 3), 1.0, sampling_ratio=2.5), "sampling_ratio: got 2.5"),
+    "float box_mask": (lambda t, b: region_pool(t, b, (2, 3), 1.0, torch.full((1, 2), 0.5)), "a mask, not weights"),
+}
+
+
+@pytest.mark.parametrize("call, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_a_wrong_argument_is_named_instead_of_failing_deep_inside_or_rounding(call, message):
+    """These failed with a bare AttributeError / TypeError, or ran: integer tokens came back truncated to
+    integers, a 2.5 sampling ratio ran as 2 and a 0.5 mask as True."""
+    tokens, boxes = torch.randn(1, 6, 3), torch.tensor([[[0.0, 0.0, 2.0, 2.0], [1.0, 0.0, 3.0, 1.5]]])
+    with pytest.raises(ValueError, match=message):
+        call(tokens, boxes)
