@@ -21,6 +21,7 @@ from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.data.stream_positions import (Piece, check_ranks, normalized, reader_shards, readers_per_rank,
                                              resplit, shard_list_fingerprint, unit_of)
 from fineclip_ds.data.transforms import RegionTransform
+from fineclip_ds.training.preemption import leave_stop_signals_to_the_trainer
 
 log = logging.getLogger("fineclip_ds")
 
@@ -67,7 +68,8 @@ class SyntheticStream:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = DataLoader(_WorldSamples(self.world, self.transform), batch_sampler=self._batch_indices(self.next_sample),
-                            num_workers=self.num_workers, collate_fn=self.collator)
+                            num_workers=self.num_workers, collate_fn=self.collator,
+                            worker_init_fn=leave_stop_signals_to_the_trainer)
         for batch in loader:
             self.next_sample += self.local_batch * self.world_size
             yield batch
@@ -340,7 +342,8 @@ class WebDatasetStream:
                                 first_reader=self.batches % readers_per_rank(self.num_workers),
                                 start_epoch=self.start_epoch, leftovers=self.leftovers,
                                 max_bad_fraction=self.max_bad_fraction, shard_health=dict(self.shard_health))
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            worker_init_fn=leave_stop_signals_to_the_trainer)
         for batch in loader:
             reader, unit, read = batch.pop("position")
             self.positions[int(reader)] = (int(unit), int(read))

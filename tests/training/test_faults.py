@@ -41,11 +41,13 @@ def _signal_workers_when(process: subprocess.Popen, output_dir: Path, steps_logg
 
 
 def _workers(process: subprocess.Popen) -> list[psutil.Process]:
-    """The two training ranks under the deepspeed launcher (not its launch.py in between)."""
-    workers = [child for child in psutil.Process(process.pid).children(recursive=True)
-               if any(arg.startswith("--local_rank=") for arg in child.cmdline())]
-    assert len(workers) == 2
-    return workers
+    """The two training ranks under the deepspeed launcher (not its launch.py in between), and their DataLoader
+    workers: Slurm signals every process of the job step."""
+    named = [child for child in psutil.Process(process.pid).children(recursive=True)
+             if any(arg.startswith("--local_rank=") for arg in child.cmdline())]  # forked workers too
+    ranks = [child for child in named if child.ppid() not in {other.pid for other in named}]
+    assert len(ranks) == 2
+    return ranks + [worker for rank in ranks for worker in rank.children(recursive=True)]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
@@ -53,7 +55,8 @@ def test_a_signal_stops_with_a_checkpoint_and_resume_gives_the_uninterrupted_cur
     config, uninterrupted = reference
     output_dir = tmp_path / "preempted"
     requeue_file = tmp_path / "requeue"  # what launch/slurm_pretrain.sbatch asks for
-    process = subprocess.Popen(pretrain_command(config, output_dir, *JOB), cwd=REPO,
+    with_workers = ("--set", "data.num_workers=1")  # a worker killed by SIGTERM failed the run, unsaved
+    process = subprocess.Popen(pretrain_command(config, output_dir, *JOB, *with_workers), cwd=REPO,
                                env=launcher_env(2, FINECLIP_REQUEUE_FILE=str(requeue_file)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _signal_workers_when(process, output_dir, steps_logged=2, signum=signum)
