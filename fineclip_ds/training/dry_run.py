@@ -20,6 +20,7 @@ from fineclip_ds.training.parallelize import (DeepSpeedConfigError, adapt_precis
                                               require_nonfinite_gradient_check, resolve_batch_sizes)
 
 GIB = 2**30
+HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor
 
 
 def _frozen_weight_bytes(frozen_params: int, stage: int, world_size: int, precision_bytes: int) -> float:
@@ -45,14 +46,17 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
                                    f"--gpus_per_node {gpus_per_node}")
     nodes = world_size // gpus_per_node
     if stage == 3:
-        cpu_bytes, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
+        cpu_bytes, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(  # zero_init=False: built whole, as below
             trainable, largest_layer, gpus_per_node, nodes, cpu_offload=offload_optimizer,
-            cpu_offload_params=offload_params, zero_init=True)
+            cpu_offload_params=offload_params, zero_init=False)
     else:
         cpu_bytes, gpu_bytes = estimate_zero2_model_states_mem_needs(trainable, gpus_per_node, nodes,
                                                                      cpu_offload=offload_optimizer)
     half = ds_config.get("bf16", {}).get("enabled", False) or ds_config.get("fp16", {}).get("enabled", False)
     gpu_bytes += _frozen_weight_bytes(frozen, stage, world_size, 2 if half else 4)
+    # Every rank builds the whole model in fp32 on the host before DeepSpeed moves and shards it (no
+    # zero.Init), frozen towers included: the estimators count only the parameters they are given.
+    cpu_bytes += frozen * 4 * gpus_per_node * HOST_BUFFER_FACTOR
     micro_batch, accumulation, global_batch = resolve_batch_sizes(ds_config, world_size)
     warn_if_shards_are_not_read(config.data)
     images = micro_batch
@@ -76,7 +80,8 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
         "parameters": {"trainable": trainable, "frozen": frozen, "largest_block": largest_layer},
         "model_states_gib_per_gpu": round(gpu_bytes / GIB, 2),
         "model_states_gib_cpu_per_node": round(cpu_bytes / GIB, 2),
-        "note": "model states only (weights, gradients, Adam states); activations come on top",
+        "note": "model states only (weights, gradients, Adam states); activations come on top. Host memory: "
+                "every rank builds the whole fp32 model before it is sharded",
         "model_tflops_per_gpu_step_at_max_boxes": None if flops is None else round(flops * accumulation / 1e12, 3),
         "config": config.to_dict(),
     }
