@@ -116,6 +116,25 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# How a run runs, not what it trains: a resumed run may change these (the checkpoint's weights replace
+# model.pretrained). Every other field must stay as the run was saved with (`changed_run_settings`).
+FREE_ON_RESUME = frozenset({
+    "model.pretrained", "model.grad_checkpointing", "model.checkpoint_every", "model.attention",
+    "kernels.region_pool", "kernels.contrastive", "data.num_workers", "data.max_bad_fraction",
+    "train.stop_at_step", "train.output_dir", "train.resume", "train.save_every", "train.keep_last",
+    "train.log_every", "train.max_consecutive_nonfinite", "eval.every", "eval.images", "eval.batch_size",
+})
+
+
+def changed_run_settings(saved: dict[str, Any], config: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, value now) for each field outside FREE_ON_RESUME that differs from `saved`
+    (a `to_dict()` of the run's config); fields `saved` lacks (added since) are not compared."""
+    now = config.to_dict()
+    return [(f"{section}.{name}", value, now[section][name]) for section, fields in saved.items()
+            for name, value in fields.items() if section in now and name in now[section]
+            and f"{section}.{name}" not in FREE_ON_RESUME and now[section][name] != value]
+
+
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a field's annotation, converting YAML ints to floats where allowed.
 

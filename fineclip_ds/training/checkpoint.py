@@ -8,6 +8,7 @@ job killed mid-save leaves a `.tmp` folder that resume never reads and the next 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS, UNIVERSAL_CHECKPOINT_INFO
 
-from fineclip_ds.config import ConfigError
+from fineclip_ds.config import ConfigError, RunConfig, changed_run_settings
 from fineclip_ds.run_layout import LATEST
 
 TAG_PREFIX = "step_"
@@ -143,6 +144,23 @@ def check_same_model(point: ResumePoint, model: nn.Module) -> None:
                           f"model.name / model.image_size ({len(differing)} parameters differ, e.g. {name}: "
                           f"{saved.get(name, 'absent')} there, {current.get(name, 'absent')} here); resume with the "
                           "settings it was trained with, or start a new train.output_dir")
+
+
+def check_same_run_settings(point: ResumePoint, config: RunConfig) -> None:
+    """A resumed run continues with the settings its checkpoint was saved with: its optimizer and learning-rate
+    schedule come back from the checkpoint, so a changed optim.lr was ignored while config.json showed the
+    new value, and a longer train.max_steps re-shaped the cosine schedule mid-run (the lr fell to its floor,
+    then jumped back up). Such changes are refused, naming each field. Checkpoints saved before the settings
+    were recorded in them are not checked."""
+    state_file = point.directory / point.tag / "trainer_state_rank0.pt"
+    saved = torch.load(state_file, map_location="cpu", weights_only=False).get("config") if state_file.is_file() else None
+    changed = changed_run_settings(saved, config) if saved else []
+    if changed:
+        listed = "; ".join(f"{field}: {json.dumps(before)} there, {json.dumps(now)} now" for field, before, now in changed)
+        raise ConfigError(f"train.resume: {point.directory / point.tag} was trained with other settings ({listed}). "
+                          "A resumed run keeps the settings it was saved with: resume without these changes "
+                          "(train.stop_at_step ends a job early), or train with them in a new train.output_dir "
+                          f"from its weights (--set model.pretrained={point.directory / point.tag})")
 
 
 def _barrier() -> None:

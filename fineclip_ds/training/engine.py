@@ -17,7 +17,7 @@ from fineclip_ds.config import ConfigError, KernelConfig, RunConfig
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
-from fineclip_ds.run_layout import checkpoints_folder
+from fineclip_ds.run_layout import LATEST, checkpoints_folder
 from fineclip_ds.training import checkpoint
 from fineclip_ds.training.build import build_train_stream
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops
@@ -41,6 +41,8 @@ IMAGE_TENSORS = ("images", "crop_images")
 # Where a job script asks to be told that a stop signal ended the run (checkpoint written, exit 0),
 # so that it requeues itself (launch/slurm_pretrain.sbatch); rank 0 writes the step there.
 REQUEUE_FILE_VARIABLE = "FINECLIP_REQUEUE_FILE"
+# Set to 1 by that job script on an allocation Slurm requeued (its own requeue, a node failure, a requeue by hand).
+REQUEUED_VARIABLE = "FINECLIP_REQUEUED"
 KERNEL_DEVICES = {"region_pool": region_pool_runs_on, "contrastive": contrastive_runs_on}  # kernels.<field>
 
 
@@ -48,6 +50,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def resume_of_a_requeued_job(resume: str | None, checkpoint_dir: Path) -> str | None:
+    """A requeued job continues its own run once that has saved a checkpoint, whatever --resume started the
+    job: an sbatch ... --resume PATH otherwise restarted every allocation from PATH and, finding the run's own
+    checkpoints, stopped (exit 2). Before its first save it starts as --resume says."""
+    if os.environ.get(REQUEUED_VARIABLE) == "1" and (checkpoint_dir / LATEST).is_file():
+        return "auto"
+    return resume
 
 
 def require_kernel_devices(kernels: KernelConfig, device: torch.device) -> None:
@@ -127,7 +138,10 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     require_nonfinite_gradient_check(ds_config)
     resolve_batch_sizes(ds_config, world_size)  # DeepSpeed's own check is a bare assertion
     require_kernel_devices(config.kernels, torch.device("cuda" if on_gpu else "cpu"))
+    config.train.resume = resume_of_a_requeued_job(config.train.resume, checkpoint_dir)
     resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
+    if resume_point is not None:
+        checkpoint.check_same_run_settings(resume_point, config)
     seed_everything(config.train.seed)
     model, tokenizer, normalization = create_fineclip(config.model, announce=rank == 0)
     objective = FineCLIPObjective(model, config.losses, config.kernels)
@@ -192,8 +206,9 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
 
     def trainer_state(step: int) -> dict[str, Any]:
         """Collective (the data counts are summed over ranks)."""
-        return {"step": step, "stream": stream.state_dict(), "world_size": world_size, "skipped_nonfinite":
-                nonfinite.skipped, "data_counts": dict(_sum_counters_over_ranks(data_counts, world_size)),
+        return {"step": step, "config": config.to_dict(), "stream": stream.state_dict(), "world_size": world_size,
+                "skipped_nonfinite": nonfinite.skipped,
+                "data_counts": dict(_sum_counters_over_ranks(data_counts, world_size)),
                 "run_totals": run_totals().state_dict()}
 
     def stop_if_exhausted(step: int, what: str) -> None:

@@ -21,6 +21,7 @@ SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1 "$@"
 FAKE_PYTHON = """#!/usr/bin/env bash
 # the trainer: stopped by the time-limit signal when FAKE_PREEMPTED=1 (rank 0 writes the file)
 printf '%s\\n' "$@" > "${PYTHON_ARGS}"
+echo "${FINECLIP_REQUEUED:-}" > "${PYTHON_REQUEUED}"
 echo "${MASTER_ADDR}:${MASTER_PORT}" > "${SRUN_MASTER}"
 if [[ "${FAKE_PREEMPTED}" == 1 ]]; then echo 7 > "${FINECLIP_REQUEUE_FILE}"; fi
 exit "${FAKE_STATUS:-0}"
@@ -45,7 +46,8 @@ def _run_job(tmp_path: Path, preempted: bool, status: int = 0, stale_file: bool 
            "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "node-001", "SCONTROL_CALLS": str(calls),
            "FAKE_PREEMPTED": "1" if preempted else "0", "FAKE_STATUS": str(status),
            "SLURM_CPUS_PER_TASK": "12", "SRUN_ARGS": str(tmp_path / "srun_args"),
-           "SRUN_MASTER": str(tmp_path / "srun_master"), "PYTHON_ARGS": str(tmp_path / "python_args"), **extra_env}
+           "SRUN_MASTER": str(tmp_path / "srun_master"), "PYTHON_ARGS": str(tmp_path / "python_args"),
+           "PYTHON_REQUEUED": str(tmp_path / "python_requeued"), **extra_env}
     done = subprocess.run(["bash", str(REPO / "launch" / "slurm_pretrain.sbatch"), "--recipe", "vit-l-14", *job_args],
                           env=env, capture_output=True, text=True, timeout=60)
     return done.returncode, calls.read_text() if calls.exists() else ""
@@ -79,21 +81,22 @@ def _resume_of_the_task(tmp_path: Path) -> str:
     return [arguments[index + 1] for index, argument in enumerate(arguments) if argument == "--resume"][-1]
 
 
-def test_after_its_requeue_a_job_resumes_its_own_checkpoint_not_the_one_it_started_from(tmp_path):
+def test_a_requeued_allocation_tells_the_trainer_to_continue_its_own_run(tmp_path):
     """sbatch ... --resume runs/a/checkpoints/step_00000500 --output_dir runs/b: the first allocation starts from
-    step 500; once the signal has saved runs/b's own checkpoint and requeued the job, the next allocation must
-    resume that (--resume auto), or every requeue starts again from step 500 and the job never ends."""
+    step 500. Any allocation Slurm requeued (the script's own requeue, a node failure, a requeue by hand; Slurm
+    counts them in SLURM_RESTART_COUNT) must continue runs/b's own checkpoint: a marker file the script wrote
+    only for its own requeues made every other requeue start from step 500 again, and stop (exit 2) on finding
+    runs/b's checkpoints. The trainer's side (FINECLIP_REQUEUED=1) is tested in tests/training/test_run_folder.py."""
     start = ("--resume", "runs/a/checkpoints/step_00000500", "--output_dir", "runs/b")
     assert _run_job(tmp_path, preempted=True, job_args=start) == (0, "requeue 4242\n")
     assert _resume_of_the_task(tmp_path) == "runs/a/checkpoints/step_00000500"
-    assert _run_job(tmp_path, preempted=True, job_args=start) == (0, "requeue 4242\nrequeue 4242\n")
-    assert _resume_of_the_task(tmp_path) == "auto"
-    assert _run_job(tmp_path, preempted=False, status=1, job_args=start)[0] == 1  # failed: requeued by hand...
-    assert _run_job(tmp_path, preempted=False, job_args=start)[0] == 0  # ...it resumes, and finishes
-    assert _resume_of_the_task(tmp_path) == "auto"
+    assert (tmp_path / "python_requeued").read_text() == "\n"
+    for restarts in ("1", "2"):
+        _run_job(tmp_path, preempted=False, job_args=start, SLURM_RESTART_COUNT=restarts)
+        assert (tmp_path / "python_requeued").read_text() == "1\n"
+    _run_job(tmp_path, preempted=False, job_args=start, SLURM_RESTART_COUNT="0")
+    assert (tmp_path / "python_requeued").read_text() == "\n"
     assert not list(tmp_path.glob(".fineclip-*"))  # nothing left beside the job's log
-    _run_job(tmp_path, preempted=False, job_args=start)  # the same job id submitted anew starts where it is told
-    assert _resume_of_the_task(tmp_path) == "runs/a/checkpoints/step_00000500"
 
 
 def test_jobs_sharing_a_node_get_different_master_ports(tmp_path):

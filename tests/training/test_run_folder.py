@@ -7,7 +7,8 @@ import pytest
 
 from fineclip_ds.config import ConfigError
 from fineclip_ds.training.checkpoint import ResumePoint, _prune, _set_aside_later_tags, find_resume_point, tag_for_step
-from tests.training.launcher import REPO, run_pretrain
+from fineclip_ds.training.engine import resume_of_a_requeued_job
+from tests.training.launcher import COMMON, REPO, run_pretrain
 
 
 def _checkpoints(root: Path, steps: list[int], latest: int) -> Path:
@@ -64,3 +65,37 @@ def test_the_trainer_refuses_a_second_run_into_a_run_folder_and_changes_nothing(
     assert result.returncode == 2
     assert f"config error: train.output_dir {run} already holds a run" in result.stderr
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+def test_a_resume_that_changes_what_the_run_trains_is_refused_naming_each_field(runs, tmp_path):
+    """A changed optim.lr was ignored (the optimizer and schedule come back from the checkpoint) while
+    config.json showed it, and a longer max_steps re-shaped the cosine schedule mid-run. How the run runs
+    (logging, saving, stopping early) may change."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["one_zero2"], run)
+    ds_config = runs["one_zero2"].parent / "one_zero2.json"
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    changed = run_pretrain(1, ds_config, run, *COMMON, "--resume", "auto", "--set", "optim.lr=5e-3",
+                           "--max_steps", "8", check=False)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    error = " ".join(changed.stderr.split())
+    assert "was trained with other settings (optim.lr: 0.0001 there, 0.005 now; train.max_steps: 4 there, 8 now)" in error
+    assert f"--set model.pretrained={run / 'checkpoints' / 'step_00000004'}" in error
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+    run_pretrain(1, ds_config, run, *COMMON, "--resume", "auto", "--set", "train.log_every=3",
+                 "--set", "data.num_workers=1", "--set", "train.stop_at_step=4")
+
+
+def test_a_requeued_job_continues_its_own_run_once_it_has_a_checkpoint(tmp_path, monkeypatch):
+    """launch/slurm_pretrain.sbatch sets FINECLIP_REQUEUED=1 on an allocation Slurm requeued: sbatch ... --resume
+    PATH restarted from PATH, then stopped on meeting the run's own checkpoints. Before the run's first save
+    it starts from PATH still, not from scratch."""
+    start = str(_checkpoints(tmp_path / "a", [500], latest=500))
+    own = tmp_path / "b" / "checkpoints"
+    monkeypatch.setenv("FINECLIP_REQUEUED", "1")
+    assert resume_of_a_requeued_job(start, own) == start  # died before its first save
+    _checkpoints(tmp_path / "b", [20], latest=20)
+    assert resume_of_a_requeued_job(start, own) == "auto"
+    assert find_resume_point(resume_of_a_requeued_job(start, own), own) == ResumePoint(own, tag_for_step(20))
+    monkeypatch.delenv("FINECLIP_REQUEUED")
+    assert resume_of_a_requeued_job(start, own) == start  # not requeued: refused, as any second run would be
