@@ -220,77 +220,82 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                 f"{checkpoint.tag_for_step(step)}. Lower optim.lr or check the data; "
                 f"train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}")
 
-    for step in range(start_step, stop_step):
-        applied_lr = engine.get_lr()[0]  # engine.step() moves the schedule on to the next step's lr
-        step_terms: list[dict[str, torch.Tensor]] = []
-        flops = 0
-        while len(step_terms) < accumulation:
-            batch = next(batches)
-            data_counts.update(batch["data_stats"])
-            loss, terms = engine(_to_device(batch, engine.device, image_dtype))
-            if not nonfinite.all_ranks_finite(loss, world_size):
-                stop_if_exhausted(step, "loss")
-                continue  # skipped on every rank together: no backward, no optimizer step
-            engine.backward(loss)
-            skipped_before = engine.skipped_steps
-            engine.step()
-            if engine.skipped_steps > skipped_before:
-                # DeepSpeed found a NaN/inf gradient (or, in fp16, a loss scale too high) on some rank: every
-                # rank dropped this step's gradients and kept weights, Adam state and lr; redo the step
-                if not engine.fp16_enabled():  # fp16's loss scaler skips while it searches for its scale
-                    nonfinite.skip()
-                    stop_if_exhausted(step, "gradient")
-                step_terms, flops = [], 0
-                continue
-            if engine.was_step_applied():
-                nonfinite.step_applied()
-            step_terms.append({"total": loss.detach(), **terms})
-            flops += batch_flops(batch)
-        throughput.update(micro_batch * accumulation * world_size, flops)
-        whole_run.update(micro_batch * accumulation * world_size, flops)
-        averaged = {name: torch.stack([t[name] for t in step_terms]).mean() for name in step_terms[0]}
-        last = _mean_over_ranks(averaged, world_size)
-        done = step + 1
-        is_log_step = done % config.train.log_every == 0 or done == stop_step
-        speed = _device_figures_over_ranks(throughput.read(), world_size, engine.device) if is_log_step else None
-        monitor.step(done, last["total"], speed["samples_per_s"] if speed else None)
-        if is_log_step:
-            counts = _sum_counters_over_ranks(data_counts, world_size)
-            if rank == 0 and not logged_counts and (config.losses.w_sd or config.losses.w_rc):
-                warn_if_no_regions(counts, done)
-            logged_counts = True
-            scalars = {f"loss/{name}": value for name, value in last.items() if name != "logit_scale"}
-            scalars.update({
-                "train/lr": applied_lr,
-                "train/logit_scale": last["logit_scale"],
-                "train/skipped_nonfinite": float(nonfinite.skipped),
-                "perf/samples_per_s": speed["samples_per_s"],
-                "perf/step_time_s": speed["step_time_s"],
-                "perf/peak_memory_mb": speed["peak_memory_mb"],
-            })
-            if shapes is not None:
-                scalars["perf/tflops_per_device"] = speed["tflops_per_device"]
-            if shapes is not None and peak is not None:
-                scalars["perf/mfu"] = speed["tflops_per_device"] / peak
-            scalars.update({f"data/{reason}": float(count) for reason, count in counts.items()})
-            monitor.scalars(done, scalars)
-        # evaluation and checkpoints are not training: their time stays out of samples/s, TFLOP/s and MFU
-        if config.eval.every and (done % config.eval.every == 0 or done == config.train.max_steps):
-            with throughput.paused(), whole_run.paused():
-                held_out = ShapesWorld(seed=config.data.world_seed, image_size=config.data.world_image_size)
-                results, picture = evaluate_during_training(engine, model, tokenizer, normalization, held_out,
-                                                            config.eval, image_dtype)
-            monitor.scalars(done, results)
-            monitor.image(done, "eval/dense_features", picture)
-        preempted = preemption.requested(world_size, engine.device)
-        if done % config.train.save_every == 0 or done == stop_step or preempted:
-            with throughput.paused(), whole_run.paused():
-                checkpoint.save(engine, checkpoint_dir, done, trainer_state(done), config.train.keep_last)
-        if preempted and done < stop_step:  # at the last step the run is done: nothing to requeue
-            log.warning("stopped by signal after step %d; resume with --resume auto", done)
-            if rank == 0 and os.environ.get(REQUEUE_FILE_VARIABLE):
-                Path(os.environ[REQUEUE_FILE_VARIABLE]).write_text(f"{done}\n")
-            break
+    try:
+        for step in range(start_step, stop_step):
+            applied_lr = engine.get_lr()[0]  # engine.step() moves the schedule on to the next step's lr
+            step_terms: list[dict[str, torch.Tensor]] = []
+            flops = 0
+            while len(step_terms) < accumulation:
+                batch = next(batches)
+                data_counts.update(batch["data_stats"])
+                loss, terms = engine(_to_device(batch, engine.device, image_dtype))
+                if not nonfinite.all_ranks_finite(loss, world_size):
+                    stop_if_exhausted(step, "loss")
+                    continue  # skipped on every rank together: no backward, no optimizer step
+                engine.backward(loss)
+                skipped_before = engine.skipped_steps
+                engine.step()
+                if engine.skipped_steps > skipped_before:
+                    # DeepSpeed found a NaN/inf gradient (or, in fp16, a loss scale too high) on some rank: every
+                    # rank dropped this step's gradients and kept weights, Adam state and lr; redo the step
+                    if not engine.fp16_enabled():  # fp16's loss scaler skips while it searches for its scale
+                        nonfinite.skip()
+                        stop_if_exhausted(step, "gradient")
+                    step_terms, flops = [], 0
+                    continue
+                if engine.was_step_applied():
+                    nonfinite.step_applied()
+                step_terms.append({"total": loss.detach(), **terms})
+                flops += batch_flops(batch)
+            throughput.update(micro_batch * accumulation * world_size, flops)
+            whole_run.update(micro_batch * accumulation * world_size, flops)
+            averaged = {name: torch.stack([t[name] for t in step_terms]).mean() for name in step_terms[0]}
+            last = _mean_over_ranks(averaged, world_size)
+            done = step + 1
+            is_log_step = done % config.train.log_every == 0 or done == stop_step
+            speed = _device_figures_over_ranks(throughput.read(), world_size, engine.device) if is_log_step else None
+            monitor.step(done, last["total"], speed["samples_per_s"] if speed else None)
+            if is_log_step:
+                counts = _sum_counters_over_ranks(data_counts, world_size)
+                if rank == 0 and not logged_counts and (config.losses.w_sd or config.losses.w_rc):
+                    warn_if_no_regions(counts, done)
+                logged_counts = True
+                scalars = {f"loss/{name}": value for name, value in last.items() if name != "logit_scale"}
+                scalars.update({
+                    "train/lr": applied_lr,
+                    "train/logit_scale": last["logit_scale"],
+                    "train/skipped_nonfinite": float(nonfinite.skipped),
+                    "perf/samples_per_s": speed["samples_per_s"],
+                    "perf/step_time_s": speed["step_time_s"],
+                    "perf/peak_memory_mb": speed["peak_memory_mb"],
+                })
+                if shapes is not None:
+                    scalars["perf/tflops_per_device"] = speed["tflops_per_device"]
+                if shapes is not None and peak is not None:
+                    scalars["perf/mfu"] = speed["tflops_per_device"] / peak
+                scalars.update({f"data/{reason}": float(count) for reason, count in counts.items()})
+                monitor.scalars(done, scalars)
+            # evaluation and checkpoints are not training: their time stays out of samples/s, TFLOP/s and MFU
+            if config.eval.every and (done % config.eval.every == 0 or done == config.train.max_steps):
+                with throughput.paused(), whole_run.paused():
+                    held_out = ShapesWorld(seed=config.data.world_seed, image_size=config.data.world_image_size)
+                    results, picture = evaluate_during_training(engine, model, tokenizer, normalization, held_out,
+                                                                config.eval, image_dtype)
+                monitor.scalars(done, results)
+                monitor.image(done, "eval/dense_features", picture)
+            preempted = preemption.requested(world_size, engine.device)
+            if done % config.train.save_every == 0 or done == stop_step or preempted:
+                with throughput.paused(), whole_run.paused():
+                    checkpoint.save(engine, checkpoint_dir, done, trainer_state(done), config.train.keep_last)
+            if preempted and done < stop_step:  # at the last step the run is done: nothing to requeue
+                log.warning("stopped by signal after step %d; resume with --resume auto", done)
+                if rank == 0 and os.environ.get(REQUEUE_FILE_VARIABLE):
+                    Path(os.environ[REQUEUE_FILE_VARIABLE]).write_text(f"{done}\n")
+                break
+    finally:
+        # The DataLoader workers end here, on an error too: they ignore SIGTERM (preemption.py), so those left
+        # to the interpreter's exit (which terminates, then joins them) kept the process alive for good.
+        batches.close()
     trained_now = whole_run.peek()["steps"]
     summary = {**run_totals().figures(), "device": device_name(), "world_size": world_size}
     # the run's data counts (samples, regions, every skip by reason), summed over ranks and starts

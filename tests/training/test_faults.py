@@ -1,8 +1,11 @@
 """Fault injection with 2 real processes: preemption by signal, a save killed half-way, NaN losses."""
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -173,3 +176,34 @@ def test_a_finished_run_exits_0_with_its_process_group_ended_whatever_threads_ar
     result = run_pretrain(2, config, tmp_path / "run", "--max_steps", "1", script=EXIT_SCRIPT)
     for rank in (0, 1):
         assert f"rank {rank} process group alive at exit: False" in result.stdout, result.stdout[-3000:]
+
+
+def test_an_error_in_training_ends_the_process_though_its_data_workers_ignore_sigterm(tmp_path):
+    """Workers ignore SIGTERM (Slurm signals them too); an error in the loop (here Ctrl-C sent to the trainer
+    alone) left them to the interpreter's exit, which terminates then joins them: the process never ended."""
+    output_dir = tmp_path / "interrupted"
+    command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--deepspeed_config",
+               str(REPO / "ds_configs" / "zero2.json"), "--output_dir", str(output_dir), "--max_steps", "500",
+               "--set", "data.num_workers=1", "--set", "train.log_every=1", "--set", "data.max_boxes=4"]
+    process = subprocess.Popen(command, cwd=REPO, env=launcher_env(1), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = output_dir / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.1)
+        assert psutil.Process(process.pid).children(), "no DataLoader worker started"
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+        assert "KeyboardInterrupt" in output, output[-3000:]
+    finally:
+        for leftover in [process.pid, *(child.pid for child in _children_if_alive(process.pid))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leftover, signal.SIGKILL)
+
+
+def _children_if_alive(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
