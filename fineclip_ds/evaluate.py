@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fineclip_ds.config import ModelConfig, positive_int
+from fineclip_ds.config import DataConfig, ModelConfig, positive_int
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.evaluation.box_classification import BoxDataset, evaluate_box_classification, load_coco_boxes
 from fineclip_ds.evaluation.dense_viz import write_dense_pictures
@@ -29,6 +29,7 @@ from fineclip_ds.models.factory import Tokenizer, create_fineclip
 from fineclip_ds.models.fineclip import FineCLIP
 
 TASKS = ("box-cls", "retrieval", "segmentation", "dense-viz", "world")
+DEFAULT_WORLD_SEED, DEFAULT_WORLD_IMAGE_SIZE = DataConfig().world_seed, DataConfig().world_image_size
 TASK_INPUTS = {"box-cls": ("annotations", "images"), "retrieval": ("annotations", "images"),
                "segmentation": ("images", "labels", "classes"), "dense-viz": ("images",), "world": ()}
 FOLDER_INPUTS = ("images", "labels")
@@ -74,9 +75,22 @@ def run(args: argparse.Namespace) -> dict:
         output_dir = args.output.parent / "dense_viz" if args.output else args.images.parent / "dense_viz"
         written, unreadable = write_dense_pictures(model, normalization, annotations, output_dir, device)
         return {"pictures": [str(path) for path in written], "skipped_unreadable_image": unreadable}
-    world = ShapesWorld(seed=args.world_seed, image_size=args.world_image_size)
-    return evaluate_on_world(model, tokenizer, normalization, world, args.max_images, args.batch_size, device,
-                             crop_baseline=not args.no_crop_baseline, dtype=dtype, progress=True)
+    seed, world_size = _held_out_world(args)
+    results = evaluate_on_world(model, tokenizer, normalization, ShapesWorld(seed=seed, image_size=world_size),
+                                args.max_images, args.batch_size, device, crop_baseline=not args.no_crop_baseline,
+                                dtype=dtype, progress=True)
+    return {"world_seed": seed, "world_image_size": world_size, **results}
+
+
+def _held_out_world(args: argparse.Namespace) -> tuple[int, int]:
+    """(seed, image size) of the shapes world: as given, else the run's own (data.world_seed and
+    data.world_image_size of its config.json), else the defaults. A run trained on another world was
+    scored on the default one's pictures without a word, unlike its eval/* during training."""
+    data = (resolve_checkpoint(args.checkpoint).run_config or {}).get("data", {})
+    seed = args.world_seed if args.world_seed is not None else data.get("world_seed", DEFAULT_WORLD_SEED)
+    size = (args.world_image_size if args.world_image_size is not None
+            else data.get("world_image_size", DEFAULT_WORLD_IMAGE_SIZE))
+    return seed, size
 
 
 def _read_annotations(args: argparse.Namespace) -> Annotations:
@@ -141,8 +155,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="retrieval: open_clip's centre crop (the published protocol) or the whole image squashed")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--max_images", type=positive_int, default=256, help="dense-viz and world tasks")
-    parser.add_argument("--world_seed", type=int, default=0)
-    parser.add_argument("--world_image_size", type=positive_int, default=128)
+    parser.add_argument("--world_seed", type=int, default=None,
+                        help=f"world task (default: the run's data.world_seed, else {DEFAULT_WORLD_SEED})")
+    parser.add_argument("--world_image_size", type=positive_int, default=None,
+                        help=f"world task (default: the run's data.world_image_size, else {DEFAULT_WORLD_IMAGE_SIZE})")
     parser.add_argument("--no_crop_baseline", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
@@ -151,6 +167,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.image_size and len(args.image_size) > 2:
         parser.error(f"--image_size: got {len(args.image_size)} numbers, expected H or H W")
     return args
+
+
+def _weights_read(checkpoint: str) -> str:
+    """The file or tag folder the weights came from: a run folder's `latest` moves on as the run trains."""
+    source = resolve_checkpoint(checkpoint)
+    return str(source.path if source.tag is None else source.path / source.tag)
 
 
 def _results_path(args: argparse.Namespace) -> Path:
@@ -170,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     output = _results_path(args)
     try:
-        results = {"task": args.task, "checkpoint": str(args.checkpoint), **run(args)}
+        outcome = run(args)
+        results = {"task": args.task, "checkpoint": str(args.checkpoint), "weights": _weights_read(args.checkpoint),
+                   **outcome}
     except (FileNotFoundError, ValueError) as error:  # a bad --checkpoint / --model: say so, no traceback
         raise SystemExit(f"evaluate: {error}") from error
     output.write_text(json.dumps(results, indent=2))

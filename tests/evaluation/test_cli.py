@@ -343,3 +343,22 @@ def test_progress_bars_count_towards_a_total(data, tmp_path, capsys, args, bars)
     printed = capsys.readouterr().err
     for bar, total in bars.items():
         assert re.search(rf"{bar}: 100%\|.*\| {total}/{total} ", printed), printed[-2000:]
+
+
+def test_the_world_task_scores_a_run_on_its_own_world_and_records_it(runs, tmp_path):
+    """A run trained on another world (data.world_seed / data.world_image_size) was scored on the default
+    world's pictures, without a word, unlike its eval/* during training."""
+    run = tmp_path / "other_world"
+    shutil.copytree(runs["one_zero2"], run)
+    config = json.loads((run / "config.json").read_text())
+    config["data"].update(world_seed=3, world_image_size=64)
+    (run / "config.json").write_text(json.dumps(config))
+    common = ["--task", "world", "--max_images", "8", "--batch_size", "4"]
+    main(["--checkpoint", str(run), *common, "--output", str(tmp_path / "own.json")])
+    main(["--checkpoint", str(runs["one_zero2"]), *common, "--world_seed", "3", "--world_image_size", "64",
+          "--output", str(tmp_path / "given.json")])
+    own, given = (json.loads((tmp_path / name).read_text()) for name in ("own.json", "given.json"))
+    assert (own["world_seed"], own["world_image_size"]) == (3, 64)
+    assert own["weights"] == str(run / "checkpoints" / "step_00000004")
+    assert {key: value for key, value in own.items() if key not in ("checkpoint", "weights")} == \
+        {key: value for key, value in given.items() if key not in ("checkpoint", "weights")}
