@@ -21,7 +21,7 @@ from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.data.stream_positions import (Piece, check_ranks, normalized, reader_shards, readers_per_rank,
                                              resplit, shard_list_fingerprint, unit_of)
 from fineclip_ds.data.transforms import RegionTransform
-from fineclip_ds.training.preemption import leave_stop_signals_to_the_trainer
+from fineclip_ds.data.workers import leave_stop_signals_to_the_trainer
 
 log = logging.getLogger("fineclip_ds")
 

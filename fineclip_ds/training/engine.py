@@ -293,7 +293,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                     Path(os.environ[REQUEUE_FILE_VARIABLE]).write_text(f"{done}\n")
                 break
     finally:
-        # The DataLoader workers end here, on an error too: they ignore SIGTERM (preemption.py), so those left
+        # The DataLoader workers end here, on an error too: they ignore SIGTERM (data/workers.py), so those left
         # to the interpreter's exit (which terminates, then joins them) kept the process alive for good.
         batches.close()
     trained_now = whole_run.peek()["steps"]

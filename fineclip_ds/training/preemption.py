@@ -11,17 +11,9 @@ import signal
 import torch
 import torch.distributed as dist
 
+from fineclip_ds.data.workers import STOP_SIGNALS
+
 log = logging.getLogger("fineclip_ds")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: a worker ignores the stop signals. Slurm (scancel, preemption, the
-    time limit's --signal) signals every process of the job step, workers included, and torch's own
-    SIGTERM handler ended a worker, so the trainer failed with 'DataLoader worker ... is killed by
-    signal: Terminated' instead of saving. The trainer ends its workers itself when it stops."""
-    for stop_signal in STOP_SIGNALS:
-        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 class PreemptionWatch:
