@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from fineclip_ds.run_layout import LATEST, folder_with_latest, folders_that_may_hold_latest
+from fineclip_ds.sizes import height_width
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 BACKENDS = ("auto", "triton", "torch")
@@ -116,23 +117,33 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-# How a run runs, not what it trains: a resumed run may change these (the checkpoint's weights replace
-# model.pretrained). Every other field must stay as the run was saved with (`changed_run_settings`).
+# How a run runs, not what it trains: a resumed run may change these. data.train_shards may name the same
+# files elsewhere (the data stream refuses other files itself); model.pretrained is compared, because a
+# resume at another world size takes the frozen weights from it.
 FREE_ON_RESUME = frozenset({
-    "model.pretrained", "model.grad_checkpointing", "model.checkpoint_every", "model.attention",
-    "kernels.region_pool", "kernels.contrastive", "data.num_workers", "data.max_bad_fraction",
-    "train.stop_at_step", "train.output_dir", "train.resume", "train.save_every", "train.keep_last",
-    "train.log_every", "train.max_consecutive_nonfinite", "eval.every", "eval.images", "eval.batch_size",
+    "model.grad_checkpointing", "model.checkpoint_every", "model.attention", "kernels.region_pool",
+    "kernels.contrastive", "data.train_shards", "data.num_workers", "data.max_bad_fraction", "train.stop_at_step",
+    "train.output_dir", "train.resume", "train.save_every", "train.keep_last", "train.log_every",
+    "train.max_consecutive_nonfinite", "eval.every", "eval.images", "eval.batch_size",
 })
 
 
 def changed_run_settings(saved: dict[str, Any], config: RunConfig) -> list[tuple[str, Any, Any]]:
     """(field, saved value, value now) for each field outside FREE_ON_RESUME that differs from `saved`
-    (a `to_dict()` of the run's config); fields `saved` lacks (added since) are not compared."""
-    now = config.to_dict()
-    return [(f"{section}.{name}", value, now[section][name]) for section, fields in saved.items()
-            for name, value in fields.items() if section in now and name in now[section]
-            and f"{section}.{name}" not in FREE_ON_RESUME and now[section][name] != value]
+    (a `to_dict()` of the run's config); fields `saved` lacks (added since) are not compared, and an image
+    size given as 224 equals [224, 224]."""
+    now, changed = config.to_dict(), []
+    for section, fields in saved.items():
+        for name, before in fields.items():
+            field_path = f"{section}.{name}"
+            if section not in now or name not in now[section] or field_path in FREE_ON_RESUME:
+                continue
+            after = now[section][name]
+            if field_path == "model.image_size" and None not in (before, after):
+                before, after = height_width(before), height_width(after)
+            if before != after:
+                changed.append((field_path, saved[section][name], now[section][name]))
+    return changed
 
 
 def _coerce(path: str, value: Any, annotation: Any) -> Any:

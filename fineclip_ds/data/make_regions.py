@@ -14,7 +14,7 @@ under a temporary name and renamed when complete: a rerun skips finished shards 
 ones. A unit whose input could not be read in full (a truncated or vanished input shard) keeps its
 counts but no .tar, so a rerun retries it; the summary counts it under unreadable_input_shards. An input
 shard truncated for good is finished from the records before the break by a rerun with --keep_readable_part
-(counted under partly_read_input_shards). Units
+(counted under partly_read_input_shards), once a read of it has broken before. Units
 are split over processes by RANK / WORLD_SIZE (torchrun) or SLURM_PROCID / SLURM_NTASKS (srun), one
 GPU each. Each process, when done, sums the counts of every finished shard into
 `<output_dir>/summary.json`: the last one to finish writes the complete summary.
@@ -122,7 +122,10 @@ def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Pr
                images_per_call: int = IMAGES_PER_CALL, keep_readable_part: bool = False) -> Counter:
     """Annotate one unit into `target` (.tar, atomically), `images_per_call` images at a time; returns its counts.
 
-    A unit whose input broke off is finished only with `keep_readable_part`: else a rerun retries it."""
+    A unit whose input broke off is finished only with `keep_readable_part`, and only when an earlier attempt
+    broke too: a read that failed once (a network mount's hiccup) is retried, not finished half-empty."""
+    counts_file = target.with_suffix(".json")
+    broke_before = counts_file.is_file() and json.loads(counts_file.read_text()).get("corrupt_shard", 0) > 0
     counts: Counter = Counter()
     partial = target.with_suffix(".tar.tmp")
     taken_keys: set[str] = set()
@@ -134,11 +137,11 @@ def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Pr
                 writer.write(record)
             if progress:
                 progress.images(len(chunk), counts["regions"] - regions_before)
-    target.with_suffix(".json").write_text(json.dumps(counts))  # counts first: a finished .tar always has them
-    if counts["corrupt_shard"] and not keep_readable_part:  # left unfinished: a rerun retries it
+    counts_file.write_text(json.dumps(counts))  # counts first: a finished .tar always has them
+    if counts["corrupt_shard"] and not (keep_readable_part and broke_before):  # unfinished: a rerun retries it
         partial.unlink()
         log.warning("%s: its input could not be read in full (see above); not marked finished, a rerun retries it. "
-                    "If that input stays truncated, rerun with --keep_readable_part to keep the %d images read "
+                    "If that input stays truncated, a rerun with --keep_readable_part keeps the %d images read "
                     "before the break", target.name, counts["images_out"])
     else:
         os.replace(partial, target)

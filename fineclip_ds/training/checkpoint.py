@@ -146,21 +146,52 @@ def check_same_model(point: ResumePoint, model: nn.Module) -> None:
                           "settings it was trained with, or start a new train.output_dir")
 
 
-def check_same_run_settings(point: ResumePoint, config: RunConfig) -> None:
-    """A resumed run continues with the settings its checkpoint was saved with: its optimizer and learning-rate
-    schedule come back from the checkpoint, so a changed optim.lr was ignored while config.json showed the
-    new value, and a longer train.max_steps re-shaped the cosine schedule mid-run (the lr fell to its floor,
-    then jumped back up). Such changes are refused, naming each field. Checkpoints saved before the settings
-    were recorded in them are not checked."""
+def check_same_run_settings(point: ResumePoint, config: RunConfig, checkpoint_dir: Path) -> None:
+    """A run continued in its own folder keeps the settings its checkpoint was saved with: a resubmitted job
+    of another experiment merged into it without a word. A run branched from another run's checkpoint into a
+    new folder may change what it trains (named in a warning), but not the optimizer settings or
+    train.max_steps: the optimizer state and learning-rate schedule come back from the checkpoint, so a new
+    optim.lr was ignored while config.json showed it, and a longer max_steps re-shaped the cosine schedule
+    mid-run (the lr fell to its floor, then jumped back up). Checkpoints that hold no settings (saved before
+    they were recorded) are not checked."""
     state_file = point.directory / point.tag / "trainer_state_rank0.pt"
-    saved = torch.load(state_file, map_location="cpu", weights_only=False).get("config") if state_file.is_file() else None
-    changed = changed_run_settings(saved, config) if saved else []
-    if changed:
-        listed = "; ".join(f"{field}: {json.dumps(before)} there, {json.dumps(now)} now" for field, before, now in changed)
-        raise ConfigError(f"train.resume: {point.directory / point.tag} was trained with other settings ({listed}). "
-                          "A resumed run keeps the settings it was saved with: resume without these changes "
-                          "(train.stop_at_step ends a job early), or train with them in a new train.output_dir "
-                          f"from its weights (--set model.pretrained={point.directory / point.tag})")
+    if not state_file.is_file():
+        return  # not a complete checkpoint: `load` says so
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    changed = changed_run_settings(state["config"], config) if "config" in state else []
+    own = point.directory.resolve() == checkpoint_dir.resolve()
+    refused = changed if own else [change for change in changed if _restored_from_the_checkpoint(change[0])]
+    weights_only = f"--set model.pretrained={point.directory / point.tag}"
+    if refused and own:
+        raise ConfigError(f"train.resume: {point.directory / point.tag} was trained with other settings "
+                          f"({_listed(refused)}). A run continued in its folder keeps the settings it was saved "
+                          "with: resume without these changes (train.stop_at_step ends a job early), or train with "
+                          f"them in a new train.output_dir from its weights ({weights_only})")
+    if refused:
+        raise ConfigError(f"train.resume: {point.directory / point.tag} was trained with other optimizer settings "
+                          f"({_listed(refused)}), and a run resumed from it takes its optimizer state and "
+                          "learning-rate schedule, which would ignore them or re-shape the schedule: keep them, or "
+                          f"start from its weights alone ({weights_only})")
+    if changed and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning("branching from %s with other settings (%s): the optimizer state, schedule position and data "
+                    "position carry on", point.directory / point.tag, _listed(changed))
+
+
+def job_of_latest(checkpoint_dir: Path) -> str | None:
+    """The Slurm job id recorded by the save `latest` names (None: no checkpoint, or saved outside Slurm)."""
+    latest = checkpoint_dir / LATEST
+    state_file = checkpoint_dir / latest.read_text().strip() / "trainer_state_rank0.pt" if latest.is_file() else None
+    if state_file is None or not state_file.is_file():
+        return None
+    return torch.load(state_file, map_location="cpu", weights_only=False).get("slurm_job_id")
+
+
+def _restored_from_the_checkpoint(field_path: str) -> bool:
+    return field_path.startswith("optim.") or field_path == "train.max_steps"
+
+
+def _listed(changes: list[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{field}: {json.dumps(before)} there, {json.dumps(now)} now" for field, before, now in changes)
 
 
 def _barrier() -> None:

@@ -17,7 +17,7 @@ from fineclip_ds.config import ConfigError, KernelConfig, RunConfig
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
-from fineclip_ds.run_layout import LATEST, checkpoints_folder
+from fineclip_ds.run_layout import checkpoints_folder
 from fineclip_ds.training import checkpoint
 from fineclip_ds.training.build import build_train_stream
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops
@@ -53,10 +53,12 @@ def seed_everything(seed: int) -> None:
 
 
 def resume_of_a_requeued_job(resume: str | None, checkpoint_dir: Path) -> str | None:
-    """A requeued job continues its own run once that has saved a checkpoint, whatever --resume started the
-    job: an sbatch ... --resume PATH otherwise restarted every allocation from PATH and, finding the run's own
-    checkpoints, stopped (exit 2). Before its first save it starts as --resume says."""
-    if os.environ.get(REQUEUED_VARIABLE) == "1" and (checkpoint_dir / LATEST).is_file():
+    """A requeued job continues from the latest checkpoint this job saved, whatever --resume started it: an
+    sbatch ... --resume PATH otherwise restarted every allocation from PATH and, finding the run's own
+    checkpoints, stopped (exit 2). Before the job's first save it starts as --resume says, a rollback to an
+    older tag of the run included (the later tags' `latest` is not this job's)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get(REQUEUED_VARIABLE) == "1" and job is not None and checkpoint.job_of_latest(checkpoint_dir) == job:
         return "auto"
     return resume
 
@@ -141,7 +143,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     config.train.resume = resume_of_a_requeued_job(config.train.resume, checkpoint_dir)
     resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
     if resume_point is not None:
-        checkpoint.check_same_run_settings(resume_point, config)
+        checkpoint.check_same_run_settings(resume_point, config, checkpoint_dir)
     seed_everything(config.train.seed)
     model, tokenizer, normalization = create_fineclip(config.model, announce=rank == 0)
     objective = FineCLIPObjective(model, config.losses, config.kernels)
@@ -206,7 +208,8 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
 
     def trainer_state(step: int) -> dict[str, Any]:
         """Collective (the data counts are summed over ranks)."""
-        return {"step": step, "config": config.to_dict(), "stream": stream.state_dict(), "world_size": world_size,
+        return {"step": step, "config": config.to_dict(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "stream": stream.state_dict(), "world_size": world_size,
                 "skipped_nonfinite": nonfinite.skipped,
                 "data_counts": dict(_sum_counters_over_ranks(data_counts, world_size)),
                 "run_totals": run_totals().state_dict()}

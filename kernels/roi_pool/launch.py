@@ -21,7 +21,6 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from kernels.device import launch_device, multiprocessor_count
 from kernels.roi_pool import reference
-from kernels.roi_pool.reference import NORMALIZE_EPS
 from kernels.roi_pool.triton_kernels import region_factors_kernel, region_pool_bwd_kernel, region_pool_fwd_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -116,13 +115,13 @@ def pool_forward(
             tokens, rows, cols, out, rows if norms is None else norms,
             regions, channels, *grid_hw,
             *tokens.stride(),
-            NORMALIZE_EPS,
+            reference.NORMALIZE_EPS,
             NORMALIZE=fused, DOT_PRECISION=_dot_precision(tokens.dtype),
             BLOCK_R=block_r, BLOCK_T=_tile(grid_hw[0] * grid_hw[1], largest_t), BLOCK_C=block_c, num_warps=NUM_WARPS,
         )
     if second_pass:
         norms = torch.linalg.vector_norm(out, dim=-1)
-        out = (out / norms.clamp_min(NORMALIZE_EPS).unsqueeze(-1)).to(tokens.dtype)
+        out = (out / norms.clamp_min(reference.NORMALIZE_EPS).unsqueeze(-1)).to(tokens.dtype)
     return out, norms
 
 
@@ -151,7 +150,7 @@ def pool_backward(
             grad_out, out, row_dots, rows if norms is None else norms, rows, cols, grad_tokens,
             regions, channels, *grid_hw,
             *grad_out.stride(),
-            NORMALIZE_EPS,
+            reference.NORMALIZE_EPS,
             NORMALIZE=normalize, DOT_PRECISION=_dot_precision(out.dtype),
             BLOCK_R=_tile(regions, largest_r), BLOCK_T=block_t, BLOCK_C=block_c, num_warps=NUM_WARPS,
         )

@@ -90,12 +90,12 @@ def test_a_requeued_allocation_tells_the_trainer_to_continue_its_own_run(tmp_pat
     start = ("--resume", "runs/a/checkpoints/step_00000500", "--output_dir", "runs/b")
     assert _run_job(tmp_path, preempted=True, job_args=start) == (0, "requeue 4242\n")
     assert _resume_of_the_task(tmp_path) == "runs/a/checkpoints/step_00000500"
-    assert (tmp_path / "python_requeued").read_text() == "\n"
+    assert (tmp_path / "python_requeued").read_text() == "0\n"
     for restarts in ("1", "2"):
         _run_job(tmp_path, preempted=False, job_args=start, SLURM_RESTART_COUNT=restarts)
         assert (tmp_path / "python_requeued").read_text() == "1\n"
-    _run_job(tmp_path, preempted=False, job_args=start, SLURM_RESTART_COUNT="0")
-    assert (tmp_path / "python_requeued").read_text() == "\n"
+    _run_job(tmp_path, preempted=False, job_args=start, SLURM_RESTART_COUNT="0", FINECLIP_REQUEUED="1")
+    assert (tmp_path / "python_requeued").read_text() == "0\n"  # not taken over from the submitting shell
     assert not list(tmp_path.glob(".fineclip-*"))  # nothing left beside the job's log
 
 

@@ -4,9 +4,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
-from fineclip_ds.config import ConfigError
-from fineclip_ds.training.checkpoint import ResumePoint, _prune, _set_aside_later_tags, find_resume_point, tag_for_step
+from fineclip_ds.config import ConfigError, RunConfig, load_config
+from fineclip_ds.training.checkpoint import (ResumePoint, _prune, _set_aside_later_tags, check_same_run_settings,
+                                             find_resume_point, tag_for_step)
 from fineclip_ds.training.engine import resume_of_a_requeued_job
 from tests.training.launcher import COMMON, REPO, run_pretrain
 
@@ -86,16 +88,51 @@ def test_a_resume_that_changes_what_the_run_trains_is_refused_naming_each_field(
                  "--set", "data.num_workers=1", "--set", "train.stop_at_step=4")
 
 
-def test_a_requeued_job_continues_its_own_run_once_it_has_a_checkpoint(tmp_path, monkeypatch):
+def test_a_requeued_job_continues_from_the_checkpoint_this_job_saved(tmp_path, monkeypatch):
     """launch/slurm_pretrain.sbatch sets FINECLIP_REQUEUED=1 on an allocation Slurm requeued: sbatch ... --resume
-    PATH restarted from PATH, then stopped on meeting the run's own checkpoints. Before the run's first save
-    it starts from PATH still, not from scratch."""
+    PATH restarted from PATH, then stopped on meeting the run's own checkpoints. Before the job's first save it
+    starts from PATH still, not from scratch, nor from a later tag it was rolled back from."""
     start = str(_checkpoints(tmp_path / "a", [500], latest=500))
     own = tmp_path / "b" / "checkpoints"
     monkeypatch.setenv("FINECLIP_REQUEUED", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
     assert resume_of_a_requeued_job(start, own) == start  # died before its first save
-    _checkpoints(tmp_path / "b", [20], latest=20)
+    _checkpoints(tmp_path / "b", [10, 20], latest=20)
+    rollback = str(own / tag_for_step(10))
+    torch.save({"slurm_job_id": "76"}, own / tag_for_step(20) / "trainer_state_rank0.pt")
+    assert resume_of_a_requeued_job(rollback, own) == rollback  # step 20 is an earlier job's: the rollback stands
+    torch.save({"slurm_job_id": "77"}, own / tag_for_step(20) / "trainer_state_rank0.pt")
     assert resume_of_a_requeued_job(start, own) == "auto"
     assert find_resume_point(resume_of_a_requeued_job(start, own), own) == ResumePoint(own, tag_for_step(20))
     monkeypatch.delenv("FINECLIP_REQUEUED")
     assert resume_of_a_requeued_job(start, own) == start  # not requeued: refused, as any second run would be
+
+
+def _saved_with(root: Path, config: RunConfig) -> ResumePoint:
+    checkpoints = _checkpoints(root, [8], latest=8)
+    torch.save({"config": config.to_dict()}, checkpoints / tag_for_step(8) / "trainer_state_rank0.pt")
+    return ResumePoint(checkpoints, tag_for_step(8))
+
+
+def test_a_run_branched_into_a_new_folder_may_change_what_it_trains_but_not_its_optimizer(tmp_path, caplog):
+    """Branching from another run's tag (optimizer state, schedule and data position carry on) into a new folder
+    changes the objective on purpose; in the run's own folder the same change is another experiment merged in."""
+    saved = load_config("tiny-cpu", ["model.image_size=64"])
+    point = _saved_with(tmp_path / "run", saved)
+    branch = load_config("tiny-cpu", ["model.image_size=[64, 64]", "losses.w_sd=0", "data.train_shards=/moved/{0..3}.tar",
+                                      "train.log_every=1"])
+    with caplog.at_level(logging.WARNING, logger="fineclip_ds"):
+        check_same_run_settings(point, branch, tmp_path / "branch" / "checkpoints")
+    assert "branching from" in caplog.text and "losses.w_sd: 1.0 there, 0.0 now" in caplog.text
+    assert "image_size" not in caplog.text and "train_shards" not in caplog.text and "log_every" not in caplog.text
+    with pytest.raises(ConfigError, match=r"other settings \(losses.w_sd: 1.0 there, 0.0 now\)"):
+        check_same_run_settings(point, branch, point.directory)
+    for change in ("optim.lr=7e-4", "train.max_steps=999"):
+        with pytest.raises(ConfigError, match=r"other optimizer settings \((optim.lr|train.max_steps)"):
+            check_same_run_settings(point, load_config("tiny-cpu", ["model.image_size=64", change]),
+                                    tmp_path / "branch" / "checkpoints")
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"")
+    with pytest.raises(ConfigError, match="model.pretrained: null there"):  # frozen weights come from it at times
+        check_same_run_settings(point, load_config("tiny-cpu", ["model.image_size=64", f"model.pretrained={weights}"]),
+                                point.directory)
