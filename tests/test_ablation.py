@@ -29,6 +29,35 @@ def test_ablation_writes_one_record_per_loss_set(tmp_path):
     assert "| L_GC+L_SD+L_RC |" in (tmp_path / "ablation.md").read_text()
     # each loss set trained with its own weights
     assert json.loads((tmp_path / "L_GC" / "config.json").read_text())["losses"]["w_rc"] == 0.0
+    assert all(record["final_train_loss"] > 0 and record["eval_images"] == 16 for record in records)
+
+    rerun = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                           text=True, timeout=600)  # nothing left to train: the same records, the loss kept
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((tmp_path / "ablation.json").read_text()) == records
+    other = subprocess.run([*command[:4], "3", *command[5:]], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2
+    assert f"--output_dir {tmp_path} holds an ablation with --steps 2 --seed 3" in " ".join(other.stderr.split())
+
+
+def test_a_loss_set_stopped_early_writes_no_table(tmp_path, monkeypatch, capsys):
+    """A stop signal ended a loss set at step 9 of 20: it was evaluated anyway and the table said 20 steps."""
+    import fineclip_ds.ablation as ablation
+
+    def stopped_at_step_1(config, deepspeed_config):
+        Path(config.train.output_dir).mkdir(parents=True)
+        (Path(config.train.output_dir) / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+
+    monkeypatch.setattr(ablation, "train", stopped_at_step_1)
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--steps", "2", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert "L_GC stopped at step 1 of 2" in capsys.readouterr().err
+    assert not (tmp_path / "ablation.json").exists()
+    with pytest.raises(SystemExit) as exit_info:  # every loss set is evaluated at its last step, or not at all
+        ablation.main(["--steps", "2", "--output_dir", str(tmp_path / "b"), "--set", "train.stop_at_step=1"])
+    assert exit_info.value.code == 2 and "train.stop_at_step: got 1" in capsys.readouterr().err
 
 
 def test_a_bad_setting_exits_like_pretrain_with_the_message(tmp_path, capsys):
