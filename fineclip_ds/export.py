@@ -57,6 +57,8 @@ def resolve_checkpoint(checkpoint: str | Path, field: str = "--checkpoint") -> C
         if not (folder / tag).is_dir():
             raise FileNotFoundError(f"{field} {checkpoint}: a universal checkpoint is exported from the "
                                     f"tag it was converted from, and {folder / tag} is missing")
+    if not (folder / tag).is_dir():  # a tag folder that is not there, beside a `latest` naming another
+        raise FileNotFoundError(f"{field} {checkpoint}: no such checkpoint (the run folder's latest is {latest})")
     config_file = folder.parent / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else None
     return CheckpointSource(folder, tag, config)

@@ -362,3 +362,11 @@ def test_the_world_task_scores_a_run_on_its_own_world_and_records_it(runs, tmp_p
     assert own["weights"] == str(run / "checkpoints" / "step_00000004")
     assert {key: value for key, value in own.items() if key not in ("checkpoint", "weights")} == \
         {key: value for key, value in given.items() if key not in ("checkpoint", "weights")}
+
+
+def test_a_tag_folder_that_is_not_there_is_named_as_the_checkpoint_given(runs, tmp_path):
+    """It went on to fail in the model build as 'model.pretrained ...: Directory ... doesn't exist'."""
+    missing = runs["one_zero2"] / "checkpoints" / "step_00000003"
+    with pytest.raises(SystemExit, match=rf"--checkpoint {missing}: no such checkpoint \(the run folder's latest is "
+                                         r"step_00000004\)"):
+        main(["--checkpoint", str(missing), "--task", "world", "--output", str(tmp_path / "r.json")])
