@@ -59,7 +59,16 @@ def run(args: argparse.Namespace) -> dict:
     size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
     _check_inputs(args)
     annotations = _read_annotations(args)
-    model, tokenizer, normalization = load_for_evaluation(args.checkpoint, args.model, device, size)
+    source = resolve_checkpoint(args.checkpoint)
+    # the tag `latest` names now, loaded and recorded as such: a run still training moves `latest` on
+    weights = source.path if source.tag is None else source.path / source.tag
+    model, tokenizer, normalization = load_for_evaluation(weights, args.model, device, size)
+    return {"weights": str(weights), **_evaluate_task(args, annotations, model, tokenizer, normalization, device,
+                                                      dtype, source.run_config)}
+
+
+def _evaluate_task(args: argparse.Namespace, annotations: Annotations, model: FineCLIP, tokenizer: Tokenizer,
+                   normalization: tuple, device: torch.device, dtype: torch.dtype, run_config: dict | None) -> dict:
     if args.task == "box-cls":
         return evaluate_box_classification(model, tokenizer, normalization, annotations, args.templates,
                                            args.batch_size, not args.no_crop_baseline, device, dtype)
@@ -75,18 +84,18 @@ def run(args: argparse.Namespace) -> dict:
         output_dir = args.output.parent / "dense_viz" if args.output else args.images.parent / "dense_viz"
         written, unreadable = write_dense_pictures(model, normalization, annotations, output_dir, device)
         return {"pictures": [str(path) for path in written], "skipped_unreadable_image": unreadable}
-    seed, world_size = _held_out_world(args)
+    seed, world_size = _held_out_world(args, run_config)
     results = evaluate_on_world(model, tokenizer, normalization, ShapesWorld(seed=seed, image_size=world_size),
                                 args.max_images, args.batch_size, device, crop_baseline=not args.no_crop_baseline,
                                 dtype=dtype, progress=True)
     return {"world_seed": seed, "world_image_size": world_size, **results}
 
 
-def _held_out_world(args: argparse.Namespace) -> tuple[int, int]:
+def _held_out_world(args: argparse.Namespace, run_config: dict | None) -> tuple[int, int]:
     """(seed, image size) of the shapes world: as given, else the run's own (data.world_seed and
     data.world_image_size of its config.json), else the defaults. A run trained on another world was
     scored on the default one's pictures without a word, unlike its eval/* during training."""
-    data = (resolve_checkpoint(args.checkpoint).run_config or {}).get("data", {})
+    data = (run_config or {}).get("data", {})
     seed = args.world_seed if args.world_seed is not None else data.get("world_seed", DEFAULT_WORLD_SEED)
     size = (args.world_image_size if args.world_image_size is not None
             else data.get("world_image_size", DEFAULT_WORLD_IMAGE_SIZE))
@@ -169,12 +178,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _weights_read(checkpoint: str) -> str:
-    """The file or tag folder the weights came from: a run folder's `latest` moves on as the run trains."""
-    source = resolve_checkpoint(checkpoint)
-    return str(source.path if source.tag is None else source.path / source.tag)
-
-
 def _results_path(args: argparse.Namespace) -> Path:
     """The results JSON, checked (and its folder made) before the evaluation, whose results it would lose."""
     output = args.output or Path(f"eval_{args.task}.json")
@@ -192,9 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     output = _results_path(args)
     try:
-        outcome = run(args)
-        results = {"task": args.task, "checkpoint": str(args.checkpoint), "weights": _weights_read(args.checkpoint),
-                   **outcome}
+        results = {"task": args.task, "checkpoint": str(args.checkpoint), **run(args)}
     except (FileNotFoundError, ValueError) as error:  # a bad --checkpoint / --model: say so, no traceback
         raise SystemExit(f"evaluate: {error}") from error
     output.write_text(json.dumps(results, indent=2))
