@@ -154,10 +154,7 @@ def check_same_run_settings(point: ResumePoint, config: RunConfig, checkpoint_di
     optim.lr was ignored while config.json showed it, and a longer max_steps re-shaped the cosine schedule
     mid-run (the lr fell to its floor, then jumped back up). Checkpoints that hold no settings (saved before
     they were recorded) are not checked."""
-    state_file = point.directory / point.tag / "trainer_state_rank0.pt"
-    if not state_file.is_file():
-        return  # not a complete checkpoint: `load` says so
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    state = _saved_trainer_state(point.directory / point.tag) or {}  # none: not a complete checkpoint, `load` says so
     changed = changed_run_settings(state["config"], config) if "config" in state else []
     own = point.directory.resolve() == checkpoint_dir.resolve()
     refused = changed if own else [change for change in changed if _restored_from_the_checkpoint(change[0])]
@@ -180,10 +177,18 @@ def check_same_run_settings(point: ResumePoint, config: RunConfig, checkpoint_di
 def job_of_latest(checkpoint_dir: Path) -> str | None:
     """The Slurm job id recorded by the save `latest` names (None: no checkpoint, or saved outside Slurm)."""
     latest = checkpoint_dir / LATEST
-    state_file = checkpoint_dir / latest.read_text().strip() / "trainer_state_rank0.pt" if latest.is_file() else None
-    if state_file is None or not state_file.is_file():
-        return None
-    return torch.load(state_file, map_location="cpu", weights_only=False).get("slurm_job_id")
+    state = _saved_trainer_state(checkpoint_dir / latest.read_text().strip()) if latest.is_file() else None
+    return state.get("slurm_job_id") if state else None
+
+
+def _trainer_state_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"trainer_state_rank{rank}.pt"
+
+
+def _saved_trainer_state(tag_dir: Path) -> dict[str, Any] | None:
+    """Rank 0's trainer state of a tag (the same settings and job id on every rank), None when absent."""
+    state_file = _trainer_state_file(tag_dir, 0)
+    return torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
 
 
 def _restored_from_the_checkpoint(field_path: str) -> bool:
@@ -208,7 +213,7 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
         shutil.rmtree(partial_dir, ignore_errors=True)  # left by a job killed while saving
     _barrier()
     partial_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({**trainer_state, "rng": rng_state()}, partial_dir / f"trainer_state_rank{engine.global_rank}.pt")
+    torch.save({**trainer_state, "rng": rng_state()}, _trainer_state_file(partial_dir, engine.global_rank))
     engine.save_checkpoint(str(checkpoint_dir), tag=partial_tag, save_latest=False,
                            client_state={"step": step, UNIVERSAL_CHECKPOINT_INFO: {}})
     _barrier()
@@ -301,7 +306,7 @@ def load(engine, point: ResumePoint) -> dict[str, Any]:
     saved_ranks = saved_world_size(point)
     if saved_ranks == 0:
         raise FileNotFoundError(f"{point.directory / point.tag} has no trainer_state_rank*.pt: not a complete checkpoint")
-    state_file = point.directory / point.tag / f"trainer_state_rank{engine.global_rank % saved_ranks}.pt"
+    state_file = _trainer_state_file(point.directory / point.tag, engine.global_rank % saved_ranks)
     loaded, _ = engine.load_checkpoint(str(point.directory), tag=point.tag)
     if loaded is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint at {point.directory}/{point.tag}")
@@ -310,6 +315,6 @@ def load(engine, point: ResumePoint) -> dict[str, Any]:
     state = torch.load(state_file, weights_only=False)
     set_rng_state(state.pop("rng"))
     if saved_ranks != (dist.get_world_size() if dist.is_initialized() else 1):
-        state["stream"]["ranks"] = [torch.load(point.directory / point.tag / f"trainer_state_rank{rank}.pt",
+        state["stream"]["ranks"] = [torch.load(_trainer_state_file(point.directory / point.tag, rank),
                                                weights_only=False)["stream"] for rank in range(saved_ranks)]
     return state
