@@ -107,7 +107,8 @@ def pool_forward(
     block_c = _tile(channels, largest_c)
     second_pass = normalize and (picks_second_pass(tokens, regions) if second_pass is None else second_pass)
     fused = normalize and not second_pass
-    out = tokens.new_empty(batch, regions, channels, dtype=torch.float32 if second_pass else tokens.dtype)
+    # Normalised rows are pooled and rescaled in fp32 and rounded to the tokens' dtype once, at the end.
+    out = tokens.new_empty(batch, regions, channels, dtype=torch.float32 if normalize else tokens.dtype)
     norms = rows.new_empty(batch, regions) if fused else None
     grid = (batch, triton.cdiv(regions, block_r), 1 if fused else triton.cdiv(channels, block_c))
     with launch_device(tokens):
@@ -121,8 +122,8 @@ def pool_forward(
         )
     if second_pass:
         norms = torch.linalg.vector_norm(out, dim=-1)
-        out = (out / norms.clamp_min(reference.NORMALIZE_EPS).unsqueeze(-1)).to(tokens.dtype)
-    return out, norms
+        out = out / norms.clamp_min(reference.NORMALIZE_EPS).unsqueeze(-1)
+    return out.to(tokens.dtype), norms
 
 
 def pool_backward(
