@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -17,6 +16,7 @@ import deepspeed  # noqa: E402
 
 from fineclip_ds.config import ConfigError, load_config, positive_int  # noqa: E402
 from fineclip_ds.data.streams import DataError  # noqa: E402
+from fineclip_ds.run_logging import configure_rank_logging  # noqa: E402
 from fineclip_ds.training.engine import train  # noqa: E402
 from fineclip_ds.training.nonfinite import NonFiniteLossError  # noqa: E402
 from fineclip_ds.training.dry_run import plan  # noqa: E402
@@ -50,8 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fineclip_ds").setLevel(logging.INFO)
+    configure_rank_logging(int(os.environ.get("RANK", "0")))
     overrides = list(args.set)
     for field, value in (("output_dir", args.output_dir), ("max_steps", args.max_steps), ("seed", args.seed),
                          ("resume", args.resume)):

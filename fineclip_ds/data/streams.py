@@ -22,6 +22,7 @@ from fineclip_ds.data.stream_positions import (Piece, check_ranks, normalized, r
                                              resplit, shard_list_fingerprint, unit_of)
 from fineclip_ds.data.transforms import RegionTransform
 from fineclip_ds.data.workers import leave_stop_signals_to_the_trainer
+from fineclip_ds.run_logging import PER_RANK
 
 log = logging.getLogger("fineclip_ds")
 
@@ -120,7 +121,7 @@ def read_raw_records(shards: list[str], counts: Counter) -> Iterator[dict[str, A
     def count_and_continue(error: Exception) -> bool:
         counts["corrupt_shard"] += 1
         failed.update(arg for arg in error.args if isinstance(arg, str) and arg in known)  # webdataset adds the url
-        log.warning("skipping unreadable shard data: %s", error)  # webdataset's message names the shard
+        log.warning("skipping unreadable shard data: %s", error, extra=PER_RANK)  # webdataset's message names the shard
         return True
 
     for record in wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
@@ -168,7 +169,7 @@ class ShardHealth:
             return Counter()
         self.reported.add(shard)
         log.warning("shard %s: %d of %d records unusable (more than data.max_bad_fraction=%.2f)",
-                    shard, bad, records, self.max_bad_fraction)
+                    shard, bad, records, self.max_bad_fraction, extra=PER_RANK)
         return Counter(bad_shard=1)
 
 

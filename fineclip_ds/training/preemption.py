@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from fineclip_ds.data.workers import STOP_SIGNALS
+from fineclip_ds.run_logging import PER_RANK
 
 log = logging.getLogger("fineclip_ds")
 
@@ -33,5 +34,5 @@ class PreemptionWatch:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0 and self._received is not None:
             log.warning("received %s: finishing this step, saving a checkpoint and exiting",
-                        signal.Signals(self._received).name)
+                        signal.Signals(self._received).name, extra=PER_RANK)
         return flag.item() > 0
