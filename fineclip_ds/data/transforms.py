@@ -6,9 +6,11 @@ centre crop; boxes are scaled with the image. A bad box is dropped and counted, 
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
@@ -20,9 +22,9 @@ MIN_BOX_SIDE_PX = 1.0  # at model resolution: thinner boxes pool less than one t
 
 
 def as_number(value: Any) -> float | None:
-    """A JSON value as a float: None when it is not a number ("12", None, True); inf for an integer past
-    float range (JSON integers have no size limit: 1 followed by 400 zeros)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A JSON or numpy value as a float: None when it is not a number ("12", None, True); inf for an integer
+    past float range (JSON integers have no size limit: 1 followed by 400 zeros)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         return None
     try:
         return float(value)
@@ -31,11 +33,15 @@ def as_number(value: Any) -> float | None:
 
 
 def validate_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) -> tuple[list[list[float]], list[int], Counter]:
-    """Keep boxes that overlap the image (clipped to it); returns (kept, their indices, drops by reason)."""
+    """Keep boxes that overlap the image (clipped to it); returns (kept, their indices, drops by reason).
+
+    `boxes` as JSON gives them (lists), or as a detector does (a numpy array or tensor, or a list of them)."""
     kept: list[list[float]] = []
     kept_index: list[int] = []
     drops: Counter = Counter()
-    for index, box in enumerate(boxes):
+    for index, box in enumerate(boxes.tolist() if isinstance(boxes, (np.ndarray, torch.Tensor)) else boxes):
+        if isinstance(box, (np.ndarray, torch.Tensor)):
+            box = box.tolist()
         if not isinstance(box, (list, tuple)) or len(box) != 4:
             drops["box_malformed"] += 1
             continue

@@ -50,3 +50,16 @@ def test_a_16_bit_grey_png_is_scaled_to_8_bits_not_clipped_white():
     transform = RegionTransform(32, MEAN, STD, crop_source_scale=2)
     torch.testing.assert_close(transform(sixteen_bit, [])[0], transform(eight_bit, [])[0])
     torch.testing.assert_close(transform.crop_source(sixteen_bit), transform.crop_source(eight_bit))
+
+
+def test_boxes_from_a_detector_as_arrays_or_tensors_are_kept_like_lists():
+    """A numpy array, a tensor, a list of rows of either, or numpy integers: the same boxes as plain lists
+    (every one of them was dropped as box_malformed, so a library caller got no regions and no error)."""
+    listed = [[10, 20, 50, 60], [0.5, 1.5, 30.25, 40.0]]
+    kept, indices, drops = validate_boxes(listed, 100, 80)
+    array = np.array(listed, dtype=np.float32)
+    for boxes in (array, torch.tensor(listed), list(array), list(torch.tensor(listed)),
+                  [[np.int64(v) for v in listed[0]], [np.float64(v) for v in listed[1]]]):
+        assert validate_boxes(boxes, 100, 80) == (kept, indices, drops), type(boxes)
+    assert len(kept) == 2 and not drops
+    assert validate_boxes([[np.bool_(True), 1, 2, 3]], 100, 80)[2] == {"box_malformed": 1}
