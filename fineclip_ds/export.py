@@ -126,10 +126,11 @@ def trained_image_size(source: CheckpointSource) -> int | list[int] | None:
     return (source.run_config or {}).get("model", {}).get("image_size")
 
 
-def export(checkpoint: str | Path, output: Path, model_name: str | None = None) -> tuple[str, Path]:
+def export(checkpoint: str | Path, output: str | Path, model_name: str | None = None) -> tuple[str, Path]:
     """Write the state dict and its open_clip model config; returns (model name, state-dict path)."""
     import fineclip_ds.models.factory  # noqa: F401  registers our model configs with open_clip
 
+    output = Path(output)
     source = resolve_checkpoint(checkpoint)
     name = model_name_of(source, model_name)
     model_config = open_clip.get_model_config(name)

@@ -81,7 +81,7 @@ def test_a_universal_tag_exports_its_original_and_a_tag_still_being_written_is_r
     tag = (checkpoints / "latest").read_text().strip()
     universal = convert_to_universal(ResumePoint(checkpoints, tag), rank=0)
     _, from_run = export(run, tmp_path / "run.pt")
-    _, from_universal = export(checkpoints / universal.tag, tmp_path / "universal.pt")
+    _, from_universal = export(str(checkpoints / universal.tag), str(tmp_path / "universal.pt"))  # paths as str too
     expected, got = torch.load(from_run, weights_only=True), torch.load(from_universal, weights_only=True)
     assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in expected)
     for suffix in (PARTIAL_SUFFIX, REPLACED_SUFFIX):
