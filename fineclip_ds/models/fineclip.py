@@ -54,6 +54,12 @@ def text_tower_of(clip: nn.Module) -> nn.Module:
 
 
 class FineCLIP(nn.Module):
+    """An open_clip CLIP model with FineCLIP's region path.
+
+    Images go in at the model's input size (`image_size`), normalised with the mean and std that
+    `create_fineclip` returns; every embedding comes out L2-normalised. A box over the whole image pools
+    the dense map, which is not the global embedding: `encode_image` is the one for whole images."""
+
     def __init__(
         self, clip: nn.Module, freeze_text: bool = True, grad_checkpointing: bool = False, checkpoint_every: int = 1,
         attention: str = "auto",
@@ -119,6 +125,7 @@ class FineCLIP(nn.Module):
 
     # --- towers ----------------------------------------------------------------------------
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings of tokenised captions (the tokenizer `create_fineclip` returns)."""
         # tokens: [N, L] -> [N, D] L2-normalised
         return F.normalize(self.clip.encode_text(tokens), dim=-1)
 
@@ -142,6 +149,7 @@ class FineCLIP(nn.Module):
         return self._run(block_fn, self.tower.blocks[-1], x, context, len(self.tower.blocks) - 1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's global image embedding (what plain open_clip gives for the exported weights)."""
         # images: [B, 3, H, W] -> [B, D] L2-normalised global embedding
         x, context = self._trunk(images)
         return F.normalize(self.tower.global_head(self._last_block(x, context, value_only=False)), dim=-1)
@@ -151,14 +159,20 @@ class FineCLIP(nn.Module):
 
         Returns ([B, D], [B, h*w, D] row-major over the (h, w) patch grid, (h, w)); both normalised."""
         x, context = self._trunk(images)
-        grid_hw = (images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1])
         global_embedding = self.tower.global_head(self._last_block(x, context, value_only=False))
-        dense = self.tower.dense_head(self._last_block(x, context, value_only=True))
-        return F.normalize(global_embedding, dim=-1), F.normalize(dense, dim=-1), grid_hw
+        return F.normalize(global_embedding, dim=-1), self._dense(x, context), self._grid_hw(images)
 
     def encode_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        _, dense, grid_hw = self.encode_image_and_dense(images)
-        return dense, grid_hw
+        """The dense token map alone (evaluation): the last block runs once, value-only, without the global head."""
+        # images: [B, 3, H, W] -> ([B, h*w, D] normalised, row-major over (h, w), (h, w))
+        x, context = self._trunk(images)
+        return self._dense(x, context), self._grid_hw(images)
+
+    def _dense(self, x: torch.Tensor, context) -> torch.Tensor:
+        return F.normalize(self.tower.dense_head(self._last_block(x, context, value_only=True)), dim=-1)
+
+    def _grid_hw(self, images: torch.Tensor) -> tuple[int, int]:
+        return images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1]
 
     def region_features(
         self,
@@ -168,6 +182,11 @@ class FineCLIP(nn.Module):
         box_mask: torch.Tensor | None = None,
         backend: str = "auto",
     ) -> torch.Tensor:
+        """Region features: each box RoIAligned (1x1) on the dense map, then L2-normalised.
+
+        `boxes` are x1, y1, x2, y2 in pixels of the model input (`data.transforms.RegionTransform` maps an
+        image's boxes there); `box_mask` True marks a real box. Masked boxes, and boxes that cover no part of
+        the map, give zero rows."""
         # dense: [B, h*w, D]; boxes: [B, R, 4] xyxy input pixels -> [B, R, D] normalised (masked rows 0)
         patch_h, patch_w = self.patch_size
         if patch_w != patch_h:  # region pooling takes one scale: x in units of the patch height, then 1/patch_h

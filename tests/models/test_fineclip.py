@@ -40,6 +40,23 @@ def test_dense_path_is_value_only_last_block():
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_dense_map_alone_runs_the_last_block_once_value_only():
+    """encode_dense (box classification, segmentation, dense pictures) ran the global last block too."""
+    model, _ = _model()
+    images = torch.randn(2, 3, 64, 64)
+    _, both_dense, both_grid = model.encode_image_and_dense(images)
+    last_block, run_block, full_last_blocks = model.tower.blocks[-1], model.tower.run_block, []
+
+    def counted_run_block(block, x, context):
+        full_last_blocks.extend([block] if block is last_block else [])
+        return run_block(block, x, context)
+
+    model.tower.run_block = counted_run_block
+    dense, grid_hw = model.encode_dense(images)
+    assert full_last_blocks == [] and grid_hw == both_grid
+    torch.testing.assert_close(dense, both_dense, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the fused kernel, interpreted on CPU
 def test_region_features_are_roi_align_of_the_dense_map_normalised_and_masked(backend):
     model, _ = _model()
