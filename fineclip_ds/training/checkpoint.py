@@ -236,10 +236,14 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
 
 
 def _prune(checkpoint_dir: Path, keep_last: int) -> None:
+    """After a complete save: all but the last `keep_last` tags, and every save a killed job left half written
+    (a preemption or non-finite stop saves off the save_every schedule, so no later save of that step clears it)."""
     tags = sorted(p for p in checkpoint_dir.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name))
     for old in tags[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+    for half_written in checkpoint_dir.glob("step_*" + PARTIAL_SUFFIX):
+        shutil.rmtree(half_written, ignore_errors=True)
 
 
 def saved_world_size(point: ResumePoint) -> int:

@@ -43,6 +43,17 @@ def test_a_resume_from_an_older_tag_of_the_run_names_the_later_ones_it_keeps(tmp
     assert caplog.text.count("step_00000020, step_00000030 of later steps exist(s)") == 1
 
 
+def test_a_save_clears_what_killed_saves_of_other_steps_left_half_written(tmp_path):
+    """A job killed while saving off the save_every schedule (a preemption at step 137) left step_137.tmp,
+    which no later save of step 137 would clear: it stayed for good, a whole checkpoint's size."""
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("step_00000100", "step_00000137.tmp", "step_00000100_universal.tmp", "step_00000200"):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "mp_rank_00_model_states.pt").write_bytes(b"0")
+    _prune(checkpoints, keep_last=3)
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_00000100", "step_00000200"]
+
+
 def test_saves_after_an_older_resume_point_set_the_later_tags_aside_and_prune_only_their_own(tmp_path):
     """Resumed from step 10 of a run that had reached 30, saving every 15 with keep_last=3: the old code deleted
     the run's own step 15 at step 45 while keeping the superseded 20 (and, with keep_last=1, deleted the tag
