@@ -1,5 +1,5 @@
-"""Evaluate a trained model: zero-shot box classification, retrieval, dense-feature pictures, or the
-built-in world's held-out split.
+"""Evaluate a trained model: zero-shot box classification, retrieval, zero-shot segmentation, dense-feature
+pictures, or the built-in world's held-out split.
 
     python -m fineclip_ds.evaluate --checkpoint runs/tiny-cpu --task box-cls \\
         --annotations instances_val2017.json --images val2017/ --output box_cls.json

@@ -141,7 +141,8 @@ def launch_benchmark_shapes(dtype: torch.dtype) -> None:
     boxes = torch.rand(batch, regions, 4) * 640
     rows, cols = roi_pool_launch.region_factors(boxes, torch.ones(batch, regions, dtype=torch.bool), grid_hw,
                                                 grid_hw[0] / 640, -1)
-    # Unnormalised, fused normalisation, and the split one GPUs take at small batches (fp32 rows out).
+    # Unnormalised, fused normalisation, and the split one GPUs take at small batches (both normalised paths
+    # write fp32 rows).
     for normalize, second_pass in ((False, None), (True, False), (True, True)):
         pooled, norms = roi_pool_launch.pool_forward(tokens, rows, cols, grid_hw, normalize, second_pass)
         roi_pool_launch.pool_backward(torch.randn_like(pooled), pooled, norms, rows, cols, grid_hw)

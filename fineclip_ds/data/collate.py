@@ -12,12 +12,12 @@ import torch
 
 @dataclass
 class TransformedSample:
-    image: torch.Tensor  # [3, S, S] normalised
+    image: torch.Tensor  # [3, H, W] normalised, at the model's input size
     caption: str
-    boxes: torch.Tensor  # [k, 4] xyxy pixels at S
+    boxes: torch.Tensor  # [k, 4] xyxy pixels at H x W
     region_captions: list[str]  # k, aligned with boxes
     drops: Counter = field(default_factory=Counter)  # boxes and samples dropped on the way here
-    crop_source: torch.Tensor | None = None  # [3, s*S, s*S]: the image teacher crops are cut from (s > 1)
+    crop_source: torch.Tensor | None = None  # [3, s*H, s*W]: the image teacher crops are cut from (s > 1)
 
 
 def pick_boxes(sample: TransformedSample, max_boxes: int, seed: str) -> TransformedSample:

@@ -1,1 +1,2 @@
-"""Evaluation the FineCLIP way: zero-shot box classification, image-text retrieval, dense-feature pictures."""
+"""Evaluation the FineCLIP way: zero-shot box classification, image-text retrieval, zero-shot segmentation,
+dense-feature pictures."""

@@ -2,12 +2,15 @@
 
 The image trunk (patch embedding and all blocks but the last) runs once per image; its output feeds
 both heads:
-  - global: the last block as trained, class token -> ln_post -> proj (CLIP's image embedding);
+  - global: the last block as trained, then the tower's pooling and projection (CLIP's image embedding);
   - dense: the last block with attention reduced to its value and output projections (no q.k
-    mixing, as in CLIPSelf/FineCLIP), every patch token -> ln_post -> proj, L2-normalised.
-Attention runs through `fineclip_ds.models.attention.Attention` (flash-attn, SDPA or math), which
-keeps open_clip's parameter names and offers the value-only call; every submodule is still called
-through its own forward, which ZeRO-3 needs to gather its parameters.
+    mixing, as in CLIPSelf/FineCLIP), every patch token through the tower's final norm and
+    projection, L2-normalised (open_clip ViTs: ln_post -> proj; timm EVA02 towers: norm -> head;
+    `vision_towers` holds both).
+In open_clip ViT towers and text towers, attention runs through `fineclip_ds.models.attention.Attention`
+(flash-attn, SDPA or math), which keeps open_clip's parameter names and offers the value-only call;
+timm's EVA02 towers keep their own attention (torch SDPA). Every submodule is still called through its
+own forward, which ZeRO-3 needs to gather its parameters.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Config -> the pieces a run needs: model, objective and this rank's data stream."""
+"""Config -> this rank's training data stream (and the warning for shards that are not read)."""
 from __future__ import annotations
 
 import logging
