@@ -140,8 +140,19 @@ class FineCLIP(nn.Module):
             return checkpoint(block_fn, block, x, context, use_reentrant=False)
         return block_fn(block, x, context)
 
+    def _check_images(self, images: torch.Tensor) -> None:
+        """A wrong input is named with the size the model takes and how to make it, instead of a shape or dtype
+        error from inside the tower ('The size of tensor a (1001) must match the size of tensor b (65)')."""
+        height, width = self.image_size
+        if (images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point()
+                or tuple(images.shape[-2:]) != (height, width)):
+            raise ValueError(f"images: got shape {tuple(images.shape)} of {images.dtype}, expected [B, 3, {height}, "
+                             f"{width}] normalised floats, the model's input size (data.transforms.RegionTransform("
+                             "model.image_size, mean, std) makes them; for another size build or load the model at it)")
+
     def _trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, object]:
         # images: [B, 3, H, W] -> (tokens before the last block [B, prefix + h*w, width], tower context)
+        self._check_images(images)
         x, context = self.tower.embed(images)
         for index, block in enumerate(self.tower.blocks[:-1]):
             x = self._run(self.tower.run_block, block, x, context, index)

@@ -40,6 +40,18 @@ def test_dense_path_is_value_only_last_block():
     torch.testing.assert_close(dense, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("images", [torch.randn(1, 3, 96, 96), torch.randn(3, 64, 64),
+                                    torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.randn(1, 1, 64, 64)],
+                         ids=["other_size", "no_batch", "uint8", "grey"])
+def test_images_the_model_cannot_take_are_named_with_the_size_it_takes(images):
+    """These failed inside the tower with bare shape or dtype errors."""
+    model, _ = _model()
+    with pytest.raises(ValueError, match=r"images: got shape .* expected \[B, 3, 64, 64\] normalised floats"):
+        model.encode_image(images)
+    with pytest.raises(ValueError, match="RegionTransform"):
+        model.encode_dense(images)
+
+
 def test_the_dense_map_alone_runs_the_last_block_once_value_only():
     """encode_dense (box classification, segmentation, dense pictures) ran the global last block too."""
     model, _ = _model()
