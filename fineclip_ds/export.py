@@ -101,8 +101,8 @@ def model_name_of(source: CheckpointSource, model_name: str | None) -> str:
         model_config = source.path.with_suffix(".json")
         open_clip.add_model_config(model_config)
         return model_config.stem
-    raise ValueError(f"--model is needed: {source.path} has no run config.json, nor an open_clip model config "
-                     "beside it, to read the model name from")
+    raise ValueError(f"--model is needed (model_name= from Python): {source.path} has no run config.json, nor an "
+                     "open_clip model config beside it, to read the model name from")
 
 
 def exported_model_config(source: CheckpointSource) -> dict | None:
