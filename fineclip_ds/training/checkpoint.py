@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -78,6 +79,9 @@ def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint |
                           f"{(checkpoint_dir / LATEST).read_text().strip()}): continue it with --resume auto "
                           f"(train.resume=auto), or start {'from ' + resume + ' ' if resume else ''}in a new "
                           "train.output_dir")
+    if point is not None:
+        read_from_latest = resume == "auto" or Path(resume) == point.directory  # else a tag folder was given
+        _check_complete(point, named_by=point.directory / LATEST if read_from_latest else None)
     later = _later_tags(checkpoint_dir, point.tag) if own else []
     if later and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning("resuming from %s while %s of later steps exist(s) in %s: this run's first checkpoint sets "
@@ -99,6 +103,39 @@ def _resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint | Non
         return None
     raise ConfigError(f"train.resume (--resume): got {resume!r}, expected 'auto', a checkpoints folder with a "
                       f"'latest' file, or a tag folder ({TAG_PREFIX}N) inside one")
+
+
+def _check_complete(point: ResumePoint, named_by: Path | None) -> None:
+    """Before any model is built: the tag a resume would load is there with every rank's files. A `latest` that
+    names no checkpoint (emptied, garbled, its tag deleted) or a tag missing a file failed only after the model
+    was built, with a traceback that often named no file, and a missing trainer_state_rank1.pt passed as a
+    checkpoint of fewer ranks (rank 1 then took rank 0's data position)."""
+    tag_dir = point.directory / point.tag
+    which = f"{named_by} names {point.tag!r}, which" if named_by else f"{tag_dir}"
+    problem = None
+    if not point.tag or not tag_dir.is_dir():
+        problem = "is not a checkpoint folder there"
+    elif not any(tag_dir.glob("*mp_rank_00_model_states.pt")):
+        problem = "has no mp_rank_00_model_states.pt (DeepSpeed's model file)"
+    else:
+        state = _saved_trainer_state(tag_dir)
+        if state is None:
+            problem = f"has no {_trainer_state_file(tag_dir, 0).name}"
+        else:
+            missing = [_trainer_state_file(tag_dir, rank).name for rank in range(int(state.get("world_size", 1)))
+                       if not _trainer_state_file(tag_dir, rank).is_file()]
+            if missing:
+                problem = f"lacks {', '.join(missing)} of the {state['world_size']} ranks that saved it"
+    if problem is None:
+        return
+    complete = [name for name in _tag_names(point.directory) if name != point.tag]
+    other = (f"; its other checkpoints: {', '.join(complete[-3:])} (resume from one with --resume "
+             f"{point.directory / complete[-1]})") if complete else ""
+    raise ConfigError(f"train.resume: {which} {problem}: not a complete checkpoint{other}")
+
+
+def _tag_names(checkpoint_dir: Path) -> list[str]:
+    return sorted(path.name for path in checkpoint_dir.iterdir() if path.is_dir() and TAG_PATTERN.fullmatch(path.name))
 
 
 def _later_tags(checkpoint_dir: Path, tag: str) -> list[str]:
@@ -188,7 +225,12 @@ def _trainer_state_file(tag_dir: Path, rank: int) -> Path:
 def _saved_trainer_state(tag_dir: Path) -> dict[str, Any] | None:
     """Rank 0's trainer state of a tag (the same settings and job id on every rank), None when absent."""
     state_file = _trainer_state_file(tag_dir, 0)
-    return torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
+    if not state_file.is_file():
+        return None
+    try:
+        return torch.load(state_file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # truncated or overwritten
+        raise ConfigError(f"train.resume: {state_file} cannot be read ({error}): not a complete checkpoint") from error
 
 
 def _restored_from_the_checkpoint(field_path: str) -> bool:

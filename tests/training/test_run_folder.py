@@ -13,12 +13,53 @@ from fineclip_ds.training.engine import resume_of_a_requeued_job
 from tests.training.launcher import COMMON, REPO, run_pretrain
 
 
-def _checkpoints(root: Path, steps: list[int], latest: int) -> Path:
+def _checkpoints(root: Path, steps: list[int], latest: int, ranks: int = 1) -> Path:
+    """Tag folders with the files a complete checkpoint of `ranks` ranks has (their contents stand-ins)."""
     checkpoints = root / "checkpoints"
     for step in steps:
         (checkpoints / tag_for_step(step)).mkdir(parents=True)
+        (checkpoints / tag_for_step(step) / "mp_rank_00_model_states.pt").write_bytes(b"")
+        for rank in range(ranks):
+            torch.save({"world_size": ranks}, checkpoints / tag_for_step(step) / f"trainer_state_rank{rank}.pt")
     (checkpoints / "latest").write_text(tag_for_step(latest))
     return checkpoints
+
+
+@pytest.mark.parametrize("damage", ["latest_empty", "latest_garbled", "latest_tag_deleted", "model_file_deleted",
+                                    "rank_1_state_deleted", "rank_0_state_truncated"])
+def test_a_damaged_resume_point_is_named_before_any_model_is_built(tmp_path, damage):
+    """These failed after the model was built, with tracebacks that often named no file; a missing rank-1 state
+    passed as a checkpoint of one rank, whose data position rank 1 then took."""
+    checkpoints = _checkpoints(tmp_path / "run", [2, 4, 6], latest=6, ranks=2)
+    tag = checkpoints / tag_for_step(6)
+    if damage == "latest_empty":
+        (checkpoints / "latest").write_text("")
+    elif damage == "latest_garbled":
+        (checkpoints / "latest").write_text(tag_for_step(6) + "\x00junk")
+    elif damage == "latest_tag_deleted":
+        shutil.rmtree(tag)
+    elif damage == "model_file_deleted":
+        (tag / "mp_rank_00_model_states.pt").unlink()
+    elif damage == "rank_1_state_deleted":
+        (tag / "trainer_state_rank1.pt").unlink()
+    else:
+        (tag / "trainer_state_rank0.pt").write_bytes((tag / "trainer_state_rank0.pt").read_bytes()[:20])
+    expected = {"latest_empty": r"latest names '', which is not a checkpoint folder there",
+                "latest_garbled": r"latest names 'step_00000006\\x00junk', which is not a checkpoint folder there",
+                "latest_tag_deleted": r"latest names 'step_00000006', which is not a checkpoint folder there",
+                "model_file_deleted": r"has no mp_rank_00_model_states.pt",
+                "rank_1_state_deleted": r"lacks trainer_state_rank1.pt of the 2 ranks that saved it",
+                "rank_0_state_truncated": r"trainer_state_rank0.pt cannot be read"}[damage]
+    with pytest.raises(ConfigError, match=expected):
+        find_resume_point("auto", checkpoints)
+    others = "step_00000002, step_00000004, step_00000006" if damage in ("latest_empty", "latest_garbled") else \
+        "step_00000002, step_00000004"
+    if damage != "rank_0_state_truncated":
+        with pytest.raises(ConfigError, match=rf"not a complete checkpoint; its other checkpoints: {others} \(resume "
+                                              rf"from one with --resume .*{others[-13:]}\)"):
+            find_resume_point("auto", checkpoints)
+    assert find_resume_point(str(checkpoints / tag_for_step(4)), checkpoints) == ResumePoint(checkpoints,
+                                                                                             tag_for_step(4))
 
 
 def test_a_fresh_start_or_another_runs_checkpoint_in_a_folder_holding_a_run_is_refused(tmp_path):
@@ -110,9 +151,9 @@ def test_a_requeued_job_continues_from_the_checkpoint_this_job_saved(tmp_path, m
     assert resume_of_a_requeued_job(start, own) == start  # died before its first save
     _checkpoints(tmp_path / "b", [10, 20], latest=20)
     rollback = str(own / tag_for_step(10))
-    torch.save({"slurm_job_id": "76"}, own / tag_for_step(20) / "trainer_state_rank0.pt")
+    torch.save({"slurm_job_id": "76", "world_size": 1}, own / tag_for_step(20) / "trainer_state_rank0.pt")
     assert resume_of_a_requeued_job(rollback, own) == rollback  # step 20 is an earlier job's: the rollback stands
-    torch.save({"slurm_job_id": "77"}, own / tag_for_step(20) / "trainer_state_rank0.pt")
+    torch.save({"slurm_job_id": "77", "world_size": 1}, own / tag_for_step(20) / "trainer_state_rank0.pt")
     assert resume_of_a_requeued_job(start, own) == "auto"
     assert find_resume_point(resume_of_a_requeued_job(start, own), own) == ResumePoint(own, tag_for_step(20))
     monkeypatch.delenv("FINECLIP_REQUEUED")
