@@ -198,8 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         results = {"task": args.task, "checkpoint": str(args.checkpoint), **run(args)}
     except (FileNotFoundError, ValueError) as error:  # a bad --checkpoint / --model: say so, no traceback
         raise SystemExit(f"evaluate: {error}") from error
-    output.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    text = json.dumps(results, indent=2)
+    print(text)  # first: a results file that cannot be written (disk full, read-only) keeps them on the console
+    try:
+        output.write_text(text)
+    except OSError as error:
+        raise SystemExit(f"--output {output}: cannot write the results ({error}); they are printed above") from error
 
 
 if __name__ == "__main__":

@@ -132,6 +132,23 @@ def test_retrieval_on_a_karpathy_file(data, tmp_path):
     assert result["i2t_r10"] == 100.0 and result["t2i_r10"] == 100.0  # 6 candidates: everything is within 10
 
 
+def test_results_that_cannot_be_written_are_printed_first(data, tmp_path, capsys, monkeypatch):
+    """A full or read-only disk under --output lost a whole evaluation to a traceback, the results unprinted."""
+    write_text = Path.write_text
+
+    def full_disk(path: Path, *args, **kwargs):
+        if path.name == "result.json":
+            raise OSError(28, "No space left on device")
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(SystemExit, match=r"--output .*result.json: cannot write the results \(\[Errno 28\] No space "
+                                         r"left on device\); they are printed above"):
+        _evaluate(data, tmp_path, "--task", "retrieval", "--annotations", str(data / "karpathy.json"),
+                  "--images", str(data / "images"))
+    assert json.loads(capsys.readouterr().out)["i2t_r10"] == 100.0
+
+
 def test_dense_pictures_are_written_beside_the_results(data, tmp_path):
     result = _evaluate(data, tmp_path, "--task", "dense-viz", "--images", str(data / "images"))
     assert len(result["pictures"]) == IMAGES and all(Path(p).is_file() for p in result["pictures"])
