@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
 
+from fineclip_ds.disk_space import free_space
 from fineclip_ds.models.fineclip import LOGIT_SCALE_MAX
 from fineclip_ds.run_layout import LATEST, folder_with_latest
 from fineclip_ds.training.checkpoint import PARTIAL_SUFFIX, REPLACED_SUFFIX, UNIVERSAL_SUFFIX
@@ -136,14 +139,33 @@ def export(checkpoint: str | Path, output: str | Path, model_name: str | None = 
     model_config = open_clip.get_model_config(name)
     if model_config is None:
         raise ValueError(f"--model {name}: not an open_clip model name (see open_clip.list_models())")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # detached, as a module's state_dict() gives: zero_to_fp32's tensors come with requires_grad=True
-    torch.save({name: tensor.detach() for name, tensor in open_clip_state_dict(source).items()}, output)
+    try:
+        state_dict = open_clip_state_dict(source)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # a truncated or overwritten file
+        raise ValueError(f"--checkpoint {source.path}: cannot be read ({error})") from error
     trained_size = trained_image_size(source)
     if trained_size is not None:  # trained at another size: the positional embeddings are for that grid
         model_config["vision_cfg"]["image_size"] = trained_size
-    output.with_suffix(".json").write_text(json.dumps(model_config, indent=2))
+    _write_pair(output, state_dict, model_config)
     return name, output
+
+
+def _write_pair(output: Path, state_dict: dict[str, torch.Tensor], model_config: dict) -> None:
+    """The state dict and its model config, each written beside its place and renamed into it: a full or
+    read-only disk left a truncated .pt, which a rerun then refused to overwrite."""
+    config_path = output.with_suffix(".json")
+    partial_weights, partial_config = (path.with_name(path.name + ".tmp") for path in (output, config_path))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        # detached, as a module's state_dict() gives: zero_to_fp32's tensors come with requires_grad=True
+        torch.save({name: tensor.detach() for name, tensor in state_dict.items()}, partial_weights)
+        partial_config.write_text(json.dumps(model_config, indent=2))
+        os.replace(partial_weights, output)
+        os.replace(partial_config, config_path)
+    except (OSError, RuntimeError) as error:  # torch.save on a full disk raises RuntimeError('unexpected pos ...')
+        for partial in (partial_weights, partial_config):
+            partial.unlink(missing_ok=True)
+        raise OSError(f"--output {output}: cannot write the export ({error}; {free_space(output.parent)})") from error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--output {args.output}: {taken[0]} exists; pass --overwrite to replace it")
     try:
         name, path = export(args.checkpoint, args.output, args.model)
-    except (FileNotFoundError, ValueError) as error:  # a bad --checkpoint / --model: say so, no traceback
+    except (OSError, ValueError) as error:  # a bad --checkpoint / --model, a disk that is full: say so, no traceback
         raise SystemExit(f"export: {error}") from error
     config = path.with_suffix(".json")
     print(f"wrote {path} ({name}) and its model config {config}; load with plain open_clip:\n"

@@ -72,6 +72,31 @@ def test_the_cli_does_not_overwrite_or_crash_on_a_bad_output_checkpoint_or_model
     assert not (tmp_path / "new.json").exists()
 
 
+def test_an_export_that_cannot_be_written_leaves_nothing_and_a_truncated_input_is_named(tmp_path, monkeypatch):
+    """A full disk left a truncated .pt (which a rerun refused to overwrite) and a traceback saying 'unexpected pos';
+    a truncated input gave a raw traceback."""
+    weights = tmp_path / "weights.pt"
+    torch.save(open_clip.create_model("FineCLIP-ViT-T-8").state_dict(), weights)
+    args = ["--checkpoint", str(weights), "--model", "FineCLIP-ViT-T-8", "--output", str(tmp_path / "out" / "f.pt")]
+    save = torch.save
+
+    def full_disk(obj, path, *rest, **kwargs):
+        save(obj, path, *rest, **kwargs)  # written in part, as a full disk leaves it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"export: --output .*f.pt: cannot write the export \(.*unexpected pos 128 "
+                                         r"vs 0; \d+ MiB free there\)"):
+        main(args)
+    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(torch, "save", save)
+    main(args)  # the rerun needs no --overwrite
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["f.json", "f.pt"]
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=r"export: --checkpoint .*weights.pt: cannot be read"):
+        main([*args[:-1], str(tmp_path / "other.pt")])
+
+
 def test_a_universal_tag_exports_its_original_and_a_tag_still_being_written_is_refused(runs, tmp_path):
     """`step_N_universal` (beside `step_N` after a resume at another world size) holds step_N's weights in a
     layout zero_to_fp32 cannot read; `step_N.tmp` / `.replaced` are a save in progress, possibly half written."""
