@@ -17,6 +17,7 @@ import deepspeed  # noqa: E402
 from fineclip_ds.config import ConfigError, load_config, positive_int  # noqa: E402
 from fineclip_ds.data.streams import DataError  # noqa: E402
 from fineclip_ds.run_logging import configure_rank_logging  # noqa: E402
+from fineclip_ds.training.checkpoint import CheckpointSaveError  # noqa: E402
 from fineclip_ds.training.engine import train  # noqa: E402
 from fineclip_ds.training.nonfinite import NonFiniteLossError  # noqa: E402
 from fineclip_ds.training.dry_run import plan  # noqa: E402
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 3
+    except CheckpointSaveError as error:  # this rank's write failed: its peers may wait for it in the save
+        print(f"checkpoint error: {error}", file=sys.stderr)
+        exit_alone(1)
     return 0
 
 

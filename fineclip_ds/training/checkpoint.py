@@ -28,6 +28,7 @@ from torch import nn
 from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS, UNIVERSAL_CHECKPOINT_INFO
 
 from fineclip_ds.config import ConfigError, RunConfig, changed_run_settings
+from fineclip_ds.disk_space import free_space
 from fineclip_ds.run_layout import LATEST
 
 TAG_PREFIX = "step_"
@@ -246,19 +247,41 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save that could not be written (a full or read-only disk): the run stops with the last complete one."""
+
+
 def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the tag folder."""
+    """Collective: every rank calls it. Returns the tag folder.
+
+    A rank whose write fails removes the half-written folder (so that a resubmitted job finds its space) and
+    raises CheckpointSaveError: torch.save on a full disk says only 'unexpected pos 128 vs 0'."""
     tag = tag_for_step(step)
     partial_tag = tag + PARTIAL_SUFFIX
-    partial_dir, final_dir = checkpoint_dir / partial_tag, checkpoint_dir / tag
+    partial_dir = checkpoint_dir / partial_tag
     if engine.global_rank == 0:
         shutil.rmtree(partial_dir, ignore_errors=True)  # left by a job killed while saving
     _barrier()
-    partial_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({**trainer_state, "rng": rng_state()}, _trainer_state_file(partial_dir, engine.global_rank))
-    engine.save_checkpoint(str(checkpoint_dir), tag=partial_tag, save_latest=False,
-                           client_state={"step": step, UNIVERSAL_CHECKPOINT_INFO: {}})
+    try:
+        partial_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({**trainer_state, "rng": rng_state()}, _trainer_state_file(partial_dir, engine.global_rank))
+        engine.save_checkpoint(str(checkpoint_dir), tag=partial_tag, save_latest=False,
+                               client_state={"step": step, UNIVERSAL_CHECKPOINT_INFO: {}})
+    except (OSError, RuntimeError) as error:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        latest = checkpoint_dir / LATEST
+        last = latest.read_text().strip() if latest.is_file() else "none"
+        raise CheckpointSaveError(
+            f"saving step {step} into {partial_dir} failed ({error}; {free_space(checkpoint_dir)}); the last complete "
+            f"checkpoint is {last}. A save needs room for one more checkpoint beside the train.keep_last kept: free "
+            "space and resume with --resume auto") from error
     _barrier()
+    return _complete(engine, checkpoint_dir, tag, keep_last)
+
+
+def _complete(engine, checkpoint_dir: Path, tag: str, keep_last: int) -> Path:
+    """Collective: rank 0 renames the written tag into place, points `latest` at it and prunes."""
+    partial_dir, final_dir = checkpoint_dir / (tag + PARTIAL_SUFFIX), checkpoint_dir / tag
     if engine.global_rank == 0:
         # Re-saving a step (the non-finite stop does, with the data position moved on): the old copy
         # is renamed aside, not deleted first, so `latest` names a missing folder for one rename only.

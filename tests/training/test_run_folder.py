@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fineclip_ds.config import ConfigError, RunConfig, load_config
-from fineclip_ds.training.checkpoint import (ResumePoint, _prune, _set_aside_later_tags, check_same_run_settings,
-                                             find_resume_point, tag_for_step)
+from fineclip_ds.training.checkpoint import (CheckpointSaveError, ResumePoint, _prune, _set_aside_later_tags,
+                                             check_same_run_settings, find_resume_point, save, tag_for_step)
 from fineclip_ds.training.engine import resume_of_a_requeued_job
 from tests.training.launcher import COMMON, REPO, run_pretrain
 
@@ -93,6 +93,26 @@ def test_a_save_clears_what_killed_saves_of_other_steps_left_half_written(tmp_pa
         (checkpoints / name / "mp_rank_00_model_states.pt").write_bytes(b"0")
     _prune(checkpoints, keep_last=3)
     assert sorted(path.name for path in checkpoints.iterdir()) == ["step_00000100", "step_00000200"]
+
+
+class _EngineOnAFullDisk:
+    global_rank = 0
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool, client_state: dict) -> None:
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"written in part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+
+
+def test_a_save_that_cannot_be_written_says_so_and_removes_what_it_wrote(tmp_path):
+    """A full disk gave tracebacks from every rank that never said so, and the half-written folder it left kept the
+    disk full for the resubmitted job."""
+    checkpoints = _checkpoints(tmp_path / "run", [2], latest=2)
+    with pytest.raises(CheckpointSaveError, match=r"saving step 4 into .*step_00000004.tmp failed \(.*unexpected pos "
+                                                  r"128 vs 0; \d+ MiB free there\); the last complete checkpoint is "
+                                                  r"step_00000002\. A save needs room for one more checkpoint"):
+        save(_EngineOnAFullDisk(), checkpoints, 4, {"step": 4}, keep_last=3)
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["latest", "step_00000002"]
+    assert (checkpoints / "latest").read_text() == "step_00000002"
 
 
 def test_saves_after_an_older_resume_point_set_the_later_tags_aside_and_prune_only_their_own(tmp_path):
