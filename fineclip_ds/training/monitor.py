@@ -1,11 +1,16 @@
 """Where a run reports: TensorBoard scalars, a JSON-lines log, plain log lines and a tqdm bar (rank 0)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
+
+log = logging.getLogger("fineclip_ds")
 
 
 def _logged_step(line: str) -> int | None:
@@ -31,11 +36,16 @@ def _keep_steps_up_to(metrics: Path, last_step: int) -> None:
 
 
 class Monitor:
+    """Logs are not the run: a write that fails (a full disk, the run folder moved) is reported once and training
+    goes on, where it used to stop the run, losing the steps since its last checkpoint. Checkpoints, which are the
+    run, stop it when they cannot be written."""
+
     def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
         self._writer = None
         self._bar = None
         self._jsonl = None
+        self._failed_writes: set[str] = set()
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -59,21 +69,25 @@ class Monitor:
         if samples_per_s is not None:
             postfix["samples/s"] = f"{samples_per_s:.1f}"
         self._bar.set_postfix(postfix)
-        self._jsonl.write(json.dumps({"step": step, "loss": loss}) + "\n")
-        self._jsonl.flush()
+        with self._logs_may_fail("metrics.jsonl"):
+            self._jsonl.write(json.dumps({"step": step, "loss": loss}) + "\n")
+            self._jsonl.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        for name, value in values.items():
-            self._writer.add_scalar(name, value, step)
-        self._writer.flush()
+        with self._logs_may_fail("tensorboard/"):
+            for name, value in values.items():
+                self._writer.add_scalar(name, value, step)
+            self._writer.flush()
         text = " ".join(f"{name}={value:.4g}" for name, value in sorted(values.items()))
         self._bar.write(f"step {step}: {text}")
 
     def image(self, step: int, tag: str, picture) -> None:
         """picture: [H, W, 3] uint8 array."""
-        if self.enabled:
+        if not self.enabled:
+            return
+        with self._logs_may_fail("tensorboard/"):
             self._writer.add_image(tag, picture, step, dataformats="HWC")
             self._writer.flush()
 
@@ -83,10 +97,25 @@ class Monitor:
             return
         self._bar.write("run summary: " + " ".join(
             f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}" for name, value in values.items()))
-        (self._output_dir / "summary.json").write_text(json.dumps(values, indent=2))
+        with self._logs_may_fail("summary.json"):
+            (self._output_dir / "summary.json").write_text(json.dumps(values, indent=2))
 
     def close(self) -> None:
-        if self.enabled:
-            self._bar.close()
+        if not self.enabled:
+            return
+        self._bar.close()
+        with self._logs_may_fail("tensorboard/"):
             self._writer.close()
+        with self._logs_may_fail("metrics.jsonl"):
             self._jsonl.close()
+
+    @contextlib.contextmanager
+    def _logs_may_fail(self, name: str) -> Iterator[None]:
+        """A failed write of `name` is said once, the first time, and not raised."""
+        try:
+            yield
+        except OSError as error:
+            if name not in self._failed_writes:
+                self._failed_writes.add(name)
+                log.error("cannot write %s in %s (%s): training goes on, without these logs until the run is "
+                          "resumed; the checkpoints hold the run", name, self._output_dir, error)

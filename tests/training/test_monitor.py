@@ -80,3 +80,24 @@ def test_a_resumed_runs_summary_covers_all_its_steps_and_each_bar_ends_at_its_st
     deepspeed = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     samples_per_step = deepspeed["train_micro_batch_size_per_gpu"] * deepspeed.get("gradient_accumulation_steps", 1)
     assert summary["samples_per_s"] * summary["step_time_s"] == pytest.approx(samples_per_step)
+
+
+def test_logs_that_cannot_be_written_are_reported_once_and_training_goes_on(tmp_path, caplog):
+    """A full disk between checkpoints (or the run folder moved) raised out of the TensorBoard writer or the
+    metrics file and stopped the run, losing every step since its last checkpoint."""
+    monitor = Monitor(tmp_path, total_steps=4, start_step=0, enabled=True)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monitor._jsonl.write = full_disk
+    monitor._writer.add_scalar = full_disk
+    for step in (1, 2, 3):
+        monitor.step(step, 1.0, None)
+        monitor.scalars(step, {"loss/total": 1.0})
+    monitor.summary({"steps": 3.0})
+    monitor.close()
+    errors = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(errors) == 2 and all("No space left on device" in error for error in errors)
+    assert errors[0].startswith("cannot write metrics.jsonl") and errors[1].startswith("cannot write tensorboard/")
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"steps": 3.0}  # what can be written still is
