@@ -54,8 +54,9 @@ def _write_shard(path: Path, records: int) -> None:
             corners = generator.uniform([0, 0], [560, 400], (BOXES_PER_IMAGE, 2))
             sizes = generator.uniform([16, 16], [240, 200], (BOXES_PER_IMAGE, 2))
             boxes = np.concatenate([corners, np.minimum(corners + sizes, [640, 480])], 1).round(1).tolist()
-            region_captions = [f"a {word} object with a striped surface near the left edge of the table"
-                               for word in np.array(["red", "small", "wooden", "metal"])[np.arange(BOXES_PER_IMAGE) % 4]]
+            words = ("red", "small", "wooden", "metal")
+            region_captions = [f"a {words[box % 4]} object with a striped surface near the left edge of the table"
+                               for box in range(BOXES_PER_IMAGE)]
             sink.write({"__key__": f"{index:06d}", "jpg": encoded.getvalue(),
                         "txt": "a person sitting at a wooden table with a laptop, a cup of coffee and a lamp",
                         "json": {"boxes": boxes, "region_captions": region_captions}})
