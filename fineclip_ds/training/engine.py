@@ -1,13 +1,17 @@
 """The training loop: build from config, apply DeepSpeed, step, report, checkpoint, resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +37,13 @@ from fineclip_ds.training.parallelize import (adapt_precision_to_device, initial
                                               resolve_batch_sizes)
 from kernels.contrastive.launch import runs_on as contrastive_runs_on
 from kernels.roi_pool.launch import runs_on as region_pool_runs_on
+
+if TYPE_CHECKING:  # annotations only
+    import deepspeed
+
+    from fineclip_ds.data.streams import SyntheticStream, WebDatasetStream
+    from fineclip_ds.models.factory import Tokenizer
+    from fineclip_ds.models.fineclip import FineCLIP
 
 log = logging.getLogger("fineclip_ds")
 BATCH_TENSORS = ("images", "texts", "boxes", "box_mask", "region_texts")
@@ -126,16 +137,111 @@ def _sum_counters_over_ranks(counter: Counter, world_size: int) -> Counter:
     return sum(gathered, Counter())
 
 
+@dataclass
+class Run:
+    """One start of a run as `set_up` built it: what every step uses, and the counts carried on from the
+    checkpoint it resumed from, which its steps grow and its checkpoints save."""
+    config: RunConfig
+    rank: int
+    world_size: int
+    output_dir: Path
+    checkpoint_dir: Path
+    model: FineCLIP
+    tokenizer: Tokenizer
+    normalization: tuple[tuple[float, ...], tuple[float, ...]]  # image mean, std
+    objective: FineCLIPObjective
+    engine: deepspeed.DeepSpeedEngine  # around `objective`
+    image_dtype: torch.dtype  # images are cast to the engine's precision
+    micro_batch: int
+    accumulation: int  # micro-batches per optimizer step
+    stream: SyntheticStream | WebDatasetStream  # this rank's share of the data
+    stop_step: int
+    shapes: FineCLIPShapes | None  # None: this tower's FLOPs are not modelled (no TFLOP/s, no MFU)
+    text_trainable: bool
+    peak_tflops: float | None  # this device's bf16 peak; None: no MFU
+    nonfinite: NonFiniteGuard
+    start_step: int = 0
+    # samples, regions and skips by reason; rank 0's go on from the checkpoint's (summed over its ranks)
+    data_counts: Counter = dataclasses.field(default_factory=Counter)
+    earlier_starts: RunTotals = dataclasses.field(default_factory=RunTotals)
+
+
+@dataclass
+class Clocks:
+    """This start's samples/s, step time and TFLOP/s: `since_log` for each log step, `this_start` for the run's
+    totals. Evaluation and checkpoint saves are not training: they run `paused`."""
+    since_log: Throughput = dataclasses.field(default_factory=Throughput)
+    this_start: Throughput = dataclasses.field(default_factory=Throughput)
+
+    def update(self, samples: int, flops: int) -> None:
+        self.since_log.update(samples, flops)
+        self.this_start.update(samples, flops)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        with self.since_log.paused(), self.this_start.paused():
+            yield
+
+
 def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     """Run to `config.train.max_steps` (or `stop_at_step`); returns the last step's rank-averaged terms.
 
-    Works under the deepspeed/torchrun launchers and as a plain single process."""
+    Works under the deepspeed/torchrun launchers and as a plain single process. Every rank makes the calls
+    marked Collective in the same order: a rank that skips or reorders one hangs the others."""
+    run = set_up(config, deepspeed_config_path)
+    monitor = Monitor(run.output_dir, run.stop_step, run.start_step, enabled=run.rank == 0)
+    clocks = Clocks()  # after the monitor: its start-up stays out of the figures
+    batches = iter(run.stream)
+    logged_counts = False  # the data counts of this start not logged yet
+    last: dict[str, float] = {}
+    run.engine.train()
+    preemption = PreemptionWatch()
+    try:
+        for step in range(run.start_step, run.stop_step):
+            applied_lr = run.engine.get_lr()[0]  # engine.step() moves the schedule on to the next step's lr
+            last = train_step(run, clocks, batches, step)
+            done = step + 1
+            is_log_step = done % config.train.log_every == 0 or done == run.stop_step
+            speed = (_device_figures_over_ranks(clocks.since_log.read(), run.world_size, run.engine.device)
+                     if is_log_step else None)
+            monitor.step(done, last["total"], speed["samples_per_s"] if speed else None)
+            if is_log_step:
+                monitor.scalars(done, log_step_scalars(run, done, last, applied_lr, speed, first=not logged_counts))
+                logged_counts = True
+            # evaluation and checkpoints are not training: their time stays out of samples/s, TFLOP/s and MFU
+            if config.eval.every and (done % config.eval.every == 0 or done == config.train.max_steps):
+                _evaluate(run, clocks, monitor, done)
+            preempted = preemption.requested(run.world_size, run.engine.device)
+            if done % config.train.save_every == 0 or done == run.stop_step or preempted:
+                with clocks.paused():
+                    _save(run, clocks, done)
+            if preempted and done < run.stop_step:  # at the last step the run is done: nothing to requeue
+                log.warning("stopped by signal after step %d; resume with --resume auto", done)
+                if run.rank == 0 and os.environ.get(REQUEUE_FILE_VARIABLE):
+                    Path(os.environ[REQUEUE_FILE_VARIABLE]).write_text(f"{done}\n")
+                break
+    finally:
+        # The DataLoader workers end here, on an error too: they ignore SIGTERM (data/workers.py), so those left
+        # to the interpreter's exit (which terminates, then joins them) kept the process alive for good.
+        batches.close()
+    summary = run_summary(run, clocks)
+    if clocks.this_start.peek()["steps"]:
+        monitor.summary(summary)
+    elif run.rank == 0:  # resumed at its last step: 0 samples/s would replace the figures of the steps that did run
+        log.info("no step left to train (resumed at step %d): %s kept", run.start_step,
+                 run.output_dir / "summary.json")
+    monitor.close()
+    return last
+
+
+def set_up(config: RunConfig, deepspeed_config_path: str) -> Run:
+    """Collective. Everything before the first step, on every rank. A bad DeepSpeed JSON, kernel choice or
+    --resume fails first, with its message, before a model is built."""
     rank, world_size = init_process_group()
     on_gpu = torch.cuda.is_available()
     output_dir = Path(config.train.output_dir)
     checkpoint_dir = checkpoints_folder(output_dir)
 
-    # a bad DeepSpeed JSON or --resume fails here with its message, before a model is built
     ds_config = adapt_precision_to_device(load_deepspeed_config(deepspeed_config_path), on_gpu)
     require_nonfinite_gradient_check(ds_config)
     resolve_batch_sizes(ds_config, world_size)  # DeepSpeed's own check is a bare assertion
@@ -144,6 +250,7 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
     if resume_point is not None:
         checkpoint.check_same_run_settings(resume_point, config, checkpoint_dir)
+
     seed_everything(config.train.seed)
     model, tokenizer, normalization = create_fineclip(config.model, announce=rank == 0)
     objective = FineCLIPObjective(model, config.losses, config.kernels)
@@ -153,163 +260,179 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
         warn_if_warmup_outlasts(config.optim, config.train.max_steps)
     if resume_point is not None:
         checkpoint.check_same_model(resume_point, objective)
-    if resume_point is not None and checkpoint.saved_world_size(resume_point) not in (0, world_size):
-        log.info("checkpoint %s was written by %d ranks, this run has %d: resuming through DeepSpeed's "
-                 "universal checkpoint", resume_point.tag, checkpoint.saved_world_size(resume_point), world_size)
-        resume_point = checkpoint.convert_to_universal(resume_point, rank)
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        resume_point = _universal_if_resized(resume_point, ds_config, rank, world_size)
     engine = initialize(objective, optimizer, scheduler, ds_config, model.parameters_read_outside_owner_forward())
-    image_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    image_dtype = (torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled()
+                   else torch.float32)
     micro_batch, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-
     stream = build_train_stream(
         config.data, model.image_size, normalization, tokenizer, micro_batch, rank, world_size, config.train.seed,
         crop_source_scale=config.losses.crop_source_scale,
     )
-    start_step, data_counts, skipped_nonfinite, earlier_starts = 0, Counter(), 0, RunTotals()
+
+    run = Run(config, rank, world_size, output_dir, checkpoint_dir, model, tokenizer, normalization, objective, engine,
+              image_dtype, micro_batch, accumulation, stream,
+              stop_step=config.train.stop_at_step or config.train.max_steps,
+              shapes=FineCLIPShapes.of(model.clip),
+              text_trainable=any(p.requires_grad for p in model.text_parameters()),
+              peak_tflops=peak_tflops(device_name()),
+              nonfinite=NonFiniteGuard(config.train.max_consecutive_nonfinite))
     if resume_point is not None:
-        state = checkpoint.load(engine, resume_point)
-        start_step = state["step"]
-        stream.load_state_dict(state["stream"])
-        # the run's totals so far (summed over ranks when saved): rank 0 carries them on, at any world size
-        data_counts = Counter(state.get("data_counts", {}) if rank == 0 else {})
-        skipped_nonfinite = state.get("skipped_nonfinite", 0)
-        earlier_starts = RunTotals.from_state(state.get("run_totals"))
-        log.info("resumed from %s/%s at step %d", resume_point.directory, resume_point.tag, start_step)
+        _restore(run, resume_point)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return run
 
-    stop_step = config.train.stop_at_step or config.train.max_steps
-    monitor = Monitor(output_dir, stop_step, start_step, enabled=rank == 0)
-    throughput, whole_run = Throughput(), Throughput()
-    shapes = FineCLIPShapes.of(model.clip)
-    text_trainable = any(p.requires_grad for p in model.text_parameters())
-    peak = peak_tflops(device_name())
 
-    def batch_flops(batch: dict[str, Any]) -> int:
-        if shapes is None:
-            return 0
-        images, slots = batch["box_mask"].shape
-        return step_flops(shapes, images, int(batch["box_mask"].sum()), images * slots, world_size, text_trainable,
-                          config.losses.sd_teacher_grad, objective.weights)
+def _universal_if_resized(point: checkpoint.ResumePoint, ds_config: dict[str, Any], rank: int,
+                          world_size: int) -> checkpoint.ResumePoint:
+    """Collective when it converts. A checkpoint another number of ranks wrote loads only from DeepSpeed's
+    universal checkpoint: converted here (once, by rank 0), and `ds_config` told to load it."""
+    saved_ranks = checkpoint.saved_world_size(point)
+    if saved_ranks in (0, world_size):
+        return point
+    log.info("checkpoint %s was written by %d ranks, this run has %d: resuming through DeepSpeed's "
+             "universal checkpoint", point.tag, saved_ranks, world_size)
+    point = checkpoint.convert_to_universal(point, rank)
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return point
 
-    batches = iter(stream)
-    logged_counts = False  # the data counts of this start not logged yet
-    last: dict[str, float] = {}
-    engine.train()
-    preemption = PreemptionWatch()
-    nonfinite = NonFiniteGuard(config.train.max_consecutive_nonfinite)
-    nonfinite.skipped = skipped_nonfinite
 
-    def run_totals() -> RunTotals:
-        """Collective. The earlier starts' totals with this start's steps so far."""
-        return earlier_starts.plus(_device_figures_over_ranks(whole_run.peek(), world_size, engine.device), world_size)
+def _restore(run: Run, point: checkpoint.ResumePoint) -> None:
+    """Collective. The engine's state, the data position and the run's counts from the checkpoint at `point`."""
+    state = checkpoint.load(run.engine, point)
+    run.start_step = state["step"]
+    run.stream.load_state_dict(state["stream"])
+    # the run's totals so far (summed over ranks when saved): rank 0 carries them on, at any world size
+    run.data_counts = Counter(state.get("data_counts", {}) if run.rank == 0 else {})
+    run.nonfinite.skipped = state.get("skipped_nonfinite", 0)
+    run.earlier_starts = RunTotals.from_state(state.get("run_totals"))
+    log.info("resumed from %s/%s at step %d", point.directory, point.tag, run.start_step)
 
-    def trainer_state(step: int) -> dict[str, Any]:
-        """Collective (the data counts are summed over ranks)."""
-        return {"step": step, "config": config.to_dict(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                "stream": stream.state_dict(), "world_size": world_size,
-                "skipped_nonfinite": nonfinite.skipped,
-                "data_counts": dict(_sum_counters_over_ranks(data_counts, world_size)),
-                "run_totals": run_totals().state_dict()}
 
-    def stop_if_exhausted(step: int, what: str) -> None:
-        if nonfinite.exhausted:
-            checkpoint.save(engine, checkpoint_dir, step, trainer_state(step), config.train.keep_last)
-            raise NonFiniteLossError(
-                f"{nonfinite.in_a_row} micro-batches or optimizer steps in a row were skipped, the last for a "
-                f"non-finite {what} at step {step}; the last good state is saved in {checkpoint_dir}/"
-                f"{checkpoint.tag_for_step(step)}. Lower optim.lr or check the data; "
-                f"train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}")
+def train_step(run: Run, clocks: Clocks, batches: Iterator[dict[str, Any]], step: int) -> dict[str, float]:
+    """Collective. One optimizer step over `run.accumulation` micro-batches; returns its terms averaged over them
+    and over the ranks.
 
-    try:
-        for step in range(start_step, stop_step):
-            applied_lr = engine.get_lr()[0]  # engine.step() moves the schedule on to the next step's lr
-            step_terms: list[dict[str, torch.Tensor]] = []
-            flops = 0
-            while len(step_terms) < accumulation:
-                batch = next(batches)
-                data_counts.update(batch["data_stats"])
-                loss, terms = engine(_to_device(batch, engine.device, image_dtype))
-                if not nonfinite.all_ranks_finite(loss, world_size):
-                    stop_if_exhausted(step, "loss")
-                    continue  # skipped on every rank together: no backward, no optimizer step
-                engine.backward(loss)
-                skipped_before = engine.skipped_steps
-                engine.step()
-                if engine.skipped_steps > skipped_before:
-                    # DeepSpeed found a NaN/inf gradient (or, in fp16, a loss scale too high) on some rank: every
-                    # rank dropped this step's gradients and kept weights, Adam state and lr; redo the step
-                    if not engine.fp16_enabled():  # fp16's loss scaler skips while it searches for its scale
-                        nonfinite.skip()
-                        stop_if_exhausted(step, "gradient")
-                    step_terms, flops = [], 0
-                    continue
-                if engine.was_step_applied():
-                    nonfinite.step_applied()
-                step_terms.append({"total": loss.detach(), **terms})
-                flops += batch_flops(batch)
-            throughput.update(micro_batch * accumulation * world_size, flops)
-            whole_run.update(micro_batch * accumulation * world_size, flops)
-            averaged = {name: torch.stack([t[name] for t in step_terms]).mean() for name in step_terms[0]}
-            last = _mean_over_ranks(averaged, world_size)
-            done = step + 1
-            is_log_step = done % config.train.log_every == 0 or done == stop_step
-            speed = _device_figures_over_ranks(throughput.read(), world_size, engine.device) if is_log_step else None
-            monitor.step(done, last["total"], speed["samples_per_s"] if speed else None)
-            if is_log_step:
-                counts = _sum_counters_over_ranks(data_counts, world_size)
-                if rank == 0 and not logged_counts and (config.losses.w_sd or config.losses.w_rc):
-                    warn_if_no_regions(counts, done)
-                logged_counts = True
-                scalars = {f"loss/{name}": value for name, value in last.items() if name != "logit_scale"}
-                scalars.update({
-                    "train/lr": applied_lr,
-                    "train/logit_scale": last["logit_scale"],
-                    "train/skipped_nonfinite": float(nonfinite.skipped),
-                    "perf/samples_per_s": speed["samples_per_s"],
-                    "perf/step_time_s": speed["step_time_s"],
-                    "perf/peak_memory_mb": speed["peak_memory_mb"],
-                })
-                if shapes is not None:
-                    scalars["perf/tflops_per_device"] = speed["tflops_per_device"]
-                if shapes is not None and peak is not None:
-                    scalars["perf/mfu"] = speed["tflops_per_device"] / peak
-                scalars.update({f"data/{reason}": float(count) for reason, count in counts.items()})
-                monitor.scalars(done, scalars)
-            # evaluation and checkpoints are not training: their time stays out of samples/s, TFLOP/s and MFU
-            if config.eval.every and (done % config.eval.every == 0 or done == config.train.max_steps):
-                with throughput.paused(), whole_run.paused():
-                    held_out = ShapesWorld(seed=config.data.world_seed, image_size=config.data.world_image_size)
-                    results, picture = evaluate_during_training(engine, model, tokenizer, normalization, held_out,
-                                                                config.eval, image_dtype)
-                monitor.scalars(done, results)
-                monitor.image(done, "eval/dense_features", picture)
-            preempted = preemption.requested(world_size, engine.device)
-            if done % config.train.save_every == 0 or done == stop_step or preempted:
-                with throughput.paused(), whole_run.paused():
-                    checkpoint.save(engine, checkpoint_dir, done, trainer_state(done), config.train.keep_last)
-            if preempted and done < stop_step:  # at the last step the run is done: nothing to requeue
-                log.warning("stopped by signal after step %d; resume with --resume auto", done)
-                if rank == 0 and os.environ.get(REQUEUE_FILE_VARIABLE):
-                    Path(os.environ[REQUEUE_FILE_VARIABLE]).write_text(f"{done}\n")
-                break
-    finally:
-        # The DataLoader workers end here, on an error too: they ignore SIGTERM (data/workers.py), so those left
-        # to the interpreter's exit (which terminates, then joins them) kept the process alive for good.
-        batches.close()
-    trained_now = whole_run.peek()["steps"]
-    summary = {**run_totals().figures(), "device": device_name(), "world_size": world_size}
+    A micro-batch whose loss is non-finite on any rank is skipped on every rank, before backward; a step DeepSpeed
+    drops for a non-finite gradient is redone with new micro-batches. Too many skips in a row save a checkpoint
+    and raise NonFiniteLossError."""
+    engine, nonfinite = run.engine, run.nonfinite
+    step_terms: list[dict[str, torch.Tensor]] = []
+    flops = 0
+    while len(step_terms) < run.accumulation:
+        batch = next(batches)
+        run.data_counts.update(batch["data_stats"])
+        loss, terms = engine(_to_device(batch, engine.device, run.image_dtype))
+        if not nonfinite.all_ranks_finite(loss, run.world_size):
+            _stop_if_exhausted(run, clocks, step, "loss")
+            continue  # skipped on every rank together: no backward, no optimizer step
+        engine.backward(loss)
+        skipped_before = engine.skipped_steps
+        engine.step()
+        if engine.skipped_steps > skipped_before:
+            # DeepSpeed found a NaN/inf gradient (or, in fp16, a loss scale too high) on some rank: every
+            # rank dropped this step's gradients and kept weights, Adam state and lr; redo the step
+            if not engine.fp16_enabled():  # fp16's loss scaler skips while it searches for its scale
+                nonfinite.skip()
+                _stop_if_exhausted(run, clocks, step, "gradient")
+            step_terms, flops = [], 0
+            continue
+        if engine.was_step_applied():
+            nonfinite.step_applied()
+        step_terms.append({"total": loss.detach(), **terms})
+        flops += _batch_flops(run, batch)
+    samples = run.micro_batch * run.accumulation * run.world_size
+    clocks.update(samples, flops)
+    averaged = {name: torch.stack([t[name] for t in step_terms]).mean() for name in step_terms[0]}
+    return _mean_over_ranks(averaged, run.world_size)
+
+
+def _batch_flops(run: Run, batch: dict[str, Any]) -> int:
+    """Model FLOPs this rank computed for `batch` (0 where the tower's FLOPs are not modelled)."""
+    # box_mask: [B, R], True for the slots that hold a box
+    if run.shapes is None:
+        return 0
+    images, slots = batch["box_mask"].shape
+    return step_flops(run.shapes, images, int(batch["box_mask"].sum()), images * slots, run.world_size,
+                      run.text_trainable, run.config.losses.sd_teacher_grad, run.objective.weights)
+
+
+def _stop_if_exhausted(run: Run, clocks: Clocks, step: int, what: str) -> None:
+    """Collective. After too many non-finite skips in a row: the last good state saved, then NonFiniteLossError."""
+    if run.nonfinite.exhausted:
+        _save(run, clocks, step)
+        raise NonFiniteLossError(
+            f"{run.nonfinite.in_a_row} micro-batches or optimizer steps in a row were skipped, the last for a "
+            f"non-finite {what} at step {step}; the last good state is saved in {run.checkpoint_dir}/"
+            f"{checkpoint.tag_for_step(step)}. Lower optim.lr or check the data; "
+            f"train.max_consecutive_nonfinite={run.config.train.max_consecutive_nonfinite}")
+
+
+def log_step_scalars(run: Run, step: int, last: dict[str, float], applied_lr: float, speed: dict[str, float],
+                     first: bool) -> dict[str, float]:
+    """Collective (the data counts are summed over ranks). The TensorBoard scalars of a log step: the step's
+    rank-averaged terms, lr, speed and data counts. At this start's `first` log step rank 0 also warns when no
+    batch had a region to train L_SD or L_RC on."""
+    counts = _sum_counters_over_ranks(run.data_counts, run.world_size)
+    losses = run.config.losses
+    if run.rank == 0 and first and (losses.w_sd or losses.w_rc):
+        warn_if_no_regions(counts, step)
+    scalars = {f"loss/{name}": value for name, value in last.items() if name != "logit_scale"}
+    scalars.update({
+        "train/lr": applied_lr,
+        "train/logit_scale": last["logit_scale"],
+        "train/skipped_nonfinite": float(run.nonfinite.skipped),
+        "perf/samples_per_s": speed["samples_per_s"],
+        "perf/step_time_s": speed["step_time_s"],
+        "perf/peak_memory_mb": speed["peak_memory_mb"],
+    })
+    if run.shapes is not None:
+        scalars["perf/tflops_per_device"] = speed["tflops_per_device"]
+    if run.shapes is not None and run.peak_tflops is not None:
+        scalars["perf/mfu"] = speed["tflops_per_device"] / run.peak_tflops
+    scalars.update({f"data/{reason}": float(count) for reason, count in counts.items()})
+    return scalars
+
+
+def _evaluate(run: Run, clocks: Clocks, monitor: Monitor, step: int) -> None:
+    """Evaluation on a held-out synthetic world, reported at `step`; its time counts in no clock."""
+    with clocks.paused():
+        held_out = ShapesWorld(seed=run.config.data.world_seed, image_size=run.config.data.world_image_size)
+        results, picture = evaluate_during_training(run.engine, run.model, run.tokenizer, run.normalization,
+                                                    held_out, run.config.eval, run.image_dtype)
+    monitor.scalars(step, results)
+    monitor.image(step, "eval/dense_features", picture)
+
+
+def _save(run: Run, clocks: Clocks, step: int) -> None:
+    """Collective. A checkpoint of the engine, with what this loop needs to go on from `step` (`_trainer_state`)."""
+    checkpoint.save(run.engine, run.checkpoint_dir, step, _trainer_state(run, clocks, step), run.config.train.keep_last)
+
+
+def _trainer_state(run: Run, clocks: Clocks, step: int) -> dict[str, Any]:
+    """Collective (the data counts are summed over ranks)."""
+    return {"step": step, "config": run.config.to_dict(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "stream": run.stream.state_dict(), "world_size": run.world_size,
+            "skipped_nonfinite": run.nonfinite.skipped,
+            "data_counts": dict(_sum_counters_over_ranks(run.data_counts, run.world_size)),
+            "run_totals": _run_totals(run, clocks).state_dict()}
+
+
+def _run_totals(run: Run, clocks: Clocks) -> RunTotals:
+    """Collective. The earlier starts' totals with this start's steps so far."""
+    this_start = _device_figures_over_ranks(clocks.this_start.peek(), run.world_size, run.engine.device)
+    return run.earlier_starts.plus(this_start, run.world_size)
+
+
+def run_summary(run: Run, clocks: Clocks) -> dict[str, Any]:
+    """Collective. The run's figures over all its starts, for summary.json."""
+    summary = {**_run_totals(run, clocks).figures(), "device": device_name(), "world_size": run.world_size}
     # the run's data counts (samples, regions, every skip by reason), summed over ranks and starts
-    summary["data"] = dict(sorted(_sum_counters_over_ranks(data_counts, world_size).items()))
-    if shapes is None:
+    summary["data"] = dict(sorted(_sum_counters_over_ranks(run.data_counts, run.world_size).items()))
+    if run.shapes is None:
         del summary["tflops_per_device"]  # FLOPs of this tower are not modelled
-    elif peak is not None:
-        summary["mfu"] = summary["tflops_per_device"] / peak
-    if trained_now:
-        monitor.summary(summary)
-    elif rank == 0:  # resumed at its last step: 0 samples/s would replace the figures of the steps that did run
-        log.info("no step left to train (resumed at step %d): %s kept", start_step, output_dir / "summary.json")
-    monitor.close()
-    return last
+    elif run.peak_tflops is not None:
+        summary["mfu"] = summary["tflops_per_device"] / run.peak_tflops
+    return summary
