@@ -259,11 +259,15 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
     tag = tag_for_step(step)
     partial_tag = tag + PARTIAL_SUFFIX
     partial_dir = checkpoint_dir / partial_tag
+    if not checkpoint_dir.is_dir():  # made at start: the run folder was moved or deleted since
+        raise CheckpointSaveError(f"saving step {step}: {checkpoint_dir} is gone, the run folder was moved or "
+                                  "deleted while training; a save there would start a second, partial run folder. "
+                                  "Move it back and resume with --resume auto")
     if engine.global_rank == 0:
         shutil.rmtree(partial_dir, ignore_errors=True)  # left by a job killed while saving
     _barrier()
     try:
-        partial_dir.mkdir(parents=True, exist_ok=True)
+        partial_dir.mkdir(exist_ok=True)
         torch.save({**trainer_state, "rng": rng_state()}, _trainer_state_file(partial_dir, engine.global_rank))
         engine.save_checkpoint(str(checkpoint_dir), tag=partial_tag, save_latest=False,
                                client_state={"step": step, UNIVERSAL_CHECKPOINT_INFO: {}})

@@ -85,6 +85,19 @@ def require_kernel_devices(kernels: KernelConfig, device: torch.device) -> None:
                               "(triton on CUDA, torch elsewhere) or 'torch'")
 
 
+def require_writable_run_folder(checkpoint_dir: Path, rank: int) -> None:
+    """Every rank, before the model is built: the run's folders are made and written to once. A read-only
+    file system, an output_dir that is a file or lies under one failed only after the model and DeepSpeed were
+    built, with a traceback; the checkpoint folder made now also tells a save later that the run folder moved."""
+    probe = checkpoint_dir / f".write_check_rank{rank}"
+    try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"train.output_dir {checkpoint_dir.parent}: cannot write there ({error})") from error
+
+
 def warn_if_no_regions(counts: Counter, step: int) -> None:
     """Batches without a single region train L_SD and L_RC on nothing (both 0): records whose boxes sit under
     another member name than `json`, or boxes all dropped. Said once, at the first logged step."""
@@ -250,6 +263,7 @@ def set_up(config: RunConfig, deepspeed_config_path: str) -> Run:
     resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
     if resume_point is not None:
         checkpoint.check_same_run_settings(resume_point, config, checkpoint_dir)
+    require_writable_run_folder(checkpoint_dir, rank)
 
     seed_everything(config.train.seed)
     model, tokenizer, normalization = create_fineclip(config.model, announce=rank == 0)

@@ -51,3 +51,16 @@ def test_triton_kernels_are_accepted_where_they_run():
     require_kernel_devices(triton, torch.device("cuda"))
     if INTERPRETED:
         require_kernel_devices(triton, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("where", ["is_a_file", "under_a_file"])
+def test_an_output_dir_that_cannot_be_written_exits_2_before_the_model_is_built(tmp_path, where):
+    """It failed after the model and DeepSpeed were built, with a traceback per rank."""
+    (tmp_path / "taken").write_text("a file")
+    output_dir = tmp_path / "taken" / ("run" if where == "under_a_file" else "")
+    result = subprocess.run([sys.executable, "launch/pretrain.py", "--deepspeed_config", "ds_configs/zero2.json",
+                             "--output_dir", str(output_dir), "--max_steps", "1"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"config error: train.output_dir {str(output_dir).rstrip('/')}: cannot write there ([Errno" in result.stderr
+    assert "Traceback" not in result.stderr and "model.pretrained" not in result.stderr

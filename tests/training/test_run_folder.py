@@ -113,6 +113,11 @@ def test_a_save_that_cannot_be_written_says_so_and_removes_what_it_wrote(tmp_pat
         save(_EngineOnAFullDisk(), checkpoints, 4, {"step": 4}, keep_last=3)
     assert sorted(path.name for path in checkpoints.iterdir()) == ["latest", "step_00000002"]
     assert (checkpoints / "latest").read_text() == "step_00000002"
+    (tmp_path / "run").rename(tmp_path / "moved")  # while training: a save re-made run/ with only its checkpoint
+    with pytest.raises(CheckpointSaveError, match=r"saving step 4: .*run/checkpoints is gone, the run folder was "
+                                                  r"moved or deleted while training"):
+        save(_EngineOnAFullDisk(), checkpoints, 4, {"step": 4}, keep_last=3)
+    assert not (tmp_path / "run").exists()
 
 
 def test_saves_after_an_older_resume_point_set_the_later_tags_aside_and_prune_only_their_own(tmp_path):
