@@ -19,7 +19,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from fineclip_ds.disk_space import free_space
+from fineclip_ds.files import free_space
 from fineclip_ds.models.fineclip import LOGIT_SCALE_MAX
 from fineclip_ds.run_layout import LATEST, folder_with_latest
 from fineclip_ds.training.checkpoint import PARTIAL_SUFFIX, REPLACED_SUFFIX, UNIVERSAL_SUFFIX

@@ -50,6 +50,7 @@ from fineclip_ds.data.proposals import (CocoBoxProposer, DetectorProposer, GridP
 from fineclip_ds.data.records import encode_record, record_key
 from fineclip_ds.data.region_annotators import CaptionedProposals, RegionAnnotator, ReleasedRegionCaptions
 from fineclip_ds.data.streams import expand_shard_urls, is_local, missing_local_shards
+from fineclip_ds.files import write_atomically
 
 log = logging.getLogger("fineclip_ds")
 
@@ -125,7 +126,7 @@ def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Pr
     A unit whose input broke off is finished only with `keep_readable_part`, and only when an earlier attempt
     broke too: a read that failed once (a network mount's hiccup) is retried, not finished half-empty."""
     counts_file = target.with_suffix(".json")
-    broke_before = counts_file.is_file() and json.loads(counts_file.read_text()).get("corrupt_shard", 0) > 0
+    broke_before = _earlier_counts(counts_file).get("corrupt_shard", 0) > 0
     counts: Counter = Counter()
     partial = target.with_suffix(".tar.tmp")
     taken_keys: set[str] = set()
@@ -137,7 +138,7 @@ def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Pr
                 writer.write(record)
             if progress:
                 progress.images(len(chunk), counts["regions"] - regions_before)
-    counts_file.write_text(json.dumps(counts))  # counts first: a finished .tar always has them
+    write_atomically(counts_file, json.dumps(counts))  # counts first: a finished .tar always has them
     if counts["corrupt_shard"] and not (keep_readable_part and broke_before):  # unfinished: a rerun retries it
         partial.unlink()
         log.warning("%s: its input could not be read in full (see above); not marked finished, a rerun retries it. "
@@ -146,6 +147,15 @@ def make_shard(unit: Unit, annotate: RegionAnnotator, target: Path, progress: Pr
     else:
         os.replace(partial, target)
     return counts
+
+
+def _earlier_counts(counts_file: Path) -> dict:
+    """The counts an earlier attempt at a shard left; none when there was none or its file is unreadable (written
+    in place by versions before 2026-11-26, a crash could leave it empty: every rerun then stopped on it)."""
+    try:
+        return json.loads(counts_file.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def summarize(output_dir: Path) -> Counter:
@@ -181,9 +191,7 @@ def run(units: list[Unit], annotate: RegionAnnotator, output_dir: Path, rank: in
         progress.shard_done()
     progress.bar.close()
     summary = summarize(output_dir)
-    partial_summary = output_dir / f"summary.json.{rank}.tmp"
-    partial_summary.write_text(json.dumps(dict(summary), indent=2))
-    os.replace(partial_summary, output_dir / "summary.json")
+    write_atomically(output_dir / "summary.json", json.dumps(dict(summary), indent=2), writer=rank)
     return summary
 
 
@@ -289,9 +297,7 @@ def record_settings(output_dir: Path, settings: dict[str, Any], rank: int) -> No
     """Written at the start (the same by every process) for a later rerun to be compared with; each process
     through its own temporary file (named by rank: process ids repeat across nodes)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    partial = output_dir / f"{SETTINGS_FILE}.{rank}.tmp"
-    partial.write_text(json.dumps(settings, indent=2))
-    os.replace(partial, output_dir / SETTINGS_FILE)
+    write_atomically(output_dir / SETTINGS_FILE, json.dumps(settings, indent=2), writer=rank)
 
 
 def units_from(args: argparse.Namespace) -> list[Unit]:

@@ -28,7 +28,7 @@ from torch import nn
 from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS, UNIVERSAL_CHECKPOINT_INFO
 
 from fineclip_ds.config import ConfigError, RunConfig, changed_run_settings
-from fineclip_ds.disk_space import free_space
+from fineclip_ds.files import free_space, write_atomically
 from fineclip_ds.run_layout import LATEST
 
 TAG_PREFIX = "step_"
@@ -295,9 +295,7 @@ def _complete(engine, checkpoint_dir: Path, tag: str, keep_last: int) -> Path:
             os.replace(final_dir, replaced_dir)
         os.replace(partial_dir, final_dir)
         shutil.rmtree(replaced_dir, ignore_errors=True)
-        pointer = checkpoint_dir / (LATEST + PARTIAL_SUFFIX)
-        pointer.write_text(tag)
-        os.replace(pointer, checkpoint_dir / LATEST)
+        write_atomically(checkpoint_dir / LATEST, tag)
         _set_aside_later_tags(checkpoint_dir, tag)
         _prune(checkpoint_dir, keep_last)
     _barrier()

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from fineclip_ds.config import ConfigError, KernelConfig, RunConfig
 from fineclip_ds.data.shapes_world import ShapesWorld
+from fineclip_ds.files import write_atomically
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
 from fineclip_ds.run_layout import checkpoints_folder
@@ -295,7 +296,7 @@ def set_up(config: RunConfig, deepspeed_config_path: str) -> Run:
         _restore(run, resume_point)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        write_atomically(output_dir / "config.json", json.dumps(config.to_dict(), indent=2))
     return run
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
+
+from fineclip_ds.files import write_atomically
 
 log = logging.getLogger("fineclip_ds")
 
@@ -30,9 +31,7 @@ def _keep_steps_up_to(metrics: Path, last_step: int) -> None:
     kept = [line for line in logged.splitlines() if (step := _logged_step(line)) is not None and step <= last_step]
     rewritten = "".join(line + "\n" for line in kept)
     if rewritten != logged:
-        partial = metrics.with_suffix(".jsonl.tmp")
-        partial.write_text(rewritten)
-        os.replace(partial, metrics)
+        write_atomically(metrics, rewritten)
 
 
 class Monitor:
@@ -98,7 +97,7 @@ class Monitor:
         self._bar.write("run summary: " + " ".join(
             f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}" for name, value in values.items()))
         with self._logs_may_fail("summary.json"):
-            (self._output_dir / "summary.json").write_text(json.dumps(values, indent=2))
+            write_atomically(self._output_dir / "summary.json", json.dumps(values, indent=2))
 
     def close(self) -> None:
         if not self.enabled:

@@ -114,6 +114,17 @@ def test_a_rerun_after_a_kill_resumes_without_loss_or_duplication(pairs, tmp_pat
     assert len(keys) == len(set(keys)) == IMAGES - 1
 
 
+def test_a_counts_file_left_empty_by_a_crash_does_not_stop_the_rerun(pairs, tmp_path):
+    """Counts were written in place, so a crash (or a full disk) could leave one empty; every rerun then stopped
+    on a JSONDecodeError naming no file. They are now written atomically, and an unreadable one is no attempt."""
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "regions-000001.json").write_text("")
+    summary = _run(pairs, output_dir, SizeCaptioner())
+    assert summary["shards"] == 3 and summary["images_in"] == IMAGES + 1
+    assert not list(output_dir.glob("*.tmp"))
+
+
 KILL_AFTER_CALLS = """
 import os, signal, sys
 from fineclip_ds.data import captioner, make_regions

@@ -1,0 +1,26 @@
+"""Files a crash or a full disk cannot leave half written, and what to say when a write fails."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def write_atomically(path: Path, text: str, writer: int | str = "") -> None:
+    """`text` into `path` through a temporary file beside it and a rename: a reader (a rerun, a resume, evaluate)
+    sees the old file or the new one, never a half-written one. Processes writing the same file pass their own
+    `writer` (a rank: process ids repeat across nodes) so that each has its own temporary file."""
+    partial = path.with_name(f"{path.name}{f'.{writer}' if writer != '' else ''}.tmp")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def free_space(folder: Path) -> str:
+    """'<n> MiB free there' on the file system holding `folder` (or its nearest existing parent), '' when unknown:
+    torch.save on a full disk says only 'unexpected pos 128 vs 0'."""
+    for existing in (folder, *folder.parents):
+        try:
+            return f"{shutil.disk_usage(existing).free / 2**20:.0f} MiB free there"
+        except OSError:
+            continue
+    return ""
