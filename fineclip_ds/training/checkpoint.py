@@ -167,7 +167,10 @@ def check_same_model(point: ResumePoint, model: nn.Module) -> None:
     states = sorted((point.directory / point.tag).glob("*mp_rank_00_model_states.pt"))
     if not states:
         return
-    state = torch.load(states[0], map_location="cpu", weights_only=False, mmap=True)
+    try:
+        state = torch.load(states[0], map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # truncated or overwritten
+        raise ConfigError(f"train.resume: {states[0]} cannot be read ({error}): not a complete checkpoint") from error
     saved = {name: tuple(shape) for group in state.get("param_shapes") or [] for name, shape in group.items()}
     if not saved:
         return  # saved without ZeRO: DeepSpeed records no shapes

@@ -8,7 +8,8 @@ import torch
 
 from fineclip_ds.config import ConfigError, RunConfig, load_config
 from fineclip_ds.training.checkpoint import (CheckpointSaveError, ResumePoint, _prune, _set_aside_later_tags,
-                                             check_same_run_settings, find_resume_point, save, tag_for_step)
+                                             check_same_model, check_same_run_settings, find_resume_point, save,
+                                             tag_for_step)
 from fineclip_ds.training.engine import resume_of_a_requeued_job
 from tests.training.launcher import COMMON, REPO, run_pretrain
 
@@ -93,6 +94,16 @@ def test_a_save_clears_what_killed_saves_of_other_steps_left_half_written(tmp_pa
         (checkpoints / name / "mp_rank_00_model_states.pt").write_bytes(b"0")
     _prune(checkpoints, keep_last=3)
     assert sorted(path.name for path in checkpoints.iterdir()) == ["step_00000100", "step_00000200"]
+
+
+def test_a_truncated_model_file_is_named_before_the_model_is_loaded(tmp_path):
+    """The shape check read it first and failed with 'PytorchStreamReader failed ...', naming no file."""
+    checkpoints = _checkpoints(tmp_path / "run", [2], latest=2)
+    model_file = checkpoints / tag_for_step(2) / "mp_rank_00_model_states.pt"
+    torch.save({"param_shapes": [{"weight": (2, 2)}]}, model_file)
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"train.resume: .*mp_rank_00_model_states.pt cannot be read"):
+        check_same_model(ResumePoint(checkpoints, tag_for_step(2)), torch.nn.Linear(2, 2))
 
 
 class _EngineOnAFullDisk:
