@@ -12,6 +12,7 @@ from typing import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
@@ -43,8 +44,17 @@ def make_inputs(rows: int, dim: int, device: torch.device, dtype: torch.dtype, s
     return images, texts, torch.tensor(100.0, device=device, requires_grad=True)
 
 
+def _group_of_one(device: torch.device) -> None:
+    """inf-cl's backward all-reduces over the default process group even on one GPU ('Default process group has
+    not been initialized' on the first H100 run): a group of this process alone."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+
+
 def inf_cl_loss(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric loss from inf-cl's one-direction `cal_inf_loss`, as its README combines it."""
+    _group_of_one(images.device)
     labels = torch.arange(images.shape[0], device=images.device)
     return (cal_inf_loss(images, texts, labels=labels, scale=logit_scale)
             + cal_inf_loss(texts, images, labels=labels, scale=logit_scale)) / 2
