@@ -262,6 +262,8 @@ print("bitwise equal")
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter test: the GPU image's Triton 3.6 interpreter "
+                    "cannot bound a loop by a scalar argument (H100 run, 2026-11-26); CI's Triton 3.8 runs it")
 def test_programs_started_in_reverse_order_neither_deadlock_nor_change_the_result():
     """The turn-taking waits on the order programs took their tickets, not on program ids: with ids
     it would spin forever here (the first program to run would wait for one that never runs)."""
@@ -381,26 +383,45 @@ def test_gpu_triton_matches_float64_reference(dtype, rows, dim):
         torch.testing.assert_close(got_grad.double() / scale, want_grad / scale, **tolerance)
 
 
-@GPU
-def test_gpu_backward_is_bitwise_deterministic_and_flat_in_memory():
-    rows, dim = 16384, 512
+def _gpu_features(rows: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator(device="cuda").manual_seed(0)
     images = F.normalize(torch.randn(rows, dim, device="cuda", generator=generator), dim=-1).bfloat16()
     texts = F.normalize(torch.randn(rows, dim, device="cuda", generator=generator), dim=-1).bfloat16()
-    logit_scale = torch.tensor(100.0, device="cuda")
-    runs = [loss_and_grads(lambda i, t, s: contrastive_loss(i, t, s, backend="triton"), images, texts, logit_scale)
-            for _ in range(3)]
+    return images, texts, torch.tensor(100.0, device="cuda")
+
+
+def _triton_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return contrastive_loss(images, texts, scale, backend="triton")
+
+
+def _gpu_peak_bytes(rows: int, dim: int) -> int:
+    """Peak CUDA memory of one forward and backward above its inputs."""
+    images, texts, logit_scale = _gpu_features(rows, dim)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss_and_grads(_triton_loss, images, texts, logit_scale)
+    return torch.cuda.max_memory_allocated() - before
+
+
+@GPU
+def test_gpu_backward_is_bitwise_deterministic():
+    images, texts, logit_scale = _gpu_features(16384, 512)
+    runs = [loss_and_grads(_triton_loss, images, texts, logit_scale) for _ in range(3)]
     for loss, grads in runs[1:]:
         assert torch.equal(loss, runs[0][0])
         for a, b in zip(grads, runs[0][1]):
             assert torch.equal(a, b)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    loss_and_grads(lambda i, t, s: contrastive_loss(i, t, s, backend="triton"), images, texts, logit_scale)
-    peak = torch.cuda.max_memory_allocated() - before
-    logits_bytes = rows * rows * 4
-    assert peak < logits_bytes / 16, f"peak {peak} bytes vs one fp32 logits matrix of {logits_bytes}"
+
+
+@GPU
+def test_gpu_memory_grows_with_the_features_not_the_logits():
+    """Doubling N doubles the peak (features and their gradients), where N x N logits would quadruple it. The
+    earlier bound, a sixteenth of the fp32 logits at N = 16384 (64 MiB), was too tight for O(N * D) memory: an
+    H100 measured 192 MiB there (2026-11-26), 12 bytes per feature element, about a fifth of the logits."""
+    peaks = {rows: _gpu_peak_bytes(rows, 512) for rows in (32768, 65536)}
+    assert peaks[65536] < 2.2 * peaks[32768], peaks
+    assert peaks[65536] < 65536 * 65536 * 4 / 16, peaks  # ~0.8 GB expected against 17 GB of fp32 logits
 
 
 @pytest.mark.parametrize("backend", ("triton", "torch"))
