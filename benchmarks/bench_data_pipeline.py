@@ -1,11 +1,11 @@
-"""Data loading: the samples per second one DataLoader worker makes for each GPU recipe, on one CPU core.
+"""Data loading: the samples per second one DataLoader worker makes at the GPU recipes' sizes, on one CPU core.
 
 Run: `python -m pytest benchmarks/bench_data_pipeline.py --benchmark-only -s`. A worker reads training-format
 shards, decodes each JPEG, resizes it to the recipe's input size, checks and picks its boxes (data.max_boxes of
 30), tokenises the caption and every region caption slot, and collates a batch: exactly the trainer's stream
 (`build_train_stream`) with num_workers=0, so the work is timed in this process. The images are 640 x 480 JPEGs,
 COCO's typical size. A rank is fed when data.num_workers x this rate, on as many free cores, reaches the rank's
-training rate (samples per second per GPU). No target: GPU training rates are not measured yet.
+training rate (samples per second per GPU). No target: the data rate needed depends on the GPU's rate.
 """
 from __future__ import annotations
 

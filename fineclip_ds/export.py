@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
 
-from fineclip_ds.files import free_space
+from fineclip_ds.files import UNREADABLE_TORCH_FILE, free_space
 from fineclip_ds.models.fineclip import LOGIT_SCALE_MAX
 from fineclip_ds.run_layout import LATEST, folder_with_latest
 from fineclip_ds.training.checkpoint import PARTIAL_SUFFIX, REPLACED_SUFFIX, UNIVERSAL_SUFFIX
@@ -141,7 +140,7 @@ def export(checkpoint: str | Path, output: str | Path, model_name: str | None = 
         raise ValueError(f"--model {name}: not an open_clip model name (see open_clip.list_models())")
     try:
         state_dict = open_clip_state_dict(source)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # a truncated or overwritten file
+    except UNREADABLE_TORCH_FILE as error:
         raise ValueError(f"--checkpoint {source.path}: cannot be read ({error})") from error
     trained_size = trained_image_size(source)
     if trained_size is not None:  # trained at another size: the positional embeddings are for that grid

@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_rank_logging(int(os.environ.get("RANK", "0")))
+    # under mpirun, RANK is set only once DeepSpeed discovers the MPI world, after this
+    configure_rank_logging(int(os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
+                               or os.environ.get("PMI_RANK") or 0))
     overrides = list(args.set)
     for field, value in (("output_dir", args.output_dir), ("max_steps", args.max_steps), ("seed", args.seed),
                          ("resume", args.resume)):

@@ -323,7 +323,7 @@ class WebDatasetStream:
         self.shard_health = {reader: [None, 0, 0, reported] for reader in range(split[1])}
         log.info("webdataset positions of %d ranks x %d readers re-split for %d x %d: this rank first reads %d "
                  "unread pieces of epochs before %d", state["world_size"], readers_per_rank(state["num_workers"]),
-                 *split, len(self.leftovers), self.start_epoch)
+                 *split, len(self.leftovers), self.start_epoch, extra=PER_RANK)
 
     def _check_same_records(self, state: dict[str, Any]) -> None:
         """Positions count records in seeded orders of a shard list: another list or seed would silently

@@ -199,8 +199,8 @@ class FineCLIP(nn.Module):
         """Region features: each box RoIAligned (1x1) on the dense map, then L2-normalised.
 
         `boxes` are x1, y1, x2, y2 in pixels of the model input (`data.transforms.RegionTransform` maps an
-        image's boxes there); `box_mask` True marks a real box. Masked boxes, and boxes that cover no part of
-        the map, give zero rows."""
+        image's boxes there); `box_mask` True marks a real box. Masked boxes, and boxes more than a patch
+        outside the map (RoIAlign moves samples up to one cell outside onto its edge), give zero rows."""
         # dense: [B, h*w, D]; boxes: [B, R, 4] xyxy input pixels -> [B, R, D] normalised (masked rows 0)
         patch_h, patch_w = self.patch_size
         if patch_w != patch_h:  # region pooling takes one scale: x in units of the patch height, then 1/patch_h

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -28,7 +27,7 @@ from torch import nn
 from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS, UNIVERSAL_CHECKPOINT_INFO
 
 from fineclip_ds.config import ConfigError, RunConfig, changed_run_settings
-from fineclip_ds.files import free_space, write_atomically
+from fineclip_ds.files import UNREADABLE_TORCH_FILE, free_space, write_atomically
 from fineclip_ds.run_layout import LATEST
 
 TAG_PREFIX = "step_"
@@ -142,8 +141,7 @@ def _tag_names(checkpoint_dir: Path) -> list[str]:
 def _later_tags(checkpoint_dir: Path, tag: str) -> list[str]:
     """Tags of steps after `tag`: a resume from an older checkpoint of the run leaves them from the
     continuation it replaces."""
-    return sorted(path.name for path in checkpoint_dir.iterdir()
-                  if path.is_dir() and TAG_PATTERN.fullmatch(path.name) and path.name > tag)
+    return [name for name in _tag_names(checkpoint_dir) if name > tag]
 
 
 def _set_aside_later_tags(checkpoint_dir: Path, saved_tag: str) -> None:
@@ -169,7 +167,7 @@ def check_same_model(point: ResumePoint, model: nn.Module) -> None:
         return
     try:
         state = torch.load(states[0], map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # truncated or overwritten
+    except UNREADABLE_TORCH_FILE as error:
         raise ConfigError(f"train.resume: {states[0]} cannot be read ({error}): not a complete checkpoint") from error
     saved = {name: tuple(shape) for group in state.get("param_shapes") or [] for name, shape in group.items()}
     if not saved:
@@ -195,7 +193,7 @@ def check_same_run_settings(point: ResumePoint, config: RunConfig, checkpoint_di
     optim.lr was ignored while config.json showed it, and a longer max_steps re-shaped the cosine schedule
     mid-run (the lr fell to its floor, then jumped back up). Checkpoints that hold no settings (saved before
     they were recorded) are not checked."""
-    state = _saved_trainer_state(point.directory / point.tag) or {}  # none: not a complete checkpoint, `load` says so
+    state = _saved_trainer_state(point.directory / point.tag) or {}  # find_resume_point checked it is there
     changed = changed_run_settings(state["config"], config) if "config" in state else []
     own = point.directory.resolve() == checkpoint_dir.resolve()
     refused = changed if own else [change for change in changed if _restored_from_the_checkpoint(change[0])]
@@ -233,7 +231,7 @@ def _saved_trainer_state(tag_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         return torch.load(state_file, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # truncated or overwritten
+    except UNREADABLE_TORCH_FILE as error:
         raise ConfigError(f"train.resume: {state_file} cannot be read ({error}): not a complete checkpoint") from error
 
 
@@ -308,10 +306,9 @@ def _complete(engine, checkpoint_dir: Path, tag: str, keep_last: int) -> Path:
 def _prune(checkpoint_dir: Path, keep_last: int) -> None:
     """After a complete save: all but the last `keep_last` tags, and every save a killed job left half written
     (a preemption or non-finite stop saves off the save_every schedule, so no later save of that step clears it)."""
-    tags = sorted(p for p in checkpoint_dir.iterdir() if p.is_dir() and TAG_PATTERN.fullmatch(p.name))
-    for old in tags[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+    for old in _tag_names(checkpoint_dir)[:-keep_last]:
+        shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
+        shutil.rmtree(checkpoint_dir / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
     for half_written in checkpoint_dir.glob("step_*" + PARTIAL_SUFFIX):
         shutil.rmtree(half_written, ignore_errors=True)
 

@@ -251,18 +251,21 @@ def steps_of(dtype: torch.dtype, value: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("second_pass", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_normalised_half_precision_rows_are_rounded_once(dtype, second_pass):
-    """Normalised rows are pooled and rescaled in fp32 and rounded to bf16/fp16 once: every value is within
-    half a step of the float64 contract, plus the fp32 sums' own error (up to 0.04 of an fp16 step here).
-    The fused kernel used to store the pooled row in the dtype before the rescale too, up to a step off on a
-    GPU; in the interpreter, whose fp32 -> bf16 stores truncate, 87% of bf16 values were over half a step
-    off (up to 2.6 steps), and 27% of fp16 ones (up to 1.2)."""
-    seed, batch, regions, grid_hw, channels, spatial_scale = 16, 2, 6, (7, 9), 150, 0.25
-    tokens, boxes, box_mask, _ = make_case(seed, batch, regions, grid_hw, channels, spatial_scale, dtype)
-    got = RegionPoolFunction.apply(tokens, boxes, box_mask, grid_hw, spatial_scale, -1, True, second_pass)
-    want = torchvision_reference(tokens.double(), boxes, grid_hw, spatial_scale, box_mask, -1, True)
-    assert got.dtype == dtype and want.abs().sum() > 0
-    error_in_steps = (got.double() - want).abs() / steps_of(dtype, want)
-    assert error_in_steps.max() <= 0.55
+    """Normalised rows are pooled and rescaled in fp32 and rounded to bf16/fp16 once: every value of at least 0.01
+    is within half a step of the float64 contract, over several seeds (smaller ones carry the fp32 sums' own
+    error, which near zero can exceed half an fp16 step). The fused kernel used to store the pooled row in the
+    dtype before the rescale too, up to a step off on a GPU; in the interpreter, whose fp32 -> bf16 stores
+    truncate, 87% of bf16 values were over half a step off (up to 2.6 steps), and 27% of fp16 ones (up to 1.2)."""
+    for seed in range(16, 20):
+        batch, regions, grid_hw, channels, spatial_scale = 2, 6, (7, 9), 150, 0.25
+        tokens, boxes, box_mask, _ = make_case(seed, batch, regions, grid_hw, channels, spatial_scale, dtype)
+        got = RegionPoolFunction.apply(tokens, boxes, box_mask, grid_hw, spatial_scale, -1, True, second_pass)
+        want = torchvision_reference(tokens.double(), boxes, grid_hw, spatial_scale, box_mask, -1, True)
+        assert got.dtype == dtype
+        large = want.abs() >= 1e-2
+        assert large.sum() > 100, seed
+        error_in_steps = (got.double() - want).abs()[large] / steps_of(dtype, want[large])
+        assert error_in_steps.max() <= 0.51, seed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
