@@ -25,6 +25,7 @@ from fineclip_ds.evaluation.segmentation import LabelledImage, evaluate_segmenta
 from fineclip_ds.evaluation.world import evaluate_on_world
 from fineclip_ds.evaluation.zero_shot import TEMPLATE_SETS
 from fineclip_ds.export import model_name_of, resolve_checkpoint, trained_image_size
+from fineclip_ds.files import write_atomically
 from fineclip_ds.models.factory import Tokenizer, create_fineclip
 from fineclip_ds.models.fineclip import FineCLIP
 
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(results, indent=2)
     print(text)  # first: a results file that cannot be written (disk full, read-only) keeps them on the console
     try:
-        output.write_text(text)
+        write_atomically(output, text)
     except OSError as error:
         raise SystemExit(f"--output {output}: cannot write the results ({error}); they are printed above") from error
 

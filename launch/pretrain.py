@@ -22,7 +22,7 @@ from fineclip_ds.training.engine import train  # noqa: E402
 from fineclip_ds.training.nonfinite import NonFiniteLossError  # noqa: E402
 from fineclip_ds.training.dry_run import plan  # noqa: E402
 from fineclip_ds.training.parallelize import DeepSpeedConfigError, load_deepspeed_config  # noqa: E402
-from fineclip_ds.training.process_group import exit_alone, exit_without_finalization  # noqa: E402
+from fineclip_ds.training.process_group import exit_alone, exit_without_finalization, launcher_rank  # noqa: E402
 
 DEFAULT_RECIPE = "tiny-cpu"
 
@@ -51,9 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # under mpirun, RANK is set only once DeepSpeed discovers the MPI world, after this
-    configure_rank_logging(int(os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
-                               or os.environ.get("PMI_RANK") or 0))
+    configure_rank_logging(launcher_rank())
     overrides = list(args.set)
     for field, value in (("output_dir", args.output_dir), ("max_steps", args.max_steps), ("seed", args.seed),
                          ("resume", args.resume)):

@@ -32,7 +32,8 @@ def as_number(value: Any) -> float | None:
         return math.inf
 
 
-def validate_boxes(boxes: Sequence[Any] | np.ndarray | torch.Tensor, width: int, height: int) -> tuple[list[list[float]], list[int], Counter]:
+def validate_boxes(boxes: Sequence[Any] | np.ndarray | torch.Tensor, width: int,
+                   height: int) -> tuple[list[list[float]], list[int], Counter]:
     """Keep boxes that overlap the image (clipped to it); returns (kept, their indices, drops by reason).
 
     `boxes` as JSON gives them (lists), or as a detector does (a numpy array or tensor, or a list of them)."""

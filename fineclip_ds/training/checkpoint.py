@@ -115,7 +115,7 @@ def _check_complete(point: ResumePoint, named_by: Path | None) -> None:
     problem = None
     if not point.tag or not tag_dir.is_dir():
         problem = "is not a checkpoint folder there"
-    elif not any(tag_dir.glob("*mp_rank_00_model_states.pt")):
+    elif not _model_state_files(tag_dir):
         problem = "has no mp_rank_00_model_states.pt (DeepSpeed's model file)"
     else:
         state = _saved_trainer_state(tag_dir)
@@ -132,6 +132,11 @@ def _check_complete(point: ResumePoint, named_by: Path | None) -> None:
     other = (f"; its other checkpoints: {', '.join(complete[-3:])} (resume from one with --resume "
              f"{point.directory / complete[-1]})") if complete else ""
     raise ConfigError(f"train.resume: {which} {problem}: not a complete checkpoint{other}")
+
+
+def _model_state_files(tag_dir: Path) -> list[Path]:
+    """DeepSpeed's model file of a tag (ZeRO-3 names it zero_pp_rank_0_mp_rank_00_model_states.pt)."""
+    return sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
 
 
 def _tag_names(checkpoint_dir: Path) -> list[str]:
@@ -162,7 +167,7 @@ def check_same_model(point: ResumePoint, model: nn.Module) -> None:
     """A checkpoint of another model (model.name or model.image_size changed since) fails deep inside
     DeepSpeed's load: a torch size mismatch per tensor, or under ZeRO-3 a flat-buffer copy naming none.
     DeepSpeed saves every parameter's shape; compare them before anything is converted or loaded."""
-    states = sorted((point.directory / point.tag).glob("*mp_rank_00_model_states.pt"))
+    states = _model_state_files(point.directory / point.tag)
     if not states:
         return
     try:
@@ -309,7 +314,7 @@ def _prune(checkpoint_dir: Path, keep_last: int) -> None:
     for old in _tag_names(checkpoint_dir)[:-keep_last]:
         shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
         shutil.rmtree(checkpoint_dir / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
-    for half_written in checkpoint_dir.glob("step_*" + PARTIAL_SUFFIX):
+    for half_written in checkpoint_dir.glob(f"{TAG_PREFIX}*{PARTIAL_SUFFIX}"):
         shutil.rmtree(half_written, ignore_errors=True)
 
 

@@ -295,7 +295,6 @@ def set_up(config: RunConfig, deepspeed_config_path: str) -> Run:
     if resume_point is not None:
         _restore(run, resume_point)
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(output_dir / "config.json", json.dumps(config.to_dict(), indent=2))
     return run
 

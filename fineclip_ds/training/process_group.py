@@ -16,6 +16,11 @@ import torch.distributed as dist
 SHARED_MEMORY = Path("/dev/shm")
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it, before the process group starts (and sets RANK under mpirun)."""
+    return int(os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or 0)
+
+
 def default_to_single_process() -> None:
     """Without a launcher (python -m ..., notebooks, the ablation), run as a world of one."""
     if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:

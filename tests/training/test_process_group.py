@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from fineclip_ds.training.process_group import use_the_one_visible_gpu
+from fineclip_ds.training.process_group import launcher_rank, use_the_one_visible_gpu
 
 
 def _gpus(monkeypatch, visible: int, local_rank: int) -> None:
@@ -27,3 +27,15 @@ def test_a_local_rank_past_several_visible_gpus_is_an_error_that_names_both(monk
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     with pytest.raises(RuntimeError, match=r"LOCAL_RANK 5 but this process sees 2 GPUs \(CUDA_VISIBLE_DEVICES=4,5\)"):
         use_the_one_visible_gpu()
+
+
+@pytest.mark.parametrize("environment,rank", [({"RANK": "3", "OMPI_COMM_WORLD_RANK": "5"}, 3),
+                                              ({"OMPI_COMM_WORLD_RANK": "5"}, 5), ({"PMI_RANK": "2"}, 2), ({}, 0)])
+def test_the_launchers_rank_is_read_before_the_group_starts(monkeypatch, environment, rank):
+    """Log lines are tagged (and filtered) by rank before init: under mpirun RANK is set only by DeepSpeed's
+    MPI discovery, so every process was labelled rank 0 and none was filtered."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert launcher_rank() == rank
