@@ -7,8 +7,9 @@ output file: forward and fwd+bwd milliseconds (median of CUDA-event timed repeat
 `--repeat_budget_s` seconds each), peak memory of one fwd+bwd step above the inputs,
 the loss difference to ClipLoss where that fits, and the Triton backward's bitwise repeatability.
 ClipLoss is skipped where its N x N logits would not fit; inf-cl is timed only when `import inf_cl`
-works. Where the launcher narrows the column blocks to fill the SMs (`fill_block_n`, small N),
-`triton_n128` also times the 128-wide blocks it replaced.
+works. Where the launcher splits the other side's blocks across programs to fill the SMs (`split_count`,
+small N), `triton_unsplit` also times one program per block; `torch_tiled` (the same tiled algorithm in
+torch, cuBLAS GEMMs on 2048-row tiles) is timed up to its TORCH_TILED_MAX_N.
 """
 from __future__ import annotations
 
@@ -21,34 +22,34 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_contrastive import IMPLEMENTATIONS, cal_inf_loss, make_inputs  # noqa: E402
+from benchmarks.bench_contrastive import IMPLEMENTATIONS, cal_inf_loss, fits, make_inputs  # noqa: E402
 from benchmarks.gpu_runs import MarkdownSection, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
 from benchmarks.memory import peak_memory_bytes  # noqa: E402
 from kernels.contrastive.function import ContrastiveLossFunction  # noqa: E402
-from kernels.contrastive.launch import TritonTiles, fill_block_n  # noqa: E402
+from kernels.contrastive.launch import TritonTiles, split_count  # noqa: E402
 
 DTYPE = torch.bfloat16
 SIZES = (4096, 16384, 65536, 262144, 1048576)
 DIMS = (512, 1024)
-SMOKE_SIZES, SMOKE_DIMS = (48,), (40,)
+SMOKE_SIZES, SMOKE_DIMS = (130,), (24,)  # 130 rows: 3 row blocks, split on an H100
 # ClipLoss holds two N x N logits, their softmax and gradients: ~5 * N^2 * 2 bytes in bf16
 CLIP_LOSS_BYTES_PER_PAIR = 10
 # The accuracy reference: ClipLoss on the same inputs upcast to fp32, forward only (two N x N fp32 logits
 # and their softmax). Not the bf16 ClipLoss: its bf16 logits, up to the scale of 100, are rounded by up to 0.25.
 REFERENCE_BYTES_PER_PAIR = 16
 DETERMINISM_MAX_N = 65536
-WIDE_BLOCK_N = 128
-H100_MULTIPROCESSORS = 132  # what --smoke on a CPU pretends, so that the triton_n128 row runs there too
+H100_MULTIPROCESSORS = 132  # what --smoke on a CPU pretends, so that the triton_unsplit row runs there too
+BF16_BLOCK_M, BF16_BLOCK_N = 64, 128  # the launcher's bf16 tiles on a GPU
 COLUMNS = ("N", "D", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd vs ClipLoss", "loss diff vs fp32 ClipLoss")
 
 
-def triton_wide_columns(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """The Triton loss with 128-wide column blocks at any N, as before `fill_block_n` narrowed them."""
+def triton_unsplit(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """The Triton loss with one program per anchor block at any N, as if `split_count` never split."""
     mask = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-    return ContrastiveLossFunction.apply(images, texts, logit_scale, mask, None, TritonTiles(block_n=WIDE_BLOCK_N))
+    return ContrastiveLossFunction.apply(images, texts, logit_scale, mask, None, TritonTiles(splits=1))
 
 
-LOSSES = {**IMPLEMENTATIONS, "triton_n128": triton_wide_columns}
+LOSSES = {**IMPLEMENTATIONS, "triton_unsplit": triton_unsplit}
 
 
 def measure(name: str, rows: int, dim: int, device: torch.device, repeat_budget_s: float) -> dict[str, float]:
@@ -95,9 +96,10 @@ def sweep(sizes: list[int], dims: list[int], device: torch.device, multiprocesso
     free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
     for dim in dims:
         for rows in sizes:
-            narrowed = fill_block_n(rows, WIDE_BLOCK_N, multiprocessors) < WIDE_BLOCK_N
+            split = split_count(-(-rows // BF16_BLOCK_M), -(-rows // BF16_BLOCK_N), multiprocessors) > 1
             clip_loss_fits = CLIP_LOSS_BYTES_PER_PAIR * rows * rows <= 0.8 * free_bytes
-            names = ((["open_clip"] if clip_loss_fits else []) + ["triton"] + (["triton_n128"] if narrowed else [])
+            names = ((["open_clip"] if clip_loss_fits else []) + ["triton"] + (["triton_unsplit"] if split else [])
+                     + (["torch_tiled"] if fits("torch_tiled", rows) else [])
                      + (["inf_cl"] if cal_inf_loss is not None else []))
             reference = (reference_loss(rows, dim, device) if REFERENCE_BYTES_PER_PAIR * rows * rows < 0.8 * free_bytes
                          else None)
@@ -144,7 +146,8 @@ def main() -> None:
         f"logit scale 100; torch {torch.__version__}; inf-cl {'installed' if cal_inf_loss else 'not installed'}. "
         "Times are medians of CUDA-event timed repeats; peak memory is one fwd+bwd step above the inputs.",
         COLUMNS)
-    deterministic = sweep(sizes, dims, device, multiprocessors, args.repeat_budget_s, section)
+    repeat_budget_s = 0.0 if args.smoke else args.repeat_budget_s  # smoke checks the script: one timed repeat
+    deterministic = sweep(sizes, dims, device, multiprocessors, repeat_budget_s, section)
     section.note(f"Triton backward bitwise repeatable: {'yes' if deterministic else 'NO'}.")
 
 

@@ -1,14 +1,19 @@
-"""Launchers of the contrastive kernels: buffers, tile sizes and grids, behind the same two-method
+"""Launchers of the contrastive kernels: buffers, tile sizes, splits and grids, behind the same two-method
 interface as `TorchTiles` (stats, grads) so the autograd Function does not care which runs.
 
-Default tiles: 64 x 128 logits with 64-wide K steps for half precision on a GPU (tensor-core sized,
-small enough that the fp32 tile, its logits and softmax weights stay in registers), 64 x 64 x 16 for
-fp32 (exact fp32 dots run on FMA units and cost registers: K = 32 made the backward spill 4.4 KB per
-thread on sm_80 and sm_90), and at most 32 under the CPU interpreter, where every program is a Python
-loop and larger tiles only add masked work on tiny test shapes. On a GPU, BLOCK_N is halved (down to
-32, at 4 warps) while there are fewer column programs than SMs (see `fill_block_n`). All of these
-compile without register spills for sm_80 and sm_90 (`python -m kernels.codegen`, checked in the
-tests); their speed is not yet tuned on a GPU.
+Each direction is one launch of the same kernel with the operands swapped (see triton_kernels.py). A
+launch has one program per block of its anchor rows; where those are too few to give each SM two
+programs, the other side's row blocks are split across more programs (`split_count`) and their partial
+results are summed here, in split order. Only small problems split (N of a few thousand on an H100), so
+the partial buffers stay a small multiple of the inputs.
+
+Default tiles: 64 x 128 logits with 64-wide K steps and 4 pipeline stages for half precision on a GPU
+(tensor-core sized, small enough that the fp32 tile, its logits and softmax weights stay in registers),
+32 x 64 x 16 with 2 stages for fp32 (exact fp32 dots run on FMA units and cost registers: 64-row blocks,
+or 3 stages, spilled on sm_80 or sm_90), and at most 32 under the CPU interpreter, where every program is
+a Python loop and larger tiles only add masked work on tiny test shapes. All of these compile without
+register spills for sm_80 and sm_90 (`python -m kernels.codegen`, checked in the tests); their speed is
+not yet measured on a GPU.
 """
 from __future__ import annotations
 
@@ -17,12 +22,13 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from kernels.contrastive.torch_chunked import Stats
-from kernels.contrastive.triton_kernels import contrastive_grads_kernel, contrastive_stats_kernel
+from kernels.contrastive.triton_kernels import grad_partials_kernel, lse_partials_kernel
 from kernels.device import launch_device, multiprocessor_count
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # TRITON_INTERPRET=1 at import time runs the kernels on the CPU interpreter (the tests do this).
-INTERPRETED = isinstance(contrastive_stats_kernel, InterpretedFunction)
+INTERPRETED = isinstance(lse_partials_kernel, InterpretedFunction)
+PROGRAMS_PER_MULTIPROCESSOR = 2
 
 
 def runs_on(device: torch.device) -> bool:
@@ -35,41 +41,50 @@ def _fit(size: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(max(size, 1))))
 
 
-def fill_block_n(columns: int, largest: int, multiprocessors: int | None) -> int:
-    """BLOCK_N for `columns` gathered text rows: the largest tile, halved (down to 32) while the
-    column programs are fewer than the GPU's SMs. One program owns a column block and walks every row
-    block, so at N = 4096 with 128-wide blocks 32 programs would leave 100 of an H100's 132 SMs idle."""
-    block_n = _fit(columns, largest)
-    while multiprocessors and block_n > 32 and triton.cdiv(columns, block_n) < multiprocessors:
-        block_n //= 2
-    return block_n
+def split_count(anchor_blocks: int, other_blocks: int, multiprocessors: int | None) -> int:
+    """How many programs share one anchor block: enough for PROGRAMS_PER_MULTIPROCESSOR per SM, no more
+    than there are blocks to share out, and 1 off the GPU. At N = 4096 with 64-row anchor blocks one
+    program per block would leave 68 of an H100's 132 SMs idle."""
+    if not multiprocessors:
+        return 1
+    wanted = triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, max(anchor_blocks, 1))
+    return max(1, min(wanted, other_blocks))
 
 
 class TritonTiles:
     """Runs the statistics and gradient kernels; block sizes default per dtype (see module doc)."""
 
     def __init__(self, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                 upcast: bool | None = None):
+                 upcast: bool | None = None, splits: int | None = None):
         """`upcast` computes the dots in fp32; default: for fp32 inputs and under the interpreter, where
-        bf16 tl.dot misbehaves. Tests set it False to run the GPU's half-precision path (fp16) on the CPU."""
+        bf16 tl.dot misbehaves. Tests set it False to run the GPU's half-precision path (fp16) on the CPU.
+        `splits` fixes how many programs share an anchor block (default: `split_count`)."""
         for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
             if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{name}: got {value}, expected a power of two >= 16")
+        if splits is not None and splits < 1:
+            raise ValueError(f"splits: got {splits}, expected at least 1")
         self.blocks = (block_m, block_n, block_k)
         self.upcast = upcast
+        self.splits = splits
 
-    def _config(self, images: torch.Tensor, texts: torch.Tensor) -> dict:
-        half = images.dtype != torch.float32
-        largest_m, largest_n, largest_k = (32, 32, 32) if INTERPRETED else ((64, 128, 64) if half else (64, 64, 16))
+    def _config(self, anchors: torch.Tensor, others: torch.Tensor) -> tuple[dict, int, int]:
+        """Kernel constants, the number of splits and the B row blocks each covers."""
+        half = anchors.dtype != torch.float32
+        largest_m, largest_n, largest_k = (32, 32, 32) if INTERPRETED else ((64, 128, 64) if half else (32, 64, 16))
         block_m, block_n, block_k = self.blocks
-        block_n = block_n or fill_block_n(texts.shape[0], largest_n, multiprocessor_count(texts, INTERPRETED))
-        return dict(
-            BLOCK_M=block_m or _fit(images.shape[0], largest_m),
-            BLOCK_N=block_n,
-            BLOCK_K=block_k or _fit(images.shape[1], largest_k),
+        block_m, block_n = block_m or _fit(anchors.shape[0], largest_m), block_n or _fit(others.shape[0], largest_n)
+        other_blocks = triton.cdiv(others.shape[0], block_n)
+        splits = self.splits or split_count(triton.cdiv(anchors.shape[0], block_m), other_blocks,
+                                            multiprocessor_count(anchors, INTERPRETED))
+        blocks_per_split = triton.cdiv(other_blocks, min(splits, other_blocks))
+        constants = dict(
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or _fit(anchors.shape[1], largest_k),
             UPCAST=(INTERPRETED or not half) if self.upcast is None else self.upcast,
             num_warps=8 if half and block_n >= 128 and not INTERPRETED else 4,
+            num_stages=4 if half else 2,
         )
+        return constants, triton.cdiv(other_blocks, blocks_per_split), blocks_per_split
 
     @staticmethod
     def _check(images: torch.Tensor, texts: torch.Tensor) -> None:
@@ -77,34 +92,54 @@ class TritonTiles:
             raise ValueError(f"features dtype: got {images.dtype} / {texts.dtype}, the triton backend expects "
                              f"one of {SUPPORTED_DTYPES}, the same for images and texts")
 
-    @staticmethod
-    def _counters(rows: int, config: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed ticket counter [1] and per-row-block turns [cdiv(rows, BLOCK_M)], from one allocation."""
-        counters = torch.zeros(1 + triton.cdiv(rows, config["BLOCK_M"]), dtype=torch.int32, device=device)
-        return counters[:1], counters[1:]
+    def _row_stats(self, anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
+                   anchor_valid: torch.Tensor, other_valid: torch.Tensor) -> Stats:
+        """(max, sum exp, sum exp * dot) per anchor row over every valid other row."""
+        # anchors: [m, D]; others: [n, D]; valid: [m], [n] bool -> members: [m] fp32
+        constants, splits, blocks_per_split = self._config(anchors, others)
+        rows = anchors.shape[0]
+        partials = anchors.new_empty(3, splits, rows, dtype=torch.float32)
+        with launch_device(anchors):
+            lse_partials_kernel[(triton.cdiv(rows, constants["BLOCK_M"]), splits)](
+                anchors, others, anchor_valid.to(torch.int8), other_valid.to(torch.int8), scale.reshape(1).float(),
+                partials[0], partials[1], partials[2], rows, others.shape[0], anchors.shape[1], anchors.stride(0),
+                others.stride(0), blocks_per_split, **constants)
+        top, total, weighted_dot = partials
+        if splits == 1:
+            return top[0], total[0], weighted_dot[0]
+        merged_top = top.amax(0)
+        weight = torch.exp(top - torch.where(torch.isneginf(merged_top), 0.0, merged_top))
+        return merged_top, (total * weight).sum(0), (weighted_dot * weight).sum(0)
+
+    def _row_grads(self, anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
+                   anchor_valid: torch.Tensor, other_valid: torch.Tensor, anchor_lse: torch.Tensor,
+                   anchor_coef: torch.Tensor, other_lse: torch.Tensor, other_coef: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. the anchors of the coefficient-weighted log-sum-exps of both directions."""
+        # anchors: [m, D]; others: [n, D]; anchor_*: [m]; other_*: [n] -> [m, D] fp32
+        constants, splits, blocks_per_split = self._config(anchors, others)
+        rows = anchors.shape[0]
+        partials = anchors.new_zeros(splits, *anchors.shape, dtype=torch.float32)
+        with launch_device(anchors):
+            grad_partials_kernel[(triton.cdiv(rows, constants["BLOCK_M"]), splits)](
+                anchors, others, anchor_valid.to(torch.int8), other_valid.to(torch.int8), scale.reshape(1).float(),
+                anchor_lse.float().contiguous(), anchor_coef.float().contiguous(),
+                other_lse.float().contiguous(), other_coef.float().contiguous(), partials,
+                rows, others.shape[0], anchors.shape[1], anchors.stride(0), others.stride(0), blocks_per_split,
+                **constants)
+        return partials[0] if splits == 1 else partials.sum(0)
 
     def stats(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor) -> tuple[Stats, Stats]:
-        """Row (image -> text) and column (text -> image) statistics from one pass over the tiles."""
+        """Row (image -> text) and column (text -> image) statistics, one launch each."""
         # images: [b, D] local; texts: [N, D] gathered; scale: [] fp32; row_valid: [b]; col_valid: [N] bool
         self._check(images, texts)
         images, texts = images.contiguous(), texts.contiguous()
-        rows, cols = images.shape[0], texts.shape[0]
-        config = self._config(images, texts)
-        row_stats = (torch.full((rows,), float("-inf"), device=images.device),
-                     images.new_zeros(rows, dtype=torch.float32), images.new_zeros(rows, dtype=torch.float32))
-        col_stats = tuple(images.new_empty(cols, dtype=torch.float32) for _ in range(3))
-        ticket, turns = self._counters(rows, config, images.device)
-        if rows and cols:
-            with launch_device(images):
-                contrastive_stats_kernel[(triton.cdiv(cols, config["BLOCK_N"]),)](
-                    images, texts, row_valid.to(torch.int8), col_valid.to(torch.int8), scale.reshape(1).float(),
-                    *row_stats, *col_stats, ticket, turns, rows, cols, images.shape[1], images.stride(0),
-                    texts.stride(0), **config)
-        else:
-            col_stats = (torch.full((cols,), float("-inf"), device=images.device),
-                         images.new_zeros(cols, dtype=torch.float32), images.new_zeros(cols, dtype=torch.float32))
-        return row_stats, col_stats
+        if not (images.shape[0] and texts.shape[0]):
+            return tuple((torch.full((n,), float("-inf"), device=images.device),
+                          images.new_zeros(n, dtype=torch.float32), images.new_zeros(n, dtype=torch.float32))
+                         for n in (images.shape[0], texts.shape[0]))
+        return (self._row_stats(images, texts, scale, row_valid, col_valid),
+                self._row_stats(texts, images, scale, col_valid, row_valid))
 
     def grads(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
@@ -113,17 +148,8 @@ class TritonTiles:
         # images: [b, D]; texts: [N, D]; row_*: [b]; col_*: [N] -> image_grad: [b, D], text_grad: [N, D] fp32
         self._check(images, texts)
         images, texts = images.contiguous(), texts.contiguous()
-        rows, cols = images.shape[0], texts.shape[0]
-        config = self._config(images, texts)
-        image_grad = images.new_zeros(images.shape, dtype=torch.float32)
-        text_grad = texts.new_zeros(texts.shape, dtype=torch.float32)
-        ticket, turns = self._counters(rows, config, images.device)
-        if rows and cols:
-            with launch_device(images):
-                contrastive_grads_kernel[(triton.cdiv(cols, config["BLOCK_N"]),)](
-                    images, texts, row_valid.to(torch.int8), col_valid.to(torch.int8), scale.reshape(1).float(),
-                    row_lse.float().contiguous(), col_lse.float().contiguous(),
-                    row_coef.float().contiguous(), col_coef.float().contiguous(),
-                    image_grad, text_grad, ticket, turns, rows, cols, images.shape[1], images.stride(0),
-                    texts.stride(0), **config)
-        return image_grad, text_grad
+        if not (images.shape[0] and texts.shape[0]):
+            return (images.new_zeros(images.shape, dtype=torch.float32),
+                    texts.new_zeros(texts.shape, dtype=torch.float32))
+        return (self._row_grads(images, texts, scale, row_valid, col_valid, row_lse, row_coef, col_lse, col_coef),
+                self._row_grads(texts, images, scale, col_valid, row_valid, col_lse, col_coef, row_lse, row_coef))

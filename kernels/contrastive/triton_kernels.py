@@ -1,43 +1,24 @@
-"""Triton kernels of the tiled contrastive loss: one statistics pass forward, one recomputing pass back.
+"""Triton kernels of the tiled contrastive loss, each written for one direction and called for both.
 
-Grid: one program per block of BLOCK_N gathered text rows (columns of the logits); each program walks
-every block of BLOCK_M local image rows. Per tile it computes dot = images @ texts^T once.
-- Forward (1 GEMM per tile): column statistics stay in the program's registers; the tile's row
-  statistics are merged into global [b] buffers.
-- Backward (3 GEMMs per tile): recompute dot, turn it into d(loss)/d(dot), then
-  text_grad[cols] += dS^T @ images (owned by this program) and image_grad[rows] += dS @ texts.
-Row-indexed buffers are shared by all programs. Instead of float atomics (whose order, and so whose
-rounding, changes from run to run) programs take turns per row block: the program holding column
-block j updates row block i only after the one holding j-1 did (`turns[i] == j`). The order is fixed,
-so results are bitwise reproducible; programs drift one tile apart and then run concurrently.
-Column blocks are handed out by an atomic ticket counter when a program starts, not by program id,
-as CUB's single-pass scan does: a program only ever waits for one that started before it and so holds
-an SM, whatever order the GPU starts programs in. Waiting on program ids instead would deadlock if a
-later program occupied the SMs while an earlier one had not yet started (the tests run the programs
-in reverse order to check this).
+Write the logits as scale * A @ B^T. Row statistics of I @ T^T are the image -> text direction; row
+statistics of T @ I^T, the same kernel with the operands swapped, are text -> image. The gradient of
+A's rows has the same symmetry. So there are two kernels:
+- `lse_partials_kernel` (1 GEMM per tile): running (max, sum exp, sum exp * dot) of a block of A's rows
+  over a range of B's row blocks, kept in registers.
+- `grad_partials_kernel` (2 GEMMs per tile): recompute the tile, turn it into d(loss)/d(dot), and
+  add d(dot) @ B[cols] to A's gradient rows.
+Called once per direction, that is 2 GEMMs per tile forward and 4 backward. The one-pass design this
+replaced (1 + 3) had programs hand each row block to the next through spin-waited turns: the grid ran
+as a wavefront of (row blocks + column blocks) dependent steps, each paying an atomic round trip, and
+on an H100 it was 4.6-6.6x slower than open_clip's ClipLoss (BENCHMARKS.md, 2026-11-26). Here no program
+waits for another: program (i, s) owns block i of A's rows and split s of B's row blocks, and writes
+its own slice of a [splits, rows, ...] buffer that the launcher sums in a fixed order. No atomics, so
+the results are bitwise reproducible, and programs may run in any order.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _take_ticket(ticket_ptr):
-    """The next column block to work on, in the order programs actually started."""
-    return tl.atomic_add(ticket_ptr, 1)
-
-
-@triton.jit
-def _wait_turn(turn_ptr, ticket):
-    while tl.atomic_add(turn_ptr, 0) != ticket:
-        pass
-
-
-@triton.jit
-def _pass_turn(turn_ptr, next_ticket):
-    tl.debug_barrier()  # every thread's stores are issued before the release below publishes them
-    tl.atomic_xchg(turn_ptr, next_ticket)
 
 
 @triton.jit
@@ -51,19 +32,19 @@ def _load_rows(base_ptr, rows, row_in, stride, ks, dim, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(image_ptr, text_ptr, rows, row_in, cols, col_in, dim, stride_image, stride_text,
+def _tile_dot(a_ptr, b_ptr, rows, row_in, cols, col_in, dim, stride_a, stride_b,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """images[rows] @ texts[cols]^T with fp32 accumulation: the one GEMM that builds a tile."""
+    """a[rows] @ b[cols]^T with fp32 accumulation: the one GEMM that builds a tile."""
     # -> [BLOCK_M, BLOCK_N] fp32
     dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        image = _load_rows(image_ptr, rows, row_in, stride_image, ks, dim, UPCAST)
-        text = _load_rows(text_ptr, cols, col_in, stride_text, ks, dim, UPCAST)
+        a = _load_rows(a_ptr, rows, row_in, stride_a, ks, dim, UPCAST)
+        b = _load_rows(b_ptr, cols, col_in, stride_b, ks, dim, UPCAST)
         if UPCAST:
-            dot = tl.dot(image, tl.trans(text), dot, input_precision="ieee")
+            dot = tl.dot(a, tl.trans(b), dot, input_precision="ieee")
         else:
-            dot = tl.dot(image, tl.trans(text), dot)
+            dot = tl.dot(a, tl.trans(b), dot)
     return dot
 
 
@@ -90,117 +71,96 @@ def _shift(top):
 
 
 @triton.jit
-def contrastive_stats_kernel(
-    image_ptr, text_ptr, row_valid_ptr, col_valid_ptr, scale_ptr,
-    row_max_ptr, row_sum_ptr, row_dot_ptr, col_max_ptr, col_sum_ptr, col_dot_ptr, ticket_ptr, turn_ptr,
-    rows_total, cols_total, dim, stride_image, stride_text,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Row and column (max, sum exp, sum exp * dot) of scale * images @ texts^T over valid entries."""
-    # images: [b, D]; texts: [N, D]; valid: [b], [N] int8; row_*: [b] fp32 (pre-set to -inf, 0, 0);
-    # col_*: [N] fp32 written here; ticket: [1], turns: [cdiv(b, BLOCK_M)] int32 zeros
-    col_block = _take_ticket(ticket_ptr)
-    scale = tl.load(scale_ptr)
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_in = cols < cols_total
-    col_ok = col_in & (tl.load(col_valid_ptr + cols, mask=col_in, other=0) != 0)
-    col_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    col_dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for row_block in range(0, tl.cdiv(rows_total, BLOCK_M)):
-        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_in = rows < rows_total
-        row_ok = row_in & (tl.load(row_valid_ptr + rows, mask=row_in, other=0) != 0)
-        dot = _tile_dot(image_ptr, text_ptr, rows, row_in, cols, col_in, dim, stride_image, stride_text,
-                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-        logits = tl.where(row_ok[:, None] & col_ok[None, :], dot * scale, float("-inf"))
-
-        new_max = tl.maximum(col_max, tl.max(logits, axis=0))
-        shift = _shift(new_max)
-        weights = tl.exp(logits - shift[None, :])
-        rescale = tl.exp(col_max - shift)
-        col_sum = col_sum * rescale + tl.sum(weights, axis=0)
-        col_dot = col_dot * rescale + tl.sum(weights * dot, axis=0)
-        col_max = new_max
-
-        tile_max = tl.max(logits, axis=1)
-        weights = tl.exp(logits - _shift(tile_max)[:, None])
-        tile_sum = tl.sum(weights, axis=1)
-        tile_dot = tl.sum(weights * dot, axis=1)
-        _wait_turn(turn_ptr + row_block, col_block)
-        old_max = tl.load(row_max_ptr + rows, mask=row_in, other=float("-inf"), cache_modifier=".cg")
-        old_sum = tl.load(row_sum_ptr + rows, mask=row_in, other=0.0, cache_modifier=".cg")
-        old_dot = tl.load(row_dot_ptr + rows, mask=row_in, other=0.0, cache_modifier=".cg")
-        top = tl.maximum(old_max, tile_max)
-        old_weight = tl.exp(old_max - _shift(top))
-        tile_weight = tl.exp(tile_max - _shift(top))
-        tl.store(row_max_ptr + rows, top, mask=row_in)
-        tl.store(row_sum_ptr + rows, old_sum * old_weight + tile_sum * tile_weight, mask=row_in)
-        tl.store(row_dot_ptr + rows, old_dot * old_weight + tile_dot * tile_weight, mask=row_in)
-        _pass_turn(turn_ptr + row_block, col_block + 1)
-    tl.store(col_max_ptr + cols, col_max, mask=col_in)
-    tl.store(col_sum_ptr + cols, col_sum, mask=col_in)
-    tl.store(col_dot_ptr + cols, col_dot, mask=col_in)
+def _block_range(split, blocks_per_split, others_total, BLOCK_N: tl.constexpr):
+    """The row blocks of B that split `split` covers: [first, last)."""
+    first = split * blocks_per_split
+    return first, tl.minimum(first + blocks_per_split, tl.cdiv(others_total, BLOCK_N))
 
 
 @triton.jit
-def contrastive_grads_kernel(
-    image_ptr, text_ptr, row_valid_ptr, col_valid_ptr, scale_ptr,
-    row_lse_ptr, col_lse_ptr, row_coef_ptr, col_coef_ptr, image_grad_ptr, text_grad_ptr, ticket_ptr, turn_ptr,
-    rows_total, cols_total, dim, stride_image, stride_text,
+def lse_partials_kernel(
+    a_ptr, b_ptr, a_valid_ptr, b_valid_ptr, scale_ptr, max_ptr, sum_ptr, dot_ptr,
+    rows_total, others_total, dim, stride_a, stride_b, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Gradients of sum(row_coef * row_lse) + sum(col_coef * col_lse) w.r.t. images and texts."""
-    # images: [b, D]; texts: [N, D]; row_lse, row_coef: [b] fp32; col_lse, col_coef: [N] fp32;
-    # image_grad: [b, D], text_grad: [N, D] fp32 zeros, both contiguous; ticket: [1], turns: [cdiv(b, BLOCK_M)]
-    # int32 zeros
-    col_block = _take_ticket(ticket_ptr)
+    """Per row of A: (max, sum exp, sum exp * dot) of scale * A @ B^T over the valid entries of one split."""
+    # a: [rows, D]; b: [others, D]; valid: [rows], [others] int8; max, sum, dot: [splits, rows] fp32
+    # grid: (cdiv(rows, BLOCK_M), splits)
+    split = tl.program_id(1)
     scale = tl.load(scale_ptr)
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_in = cols < cols_total
-    col_ok = col_in & (tl.load(col_valid_ptr + cols, mask=col_in, other=0) != 0)
-    col_lse = tl.load(col_lse_ptr + cols, mask=col_in, other=0.0)
-    col_coef = tl.load(col_coef_ptr + cols, mask=col_in, other=0.0)
-    for row_block in range(0, tl.cdiv(rows_total, BLOCK_M)):
-        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_in = rows < rows_total
-        row_ok = row_in & (tl.load(row_valid_ptr + rows, mask=row_in, other=0) != 0)
-        row_lse = tl.load(row_lse_ptr + rows, mask=row_in, other=0.0)
-        row_coef = tl.load(row_coef_ptr + rows, mask=row_in, other=0.0)
-        dot = _tile_dot(image_ptr, text_ptr, rows, row_in, cols, col_in, dim, stride_image, stride_text,
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < rows_total
+    row_ok = row_in & (tl.load(a_valid_ptr + rows, mask=row_in, other=0) != 0)
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    run_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    first, last = _block_range(split, blocks_per_split, others_total, BLOCK_N)
+    for col_block in range(first, last):
+        cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_in = cols < others_total
+        col_ok = col_in & (tl.load(b_valid_ptr + cols, mask=col_in, other=0) != 0)
+        dot = _tile_dot(a_ptr, b_ptr, rows, row_in, cols, col_in, dim, stride_a, stride_b,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
         logits = tl.where(row_ok[:, None] & col_ok[None, :], dot * scale, float("-inf"))
-        grad_dot = scale * (row_coef[:, None] * tl.exp(logits - row_lse[:, None])
-                            + col_coef[None, :] * tl.exp(logits - col_lse[None, :]))
+        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+        shift = _shift(new_max)
+        weights = tl.exp(logits - shift[:, None])
+        rescale = tl.exp(run_max - shift)
+        run_sum = run_sum * rescale + tl.sum(weights, axis=1)
+        run_dot = run_dot * rescale + tl.sum(weights * dot, axis=1)
+        run_max = new_max
+    out = split.to(tl.int64) * rows_total + rows
+    tl.store(max_ptr + out, run_max, mask=row_in)
+    tl.store(sum_ptr + out, run_sum, mask=row_in)
+    tl.store(dot_ptr + out, run_dot, mask=row_in)
+
+
+@triton.jit
+def grad_partials_kernel(
+    a_ptr, b_ptr, a_valid_ptr, b_valid_ptr, scale_ptr, a_lse_ptr, a_coef_ptr, b_lse_ptr, b_coef_ptr, grad_ptr,
+    rows_total, others_total, dim, stride_a, stride_b, blocks_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """d/dA of sum(a_coef * lse over A's rows) + sum(b_coef * lse over B's rows), over one split of B.
+
+    d(loss)/d(dot) of entry (i, j) is scale * (a_coef[i] * softmax_i(j) + b_coef[j] * softmax_j(i)): both
+    directions' softmax weights, each against its own log-sum-exp. This program alone owns its slice of
+    `grad`, so it accumulates there (in L2 on a GPU) without waiting for anyone."""
+    # a: [rows, D]; b: [others, D]; a_lse, a_coef: [rows] fp32; b_lse, b_coef: [others] fp32;
+    # grad: [splits, rows, D] fp32 zeros, contiguous; grid: (cdiv(rows, BLOCK_M), splits)
+    split = tl.program_id(1)
+    scale = tl.load(scale_ptr)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < rows_total
+    row_ok = row_in & (tl.load(a_valid_ptr + rows, mask=row_in, other=0) != 0)
+    a_lse = tl.load(a_lse_ptr + rows, mask=row_in, other=0.0)
+    a_coef = tl.load(a_coef_ptr + rows, mask=row_in, other=0.0)
+    grad_rows = grad_ptr + split.to(tl.int64) * rows_total * dim + rows[:, None].to(tl.int64) * dim
+    first, last = _block_range(split, blocks_per_split, others_total, BLOCK_N)
+    for col_block in range(first, last):
+        cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_in = cols < others_total
+        col_ok = col_in & (tl.load(b_valid_ptr + cols, mask=col_in, other=0) != 0)
+        b_lse = tl.load(b_lse_ptr + cols, mask=col_in, other=0.0)
+        b_coef = tl.load(b_coef_ptr + cols, mask=col_in, other=0.0)
+        dot = _tile_dot(a_ptr, b_ptr, rows, row_in, cols, col_in, dim, stride_a, stride_b,
+                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        logits = tl.where(row_ok[:, None] & col_ok[None, :], dot * scale, float("-inf"))
+        grad_dot = scale * (a_coef[:, None] * tl.exp(logits - a_lse[:, None])
+                            + b_coef[None, :] * tl.exp(logits - b_lse[None, :]))
         unscale = 1.0
         if not UPCAST:
-            if image_ptr.dtype.element_ty == tl.float16:  # bf16 has fp32's exponent range: no rescaling
+            if a_ptr.dtype.element_ty == tl.float16:  # bf16 has fp32's exponent range: no rescaling
                 rescale, unscale = _fp16_range(grad_dot)
                 grad_dot = grad_dot * rescale
-            grad_dot = grad_dot.to(image_ptr.dtype.element_ty)
-
+            grad_dot = grad_dot.to(a_ptr.dtype.element_ty)
         for k0 in range(0, dim, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            image = _load_rows(image_ptr, rows, row_in, stride_image, ks, dim, UPCAST)
-            offsets = cols[:, None].to(tl.int64) * dim + ks[None, :]
-            inside = col_in[:, None] & (ks[None, :] < dim)
+            b = _load_rows(b_ptr, cols, col_in, stride_b, ks, dim, UPCAST)
             if UPCAST:
-                update = tl.dot(tl.trans(grad_dot), image, input_precision="ieee")
+                update = tl.dot(grad_dot, b, input_precision="ieee")
             else:
-                update = tl.dot(tl.trans(grad_dot), image) * unscale
-            tl.store(text_grad_ptr + offsets, tl.load(text_grad_ptr + offsets, mask=inside, other=0.0) + update,
-                     mask=inside)
-
-        _wait_turn(turn_ptr + row_block, col_block)
-        for k0 in range(0, dim, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            text = _load_rows(text_ptr, cols, col_in, stride_text, ks, dim, UPCAST)
-            offsets = rows[:, None].to(tl.int64) * dim + ks[None, :]
+                update = tl.dot(grad_dot, b) * unscale
             inside = row_in[:, None] & (ks[None, :] < dim)
-            if UPCAST:
-                update = tl.dot(grad_dot, text, input_precision="ieee")
-            else:
-                update = tl.dot(grad_dot, text) * unscale
-            old = tl.load(image_grad_ptr + offsets, mask=inside, other=0.0, cache_modifier=".cg")
-            tl.store(image_grad_ptr + offsets, old + update, mask=inside)
-        _pass_turn(turn_ptr + row_block, col_block + 1)
+            tl.store(grad_rows + ks[None, :], tl.load(grad_rows + ks[None, :], mask=inside, other=0.0) + update,
+                     mask=inside)

@@ -22,7 +22,7 @@ from open_clip.loss import ClipLoss
 import kernels
 from kernels.contrastive import ContrastiveLoss, contrastive_loss, reference_losses
 from kernels.contrastive.function import ContrastiveLossFunction
-from kernels.contrastive.launch import TritonTiles, fill_block_n
+from kernels.contrastive.launch import TritonTiles, split_count
 from kernels.contrastive.torch_chunked import TorchTiles, finish_stats
 from tests.kernels.contrastive_worker import MASK_KINDS, global_batch, run
 from tests.kernels.kernel_device import KERNEL_DEVICE, drawn_on_the_cpu
@@ -38,7 +38,7 @@ TOLERANCES = {
     torch.float16: {"rtol": 3e-3, "atol": 3e-4},
 }
 PASSES = ("triton", "torch", "triton_tiny_tiles", "torch_tiny_tiles")
-TINY_TILES = {"triton_tiny_tiles": TritonTiles(16, 16, 16), "torch_tiny_tiles": TorchTiles(tile=4)}
+TINY_TILES = {"triton_tiny_tiles": TritonTiles(16, 16, 16, splits=3), "torch_tiny_tiles": TorchTiles(tile=4)}
 
 # (seed, rows b, dim D, mask kind)
 CASES = [
@@ -229,32 +229,50 @@ def test_second_order_gradients_are_refused_not_silently_wrong(passes):
         torch.autograd.grad(loss, images, create_graph=True)
 
 
-def test_small_global_batches_get_narrower_column_blocks_to_fill_the_gpu():
-    assert fill_block_n(65536, 128, 132) == 128  # 512 programs: the full tile
-    assert fill_block_n(16384, 128, 132) == 64  # 128 programs would leave SMs idle; 64-wide gives 256
-    assert fill_block_n(4096, 128, 132) == 32  # never below 32: 128 programs
-    assert fill_block_n(1000, 128, 132) == 32
-    assert fill_block_n(20, 128, 132) == 32  # _fit's power of two, then no narrower than 32
-    assert fill_block_n(4096, 128, None) == 128  # CPU / interpreter: unchanged
-    assert fill_block_n(4096, 64, 108) == 32  # fp32's 64-wide tiles on an A100
+def test_small_problems_split_the_other_side_to_fill_the_gpu():
+    assert split_count(1024, 512, 132) == 1  # N = 65536 in 64-row blocks: 1024 programs already
+    assert split_count(64, 32, 132) == 5  # N = 4096: 64 blocks, 5 programs each give 2 per SM
+    assert split_count(1, 1, 132) == 1  # nothing to share out
+    assert split_count(2, 3, 132) == 3  # no more splits than blocks
+    assert split_count(64, 32, None) == 1  # CPU / interpreter: one program per block
 
 
-# Runs the Triton passes once with programs in launch order, then with the interpreter starting them in
-# reverse (as a GPU may when SMs free up out of order), and checks the results are bitwise equal.
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_split_launches_match_the_unsplit_one(splits):
+    """Splitting only changes which program adds which tile's share: the loss and gradients stay those of
+    one program per block to summation order (7 splits of 70 rows in 16-row blocks leave 2 empty)."""
+    images, texts, logit_scale, mask = make_case(2, 70, 70, "random")
+
+    def with_splits(count):
+        tiles = TritonTiles(16, 16, 16, splits=count)
+        return loss_and_grads(lambda i, t, s: ContrastiveLossFunction.apply(i, t, s, mask, None, tiles),
+                              images.float(), texts.float(), logit_scale.float())
+
+    got, got_grads = with_splits(splits)
+    want, want_grads = with_splits(1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+# The interpreter runs the programs of a grid in order; a GPU may start them in any order. The kernels
+# share nothing between programs, so starting them in reverse must give bitwise the same result.
 REVERSED_START_SCRIPT = """
 import torch
 from triton.runtime import interpreter
 from kernels.contrastive.function import ContrastiveLossFunction
-from kernels.contrastive.launch import TritonTiles, fill_block_n
+from kernels.contrastive.launch import TritonTiles
 from tests.kernels.test_contrastive import loss_and_grads, make_case
 
 images, texts, logit_scale, mask = make_case(2, 70, 70, "random")
 def run():
-    return loss_and_grads(lambda i, t, s: ContrastiveLossFunction.apply(i, t, s, mask, None, TritonTiles(16, 16, 16)),
+    tiles = TritonTiles(16, 16, 16, splits=3)
+    return loss_and_grads(lambda i, t, s: ContrastiveLossFunction.apply(i, t, s, mask, None, tiles),
                           images.float(), texts.float(), logit_scale.float())
 in_order = run()
 set_grid_idx = interpreter.InterpreterBuilder.set_grid_idx
-interpreter.InterpreterBuilder.set_grid_idx = lambda self, x, y, z: set_grid_idx(self, self.grid_dim[0] - 1 - x, y, z)
+interpreter.InterpreterBuilder.set_grid_idx = lambda self, x, y, z: set_grid_idx(
+    self, self.grid_dim[0] - 1 - x, self.grid_dim[1] - 1 - y, z)
 reversed_order = run()
 assert torch.equal(in_order[0], reversed_order[0])
 assert all(torch.equal(a, b) for a, b in zip(in_order[1], reversed_order[1]))
@@ -264,9 +282,7 @@ print("bitwise equal")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter test: the GPU image's Triton 3.6 interpreter "
                     "cannot bound a loop by a scalar argument (H100 run, 2026-11-26); CI's Triton 3.8 runs it")
-def test_programs_started_in_reverse_order_neither_deadlock_nor_change_the_result():
-    """The turn-taking waits on the order programs took their tickets, not on program ids: with ids
-    it would spin forever here (the first program to run would wait for one that never runs)."""
+def test_programs_started_in_reverse_order_give_the_same_result():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", REVERSED_START_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
