@@ -9,7 +9,8 @@ the loss difference to ClipLoss where that fits, and the Triton backward's bitwi
 ClipLoss is skipped where its N x N logits would not fit; inf-cl is timed only when `import inf_cl`
 works. Where the launcher splits the other side's blocks across programs to fill the SMs (`split_count`,
 small N), `triton_unsplit` also times one program per block; `torch_tiled` (the same tiled algorithm in
-torch, cuBLAS GEMMs on 2048-row tiles) is timed up to its TORCH_TILED_MAX_N.
+torch, cuBLAS GEMMs on 2048-row tiles) is timed up to its TORCH_TILED_MAX_N; `--tiles 128x64x64 ...` also
+times the Triton loss with other tile shapes.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import datetime
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -47,6 +49,26 @@ def triton_unsplit(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch
     """The Triton loss with one program per anchor block at any N, as if `split_count` never split."""
     mask = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
     return ContrastiveLossFunction.apply(images, texts, logit_scale, mask, None, TritonTiles(splits=1))
+
+
+def triton_with_tiles(tiles: TritonTiles) -> Callable[..., torch.Tensor]:
+    """The Triton loss with fixed tiles (`--tiles`), to compare tile shapes on one GPU in one run."""
+    def loss(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        return ContrastiveLossFunction.apply(images, texts, logit_scale, mask, None, tiles)
+    return loss
+
+
+def tile_shape(text: str) -> tuple[int, int, int]:
+    """'128x64x64' -> (BLOCK_M, BLOCK_N, BLOCK_K); powers of two >= 16, as the launcher requires."""
+    try:
+        shape = tuple(int(part) for part in text.split("x"))
+        if len(shape) != 3:
+            raise ValueError
+        TritonTiles(*shape)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected MxNxK with powers of two >= 16, e.g. 128x64x64")
+    return shape
 
 
 LOSSES = {**IMPLEMENTATIONS, "triton_unsplit": triton_unsplit}
@@ -90,7 +112,7 @@ def triton_is_deterministic(rows: int, dim: int, device: torch.device) -> bool:
 
 
 def sweep(sizes: list[int], dims: list[int], device: torch.device, multiprocessors: int, repeat_budget_s: float,
-          section: MarkdownSection) -> bool:
+          section: MarkdownSection, tile_variants: tuple[str, ...] = ()) -> bool:
     """Writes a row per size and implementation (ClipLoss first: the others' speed-up is against it);
     returns whether the Triton backward repeated bitwise."""
     free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
@@ -99,6 +121,7 @@ def sweep(sizes: list[int], dims: list[int], device: torch.device, multiprocesso
             split = split_count(-(-rows // BF16_BLOCK_M), -(-rows // BF16_BLOCK_N), multiprocessors) > 1
             clip_loss_fits = CLIP_LOSS_BYTES_PER_PAIR * rows * rows <= 0.8 * free_bytes
             names = ((["open_clip"] if clip_loss_fits else []) + ["triton"] + (["triton_unsplit"] if split else [])
+                     + list(tile_variants)
                      + (["torch_tiled"] if fits("torch_tiled", rows) else [])
                      + (["inf_cl"] if cal_inf_loss is not None else []))
             reference = (reference_loss(rows, dim, device) if REFERENCE_BYTES_PER_PAIR * rows * rows < 0.8 * free_bytes
@@ -130,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds of timed repeats per measurement (at least one, after a warm-up)")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md")
     parser.add_argument("--smoke", action="store_true", help="one tiny size, on a CPU if there is no GPU")
+    parser.add_argument("--tiles", type=tile_shape, nargs="+", default=[],
+                        help="also time the Triton loss with these tiles, MxNxK (e.g. 128x64x64), at every size")
     return parser.parse_args(argv)
 
 
@@ -147,7 +172,12 @@ def main() -> None:
         "Times are medians of CUDA-event timed repeats; peak memory is one fwd+bwd step above the inputs.",
         COLUMNS)
     repeat_budget_s = 0.0 if args.smoke else args.repeat_budget_s  # smoke checks the script: one timed repeat
-    deterministic = sweep(sizes, dims, device, multiprocessors, repeat_budget_s, section)
+    tile_variants = []
+    for shape in args.tiles:
+        name = "triton_" + "x".join(map(str, shape))
+        LOSSES[name] = triton_with_tiles(TritonTiles(*shape))
+        tile_variants.append(name)
+    deterministic = sweep(sizes, dims, device, multiprocessors, repeat_budget_s, section, tuple(tile_variants))
     section.note(f"Triton backward bitwise repeatable: {'yes' if deterministic else 'NO'}.")
 
 
