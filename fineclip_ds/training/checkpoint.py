@@ -301,11 +301,24 @@ def _complete(engine, checkpoint_dir: Path, tag: str, keep_last: int) -> Path:
             os.replace(final_dir, replaced_dir)
         os.replace(partial_dir, final_dir)
         shutil.rmtree(replaced_dir, ignore_errors=True)
-        write_atomically(checkpoint_dir / LATEST, tag)
+        _point_latest_at(checkpoint_dir, tag)
         _set_aside_later_tags(checkpoint_dir, tag)
         _prune(checkpoint_dir, keep_last)
     _barrier()
     return final_dir
+
+
+def _point_latest_at(checkpoint_dir: Path, tag: str) -> None:
+    """Replace `latest`; on a full disk even these few bytes fail, after the tag itself was written whole."""
+    latest = checkpoint_dir / LATEST
+    try:
+        write_atomically(latest, tag)
+    except OSError as error:
+        last = latest.read_text().strip() if latest.is_file() else "none"
+        raise CheckpointSaveError(
+            f"{checkpoint_dir / tag} was saved whole, but pointing {latest} at it failed ({error}; "
+            f"{free_space(checkpoint_dir)}); it still names {last}. Free space and resume from the new one with "
+            f"--resume {checkpoint_dir / tag}") from error
 
 
 def _prune(checkpoint_dir: Path, keep_last: int) -> None:

@@ -131,6 +131,31 @@ def test_a_save_that_cannot_be_written_says_so_and_removes_what_it_wrote(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+class _EngineWithRoomForOneTag(_EngineOnAFullDisk):
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool, client_state: dict) -> None:
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"whole")
+
+
+def test_a_full_disk_at_the_latest_pointer_names_the_saved_tag_to_resume_from(tmp_path, monkeypatch):
+    """The tag was written whole, then the few bytes of `latest` failed: a raw OSError traceback from rank 0."""
+    checkpoints = _checkpoints(tmp_path / "run", [2], latest=2)
+    real_write = Path.write_text
+
+    def full_disk(path: Path, text: str, *args, **kwargs):
+        if path.name.startswith("latest"):
+            raise OSError(28, "No space left on device")
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(CheckpointSaveError, match=r"checkpoints/step_00000004 was saved whole, but pointing "
+                                                  r".*checkpoints/latest at it failed \(.*No space left on device; "
+                                                  r"\d+ MiB free there\); it still names step_00000002\. Free space "
+                                                  r"and resume from the new one with --resume .*/step_00000004$"):
+        save(_EngineWithRoomForOneTag(), checkpoints, 4, {"step": 4}, keep_last=3)
+    assert (checkpoints / "latest").read_text() == "step_00000002"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+
+
 def test_saves_after_an_older_resume_point_set_the_later_tags_aside_and_prune_only_their_own(tmp_path):
     """Resumed from step 10 of a run that had reached 30, saving every 15 with keep_last=3: the old code deleted
     the run's own step 15 at step 45 while keeping the superseded 20 (and, with keep_last=1, deleted the tag
