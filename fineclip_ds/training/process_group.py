@@ -16,14 +16,20 @@ import torch.distributed as dist
 SHARED_MEMORY = Path("/dev/shm")
 
 
+# Where launchers put a process's rank: torchrun / deepspeed, Open MPI's mpirun, MPICH / Intel MPI (PMI).
+LAUNCHER_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
 def launcher_rank() -> int:
     """This process's rank as its launcher set it, before the process group starts (and sets RANK under mpirun)."""
-    return int(os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or 0)
+    return int(next((os.environ[name] for name in LAUNCHER_RANK_VARIABLES if os.environ.get(name)), 0))
 
 
 def default_to_single_process() -> None:
-    """Without a launcher (python -m ..., notebooks, the ablation), run as a world of one."""
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+    """Without a launcher (python -m ..., notebooks, the ablation), run as a world of one. Under MPICH's
+    mpiexec only PMI_RANK is set: taking that for 'no launcher' made every process a world of one, all
+    writing the same run folder, where DeepSpeed's MPI discovery would have joined them."""
+    if any(name in os.environ for name in LAUNCHER_RANK_VARIABLES):
         return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

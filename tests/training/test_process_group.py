@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from fineclip_ds.training.process_group import launcher_rank, use_the_one_visible_gpu
+from fineclip_ds.training.process_group import default_to_single_process, launcher_rank, use_the_one_visible_gpu
 
 
 def _gpus(monkeypatch, visible: int, local_rank: int) -> None:
@@ -39,3 +39,16 @@ def test_the_launchers_rank_is_read_before_the_group_starts(monkeypatch, environ
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert launcher_rank() == rank
+
+
+@pytest.mark.parametrize("launcher", ["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", None])
+def test_a_process_is_a_world_of_one_only_without_any_launchers_rank(monkeypatch, launcher):
+    """Under MPICH (PMI_RANK only) every process made itself rank 0 of a world of one."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT"):  # every variable it sets, so that monkeypatch restores them all
+        monkeypatch.delenv(name, raising=False)
+    if launcher:
+        monkeypatch.setenv(launcher, "3")
+    default_to_single_process()
+    assert os.environ.get("WORLD_SIZE") == (None if launcher else "1")
+    assert launcher_rank() == (3 if launcher else 0)
