@@ -17,10 +17,19 @@ def write_atomically(path: Path, text: str, writer: int | str = "") -> None:
     partial = path.with_name(f"{path.name}{f'.{writer}' if writer != '' else ''}.tmp")
     try:
         partial.write_text(text)
+        _flush_to_disk(partial)  # before the rename is: a crash must not leave `latest` renamed but empty
         os.replace(partial, path)
     except OSError:
         partial.unlink(missing_ok=True)
         raise
+
+
+def _flush_to_disk(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)  # Linux flushes a file's data through any descriptor of it
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def free_space(folder: Path) -> str:
