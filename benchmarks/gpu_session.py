@@ -74,7 +74,7 @@ STEPS = (
                                  "--ignore=tests/kernels/test_gpu_codegen.py"), 240, 60,
          "issue 4: every kernel test case compiled on the GPU vs float64; flash attention numerics"),
     Step("contrastive", _script("gpu_contrastive.py", "--sizes", "4096", "16384", "65536", "--dims", "512",
-                                "--repeat_budget_s", "2", "--tiles", "128x64x64", "128x128x32"), 180, 60,
+                                "--repeat_budget_s", "2", "--tiles", "128x64x64", "64x64x64"), 180, 60,
          "issue 4: loss vs ClipLoss, torch_tiled and inf-cl, N = 4k to 64k, D = 512, three tile shapes"),
     Step("roi_pool", _script("gpu_roi_pool.py", "--batches", "32", "256", "--regions", "20", "100",
                              "--grids", "14", "40", "--channels", "1024"), 120, 30,

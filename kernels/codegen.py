@@ -101,7 +101,7 @@ def _compile(kernel: JITFunction, target: GPUTarget, args: tuple, kwargs: dict) 
 @contextlib.contextmanager
 def compiled_launches(arch: int) -> Iterator[list[CompiledLaunch]]:
     """Within the block, kernel launches compile for sm_`arch` instead of running; yields their reports."""
-    if isinstance(contrastive_kernels.lse_partials_kernel, InterpretedFunction):
+    if isinstance(contrastive_kernels.stats_partials_kernel, InterpretedFunction):
         raise RuntimeError("kernels were imported under TRITON_INTERPRET=1; run with it unset")
     if arch not in SHARED_MEMORY_LIMIT:
         raise ValueError(f"arch: got {arch}, expected one of {sorted(SHARED_MEMORY_LIMIT)}")

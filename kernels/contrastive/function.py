@@ -13,8 +13,8 @@ are only ever anchors of their own rank's stripe.
 Backward recomputes each tile, forms d(sum of all ranks' losses)/d(logits) for it (the row softmax
 weighted by rank r's upstream gradient, the column softmax by the column owner's), and does
 image_grad += dS @ T_tile and text_grad += dS^T @ I_tile. The torch backend builds each tile once per
-pass (1 GEMM forward, 3 backward); the Triton one builds it once per direction (2 forward, 4 backward)
-so that its programs share nothing (see triton_kernels.py). image_grad is complete on its rank;
+pass (1 GEMM forward, 3 backward); the Triton backward builds it once per direction (1 forward, 4
+backward) so that its programs never wait for each other (see triton_kernels.py). image_grad is complete on its rank;
 text_grad holds rank r's share for all N texts and is
 summed to the owners with one reduce-scatter (all-reduce on gloo), in fp32: with only the texts to
 return, that is as many bytes as open_clip's half-precision returns of both towers. That is exactly what open_clip's
@@ -24,8 +24,9 @@ softmax-expected dot products gathered in the forward statistics, so it needs no
 
 Memory per rank beyond the inputs: the gathered texts [N, D] and their fp32 gradient [N, D] (the
 size of the gathered features), the image gradient [b, D], O(b + N) statistics, and one logits tile
-per program (registers on the GPU, a [tile x tile] block in torch). Nothing of size b x N. (Triton at
-small N splits each side's gradient over a few programs: at most ~2 * SMs * 64 partial rows, not N.)
+per program (registers on the GPU, a [tile x tile] block in torch). Nothing of size b x N. (Triton's
+statistics take 3 x (column groups x b + row groups x N) partial floats, groups ~16 on an H100; at small
+N it splits each side's gradient over a few programs, at most ~2 x SMs x 64 partial rows.)
 Ranks must hold the same number of rows b, as in open_clip (labels are rank * b + arange(b)).
 """
 from __future__ import annotations

@@ -1,33 +1,37 @@
-"""Launchers of the contrastive kernels: buffers, tile sizes, splits and grids, behind the same two-method
+"""Launchers of the contrastive kernels: buffers, tile sizes, groups and grids, behind the same two-method
 interface as `TorchTiles` (stats, grads) so the autograd Function does not care which runs.
 
-Each direction is one launch of the same kernel with the operands swapped (see triton_kernels.py). A
-launch has one program per block of its anchor rows; where those are too few to give each SM two
-programs, the other side's row blocks are split across more programs (`split_count`) and their partial
-results are summed here, in split order. Only small problems split (N of a few thousand on an H100), so
-the partial buffers stay a small multiple of the inputs.
+The statistics launch has a (row groups x column groups) grid of rectangles (`stats_groups`: two programs
+per SM, as square as the blocks allow, since each side's partial statistics take groups x its rows). Each
+gradient direction is one launch of one kernel with the operands swapped, one program per block of its
+anchor rows; where those are too few to give each SM two programs, the other side's blocks are split
+across more programs (`split_count`). Partial results are merged here, in group order. Only small
+problems split the gradients (N of a few thousand on an H100), so those partial buffers stay a small
+multiple of the inputs.
 
 Default tiles: 64 x 128 logits with 64-wide K steps and 4 pipeline stages for half precision on a GPU
 (tensor-core sized, small enough that the fp32 tile, its logits and softmax weights stay in registers),
-32 x 64 x 16 with 2 stages for fp32 (exact fp32 dots run on FMA units and cost registers: 64-row blocks,
-or 3 stages, spilled on sm_80 or sm_90), and at most 32 under the CPU interpreter, where every program is
+16 x 32 x 16 with 2 stages for fp32 (exact fp32 dots run on FMA units; every larger tile tried, and 1 or 3
+stages, spilled 8-48 bytes on sm_80 or sm_90, some at 64-96 registers), and at most 32 under the CPU interpreter, where every program is
 a Python loop and larger tiles only add masked work on tiny test shapes. All of these compile without
 register spills for sm_80 and sm_90 (`python -m kernels.codegen`, checked in the tests); their speed is
 not yet measured on a GPU.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from kernels.contrastive.torch_chunked import Stats
-from kernels.contrastive.triton_kernels import grad_partials_kernel, lse_partials_kernel
+from kernels.contrastive.triton_kernels import grad_partials_kernel, stats_partials_kernel
 from kernels.device import launch_device, multiprocessor_count
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # TRITON_INTERPRET=1 at import time runs the kernels on the CPU interpreter (the tests do this).
-INTERPRETED = isinstance(lse_partials_kernel, InterpretedFunction)
+INTERPRETED = isinstance(stats_partials_kernel, InterpretedFunction)
 PROGRAMS_PER_MULTIPROCESSOR = 2
 
 
@@ -51,6 +55,34 @@ def split_count(anchor_blocks: int, other_blocks: int, multiprocessors: int | No
     return max(1, min(wanted, other_blocks))
 
 
+def _merge_groups(top: torch.Tensor, total: torch.Tensor, weighted_dot: torch.Tensor) -> Stats:
+    """Statistics over all groups from each group's, in group order (so bitwise repeatable)."""
+    # each: [groups, n] -> [n]
+    if top.shape[0] == 1:
+        return top[0], total[0], weighted_dot[0]
+    merged_top = top.amax(0)
+    weight = torch.exp(top - torch.where(torch.isneginf(merged_top), 0.0, merged_top))
+    return merged_top, (total * weight).sum(0), (weighted_dot * weight).sum(0)
+
+
+def stats_groups(row_blocks: int, col_blocks: int, multiprocessors: int | None) -> tuple[int, int]:
+    """(row groups, column groups) of the statistics grid: PROGRAMS_PER_MULTIPROCESSOR programs per SM, as
+    square as the blocks allow (the partial statistics take groups x rows on each side), and (1, 1) off the
+    GPU."""
+    if not multiprocessors:
+        return 1, 1
+    programs = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors
+    col_groups = min(col_blocks, math.isqrt(programs - 1) + 1)
+    row_groups = min(row_blocks, triton.cdiv(programs, col_groups))
+    return row_groups, min(col_blocks, max(col_groups, triton.cdiv(programs, row_groups)))
+
+
+def _groups_of(blocks: int, groups: int) -> tuple[int, int]:
+    """(groups, blocks per group) with none of the groups empty."""
+    per_group = triton.cdiv(blocks, max(1, min(groups, blocks)))
+    return triton.cdiv(blocks, per_group), per_group
+
+
 class TritonTiles:
     """Runs the statistics and gradient kernels; block sizes default per dtype (see module doc)."""
 
@@ -58,7 +90,8 @@ class TritonTiles:
                  upcast: bool | None = None, splits: int | None = None):
         """`upcast` computes the dots in fp32; default: for fp32 inputs and under the interpreter, where
         bf16 tl.dot misbehaves. Tests set it False to run the GPU's half-precision path (fp16) on the CPU.
-        `splits` fixes how many programs share an anchor block (default: `split_count`)."""
+        `splits` fixes the groups on each side of the statistics grid and how many programs share a gradient
+        block (defaults: `stats_groups`, `split_count`)."""
         for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
             if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{name}: got {value}, expected a power of two >= 16")
@@ -68,23 +101,19 @@ class TritonTiles:
         self.upcast = upcast
         self.splits = splits
 
-    def _config(self, anchors: torch.Tensor, others: torch.Tensor) -> tuple[dict, int, int]:
-        """Kernel constants, the number of splits and the B row blocks each covers."""
+    def _constants(self, anchors: torch.Tensor, others: torch.Tensor) -> dict:
+        """Tile sizes and compile options for `anchors` [m, D] against `others` [n, D]."""
         half = anchors.dtype != torch.float32
-        largest_m, largest_n, largest_k = (32, 32, 32) if INTERPRETED else ((64, 128, 64) if half else (32, 64, 16))
+        largest_m, largest_n, largest_k = (32, 32, 32) if INTERPRETED else ((64, 128, 64) if half else (16, 32, 16))
         block_m, block_n, block_k = self.blocks
-        block_m, block_n = block_m or _fit(anchors.shape[0], largest_m), block_n or _fit(others.shape[0], largest_n)
-        other_blocks = triton.cdiv(others.shape[0], block_n)
-        splits = self.splits or split_count(triton.cdiv(anchors.shape[0], block_m), other_blocks,
-                                            multiprocessor_count(anchors, INTERPRETED))
-        blocks_per_split = triton.cdiv(other_blocks, min(splits, other_blocks))
-        constants = dict(
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or _fit(anchors.shape[1], largest_k),
+        block_n = block_n or _fit(others.shape[0], largest_n)
+        return dict(
+            BLOCK_M=block_m or _fit(anchors.shape[0], largest_m), BLOCK_N=block_n,
+            BLOCK_K=block_k or _fit(anchors.shape[1], largest_k),
             UPCAST=(INTERPRETED or not half) if self.upcast is None else self.upcast,
             num_warps=8 if half and block_n >= 128 and not INTERPRETED else 4,
             num_stages=4 if half else 2,
         )
-        return constants, triton.cdiv(other_blocks, blocks_per_split), blocks_per_split
 
     @staticmethod
     def _check(images: torch.Tensor, texts: torch.Tensor) -> None:
@@ -92,32 +121,15 @@ class TritonTiles:
             raise ValueError(f"features dtype: got {images.dtype} / {texts.dtype}, the triton backend expects "
                              f"one of {SUPPORTED_DTYPES}, the same for images and texts")
 
-    def _row_stats(self, anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
-                   anchor_valid: torch.Tensor, other_valid: torch.Tensor) -> Stats:
-        """(max, sum exp, sum exp * dot) per anchor row over every valid other row."""
-        # anchors: [m, D]; others: [n, D]; valid: [m], [n] bool -> members: [m] fp32
-        constants, splits, blocks_per_split = self._config(anchors, others)
-        rows = anchors.shape[0]
-        partials = anchors.new_empty(3, splits, rows, dtype=torch.float32)
-        with launch_device(anchors):
-            lse_partials_kernel[(triton.cdiv(rows, constants["BLOCK_M"]), splits)](
-                anchors, others, anchor_valid.to(torch.int8), other_valid.to(torch.int8), scale.reshape(1).float(),
-                partials[0], partials[1], partials[2], rows, others.shape[0], anchors.shape[1], anchors.stride(0),
-                others.stride(0), blocks_per_split, **constants)
-        top, total, weighted_dot = partials
-        if splits == 1:
-            return top[0], total[0], weighted_dot[0]
-        merged_top = top.amax(0)
-        weight = torch.exp(top - torch.where(torch.isneginf(merged_top), 0.0, merged_top))
-        return merged_top, (total * weight).sum(0), (weighted_dot * weight).sum(0)
-
     def _row_grads(self, anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
                    anchor_valid: torch.Tensor, other_valid: torch.Tensor, anchor_lse: torch.Tensor,
                    anchor_coef: torch.Tensor, other_lse: torch.Tensor, other_coef: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. the anchors of the coefficient-weighted log-sum-exps of both directions."""
         # anchors: [m, D]; others: [n, D]; anchor_*: [m]; other_*: [n] -> [m, D] fp32
-        constants, splits, blocks_per_split = self._config(anchors, others)
-        rows = anchors.shape[0]
+        constants = self._constants(anchors, others)
+        rows, other_blocks = anchors.shape[0], triton.cdiv(others.shape[0], constants["BLOCK_N"])
+        splits, blocks_per_split = _groups_of(other_blocks, self.splits or split_count(
+            triton.cdiv(rows, constants["BLOCK_M"]), other_blocks, multiprocessor_count(anchors, INTERPRETED)))
         partials = anchors.new_zeros(splits, *anchors.shape, dtype=torch.float32)
         with launch_device(anchors):
             grad_partials_kernel[(triton.cdiv(rows, constants["BLOCK_M"]), splits)](
@@ -130,7 +142,7 @@ class TritonTiles:
 
     def stats(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor) -> tuple[Stats, Stats]:
-        """Row (image -> text) and column (text -> image) statistics, one launch each."""
+        """Row (image -> text) and column (text -> image) statistics from one pass over the tiles."""
         # images: [b, D] local; texts: [N, D] gathered; scale: [] fp32; row_valid: [b]; col_valid: [N] bool
         self._check(images, texts)
         images, texts = images.contiguous(), texts.contiguous()
@@ -138,8 +150,21 @@ class TritonTiles:
             return tuple((torch.full((n,), float("-inf"), device=images.device),
                           images.new_zeros(n, dtype=torch.float32), images.new_zeros(n, dtype=torch.float32))
                          for n in (images.shape[0], texts.shape[0]))
-        return (self._row_stats(images, texts, scale, row_valid, col_valid),
-                self._row_stats(texts, images, scale, col_valid, row_valid))
+        constants = self._constants(images, texts)
+        rows, cols = images.shape[0], texts.shape[0]
+        row_blocks, col_blocks = triton.cdiv(rows, constants["BLOCK_M"]), triton.cdiv(cols, constants["BLOCK_N"])
+        wanted = ((self.splits, self.splits) if self.splits else
+                  stats_groups(row_blocks, col_blocks, multiprocessor_count(images, INTERPRETED)))
+        row_groups, row_blocks_per_group = _groups_of(row_blocks, wanted[0])
+        col_groups, col_blocks_per_group = _groups_of(col_blocks, wanted[1])
+        row_partials = images.new_empty(3, col_groups, rows, dtype=torch.float32)
+        col_partials = images.new_empty(3, row_groups, cols, dtype=torch.float32)
+        with launch_device(images):
+            stats_partials_kernel[(row_groups, col_groups)](
+                images, texts, row_valid.to(torch.int8), col_valid.to(torch.int8), scale.reshape(1).float(),
+                *row_partials, *col_partials, rows, cols, images.shape[1], images.stride(0), texts.stride(0),
+                row_blocks_per_group, col_blocks_per_group, **constants)
+        return _merge_groups(*row_partials), _merge_groups(*col_partials)
 
     def grads(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,

@@ -1,19 +1,20 @@
-"""Triton kernels of the tiled contrastive loss, each written for one direction and called for both.
+"""Triton kernels of the tiled contrastive loss. No program ever waits for another.
 
-Write the logits as scale * A @ B^T. Row statistics of I @ T^T are the image -> text direction; row
-statistics of T @ I^T, the same kernel with the operands swapped, are text -> image. The gradient of
-A's rows has the same symmetry. So there are two kernels:
-- `lse_partials_kernel` (1 GEMM per tile): running (max, sum exp, sum exp * dot) of a block of A's rows
-  over a range of B's row blocks, kept in registers.
-- `grad_partials_kernel` (2 GEMMs per tile): recompute the tile, turn it into d(loss)/d(dot), and
-  add d(dot) @ B[cols] to A's gradient rows.
-Called once per direction, that is 2 GEMMs per tile forward and 4 backward. The one-pass design this
-replaced (1 + 3) had programs hand each row block to the next through spin-waited turns: the grid ran
-as a wavefront of (row blocks + column blocks) dependent steps, each paying an atomic round trip, and
-on an H100 it was 4.6-6.6x slower than open_clip's ClipLoss (BENCHMARKS.md, 2026-11-26). Here no program
-waits for another: program (i, s) owns block i of A's rows and split s of B's row blocks, and writes
-its own slice of a [splits, rows, ...] buffer that the launcher sums in a fixed order. No atomics, so
-the results are bitwise reproducible, and programs may run in any order.
+Write the logits as scale * I @ T^T (local images against the gathered texts).
+- `stats_partials_kernel` (1 GEMM per tile): program (g, h) owns a rectangle, row-block group g x
+  column-block group h. Each tile it builds serves both directions: row (image -> text) statistics
+  (max, sum exp, sum exp * dot) stay in registers over the group's columns; column (text -> image)
+  statistics go to row group g's own slice of a [row_groups, N] buffer, updated by this program alone.
+  The launcher merges the groups' partials in a fixed order.
+- `grad_partials_kernel` (2 GEMMs per tile): recompute the tile, turn it into d(loss)/d(dot), and add
+  d(dot) @ B[cols] to A's gradient rows. Row gradients need sums over columns and column gradients sums
+  over rows, which no single owner of a tile can hold both of without waiting on the other, so it is
+  launched once per direction with the operands swapped (images' gradient, then texts').
+That is 1 GEMM per tile forward and 4 backward. The design this replaced (1 + 3) had programs hand each
+row block to the next through spin-waited turns: the grid ran as a wavefront of (row blocks + column
+blocks) dependent steps, each paying an atomic round trip, and on an H100 it was 4.6-6.6x slower than
+open_clip's ClipLoss (BENCHMARKS.md, 2026-11-26). Without atomics the results are also bitwise
+reproducible, whatever order programs run in.
 """
 from __future__ import annotations
 
@@ -71,48 +72,71 @@ def _shift(top):
 
 
 @triton.jit
-def _block_range(split, blocks_per_split, others_total, BLOCK_N: tl.constexpr):
-    """The row blocks of B that split `split` covers: [first, last)."""
-    first = split * blocks_per_split
-    return first, tl.minimum(first + blocks_per_split, tl.cdiv(others_total, BLOCK_N))
+def _block_range(group, blocks_per_group, total, BLOCK: tl.constexpr):
+    """The blocks of `total` rows that group `group` covers: [first, last)."""
+    first = group * blocks_per_group
+    return first, tl.minimum(first + blocks_per_group, tl.cdiv(total, BLOCK))
 
 
 @triton.jit
-def lse_partials_kernel(
-    a_ptr, b_ptr, a_valid_ptr, b_valid_ptr, scale_ptr, max_ptr, sum_ptr, dot_ptr,
-    rows_total, others_total, dim, stride_a, stride_b, blocks_per_split,
+def stats_partials_kernel(
+    image_ptr, text_ptr, row_valid_ptr, col_valid_ptr, scale_ptr,
+    row_max_ptr, row_sum_ptr, row_dot_ptr, col_max_ptr, col_sum_ptr, col_dot_ptr,
+    rows_total, cols_total, dim, stride_image, stride_text, row_blocks_per_group, col_blocks_per_group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Per row of A: (max, sum exp, sum exp * dot) of scale * A @ B^T over the valid entries of one split."""
-    # a: [rows, D]; b: [others, D]; valid: [rows], [others] int8; max, sum, dot: [splits, rows] fp32
-    # grid: (cdiv(rows, BLOCK_M), splits)
-    split = tl.program_id(1)
+    """Row and column (max, sum exp, sum exp * dot) of scale * images @ texts^T over the valid entries of
+    one rectangle: row-block group g x column-block group h, every tile built once for both directions."""
+    # images: [b, D]; texts: [N, D]; valid: [b], [N] int8; row_*: [col_groups, b] fp32;
+    # col_*: [row_groups, N] fp32; grid: (row_groups, col_groups)
+    group_g, group_h = tl.program_id(0), tl.program_id(1)
     scale = tl.load(scale_ptr)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < rows_total
-    row_ok = row_in & (tl.load(a_valid_ptr + rows, mask=row_in, other=0) != 0)
-    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    run_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    first, last = _block_range(split, blocks_per_split, others_total, BLOCK_N)
-    for col_block in range(first, last):
-        cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_in = cols < others_total
-        col_ok = col_in & (tl.load(b_valid_ptr + cols, mask=col_in, other=0) != 0)
-        dot = _tile_dot(a_ptr, b_ptr, rows, row_in, cols, col_in, dim, stride_a, stride_b,
-                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-        logits = tl.where(row_ok[:, None] & col_ok[None, :], dot * scale, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
-        shift = _shift(new_max)
-        weights = tl.exp(logits - shift[:, None])
-        rescale = tl.exp(run_max - shift)
-        run_sum = run_sum * rescale + tl.sum(weights, axis=1)
-        run_dot = run_dot * rescale + tl.sum(weights * dot, axis=1)
-        run_max = new_max
-    out = split.to(tl.int64) * rows_total + rows
-    tl.store(max_ptr + out, run_max, mask=row_in)
-    tl.store(sum_ptr + out, run_sum, mask=row_in)
-    tl.store(dot_ptr + out, run_dot, mask=row_in)
+    row_first, row_last = _block_range(group_g, row_blocks_per_group, rows_total, BLOCK_M)
+    col_first, col_last = _block_range(group_h, col_blocks_per_group, cols_total, BLOCK_N)
+    for row_block in range(row_first, row_last):
+        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_in = rows < rows_total
+        row_ok = row_in & (tl.load(row_valid_ptr + rows, mask=row_in, other=0) != 0)
+        row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        row_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for col_block in range(col_first, col_last):
+            cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_in = cols < cols_total
+            col_ok = col_in & (tl.load(col_valid_ptr + cols, mask=col_in, other=0) != 0)
+            dot = _tile_dot(image_ptr, text_ptr, rows, row_in, cols, col_in, dim, stride_image, stride_text,
+                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+            logits = tl.where(row_ok[:, None] & col_ok[None, :], dot * scale, float("-inf"))
+
+            new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+            shift = _shift(new_max)
+            weights = tl.exp(logits - shift[:, None])
+            rescale = tl.exp(row_max - shift)
+            row_sum = row_sum * rescale + tl.sum(weights, axis=1)
+            row_dot = row_dot * rescale + tl.sum(weights * dot, axis=1)
+            row_max = new_max
+
+            # this rectangle's columns so far: in group g's slice, which no other program touches (the same
+            # program re-reads it at its next row block, as the old kernel's text gradient, tested on the H100)
+            tile_max = tl.max(logits, axis=0)
+            weights = tl.exp(logits - _shift(tile_max)[None, :])
+            tile_sum = tl.sum(weights, axis=0)
+            tile_dot = tl.sum(weights * dot, axis=0)
+            col_out = group_g.to(tl.int64) * cols_total + cols
+            seen = col_in & (row_block > row_first)  # the group's first row block finds nothing written yet
+            old_max = tl.load(col_max_ptr + col_out, mask=seen, other=float("-inf"))
+            old_sum = tl.load(col_sum_ptr + col_out, mask=seen, other=0.0)
+            old_dot = tl.load(col_dot_ptr + col_out, mask=seen, other=0.0)
+            top = tl.maximum(old_max, tile_max)
+            old_weight = tl.exp(old_max - _shift(top))
+            tile_weight = tl.exp(tile_max - _shift(top))
+            tl.store(col_max_ptr + col_out, top, mask=col_in)
+            tl.store(col_sum_ptr + col_out, old_sum * old_weight + tile_sum * tile_weight, mask=col_in)
+            tl.store(col_dot_ptr + col_out, old_dot * old_weight + tile_dot * tile_weight, mask=col_in)
+        row_out = group_h.to(tl.int64) * rows_total + rows
+        tl.store(row_max_ptr + row_out, row_max, mask=row_in)
+        tl.store(row_sum_ptr + row_out, row_sum, mask=row_in)
+        tl.store(row_dot_ptr + row_out, row_dot, mask=row_in)
 
 
 @triton.jit

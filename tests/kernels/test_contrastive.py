@@ -22,7 +22,7 @@ from open_clip.loss import ClipLoss
 import kernels
 from kernels.contrastive import ContrastiveLoss, contrastive_loss, reference_losses
 from kernels.contrastive.function import ContrastiveLossFunction
-from kernels.contrastive.launch import TritonTiles, split_count
+from kernels.contrastive.launch import TritonTiles, split_count, stats_groups
 from kernels.contrastive.torch_chunked import TorchTiles, finish_stats
 from tests.kernels.contrastive_worker import MASK_KINDS, global_batch, run
 from tests.kernels.kernel_device import KERNEL_DEVICE, drawn_on_the_cpu
@@ -237,10 +237,18 @@ def test_small_problems_split_the_other_side_to_fill_the_gpu():
     assert split_count(64, 32, None) == 1  # CPU / interpreter: one program per block
 
 
+def test_the_statistics_grid_gives_each_sm_two_rectangles_as_square_as_the_blocks_allow():
+    assert stats_groups(1024, 512, 132) == (16, 17)  # N = 65536: 272 programs
+    assert stats_groups(64, 32, 132) == (16, 17)
+    assert stats_groups(2, 32, 132) == (2, 32)  # two row blocks: the columns take the rest, up to all of them
+    assert stats_groups(1, 1, 132) == (1, 1)
+    assert stats_groups(1024, 512, None) == (1, 1)  # CPU / interpreter: one program
+
+
 @pytest.mark.parametrize("splits", [2, 3, 7])
 def test_split_launches_match_the_unsplit_one(splits):
-    """Splitting only changes which program adds which tile's share: the loss and gradients stay those of
-    one program per block to summation order (7 splits of 70 rows in 16-row blocks leave 2 empty)."""
+    """Groups and splits only change which program adds which tile's share: the loss and gradients stay those
+    of one program to summation order (7 of 70 rows in 16-row blocks would leave 2 empty: 5 are used)."""
     images, texts, logit_scale, mask = make_case(2, 70, 70, "random")
 
     def with_splits(count):

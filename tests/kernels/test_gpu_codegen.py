@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-ALL_KERNELS = {"lse_partials_kernel", "grad_partials_kernel", "region_factors_kernel",
+ALL_KERNELS = {"stats_partials_kernel", "grad_partials_kernel", "region_factors_kernel",
                "region_pool_fwd_kernel", "region_pool_bwd_kernel"}
 
 

@@ -22,7 +22,7 @@ from kernels.roi_pool import launch as roi_pool_launch
 
 KERNELS = {
     roi_pool_launch: ("region_factors_kernel", "region_pool_fwd_kernel", "region_pool_bwd_kernel"),
-    contrastive_launch: ("lse_partials_kernel", "grad_partials_kernel"),
+    contrastive_launch: ("stats_partials_kernel", "grad_partials_kernel"),
 }
 
 
