@@ -130,10 +130,10 @@ def launch_benchmark_shapes(dtype: torch.dtype) -> None:
     scale = torch.tensor(20.0)
     row_valid, col_valid = torch.ones(512, dtype=torch.bool), torch.ones(2048, dtype=torch.bool)
     row_zeros, col_zeros = torch.zeros(512), torch.zeros(2048)
-    # One program per anchor block, and a split into one B block per program (a size-1 argument that
-    # Triton specialises into its own binary), as GPUs take at small N.
-    for splits in (None, 16):
-        tiles = contrastive_launch.TritonTiles(splits=splits)
+    # One group / split for all blocks, and one block per group / split (a size-1 argument that Triton
+    # specialises into its own binary), as GPUs take at small N.
+    for groups, splits in ((None, None), ((8, 16), 16)):
+        tiles = contrastive_launch.TritonTiles(groups=groups, splits=splits)
         tiles.stats(images, texts, scale, row_valid, col_valid)
         tiles.grads(images, texts, scale, row_valid, col_valid, row_zeros, col_zeros, row_zeros, col_zeros)
 

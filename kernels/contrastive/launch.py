@@ -12,10 +12,10 @@ multiple of the inputs.
 Default tiles: 64 x 128 logits with 64-wide K steps and 4 pipeline stages for half precision on a GPU
 (tensor-core sized, small enough that the fp32 tile, its logits and softmax weights stay in registers),
 16 x 32 x 16 with 2 stages for fp32 (exact fp32 dots run on FMA units; every larger tile tried, and 1 or 3
-stages, spilled 8-48 bytes on sm_80 or sm_90, some at 64-96 registers), and at most 32 under the CPU interpreter, where every program is
-a Python loop and larger tiles only add masked work on tiny test shapes. All of these compile without
-register spills for sm_80 and sm_90 (`python -m kernels.codegen`, checked in the tests); their speed is
-not yet measured on a GPU.
+stages, spilled 8-48 bytes on sm_80 or sm_90, some at 64-96 registers), and at most 32 under the CPU
+interpreter, where every program is a Python loop and larger tiles only add masked work on tiny test
+shapes. All of these compile without register spills for sm_80 and sm_90 (`python -m kernels.codegen`,
+checked in the tests); their speed is not yet measured on a GPU.
 """
 from __future__ import annotations
 
@@ -87,18 +87,21 @@ class TritonTiles:
     """Runs the statistics and gradient kernels; block sizes default per dtype (see module doc)."""
 
     def __init__(self, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                 upcast: bool | None = None, splits: int | None = None):
+                 upcast: bool | None = None, groups: tuple[int, int] | None = None, splits: int | None = None):
         """`upcast` computes the dots in fp32; default: for fp32 inputs and under the interpreter, where
         bf16 tl.dot misbehaves. Tests set it False to run the GPU's half-precision path (fp16) on the CPU.
-        `splits` fixes the groups on each side of the statistics grid and how many programs share a gradient
-        block (defaults: `stats_groups`, `split_count`)."""
+        `groups` fixes the statistics grid's (row groups, column groups), `splits` how many programs share a
+        gradient block (defaults: `stats_groups`, `split_count`)."""
         for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
             if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{name}: got {value}, expected a power of two >= 16")
         if splits is not None and splits < 1:
             raise ValueError(f"splits: got {splits}, expected at least 1")
+        if groups is not None and (len(groups) != 2 or min(groups) < 1):
+            raise ValueError(f"groups: got {groups}, expected (row groups, column groups), each at least 1")
         self.blocks = (block_m, block_n, block_k)
         self.upcast = upcast
+        self.groups = groups
         self.splits = splits
 
     def _constants(self, anchors: torch.Tensor, others: torch.Tensor) -> dict:
@@ -153,8 +156,7 @@ class TritonTiles:
         constants = self._constants(images, texts)
         rows, cols = images.shape[0], texts.shape[0]
         row_blocks, col_blocks = triton.cdiv(rows, constants["BLOCK_M"]), triton.cdiv(cols, constants["BLOCK_N"])
-        wanted = ((self.splits, self.splits) if self.splits else
-                  stats_groups(row_blocks, col_blocks, multiprocessor_count(images, INTERPRETED)))
+        wanted = self.groups or stats_groups(row_blocks, col_blocks, multiprocessor_count(images, INTERPRETED))
         row_groups, row_blocks_per_group = _groups_of(row_blocks, wanted[0])
         col_groups, col_blocks_per_group = _groups_of(col_blocks, wanted[1])
         row_partials = images.new_empty(3, col_groups, rows, dtype=torch.float32)

@@ -38,7 +38,9 @@ TOLERANCES = {
     torch.float16: {"rtol": 3e-3, "atol": 3e-4},
 }
 PASSES = ("triton", "torch", "triton_tiny_tiles", "torch_tiny_tiles")
-TINY_TILES = {"triton_tiny_tiles": TritonTiles(16, 16, 16, splits=3), "torch_tiny_tiles": TorchTiles(tile=4)}
+# the Triton ones also split the statistics grid 3 x 2 and each gradient 3 ways, as GPUs do at small N
+TINY_TILES = {"triton_tiny_tiles": TritonTiles(16, 16, 16, groups=(3, 2), splits=3),
+              "torch_tiny_tiles": TorchTiles(tile=4)}
 
 # (seed, rows b, dim D, mask kind)
 CASES = [
@@ -237,6 +239,13 @@ def test_small_problems_split_the_other_side_to_fill_the_gpu():
     assert split_count(64, 32, None) == 1  # CPU / interpreter: one program per block
 
 
+@pytest.mark.parametrize("arguments, message", [({"block_m": 24}, "block_m: got 24"), ({"splits": 0}, "splits: got 0"),
+                                                ({"groups": (2, 0)}, r"groups: got \(2, 0\)")])
+def test_bad_tile_settings_are_refused_by_name(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        TritonTiles(**arguments)
+
+
 def test_the_statistics_grid_gives_each_sm_two_rectangles_as_square_as_the_blocks_allow():
     assert stats_groups(1024, 512, 132) == (16, 17)  # N = 65536: 272 programs
     assert stats_groups(64, 32, 132) == (16, 17)
@@ -245,19 +254,19 @@ def test_the_statistics_grid_gives_each_sm_two_rectangles_as_square_as_the_block
     assert stats_groups(1024, 512, None) == (1, 1)  # CPU / interpreter: one program
 
 
-@pytest.mark.parametrize("splits", [2, 3, 7])
-def test_split_launches_match_the_unsplit_one(splits):
+@pytest.mark.parametrize("groups, splits", [((2, 2), 2), ((3, 1), 3), ((1, 7), 7), ((7, 7), 1)])
+def test_split_launches_match_the_unsplit_one(groups, splits):
     """Groups and splits only change which program adds which tile's share: the loss and gradients stay those
     of one program to summation order (7 of 70 rows in 16-row blocks would leave 2 empty: 5 are used)."""
     images, texts, logit_scale, mask = make_case(2, 70, 70, "random")
 
-    def with_splits(count):
-        tiles = TritonTiles(16, 16, 16, splits=count)
+    def with_splits(groups, count):
+        tiles = TritonTiles(16, 16, 16, groups=groups, splits=count)
         return loss_and_grads(lambda i, t, s: ContrastiveLossFunction.apply(i, t, s, mask, None, tiles),
                               images.float(), texts.float(), logit_scale.float())
 
-    got, got_grads = with_splits(splits)
-    want, want_grads = with_splits(1)
+    got, got_grads = with_splits(groups, splits)
+    want, want_grads = with_splits((1, 1), 1)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
@@ -274,7 +283,7 @@ from tests.kernels.test_contrastive import loss_and_grads, make_case
 
 images, texts, logit_scale, mask = make_case(2, 70, 70, "random")
 def run():
-    tiles = TritonTiles(16, 16, 16, splits=3)
+    tiles = TritonTiles(16, 16, 16, groups=(3, 2), splits=3)
     return loss_and_grads(lambda i, t, s: ContrastiveLossFunction.apply(i, t, s, mask, None, tiles),
                           images.float(), texts.float(), logit_scale.float())
 in_order = run()
