@@ -322,11 +322,15 @@ def _point_latest_at(checkpoint_dir: Path, tag: str) -> None:
 
 
 def _prune(checkpoint_dir: Path, keep_last: int) -> None:
-    """After a complete save: all but the last `keep_last` tags, and every save a killed job left half written
-    (a preemption or non-finite stop saves off the save_every schedule, so no later save of that step clears it)."""
+    """After a complete save: all but the last `keep_last` tags, universal copies of tags no longer here (pruned,
+    or another run's a branch started from), and every save a killed job left half written (a preemption or
+    non-finite stop saves off the save_every schedule, so no later save of that step clears it)."""
     for old in _tag_names(checkpoint_dir)[:-keep_last]:
         shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
-        shutil.rmtree(checkpoint_dir / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
+    kept = set(_tag_names(checkpoint_dir))
+    for universal in checkpoint_dir.glob(f"{TAG_PREFIX}*{UNIVERSAL_SUFFIX}"):  # of pruned tags, or another run's
+        if universal.name.removesuffix(UNIVERSAL_SUFFIX) not in kept:
+            shutil.rmtree(universal, ignore_errors=True)
     for half_written in checkpoint_dir.glob(f"{TAG_PREFIX}*{PARTIAL_SUFFIX}"):
         shutil.rmtree(half_written, ignore_errors=True)
 
@@ -336,14 +340,18 @@ def saved_world_size(point: ResumePoint) -> int:
     return len(list((point.directory / point.tag).glob("trainer_state_rank*.pt")))
 
 
-def convert_to_universal(point: ResumePoint, rank: int) -> ResumePoint:
+def convert_to_universal(point: ResumePoint, rank: int, into: Path | None = None) -> ResumePoint:
     """Collective. DeepSpeed's universal format (parameters and Adam states per parameter, not per
-    rank) is what a different world size can load; rank 0 converts once, beside the original tag.
-    ds_to_universal also writes `latest_universal`, naming its output folder (our `.tmp` one, renamed
-    next): resume loads by tag and never reads it, and `latest` stays the one pointer, so it is removed."""
-    universal = point.directory / (point.tag + UNIVERSAL_SUFFIX)
+    rank) is what a different world size can load; rank 0 converts once, into `into`: this run's
+    checkpoint folder (default: beside the original tag). A run branched from another run's checkpoint
+    so writes nothing into that run's folder, which may be read-only or someone else's; the copy is
+    pruned at the branch's first save. ds_to_universal also writes `latest_universal`, naming its output
+    folder (our `.tmp` one, renamed next): resume loads by tag and never reads it, and `latest` stays the
+    one pointer, so it is removed."""
+    into = into or point.directory
+    universal = into / (point.tag + UNIVERSAL_SUFFIX)
     if rank == 0 and not universal.is_dir():
-        partial = point.directory / (point.tag + UNIVERSAL_SUFFIX + PARTIAL_SUFFIX)
+        partial = into / (point.tag + UNIVERSAL_SUFFIX + PARTIAL_SUFFIX)
         shutil.rmtree(partial, ignore_errors=True)
         converted = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                                     str(point.directory / point.tag), "--output_folder", str(partial)],
@@ -354,9 +362,9 @@ def convert_to_universal(point: ResumePoint, rank: int) -> ResumePoint:
         for trainer_state in (point.directory / point.tag).glob("trainer_state_rank*.pt"):
             shutil.copy2(trainer_state, partial / trainer_state.name)
         os.replace(partial, universal)
-        (point.directory / (LATEST + UNIVERSAL_SUFFIX)).unlink(missing_ok=True)
+        (into / (LATEST + UNIVERSAL_SUFFIX)).unlink(missing_ok=True)
     _barrier()
-    return ResumePoint(point.directory, universal.name)
+    return ResumePoint(into, universal.name)
 
 
 def _repair_zero3_universal_load(engine, point: ResumePoint) -> None:

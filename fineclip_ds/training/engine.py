@@ -275,7 +275,7 @@ def set_up(config: RunConfig, deepspeed_config_path: str) -> Run:
         warn_if_warmup_outlasts(config.optim, config.train.max_steps)
     if resume_point is not None:
         checkpoint.check_same_model(resume_point, objective)
-        resume_point = _universal_if_resized(resume_point, ds_config, rank, world_size)
+        resume_point = _universal_if_resized(resume_point, ds_config, rank, world_size, checkpoint_dir)
     engine = initialize(objective, optimizer, scheduler, ds_config, model.parameters_read_outside_owner_forward())
     image_dtype = (torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled()
                    else torch.float32)
@@ -300,15 +300,16 @@ def set_up(config: RunConfig, deepspeed_config_path: str) -> Run:
 
 
 def _universal_if_resized(point: checkpoint.ResumePoint, ds_config: dict[str, Any], rank: int,
-                          world_size: int) -> checkpoint.ResumePoint:
+                          world_size: int, checkpoint_dir: Path) -> checkpoint.ResumePoint:
     """Collective when it converts. A checkpoint another number of ranks wrote loads only from DeepSpeed's
-    universal checkpoint: converted here (once, by rank 0), and `ds_config` told to load it."""
+    universal checkpoint: converted here (once, by rank 0, into this run's `checkpoint_dir`), and
+    `ds_config` told to load it."""
     saved_ranks = checkpoint.saved_world_size(point)
     if saved_ranks in (0, world_size):
         return point
     log.info("checkpoint %s was written by %d ranks, this run has %d: resuming through DeepSpeed's "
              "universal checkpoint", point.tag, saved_ranks, world_size)
-    point = checkpoint.convert_to_universal(point, rank)
+    point = checkpoint.convert_to_universal(point, rank, into=checkpoint_dir)
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return point
 

@@ -168,6 +168,23 @@ def test_resume_at_another_world_size_continues_the_same_run(runs, tmp_path, sta
         uninterrupted / "checkpoints" / tag)
 
 
+def test_a_branch_at_another_world_size_writes_nothing_into_the_run_it_starts_from(runs, tmp_path):
+    """1 rank from step 2 of a 2-rank run, into a new folder. The universal conversion went beside the source
+    tag: into another run's folder (failing where that is read-only), and it stayed there for good."""
+    from tests.training.launcher import COMMON, GLOBAL_BATCH, STEPS
+
+    source = runs["two_zero2"] / "checkpoints"
+    before = sorted(path.name for path in source.iterdir())
+    output_dir = tmp_path / "branch"
+    run_pretrain(1, write_ds_config(tmp_path / "one.json", GLOBAL_BATCH, 2), output_dir, *COMMON,
+                 "--resume", str(source / f"step_{STEPS // 2:08d}"))
+    assert sorted(path.name for path in source.iterdir()) == before
+    # converted into the branch's own folder, pruned at its first save of its own
+    assert [path.name for path in (output_dir / "checkpoints").iterdir() if path.is_dir()] == [f"step_{STEPS:08d}"]
+    for (_, got), (_, expected) in zip(losses(output_dir), losses(runs["two_zero2"])[STEPS // 2:]):
+        assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
 def test_a_finished_run_exits_0_with_its_process_group_ended_whatever_threads_are_still_running(reference, tmp_path):
     """CI saw a completed 2-rank run abort at exit (-6, "terminate called without an active exception"): gloo's
     threads released tensors while Python finalized. Here a thread adds tensors until the end on each rank
