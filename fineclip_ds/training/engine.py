@@ -22,7 +22,7 @@ from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.files import write_atomically
 from fineclip_ds.losses.objective import FineCLIPObjective
 from fineclip_ds.models.factory import create_fineclip
-from fineclip_ds.run_layout import checkpoints_folder
+from fineclip_ds.run_layout import checkpoints_folder, set_aside_earlier_logs
 from fineclip_ds.training import checkpoint
 from fineclip_ds.training.build import build_train_stream
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops
@@ -265,6 +265,9 @@ def set_up(config: RunConfig, deepspeed_config_path: str) -> Run:
     if resume_point is not None:
         checkpoint.check_same_run_settings(resume_point, config, checkpoint_dir)
     require_writable_run_folder(checkpoint_dir, rank)
+    if resume_point is None and rank == 0 and (earlier := set_aside_earlier_logs(output_dir)):
+        log.warning("train.output_dir %s held the logs of an earlier start with no checkpoint to resume: moved to %s",
+                    output_dir, earlier)
 
     seed_everything(config.train.seed)
     model, tokenizer, normalization = create_fineclip(config.model, announce=rank == 0)

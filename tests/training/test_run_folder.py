@@ -1,4 +1,5 @@
 """One output folder holds one run's history: a second run is refused, an older resume point keeps what came after."""
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -180,6 +181,21 @@ def test_the_trainer_refuses_a_second_run_into_a_run_folder_and_changes_nothing(
     assert result.returncode == 2
     assert f"config error: train.output_dir {run} already holds a run" in result.stderr
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
+def test_a_fresh_start_moves_an_earlier_starts_logs_aside_instead_of_replacing_them(runs, tmp_path):
+    """With checkpoints/ moved away (to keep them), a fresh start into the folder dropped every line of
+    metrics.jsonl and replaced config.json, summary.json and the TensorBoard events."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["one_zero2"], run)
+    shutil.move(run / "checkpoints", tmp_path / "kept_checkpoints")
+    earlier = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "summary.json", "config.json")}
+    result = run_pretrain(1, REPO / "ds_configs" / "zero2.json", run, "--max_steps", "1", "--set", "eval.every=0")
+    assert "held the logs of an earlier start with no checkpoint to resume: moved to" in result.stderr
+    moved = run / "earlier_start_1"
+    assert {name: (moved / name).read_bytes() for name in earlier} == earlier
+    assert any((moved / "tensorboard").iterdir())
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_a_resume_that_changes_what_the_run_trains_is_refused_naming_each_field(runs, tmp_path):
