@@ -253,6 +253,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# How torch.save's writer words a failed write (a full disk, a quota): its RuntimeErrors that are about the file.
+TORCH_SAVE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed", "No space left", "quota")
+
+
 class CheckpointSaveError(RuntimeError):
     """A save that could not be written (a full or read-only disk): the run stops with the last complete one."""
 
@@ -279,6 +283,8 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
                                client_state={"step": step, UNIVERSAL_CHECKPOINT_INFO: {}})
     except (OSError, RuntimeError) as error:
         shutil.rmtree(partial_dir, ignore_errors=True)
+        if not isinstance(error, OSError) and not any(sign in str(error) for sign in TORCH_SAVE_FAILURES):
+            raise  # not the disk: a collective inside DeepSpeed's save failed (a peer died), said as it is
         latest = checkpoint_dir / LATEST
         last = latest.read_text().strip() if latest.is_file() else "none"
         raise CheckpointSaveError(

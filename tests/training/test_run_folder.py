@@ -132,6 +132,21 @@ def test_a_save_that_cannot_be_written_says_so_and_removes_what_it_wrote(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+class _EngineWhosePeerDied(_EngineOnAFullDisk):
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool, client_state: dict) -> None:
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"written in part")
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+
+def test_a_collective_failing_inside_a_save_is_not_reported_as_a_full_disk(tmp_path):
+    """Every RuntimeError of DeepSpeed's save was worded as a write that failed, with the free space."""
+    checkpoints = _checkpoints(tmp_path / "run", [2], latest=2)
+    with pytest.raises(RuntimeError, match="Connection closed by peer") as raised:
+        save(_EngineWhosePeerDied(), checkpoints, 4, {"step": 4}, keep_last=3)
+    assert not isinstance(raised.value, CheckpointSaveError)
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["latest", "step_00000002"]
+
+
 class _EngineWithRoomForOneTag(_EngineOnAFullDisk):
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool, client_state: dict) -> None:
         (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"whole")
