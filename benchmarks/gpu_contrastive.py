@@ -9,7 +9,7 @@ the loss difference to ClipLoss where that fits, and the Triton backward's bitwi
 ClipLoss is skipped where its N x N logits would not fit; inf-cl is timed only when `import inf_cl`
 works. Where the launcher splits the other side's blocks across programs to fill the SMs (`split_count`,
 small N), `triton_unsplit` also times one program per block; `torch_tiled` (the same tiled algorithm in
-torch, cuBLAS GEMMs on 2048-row tiles) is timed up to its TORCH_TILED_MAX_N; `--tiles 128x64x64 ...` also
+torch, fp32 cuBLAS GEMMs on 2048-row tiles) is timed up to its TORCH_TILED_MAX_N; `--tiles 128x64x32 ...` also
 times the Triton loss with other tile shapes.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from benchmarks.bench_contrastive import IMPLEMENTATIONS, cal_inf_loss, fits, ma
 from benchmarks.gpu_runs import MarkdownSection, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
 from benchmarks.memory import peak_memory_bytes  # noqa: E402
 from kernels.contrastive.function import ContrastiveLossFunction  # noqa: E402
-from kernels.contrastive.launch import TritonTiles, split_count  # noqa: E402
+from kernels.contrastive.launch import HALF_TILES, TritonTiles, split_count  # noqa: E402
 
 DTYPE = torch.bfloat16
 SIZES = (4096, 16384, 65536, 262144, 1048576)
@@ -41,7 +41,6 @@ CLIP_LOSS_BYTES_PER_PAIR = 10
 REFERENCE_BYTES_PER_PAIR = 16
 DETERMINISM_MAX_N = 65536
 H100_MULTIPROCESSORS = 132  # what --smoke on a CPU pretends, so that the triton_unsplit row runs there too
-BF16_BLOCK_M, BF16_BLOCK_N = 64, 128  # the launcher's bf16 tiles on a GPU
 COLUMNS = ("N", "D", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd vs ClipLoss", "loss diff vs fp32 ClipLoss")
 
 
@@ -75,24 +74,26 @@ LOSSES = {**IMPLEMENTATIONS, "triton_unsplit": triton_unsplit}
 
 
 def measure(name: str, rows: int, dim: int, device: torch.device, repeat_budget_s: float) -> dict[str, float]:
+    """The loss comes from the forward timing's warm-up, and the peak memory step is the fwd+bwd timing's warm-up:
+    at N = 1M each call takes seconds, so none is made only for them."""
     loss_fn = LOSSES[name]
     images, texts, logit_scale = make_inputs(rows, dim, device, DTYPE)
-    with torch.no_grad():
-        loss = loss_fn(images, texts, logit_scale).item()
     images.requires_grad_()
     texts.requires_grad_()
+    losses: list[torch.Tensor] = []
 
     def forward() -> None:
         with torch.no_grad():
-            loss_fn(images, texts, logit_scale)
+            losses.append(loss_fn(images, texts, logit_scale))
 
     def forward_backward() -> None:
         loss_fn(images, texts, logit_scale).backward()
         images.grad = texts.grad = logit_scale.grad = None
 
-    return {"loss": loss, "forward_ms": median_ms(forward, device, repeat_budget_s),
-            "step_ms": median_ms(forward_backward, device, repeat_budget_s),
-            "peak_bytes": peak_memory_bytes(forward_backward, device)}
+    forward_ms = median_ms(forward, device, repeat_budget_s)
+    peak_bytes = peak_memory_bytes(forward_backward, device)
+    return {"loss": losses[0].item(), "forward_ms": forward_ms, "peak_bytes": peak_bytes,
+            "step_ms": median_ms(forward_backward, device, repeat_budget_s, warm_up=False)}
 
 
 def reference_loss(rows: int, dim: int, device: torch.device) -> float:
@@ -118,7 +119,8 @@ def sweep(sizes: list[int], dims: list[int], device: torch.device, multiprocesso
     free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
     for dim in dims:
         for rows in sizes:
-            split = split_count(-(-rows // BF16_BLOCK_M), -(-rows // BF16_BLOCK_N), multiprocessors) > 1
+            block_m, block_n, _ = HALF_TILES  # the launcher's on a GPU, at these sizes
+            split = split_count(-(-rows // block_m), -(-rows // block_n), multiprocessors) > 1
             clip_loss_fits = CLIP_LOSS_BYTES_PER_PAIR * rows * rows <= 0.8 * free_bytes
             names = ((["open_clip"] if clip_loss_fits else []) + ["triton"] + (["triton_unsplit"] if split else [])
                      + list(tile_variants)

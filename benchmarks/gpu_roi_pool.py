@@ -8,8 +8,8 @@ speed-up (target: >= 3x) and the largest forward difference between the two. `--
 `--grids` and `--channels` pick a part of the sweep. The baseline is the model's
 previous path: NCHW copy of the tokens, roi_align, mask, F.normalize. The Triton op normalises in its
 forward kernel or, when that would leave SMs idle, in a second pass (`picks_second_pass`); each row
-also times the path it did not pick, so the choice is checked on the GPU. The two paths' fwd+bwd times
-come from interleaved rounds (`alternating_step_ms`): timed one after the other, the later one won.
+also times the path it did not pick, so the choice is checked on the GPU. All fwd+bwd times come from
+interleaved rounds (`alternating_step_ms`): timed one after the other, the later one won.
 """
 from __future__ import annotations
 
@@ -81,21 +81,20 @@ def _timer(fn: Callable[[], None], tokens: torch.Tensor) -> Callable[[], float]:
 
 
 def measure(pool: Callable[..., torch.Tensor], inputs: tuple, grid_hw: tuple[int, int]) -> dict[str, float]:
-    """Median forward and fwd+bwd milliseconds and the peak memory (bytes) of one fwd+bwd step."""
+    """Median forward milliseconds and the peak memory (bytes) of one fwd+bwd step (fwd+bwd times: below)."""
     tokens, forward_no_grad, forward_backward = _closures(pool, inputs, grid_hw)
     forward_backward()
     tokens.grad = None
     peak = peak_memory_bytes(forward_backward, tokens.device)
     tokens.grad = None
-    return {"forward_ms": _timer(forward_no_grad, tokens)(), "step_ms": _timer(forward_backward, tokens)(),
-            "peak_bytes": peak}
+    return {"forward_ms": _timer(forward_no_grad, tokens)(), "peak_bytes": peak}
 
 
 def alternating_step_ms(pools: list[Callable[..., torch.Tensor]], inputs: tuple, grid_hw: tuple[int, int],
                         rounds: int = ALTERNATING_ROUNDS) -> list[float]:
-    """Median fwd+bwd milliseconds of each pool, timed in turn `rounds` times (A B A B ...). On the H100
+    """Median fwd+bwd milliseconds of each pool, timed in turn `rounds` times (A B C A B C ...). On the H100
     (2026-11-26) whichever normalisation path was timed after the other ran faster in 46 of 54 rows, so
-    the two are compared only from interleaved timings, never from one timed first."""
+    paths are compared only from interleaved timings, never from one timed first."""
     timers = []
     for pool in pools:
         tokens, _, forward_backward = _closures(pool, inputs, grid_hw)
@@ -128,8 +127,8 @@ def sweep_rows(device: torch.device, sizes: list[tuple], section: MarkdownSectio
         ours = measure(triton_pool, inputs, grid_hw)
         baseline = measure(torchvision_pool, inputs, grid_hw)
         second_pass = picks_second_pass(tokens, regions)
-        ours["step_ms"], other_way_ms = alternating_step_ms(
-            [triton_pool, forced_triton_pool(not second_pass)], inputs, grid_hw)
+        ours["step_ms"], baseline["step_ms"], other_way_ms = alternating_step_ms(
+            [triton_pool, torchvision_pool, forced_triton_pool(not second_pass)], inputs, grid_hw)
         speedup = baseline["step_ms"] / ours["step_ms"]
         speedups.append(speedup)
         if (batch, regions, grid_hw, channels) == sizes[-1]:

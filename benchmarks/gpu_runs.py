@@ -37,10 +37,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 20.0, max_repeats: int = 10) -> float:
-    """Median milliseconds of `fn` after one warm-up: CUDA events on a GPU, wall clock on the CPU.
-    Fewer repeats for slow calls (a contrastive step at N = 1M takes seconds)."""
-    fn()
+def median_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 20.0, max_repeats: int = 10,
+              warm_up: bool = True) -> float:
+    """Median milliseconds of `fn` after one warm-up (unless the caller's last call of it was one): CUDA events
+    on a GPU, wall clock on the CPU. Fewer repeats for slow calls (a contrastive step at N = 1M takes seconds)."""
+    if warm_up:
+        fn()
     synchronize(device)
     times: list[float] = []
     started = time.perf_counter()

@@ -32,7 +32,13 @@ from kernels.device import launch_device, multiprocessor_count
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # TRITON_INTERPRET=1 at import time runs the kernels on the CPU interpreter (the tests do this).
 INTERPRETED = isinstance(stats_partials_kernel, InterpretedFunction)
-PROGRAMS_PER_MULTIPROCESSOR = 2
+# The default half-precision tiles take 173-190 registers x 256 threads (sm_90 codegen): one program fits an SM.
+PROGRAMS_PER_MULTIPROCESSOR = 1
+# (BLOCK_M, BLOCK_N, BLOCK_K) at most, by where the kernels run (see the module doc)
+HALF_TILES, FP32_TILES, INTERPRETER_TILES = (64, 128, 64), (16, 32, 16), (32, 32, 32)
+# Other half-precision tiles the GPU session times against HALF_TILES (benchmarks/gpu_session.py), spill-free
+# too (kernels.codegen compiles them); 128 x 128 tiles and 64-wide K steps beside 128-row blocks spill.
+CANDIDATE_HALF_TILES = ((64, 128, 32), (128, 64, 32))
 
 
 def runs_on(device: torch.device) -> bool:
@@ -46,12 +52,12 @@ def _fit(size: int, largest: int) -> int:
 
 
 def split_count(anchor_blocks: int, other_blocks: int, multiprocessors: int | None) -> int:
-    """How many programs share one anchor block: enough for PROGRAMS_PER_MULTIPROCESSOR per SM, no more
-    than there are blocks to share out, and 1 off the GPU. At N = 4096 with 64-row anchor blocks one
-    program per block would leave 68 of an H100's 132 SMs idle."""
+    """How many programs share one anchor block: as many as fit the GPU in one wave (no second, part-empty
+    one), no more than there are blocks to share out, and 1 off the GPU. At N = 4096 with 64-row anchor
+    blocks one program per block would leave 68 of an H100's 132 SMs idle."""
     if not multiprocessors:
         return 1
-    wanted = triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, max(anchor_blocks, 1))
+    wanted = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // max(anchor_blocks, 1)
     return max(1, min(wanted, other_blocks))
 
 
@@ -66,15 +72,15 @@ def _merge_groups(top: torch.Tensor, total: torch.Tensor, weighted_dot: torch.Te
 
 
 def stats_groups(row_blocks: int, col_blocks: int, multiprocessors: int | None) -> tuple[int, int]:
-    """(row groups, column groups) of the statistics grid: PROGRAMS_PER_MULTIPROCESSOR programs per SM, as
-    square as the blocks allow (the partial statistics take groups x rows on each side), and (1, 1) off the
-    GPU."""
+    """(row groups, column groups) of the statistics grid: one wave of PROGRAMS_PER_MULTIPROCESSOR programs
+    per SM, never more (a few programs over would run as a second wave, alone), as square as the blocks
+    allow (the partial statistics take groups x rows on each side), and (1, 1) off the GPU."""
     if not multiprocessors:
         return 1, 1
     programs = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors
-    col_groups = min(col_blocks, math.isqrt(programs - 1) + 1)
-    row_groups = min(row_blocks, triton.cdiv(programs, col_groups))
-    return row_groups, min(col_blocks, max(col_groups, triton.cdiv(programs, row_groups)))
+    col_groups = min(col_blocks, max(1, math.isqrt(programs)))
+    row_groups = min(row_blocks, programs // col_groups)
+    return row_groups, min(col_blocks, max(col_groups, programs // row_groups))
 
 
 def _groups_of(blocks: int, groups: int) -> tuple[int, int]:
@@ -107,14 +113,14 @@ class TritonTiles:
     def _constants(self, anchors: torch.Tensor, others: torch.Tensor) -> dict:
         """Tile sizes and compile options for `anchors` [m, D] against `others` [n, D]."""
         half = anchors.dtype != torch.float32
-        largest_m, largest_n, largest_k = (32, 32, 32) if INTERPRETED else ((64, 128, 64) if half else (16, 32, 16))
+        largest_m, largest_n, largest_k = INTERPRETER_TILES if INTERPRETED else (HALF_TILES if half else FP32_TILES)
         block_m, block_n, block_k = self.blocks
-        block_n = block_n or _fit(others.shape[0], largest_n)
+        block_m, block_n = block_m or _fit(anchors.shape[0], largest_m), block_n or _fit(others.shape[0], largest_n)
         return dict(
-            BLOCK_M=block_m or _fit(anchors.shape[0], largest_m), BLOCK_N=block_n,
-            BLOCK_K=block_k or _fit(anchors.shape[1], largest_k),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k or _fit(anchors.shape[1], largest_k),
             UPCAST=(INTERPRETED or not half) if self.upcast is None else self.upcast,
-            num_warps=8 if half and block_n >= 128 and not INTERPRETED else 4,
+            # 8 warps from a 64 x 128 logits tile up: with 4, 128 x 64 spilled 224-336 bytes (sm_90)
+            num_warps=8 if half and block_m * block_n >= 64 * 128 and not INTERPRETED else 4,
             num_stages=4 if half else 2,
         )
 

@@ -104,6 +104,16 @@ def stats_partials_kernel(
             cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
             col_in = cols < cols_total
             col_ok = col_in & (tl.load(col_valid_ptr + cols, mask=col_in, other=0) != 0)
+            # this rectangle's columns so far, read before the tile's GEMM so that their latency hides behind
+            # it: in group g's slice, which no other program touches. The group's first row block finds
+            # nothing written yet. The barrier orders this program's own store of them (at the previous row
+            # block, possibly by other threads) before these loads: Triton orders only shared memory.
+            col_out = group_g.to(tl.int64) * cols_total + cols
+            seen = col_in & (row_block > row_first)
+            tl.debug_barrier()
+            old_max = tl.load(col_max_ptr + col_out, mask=seen, other=float("-inf"))
+            old_sum = tl.load(col_sum_ptr + col_out, mask=seen, other=0.0)
+            old_dot = tl.load(col_dot_ptr + col_out, mask=seen, other=0.0)
             dot = _tile_dot(image_ptr, text_ptr, rows, row_in, cols, col_in, dim, stride_image, stride_text,
                             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
             logits = tl.where(row_ok[:, None] & col_ok[None, :], dot * scale, float("-inf"))
@@ -116,17 +126,10 @@ def stats_partials_kernel(
             row_dot = row_dot * rescale + tl.sum(weights * dot, axis=1)
             row_max = new_max
 
-            # this rectangle's columns so far: in group g's slice, which no other program touches (the same
-            # program re-reads it at its next row block, as the old kernel's text gradient, tested on the H100)
             tile_max = tl.max(logits, axis=0)
             weights = tl.exp(logits - _shift(tile_max)[None, :])
             tile_sum = tl.sum(weights, axis=0)
             tile_dot = tl.sum(weights * dot, axis=0)
-            col_out = group_g.to(tl.int64) * cols_total + cols
-            seen = col_in & (row_block > row_first)  # the group's first row block finds nothing written yet
-            old_max = tl.load(col_max_ptr + col_out, mask=seen, other=float("-inf"))
-            old_sum = tl.load(col_sum_ptr + col_out, mask=seen, other=0.0)
-            old_dot = tl.load(col_dot_ptr + col_out, mask=seen, other=0.0)
             top = tl.maximum(old_max, tile_max)
             old_weight = tl.exp(old_max - _shift(top))
             tile_weight = tl.exp(tile_max - _shift(top))
@@ -186,5 +189,8 @@ def grad_partials_kernel(
             else:
                 update = tl.dot(grad_dot, b) * unscale
             inside = row_in[:, None] & (ks[None, :] < dim)
+            # this program's own store of these (at the previous column block, possibly by other threads)
+            # before the load: Triton orders only shared memory
+            tl.debug_barrier()
             tl.store(grad_rows + ks[None, :], tl.load(grad_rows + ks[None, :], mask=inside, other=0.0) + update,
                      mask=inside)

@@ -89,3 +89,17 @@ def test_the_bigg_run_is_a_valid_vit_bigg_zero3_config_with_checkpointing():
     assert config.model.name == "ViT-bigG-14" and config.model.grad_checkpointing
     assert config.data.source == "synthetic"
     assert load_deepspeed_config(str(ROOT / arguments["--deepspeed_config"]))["zero_optimization"]["stage"] == 3
+
+
+def test_the_session_times_the_candidate_tiles_the_codegen_check_compiles():
+    from benchmarks.gpu_session import CANDIDATE_TILES
+    from kernels.contrastive.launch import CANDIDATE_HALF_TILES
+    assert CANDIDATE_TILES == tuple("x".join(map(str, shape)) for shape in CANDIDATE_HALF_TILES)
+
+
+def test_a_step_that_may_be_cut_off_names_each_test_as_it_passes():
+    """-q and -v together cancel out: the kernel tests printed dots, so a step cut off at its cap did not say
+    which test it had reached."""
+    from benchmarks.gpu_session import STEPS
+    command = next(step.command for step in STEPS if step.name == "kernel_tests")
+    assert "-v" in command and "-q" not in command
