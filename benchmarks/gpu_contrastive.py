@@ -7,10 +7,9 @@ output file: forward and fwd+bwd milliseconds (median of CUDA-event timed repeat
 `--repeat_budget_s` seconds each), peak memory of one fwd+bwd step above the inputs,
 the loss difference to ClipLoss where that fits, and the Triton backward's bitwise repeatability.
 ClipLoss is skipped where its N x N logits would not fit; inf-cl is timed only when `import inf_cl`
-works. Where the launcher splits the other side's blocks across programs to fill the SMs (`split_count`,
-small N), `triton_unsplit` also times one program per block; `torch_tiled` (the same tiled algorithm in
-torch, fp32 cuBLAS GEMMs on 2048-row tiles) is timed up to its TORCH_TILED_MAX_N; `--tiles 128x64x32 ...` also
-times the Triton loss with other tile shapes.
+works. `triton_fused_bwd` times the in-kernel backward (fp16's) in place of bf16's cuBLAS one up to
+FUSED_BACKWARD_MAX_N, `torch_tiled` (the same tiled algorithm in torch, fp32 cuBLAS GEMMs on 2048-row tiles)
+up to its TORCH_TILED_MAX_N; `--tiles 128x64x32 ...` also times the Triton loss with other tile shapes.
 """
 from __future__ import annotations
 
@@ -28,26 +27,19 @@ from benchmarks.bench_contrastive import IMPLEMENTATIONS, cal_inf_loss, fits, ma
 from benchmarks.gpu_runs import MarkdownSection, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
 from benchmarks.memory import peak_memory_bytes  # noqa: E402
 from kernels.contrastive.function import ContrastiveLossFunction  # noqa: E402
-from kernels.contrastive.launch import HALF_TILES, TritonTiles, split_count  # noqa: E402
+from kernels.contrastive.launch import TritonTiles  # noqa: E402
 
 DTYPE = torch.bfloat16
 SIZES = (4096, 16384, 65536, 262144, 1048576)
 DIMS = (512, 1024)
-SMOKE_SIZES, SMOKE_DIMS = (130,), (24,)  # 130 rows: 3 row blocks, split on an H100
+SMOKE_SIZES, SMOKE_DIMS = (48,), (40,)
 # ClipLoss holds two N x N logits, their softmax and gradients: ~5 * N^2 * 2 bytes in bf16
 CLIP_LOSS_BYTES_PER_PAIR = 10
 # The accuracy reference: ClipLoss on the same inputs upcast to fp32, forward only (two N x N fp32 logits
 # and their softmax). Not the bf16 ClipLoss: its bf16 logits, up to the scale of 100, are rounded by up to 0.25.
 REFERENCE_BYTES_PER_PAIR = 16
 DETERMINISM_MAX_N = 65536
-H100_MULTIPROCESSORS = 132  # what --smoke on a CPU pretends, so that the triton_unsplit row runs there too
 COLUMNS = ("N", "D", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd vs ClipLoss", "loss diff vs fp32 ClipLoss")
-
-
-def triton_unsplit(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """The Triton loss with one program per anchor block at any N, as if `split_count` never split."""
-    mask = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-    return ContrastiveLossFunction.apply(images, texts, logit_scale, mask, None, TritonTiles(splits=1))
 
 
 def triton_with_tiles(tiles: TritonTiles) -> Callable[..., torch.Tensor]:
@@ -70,7 +62,9 @@ def tile_shape(text: str) -> tuple[int, int, int]:
     return shape
 
 
-LOSSES = {**IMPLEMENTATIONS, "triton_unsplit": triton_unsplit}
+# bf16's backward multiplies d(loss)/d(dot) by the features in cuBLAS; the fused kernel (fp16's) is timed beside it
+LOSSES = {**IMPLEMENTATIONS, "triton_fused_bwd": triton_with_tiles(TritonTiles(fused_backward=True))}
+FUSED_BACKWARD_MAX_N = 65536  # beyond, seconds per step for a path bf16 does not take
 
 
 def measure(name: str, rows: int, dim: int, device: torch.device, repeat_budget_s: float) -> dict[str, float]:
@@ -112,18 +106,16 @@ def triton_is_deterministic(rows: int, dim: int, device: torch.device) -> bool:
     return all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-def sweep(sizes: list[int], dims: list[int], device: torch.device, multiprocessors: int, repeat_budget_s: float,
+def sweep(sizes: list[int], dims: list[int], device: torch.device, repeat_budget_s: float,
           section: MarkdownSection, tile_variants: tuple[str, ...] = ()) -> bool:
     """Writes a row per size and implementation (ClipLoss first: the others' speed-up is against it);
     returns whether the Triton backward repeated bitwise."""
     free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
     for dim in dims:
         for rows in sizes:
-            block_m, block_n, _ = HALF_TILES  # the launcher's on a GPU, at these sizes
-            split = split_count(-(-rows // block_m), -(-rows // block_n), multiprocessors) > 1
             clip_loss_fits = CLIP_LOSS_BYTES_PER_PAIR * rows * rows <= 0.8 * free_bytes
-            names = ((["open_clip"] if clip_loss_fits else []) + ["triton"] + (["triton_unsplit"] if split else [])
-                     + list(tile_variants)
+            names = ((["open_clip"] if clip_loss_fits else []) + ["triton"]
+                     + (["triton_fused_bwd"] if rows <= FUSED_BACKWARD_MAX_N else []) + list(tile_variants)
                      + (["torch_tiled"] if fits("torch_tiled", rows) else [])
                      + (["inf_cl"] if cal_inf_loss is not None else []))
             reference = (reference_loss(rows, dim, device) if REFERENCE_BYTES_PER_PAIR * rows * rows < 0.8 * free_bytes
@@ -164,8 +156,6 @@ def main() -> None:
     args = parse_args()
     device = benchmark_device("gpu_contrastive.py", args.smoke)
     sizes, dims = (list(SMOKE_SIZES), list(SMOKE_DIMS)) if args.smoke else (args.sizes, args.dims)
-    multiprocessors = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
-                       else H100_MULTIPROCESSORS)
     section = MarkdownSection(
         args.output, f"## contrastive_loss (Triton) vs open_clip ClipLoss / inf-cl, {device_label(device)}, "
                      f"{datetime.date.today().isoformat()}",
@@ -179,7 +169,7 @@ def main() -> None:
         name = "triton_" + "x".join(map(str, shape))
         LOSSES[name] = triton_with_tiles(TritonTiles(*shape))
         tile_variants.append(name)
-    deterministic = sweep(sizes, dims, device, multiprocessors, repeat_budget_s, section, tuple(tile_variants))
+    deterministic = sweep(sizes, dims, device, repeat_budget_s, section, tuple(tile_variants))
     section.note(f"Triton backward bitwise repeatable: {'yes' if deterministic else 'NO'}.")
 
 

@@ -132,7 +132,8 @@ def launch_benchmark_shapes(dtype: torch.dtype) -> None:
     row_zeros, col_zeros = torch.zeros(512), torch.zeros(2048)
     # One group / split for all blocks, and one block per group / split (a size-1 argument that Triton
     # specialises into its own binary), as GPUs take at small N.
-    settings = [{}, {"groups": (8, 16), "splits": 16}]
+    # defaults; one block per group / split; the fused backward (fp16's default) for bf16 and fp32 too
+    settings = [{}, {"groups": (8, 16), "splits": 16, "fused_backward": True}]
     if dtype != torch.float32:  # the tiles the GPU session compares with the default
         settings += [dict(zip(("block_m", "block_n", "block_k"), shape))
                      for shape in contrastive_launch.CANDIDATE_HALF_TILES]

@@ -1,13 +1,14 @@
 """Launchers of the contrastive kernels: buffers, tile sizes, groups and grids, behind the same two-method
 interface as `TorchTiles` (stats, grads) so the autograd Function does not care which runs.
 
-The statistics launch has a (row groups x column groups) grid of rectangles (`stats_groups`: two programs
-per SM, as square as the blocks allow, since each side's partial statistics take groups x its rows). Each
-gradient direction is one launch of one kernel with the operands swapped, one program per block of its
-anchor rows; where those are too few to give each SM two programs, the other side's blocks are split
-across more programs (`split_count`). Partial results are merged here, in group order. Only small
-problems split the gradients (N of a few thousand on an H100), so those partial buffers stay a small
-multiple of the inputs.
+The statistics launch has a (row groups x column groups) grid of rectangles (`stats_groups`: one wave of
+programs, as square as the blocks allow, since each side's partial statistics take groups x its rows).
+Each gradient direction runs with the operands swapped. bf16 and fp32: per stripe of anchor rows
+(`stripe_rows`, bounded memory) one launch writes d(loss)/d(dot) and cuBLAS multiplies it by the other
+side. fp16: one launch, one program per block of anchor rows; where those are too few to fill the SMs,
+the other side's blocks are split across more programs (`split_count`), only at small N (a few thousand
+on an H100), so those partial buffers stay a small multiple of the inputs. Partial results are merged
+here, in group order.
 
 Default tiles: 64 x 128 logits with 64-wide K steps and 4 pipeline stages for half precision on a GPU
 (tensor-core sized, small enough that the fp32 tile, its logits and softmax weights stay in registers),
@@ -26,7 +27,7 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from kernels.contrastive.torch_chunked import Stats
-from kernels.contrastive.triton_kernels import grad_partials_kernel, stats_partials_kernel
+from kernels.contrastive.triton_kernels import grad_logits_kernel, grad_partials_kernel, stats_partials_kernel
 from kernels.device import launch_device, multiprocessor_count
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,6 +62,18 @@ def split_count(anchor_blocks: int, other_blocks: int, multiprocessors: int | No
     return max(1, min(wanted, other_blocks))
 
 
+# The bf16 / fp32 backward writes d(loss)/d(dot) of a stripe of anchor rows against all the others whole, for
+# cuBLAS: at most this many bytes, or GEMM_STRIPE_MIN_ROWS rows if more (thinner GEMMs run slowly), whatever N is.
+GRAD_LOGITS_BUDGET_BYTES = 256 * 2**20
+GEMM_STRIPE_MIN_ROWS = 256
+
+
+def stripe_rows(rows: int, others: int, element_bytes: int, block_m: int) -> int:
+    """Anchor rows per stripe of the cuBLAS backward: whole blocks within GRAD_LOGITS_BUDGET_BYTES."""
+    within_budget = GRAD_LOGITS_BUDGET_BYTES // (element_bytes * max(others, 1)) // block_m * block_m
+    return max(1, min(rows, max(GEMM_STRIPE_MIN_ROWS, within_budget)))
+
+
 def _merge_groups(top: torch.Tensor, total: torch.Tensor, weighted_dot: torch.Tensor) -> Stats:
     """Statistics over all groups from each group's, in group order (so bitwise repeatable)."""
     # each: [groups, n] -> [n]
@@ -93,11 +106,15 @@ class TritonTiles:
     """Runs the statistics and gradient kernels; block sizes default per dtype (see module doc)."""
 
     def __init__(self, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                 upcast: bool | None = None, groups: tuple[int, int] | None = None, splits: int | None = None):
+                 upcast: bool | None = None, groups: tuple[int, int] | None = None, splits: int | None = None,
+                 fused_backward: bool | None = None, stripe: int | None = None):
         """`upcast` computes the dots in fp32; default: for fp32 inputs and under the interpreter, where
         bf16 tl.dot misbehaves. Tests set it False to run the GPU's half-precision path (fp16) on the CPU.
         `groups` fixes the statistics grid's (row groups, column groups), `splits` how many programs share a
-        gradient block (defaults: `stats_groups`, `split_count`)."""
+        gradient block (defaults: `stats_groups`, `split_count`). `fused_backward` multiplies d(loss)/d(dot)
+        by the other side inside the kernel instead of in cuBLAS (default: for fp16 only, whose per-tile
+        rescaling cuBLAS cannot apply; bf16 and fp32 go through cuBLAS); `stripe` fixes the anchor rows per
+        cuBLAS stripe (default: `stripe_rows`)."""
         for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
             if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{name}: got {value}, expected a power of two >= 16")
@@ -105,10 +122,14 @@ class TritonTiles:
             raise ValueError(f"splits: got {splits}, expected at least 1")
         if groups is not None and (len(groups) != 2 or min(groups) < 1):
             raise ValueError(f"groups: got {groups}, expected (row groups, column groups), each at least 1")
+        if stripe is not None and stripe < 1:
+            raise ValueError(f"stripe: got {stripe}, expected at least 1 row")
         self.blocks = (block_m, block_n, block_k)
         self.upcast = upcast
         self.groups = groups
         self.splits = splits
+        self.fused_backward = fused_backward
+        self.stripe = stripe
 
     def _constants(self, anchors: torch.Tensor, others: torch.Tensor) -> dict:
         """Tile sizes and compile options for `anchors` [m, D] against `others` [n, D]."""
@@ -136,18 +157,49 @@ class TritonTiles:
         """Gradient w.r.t. the anchors of the coefficient-weighted log-sum-exps of both directions."""
         # anchors: [m, D]; others: [n, D]; anchor_*: [m]; other_*: [n] -> [m, D] fp32
         constants = self._constants(anchors, others)
+        anchor_valid, other_valid = anchor_valid.to(torch.int8), other_valid.to(torch.int8)
+        anchor_lse, anchor_coef = anchor_lse.float().contiguous(), anchor_coef.float().contiguous()
+        other_lse, other_coef = other_lse.float().contiguous(), other_coef.float().contiguous()
+        fused = anchors.dtype == torch.float16 if self.fused_backward is None else self.fused_backward
+        if not fused:
+            if anchors.dtype == torch.float16:
+                raise ValueError("fused_backward=False: fp16 d(loss)/d(dot) underflows fp16 at large N without the "
+                                 "fused kernel's per-tile rescaling; the cuBLAS backward takes bf16 or fp32")
+            return self._row_grads_through_cublas(anchors, others, scale, anchor_valid, other_valid, anchor_lse,
+                                                  anchor_coef, other_lse, other_coef, constants)
         rows, other_blocks = anchors.shape[0], triton.cdiv(others.shape[0], constants["BLOCK_N"])
         splits, blocks_per_split = _groups_of(other_blocks, self.splits or split_count(
             triton.cdiv(rows, constants["BLOCK_M"]), other_blocks, multiprocessor_count(anchors, INTERPRETED)))
         partials = anchors.new_zeros(splits, *anchors.shape, dtype=torch.float32)
         with launch_device(anchors):
             grad_partials_kernel[(triton.cdiv(rows, constants["BLOCK_M"]), splits)](
-                anchors, others, anchor_valid.to(torch.int8), other_valid.to(torch.int8), scale.reshape(1).float(),
-                anchor_lse.float().contiguous(), anchor_coef.float().contiguous(),
-                other_lse.float().contiguous(), other_coef.float().contiguous(), partials,
-                rows, others.shape[0], anchors.shape[1], anchors.stride(0), others.stride(0), blocks_per_split,
-                **constants)
+                anchors, others, anchor_valid, other_valid, scale.reshape(1).float(), anchor_lse, anchor_coef,
+                other_lse, other_coef, partials, rows, others.shape[0], anchors.shape[1], anchors.stride(0),
+                others.stride(0), blocks_per_split, **constants)
         return partials[0] if splits == 1 else partials.sum(0)
+
+    def _row_grads_through_cublas(self, anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
+                                  anchor_valid: torch.Tensor, other_valid: torch.Tensor, anchor_lse: torch.Tensor,
+                                  anchor_coef: torch.Tensor, other_lse: torch.Tensor, other_coef: torch.Tensor,
+                                  constants: dict) -> torch.Tensor:
+        """Stripe by stripe of anchor rows: d(loss)/d(dot) against all others from the kernel (tiles recomputed),
+        times the others in cuBLAS. Each gradient row is one GEMM row over all others, rounded once."""
+        # anchors: [m, D]; others: [n, D] -> [m, D] fp32
+        rows, count = anchors.shape[0], others.shape[0]
+        stripe = min(rows, self.stripe or stripe_rows(rows, count, anchors.element_size(), constants["BLOCK_M"]))
+        grad = anchors.new_empty(anchors.shape, dtype=torch.float32)
+        grad_logits = anchors.new_empty(stripe, count)  # [stripe, n], reused
+        scale = scale.reshape(1).float()
+        with launch_device(anchors):
+            for first in range(0, rows, stripe):
+                last = min(first + stripe, rows)
+                grad_logits_kernel[(triton.cdiv(last - first, constants["BLOCK_M"]),
+                                    triton.cdiv(count, constants["BLOCK_N"]))](
+                    anchors[first:last], others, anchor_valid[first:last], other_valid, scale,
+                    anchor_lse[first:last], anchor_coef[first:last], other_lse, other_coef, grad_logits,
+                    last - first, count, anchors.shape[1], anchors.stride(0), others.stride(0), **constants)
+                grad[first:last] = grad_logits[:last - first] @ others
+        return grad
 
     def stats(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor) -> tuple[Stats, Stats]:

@@ -6,10 +6,14 @@ Write the logits as scale * I @ T^T (local images against the gathered texts).
   (max, sum exp, sum exp * dot) stay in registers over the group's columns; column (text -> image)
   statistics go to row group g's own slice of a [row_groups, N] buffer, updated by this program alone.
   The launcher merges the groups' partials in a fixed order.
-- `grad_partials_kernel` (2 GEMMs per tile): recompute the tile, turn it into d(loss)/d(dot), and add
-  d(dot) @ B[cols] to A's gradient rows. Row gradients need sums over columns and column gradients sums
-  over rows, which no single owner of a tile can hold both of without waiting on the other, so it is
-  launched once per direction with the operands swapped (images' gradient, then texts').
+- Backward, once per direction with the operands swapped (images' gradient, then texts'): row gradients
+  need sums over columns and column gradients sums over rows, which no single owner of a tile can hold
+  both of without waiting on the other. Per direction, 2 GEMMs per tile:
+  - bf16: `grad_logits_kernel` recomputes the tiles of a stripe of A's rows (bounded memory) and writes
+    d(loss)/d(dot) in bf16; cuBLAS multiplies it by B.
+  - fp16 and fp32: `grad_partials_kernel` recomputes each tile, turns it into d(loss)/d(dot), and adds
+    d(dot) @ B[cols] to A's gradient rows, a read-modify-write of an fp32 accumulator in L2 (~28 flop
+    per byte of L2 traffic at 64 x 128 tiles, so likely L2-bound: why bf16 goes through cuBLAS).
 That is 1 GEMM per tile forward and 4 backward. The design this replaced (1 + 3) had programs hand each
 row block to the next through spin-waited turns: the grid ran as a wavefront of (row blocks + column
 blocks) dependent steps, each paying an atomic round trip, and on an H100 it was 4.6-6.6x slower than
@@ -143,16 +147,50 @@ def stats_partials_kernel(
 
 
 @triton.jit
+def _grad_of_dot(dot, row_ok, col_ok, scale, a_lse, a_coef, b_lse, b_coef):
+    """d(loss)/d(dot) of a tile: scale * (a_coef[i] * softmax_i(j) + b_coef[j] * softmax_j(i)), both directions'
+    softmax weights, each against its own log-sum-exp; 0 outside the valid entries."""
+    logits = tl.where(row_ok[:, None] & col_ok[None, :], dot * scale, float("-inf"))
+    return scale * (a_coef[:, None] * tl.exp(logits - a_lse[:, None])
+                    + b_coef[None, :] * tl.exp(logits - b_lse[None, :]))
+
+
+@triton.jit
+def grad_logits_kernel(
+    a_ptr, b_ptr, a_valid_ptr, b_valid_ptr, scale_ptr, a_lse_ptr, a_coef_ptr, b_lse_ptr, b_coef_ptr, out_ptr,
+    rows_total, others_total, dim, stride_a, stride_b,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """d(loss)/d(dot) of one tile of a stripe of A's rows against all of B, written in the output's dtype (bf16),
+    for cuBLAS to multiply by B: 1 GEMM here, 1 there, and no read-modify-write of an accumulator."""
+    # a: [rows, D] (one stripe); b: [others, D]; a_lse, a_coef: [rows]; b_lse, b_coef: [others] fp32;
+    # out: [rows, others] contiguous; grid: (cdiv(rows, BLOCK_M), cdiv(others, BLOCK_N))
+    scale = tl.load(scale_ptr)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in, col_in = rows < rows_total, cols < others_total
+    row_ok = row_in & (tl.load(a_valid_ptr + rows, mask=row_in, other=0) != 0)
+    col_ok = col_in & (tl.load(b_valid_ptr + cols, mask=col_in, other=0) != 0)
+    dot = _tile_dot(a_ptr, b_ptr, rows, row_in, cols, col_in, dim, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
+                    UPCAST)
+    grad_dot = _grad_of_dot(dot, row_ok, col_ok, scale,
+                            tl.load(a_lse_ptr + rows, mask=row_in, other=0.0),
+                            tl.load(a_coef_ptr + rows, mask=row_in, other=0.0),
+                            tl.load(b_lse_ptr + cols, mask=col_in, other=0.0),
+                            tl.load(b_coef_ptr + cols, mask=col_in, other=0.0))
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * others_total + cols[None, :],
+             grad_dot.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
+
+
+@triton.jit
 def grad_partials_kernel(
     a_ptr, b_ptr, a_valid_ptr, b_valid_ptr, scale_ptr, a_lse_ptr, a_coef_ptr, b_lse_ptr, b_coef_ptr, grad_ptr,
     rows_total, others_total, dim, stride_a, stride_b, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """d/dA of sum(a_coef * lse over A's rows) + sum(b_coef * lse over B's rows), over one split of B.
-
-    d(loss)/d(dot) of entry (i, j) is scale * (a_coef[i] * softmax_i(j) + b_coef[j] * softmax_j(i)): both
-    directions' softmax weights, each against its own log-sum-exp. This program alone owns its slice of
-    `grad`, so it accumulates there (in L2 on a GPU) without waiting for anyone."""
+    """d/dA of sum(a_coef * lse over A's rows) + sum(b_coef * lse over B's rows), over one split of B, the
+    product done here: the path of fp16 (whose per-tile rescaling a cuBLAS GEMM cannot apply) and fp32. This
+    program alone owns its slice of `grad`, so it accumulates there (in L2 on a GPU) without waiting for anyone."""
     # a: [rows, D]; b: [others, D]; a_lse, a_coef: [rows] fp32; b_lse, b_coef: [others] fp32;
     # grad: [splits, rows, D] fp32 zeros, contiguous; grid: (cdiv(rows, BLOCK_M), splits)
     split = tl.program_id(1)
@@ -172,9 +210,7 @@ def grad_partials_kernel(
         b_coef = tl.load(b_coef_ptr + cols, mask=col_in, other=0.0)
         dot = _tile_dot(a_ptr, b_ptr, rows, row_in, cols, col_in, dim, stride_a, stride_b,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-        logits = tl.where(row_ok[:, None] & col_ok[None, :], dot * scale, float("-inf"))
-        grad_dot = scale * (a_coef[:, None] * tl.exp(logits - a_lse[:, None])
-                            + b_coef[None, :] * tl.exp(logits - b_lse[None, :]))
+        grad_dot = _grad_of_dot(dot, row_ok, col_ok, scale, a_lse, a_coef, b_lse, b_coef)
         unscale = 1.0
         if not UPCAST:
             if a_ptr.dtype.element_ty == tl.float16:  # bf16 has fp32's exponent range: no rescaling

@@ -22,7 +22,7 @@ from open_clip.loss import ClipLoss
 import kernels
 from kernels.contrastive import ContrastiveLoss, contrastive_loss, reference_losses
 from kernels.contrastive.function import ContrastiveLossFunction
-from kernels.contrastive.launch import TritonTiles, split_count, stats_groups
+from kernels.contrastive.launch import TritonTiles, split_count, stats_groups, stripe_rows
 from kernels.contrastive.torch_chunked import TorchTiles, finish_stats
 from tests.kernels.contrastive_worker import MASK_KINDS, global_batch, run
 from tests.kernels.kernel_device import KERNEL_DEVICE, drawn_on_the_cpu
@@ -37,9 +37,11 @@ TOLERANCES = {
     torch.bfloat16: {"rtol": 2e-2, "atol": 2e-3},
     torch.float16: {"rtol": 3e-3, "atol": 3e-4},
 }
-PASSES = ("triton", "torch", "triton_tiny_tiles", "torch_tiny_tiles")
-# the Triton ones also split the statistics grid 3 x 2 and each gradient 3 ways, as GPUs do at small N
-TINY_TILES = {"triton_tiny_tiles": TritonTiles(16, 16, 16, groups=(3, 2), splits=3),
+PASSES = ("triton", "torch", "triton_tiny_tiles", "triton_fused_tiny_tiles", "torch_tiny_tiles")
+# The Triton ones also split the statistics grid 3 x 2, as GPUs do at small N, and take both backward paths:
+# cuBLAS products in 16-row stripes (bf16 and fp32 by default), and the fused kernel (fp16's) split 3 ways.
+TINY_TILES = {"triton_tiny_tiles": TritonTiles(16, 16, 16, groups=(3, 2), stripe=16),
+              "triton_fused_tiny_tiles": TritonTiles(16, 16, 16, groups=(3, 2), splits=3, fused_backward=True),
               "torch_tiny_tiles": TorchTiles(tile=4)}
 
 # (seed, rows b, dim D, mask kind)
@@ -240,7 +242,8 @@ def test_small_problems_split_the_other_side_to_fill_the_gpu_in_one_wave():
 
 
 @pytest.mark.parametrize("arguments, message", [({"block_m": 24}, "block_m: got 24"), ({"splits": 0}, "splits: got 0"),
-                                                ({"groups": (2, 0)}, r"groups: got \(2, 0\)")])
+                                                ({"groups": (2, 0)}, r"groups: got \(2, 0\)"),
+                                                ({"stripe": 0}, "stripe: got 0")])
 def test_bad_tile_settings_are_refused_by_name(arguments, message):
     with pytest.raises(ValueError, match=message):
         TritonTiles(**arguments)
@@ -261,7 +264,7 @@ def test_split_launches_match_the_unsplit_one(groups, splits):
     images, texts, logit_scale, mask = make_case(2, 70, 70, "random")
 
     def with_splits(groups, count):
-        tiles = TritonTiles(16, 16, 16, groups=groups, splits=count)
+        tiles = TritonTiles(16, 16, 16, groups=groups, splits=count, fused_backward=True)
         return loss_and_grads(lambda i, t, s: ContrastiveLossFunction.apply(i, t, s, mask, None, tiles),
                               images.float(), texts.float(), logit_scale.float())
 
@@ -270,6 +273,38 @@ def test_split_launches_match_the_unsplit_one(groups, splits):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_cublas_backward_matches_the_fused_one_in_any_stripes(dtype):
+    """The two backward paths compute the same gradient: any stripe height (5 does not divide 70, nor a
+    16-row block), one stripe, or the fused kernel."""
+    images, texts, logit_scale, mask = make_case(2, 70, 70, "random")
+    images, texts = images.to(dtype), texts.to(dtype)
+
+    def grads_with(tiles):
+        return loss_and_grads(lambda i, t, s: ContrastiveLossFunction.apply(i, t, s, mask, None, tiles),
+                              images, texts, logit_scale.float())[1]
+
+    want = grads_with(TritonTiles(16, 16, 16, fused_backward=True))
+    for stripe in (5, 16, 70):
+        for got_grad, want_grad in zip(grads_with(TritonTiles(16, 16, 16, stripe=stripe)), want):
+            torch.testing.assert_close(got_grad.float(), want_grad.float(), **TOLERANCES[dtype])
+
+
+def test_the_cublas_backward_refuses_fp16():
+    images, texts, logit_scale, _ = make_case(1, 5, 5, "none")
+    with pytest.raises(ValueError, match="fused_backward=False: fp16 d\\(loss\\)/d\\(dot\\) underflows"):
+        loss = ContrastiveLossFunction.apply(images.half().requires_grad_(), texts.half(), logit_scale.float(),
+                                             torch.ones(5, dtype=torch.bool), None, TritonTiles(fused_backward=False))
+        loss.backward()
+
+
+def test_stripes_stay_within_their_memory_budget_whatever_n():
+    assert stripe_rows(16384, 16384, 2, 64) == 8192  # 256 MiB of bf16
+    assert stripe_rows(2**20, 2**20, 2, 64) == 256  # N = 1M: the thinnest stripe cuBLAS is given, 512 MiB
+    assert stripe_rows(4096, 4096, 2, 64) == 4096  # all rows at once
+    assert stripe_rows(70, 70, 4, 32) == 70
 
 
 # The interpreter runs the programs of a grid in order; a GPU may start them in any order. The kernels
