@@ -21,8 +21,8 @@ def run_smoke(script: str, output: Path, *extra: str) -> list[str]:
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke", "--output", str(output), *extra], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke", "--output", str(output), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     text = output.read_text()
     assert (SMOKE_LABEL in text) != torch.cuda.is_available()  # with a GPU, smoke sizes run there
