@@ -193,8 +193,8 @@ class TritonTiles:
         with launch_device(anchors):
             for first in range(0, rows, stripe):
                 last = min(first + stripe, rows)
-                grad_logits_kernel[(triton.cdiv(last - first, constants["BLOCK_M"]),
-                                    triton.cdiv(count, constants["BLOCK_N"]))](
+                grad_logits_kernel[(triton.cdiv(count, constants["BLOCK_N"]),
+                                    triton.cdiv(last - first, constants["BLOCK_M"]))](
                     anchors[first:last], others, anchor_valid[first:last], other_valid, scale,
                     anchor_lse[first:last], anchor_coef[first:last], other_lse, other_coef, grad_logits,
                     last - first, count, anchors.shape[1], anchors.stride(0), others.stride(0), **constants)

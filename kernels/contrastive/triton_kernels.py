@@ -164,10 +164,11 @@ def grad_logits_kernel(
     """d(loss)/d(dot) of one tile of a stripe of A's rows against all of B, written in the output's dtype (bf16),
     for cuBLAS to multiply by B: 1 GEMM here, 1 there, and no read-modify-write of an accumulator."""
     # a: [rows, D] (one stripe); b: [others, D]; a_lse, a_coef: [rows]; b_lse, b_coef: [others] fp32;
-    # out: [rows, others] contiguous; grid: (cdiv(rows, BLOCK_M), cdiv(others, BLOCK_N))
+    # out: [rows, others] contiguous; grid: (cdiv(others, BLOCK_N), cdiv(rows, BLOCK_M)): the long side on the
+    # grid's x axis, which has no 65535 limit
     scale = tl.load(scale_ptr)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in, col_in = rows < rows_total, cols < others_total
     row_ok = row_in & (tl.load(a_valid_ptr + rows, mask=row_in, other=0) != 0)
     col_ok = col_in & (tl.load(b_valid_ptr + cols, mask=col_in, other=0) != 0)
