@@ -86,17 +86,36 @@ def require_kernel_devices(kernels: KernelConfig, device: torch.device) -> None:
                               "(triton on CUDA, torch elsewhere) or 'torch'")
 
 
-def require_writable_run_folder(checkpoint_dir: Path, rank: int) -> None:
-    """Every rank, before the model is built: the run's folders are made and written to once. A read-only
-    file system, an output_dir that is a file or lies under one failed only after the model and DeepSpeed were
-    built, with a traceback; the checkpoint folder made now also tells a save later that the run folder moved."""
+def require_writable_run_folder(checkpoint_dir: Path, rank: int, world_size: int, device: torch.device) -> None:
+    """Collective. Every rank, before the model is built: the run's folders are made and written to once. A
+    read-only file system, an output_dir that is a file or lies under one failed only after the model and
+    DeepSpeed were built, with a traceback; the checkpoint folder made now also tells a save later that the run
+    folder moved. Every rank learns which ranks failed (a node-local output_dir may be read-only on one node
+    only), so all stop together instead of the others waiting for them in DeepSpeed's first collective."""
     probe = checkpoint_dir / f".write_check_rank{rank}"
+    problem = None
     try:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"train.output_dir {checkpoint_dir.parent}: cannot write there ({error})") from error
+        problem = error
+    failed = torch.zeros(world_size, device=device)
+    failed[rank] = problem is not None
+    if world_size > 1:
+        dist.all_reduce(failed)  # device: the process group's (NCCL reduces CUDA tensors only)
+    if problem is not None:
+        raise ConfigError(f"train.output_dir {checkpoint_dir.parent}: cannot write there ({problem})") from problem
+    if failed.any():
+        ranks = ", ".join(str(index) for index in failed.nonzero().flatten().tolist())
+        raise ConfigError(f"train.output_dir {checkpoint_dir.parent}: rank(s) {ranks} cannot write there (their "
+                          "messages say why)")
+
+
+def _process_group_device(on_gpu: bool) -> torch.device:
+    """Where this rank's collectives run before the engine exists: its GPU (LOCAL_RANK, as DeepSpeed picks it),
+    else the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
 
 
 def warn_if_no_regions(counts: Counter, step: int) -> None:
@@ -264,7 +283,7 @@ def set_up(config: RunConfig, deepspeed_config_path: str) -> Run:
     resume_point = checkpoint.find_resume_point(config.train.resume, checkpoint_dir)
     if resume_point is not None:
         checkpoint.check_same_run_settings(resume_point, config, checkpoint_dir)
-    require_writable_run_folder(checkpoint_dir, rank)
+    require_writable_run_folder(checkpoint_dir, rank, world_size, _process_group_device(on_gpu))
     if resume_point is None and rank == 0 and (earlier := set_aside_earlier_logs(output_dir)):
         log.warning("train.output_dir %s held the logs of an earlier start with no checkpoint to resume: moved to %s",
                     output_dir, earlier)

@@ -213,6 +213,19 @@ def test_a_fresh_start_moves_an_earlier_starts_logs_aside_instead_of_replacing_t
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+def test_a_run_folder_one_rank_cannot_write_stops_every_rank_before_the_model_is_built(tmp_path):
+    """A node-local output_dir read-only on one node: that rank exited 2, the others built the model and waited
+    for it in DeepSpeed's first collective until the launcher killed them, saying nothing."""
+    from tests.training.launcher import GLOBAL_BATCH, write_ds_config
+    result = run_pretrain(2, write_ds_config(tmp_path / "two.json", GLOBAL_BATCH // 2, 2), tmp_path / "run",
+                          "--max_steps", "1", script=REPO / "tests" / "training" / "unwritable_rank_pretrain.py",
+                          env={"FINECLIP_TEST_UNWRITABLE_RANK": "1"}, check=False, timeout=240)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"train.output_dir {tmp_path / 'run'}: cannot write there ([Errno 30] Read-only file system" in result.stderr
+    assert f"train.output_dir {tmp_path / 'run'}: rank(s) 1 cannot write there" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_resume_that_changes_what_the_run_trains_is_refused_naming_each_field(runs, tmp_path):
     """A changed optim.lr was ignored (the optimizer and schedule come back from the checkpoint) while
     config.json showed it, and a longer max_steps re-shaped the cosine schedule mid-run. How the run runs
