@@ -1,6 +1,5 @@
 """write_atomically: a reader sees the old file or the new one, and after a crash the new one is whole."""
 import os
-from pathlib import Path
 
 import pytest
 

@@ -73,10 +73,10 @@ def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint |
     summary.json replaced, tags of both runs pruned together, `latest` left naming a pruned tag)."""
     point = _resume_point(resume, checkpoint_dir)
     own = point is not None and point.directory.resolve() == checkpoint_dir.resolve()
-    if (checkpoint_dir / LATEST).is_file() and not own:
+    if (held := _latest_tag(checkpoint_dir)) is not None and not own:
         output_dir = checkpoint_dir.parent
         raise ConfigError(f"train.output_dir {output_dir} already holds a run (its latest checkpoint is "
-                          f"{(checkpoint_dir / LATEST).read_text().strip()}): continue it with --resume auto "
+                          f"{held}): continue it with --resume auto "
                           f"(train.resume=auto), or start {'from ' + resume + ' ' if resume else ''}in a new "
                           "train.output_dir")
     if point is not None:
@@ -90,13 +90,18 @@ def find_resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint |
     return point
 
 
+def _latest_tag(directory: Path, absent: str | None = None) -> str | None:
+    """The tag `latest` in `directory` names, as written; `absent` where there is no `latest`."""
+    latest = directory / LATEST
+    return latest.read_text().strip() if latest.is_file() else absent
+
+
 def _resume_point(resume: str | None, checkpoint_dir: Path) -> ResumePoint | None:
     if resume is None:
         return None
     directory = checkpoint_dir if resume == "auto" else Path(resume)
-    latest = directory / LATEST
-    if latest.is_file():
-        return ResumePoint(directory, latest.read_text().strip())
+    if (tag := _latest_tag(directory)) is not None:
+        return ResumePoint(directory, tag)
     if resume != "auto" and directory.is_dir() and directory.name.startswith(TAG_PREFIX):
         return ResumePoint(directory.parent, directory.name)
     if resume == "auto":
@@ -220,8 +225,8 @@ def check_same_run_settings(point: ResumePoint, config: RunConfig, checkpoint_di
 
 def job_of_latest(checkpoint_dir: Path) -> str | None:
     """The Slurm job id recorded by the save `latest` names (None: no checkpoint, or saved outside Slurm)."""
-    latest = checkpoint_dir / LATEST
-    state = _saved_trainer_state(checkpoint_dir / latest.read_text().strip()) if latest.is_file() else None
+    tag = _latest_tag(checkpoint_dir)
+    state = _saved_trainer_state(checkpoint_dir / tag) if tag is not None else None
     return state.get("slurm_job_id") if state else None
 
 
@@ -285,8 +290,7 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
         shutil.rmtree(partial_dir, ignore_errors=True)
         if not isinstance(error, OSError) and not any(sign in str(error) for sign in TORCH_SAVE_FAILURES):
             raise  # not the disk: a collective inside DeepSpeed's save failed (a peer died), said as it is
-        latest = checkpoint_dir / LATEST
-        last = latest.read_text().strip() if latest.is_file() else "none"
+        last = _latest_tag(checkpoint_dir, absent="none")
         raise CheckpointSaveError(
             f"saving step {step} into {partial_dir} failed ({error}; {free_space(checkpoint_dir)}); the last complete "
             f"checkpoint is {last}. A save needs room for one more checkpoint beside the train.keep_last kept: free "
@@ -320,7 +324,7 @@ def _point_latest_at(checkpoint_dir: Path, tag: str) -> None:
     try:
         write_atomically(latest, tag)
     except OSError as error:
-        last = latest.read_text().strip() if latest.is_file() else "none"
+        last = _latest_tag(checkpoint_dir, absent="none")
         raise CheckpointSaveError(
             f"{checkpoint_dir / tag} was saved whole, but pointing {latest} at it failed ({error}; "
             f"{free_space(checkpoint_dir)}); it still names {last}. Free space and resume from the new one with "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.contrastive.torch_chunked import Stats
+from kernels.contrastive.torch_chunked import Stats, finite_or_zero
 
 
 def group_shape(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -36,8 +36,7 @@ def merge_column_stats(stats: Stats, group: dist.ProcessGroup | None, world: int
     top, total, weighted_dot = stats
     global_top = top.clone()
     dist.all_reduce(global_top, op=dist.ReduceOp.MAX, group=group)
-    shift = torch.where(torch.isneginf(global_top), 0.0, global_top)
-    weight = torch.exp(top - shift)
+    weight = torch.exp(top - finite_or_zero(global_top))
     sums = torch.stack([total * weight, weighted_dot * weight])
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     return global_top, sums[0], sums[1]

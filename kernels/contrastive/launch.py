@@ -26,7 +26,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.contrastive.torch_chunked import Stats
+from kernels.contrastive.torch_chunked import Stats, finite_or_zero
 from kernels.contrastive.triton_kernels import grad_logits_kernel, grad_partials_kernel, stats_partials_kernel
 from kernels.device import launch_device, multiprocessor_count
 
@@ -80,7 +80,7 @@ def _merge_groups(top: torch.Tensor, total: torch.Tensor, weighted_dot: torch.Te
     if top.shape[0] == 1:
         return top[0], total[0], weighted_dot[0]
     merged_top = top.amax(0)
-    weight = torch.exp(top - torch.where(torch.isneginf(merged_top), 0.0, merged_top))
+    weight = torch.exp(top - finite_or_zero(merged_top))
     return merged_top, (total * weight).sum(0), (weighted_dot * weight).sum(0)
 
 

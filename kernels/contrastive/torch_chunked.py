@@ -20,7 +20,7 @@ def empty_stats(size: int, device: torch.device, dtype: torch.dtype) -> Stats:
             torch.zeros(size, device=device, dtype=dtype), torch.zeros(size, device=device, dtype=dtype))
 
 
-def _finite_or_zero(values: torch.Tensor) -> torch.Tensor:
+def finite_or_zero(values: torch.Tensor) -> torch.Tensor:
     """Shift for exp(): the max itself, or 0 where nothing was seen (-inf), so exp never sees inf - inf."""
     return torch.where(torch.isneginf(values), 0.0, values)
 
@@ -29,7 +29,7 @@ def merge_stats(first: Stats, second: Stats) -> Stats:
     """Online log-sum-exp merge of two partial statistics over disjoint sets of entries."""
     # each member: [n] -> [n]
     top = torch.maximum(first[0], second[0])
-    shift = _finite_or_zero(top)
+    shift = finite_or_zero(top)
     weight_first, weight_second = torch.exp(first[0] - shift), torch.exp(second[0] - shift)
     return (top, first[1] * weight_first + second[1] * weight_second,
             first[2] * weight_first + second[2] * weight_second)
@@ -39,7 +39,7 @@ def tile_stats(dot: torch.Tensor, logits: torch.Tensor, dim: int) -> Stats:
     """Statistics of one tile along `dim`; excluded entries hold -inf logits."""
     # dot, logits: [m, n] -> members: [n] (dim=0) or [m] (dim=1)
     top = logits.amax(dim)
-    weights = torch.exp(logits - _finite_or_zero(top).unsqueeze(dim))
+    weights = torch.exp(logits - finite_or_zero(top).unsqueeze(dim))
     return top, weights.sum(dim), (weights * dot).sum(dim)
 
 
@@ -53,7 +53,7 @@ def finish_stats(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
     top, total, weighted_dot = stats
     seen = total != 0
     safe_total = torch.where(seen, total, 1.0)
-    lse = torch.where(seen, _finite_or_zero(top) + torch.log(safe_total), 0.0)
+    lse = torch.where(seen, finite_or_zero(top) + torch.log(safe_total), 0.0)
     return lse, torch.where(seen, weighted_dot / safe_total, 0.0)
 
 
