@@ -81,7 +81,7 @@ STEPS = (
          "issue 4: loss vs ClipLoss, torch_tiled and inf-cl, N = 4k to 64k, D = 512, three tile shapes"),
     Step("roi_pool", _script("gpu_roi_pool.py", "--batches", "32", "256", "--regions", "20", "100",
                              "--grids", "14", "40", "--channels", "1024"), 120, 30,
-         "issue 4: region pooling vs torchvision, 8 sizes at C = 1024, both normalisation paths interleaved"),
+         "issue 4: region pooling vs torchvision, 8 sizes at C = 1024, all three paths timed interleaved"),
     Step("contrastive_1m", _script("gpu_contrastive.py", "--sizes", "1048576", "--dims", "512",
                                    "--repeat_budget_s", "0"), 300, 120,
          "issue 4: the loss at N = 1M on one GPU, against inf-cl"),
