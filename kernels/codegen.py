@@ -139,8 +139,10 @@ def launch_benchmark_shapes(dtype: torch.dtype) -> None:
                      for shape in contrastive_launch.CANDIDATE_HALF_TILES]
     for setting in settings:
         tiles = contrastive_launch.TritonTiles(**setting)
-        tiles.stats(images, texts, scale, row_valid, col_valid)
-        tiles.grads(images, texts, scale, row_valid, col_valid, row_zeros, col_zeros, row_zeros, col_zeros)
+        tiles.loss_terms(images, texts, scale, row_valid, col_valid, 0, None)
+        tiles.grads(images, texts, scale, row_valid, col_valid, row_zeros, col_zeros, row_zeros, col_zeros, 0)
+    # a rank of several: its column groups merged before the ranks merge theirs (here, with no one)
+    contrastive_launch.TritonTiles().loss_terms(images, texts, scale, row_valid, col_valid, 0, lambda stats: stats)
 
     batch, regions, grid_hw, channels = 4, 100, (40, 40), 1024
     tokens = torch.randn(batch, grid_hw[0] * grid_hw[1], channels, dtype=dtype)

@@ -59,9 +59,8 @@ def contrastive_loss(
     # image_features, text_features: [b, D] normalised; logit_scale: [] or [1] (exponentiated); mask: [b] bool -> []
     _check_inputs(image_features, text_features, logit_scale, mask, backend)
     passes = select_passes(backend, image_features.device)
-    if mask is None:
-        mask = torch.ones(image_features.shape[0], dtype=torch.bool, device=image_features.device)
-    return ContrastiveLossFunction.apply(image_features, text_features, logit_scale, mask.bool(), group, passes)
+    return ContrastiveLossFunction.apply(image_features, text_features, logit_scale,
+                                         None if mask is None else mask.bool(), group, passes)
 
 
 class ContrastiveLoss(nn.Module):

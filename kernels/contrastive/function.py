@@ -11,7 +11,8 @@ tile of G is built by exactly one rank and serves both directions. Only texts ne
 are only ever anchors of their own rank's stripe.
 
 Backward recomputes each tile, forms d(sum of all ranks' losses)/d(logits) for it (the row softmax
-weighted by rank r's upstream gradient, the column softmax by the column owner's), and does
+weighted by rank r's upstream gradient, the column softmax by the column owner's, less the label's 1 on the
+pairs), and does
 image_grad += dS @ T_tile and text_grad += dS^T @ I_tile. The torch backend builds each tile once per
 pass (1 GEMM forward, 3 backward); the Triton backward builds it once per direction (1 forward, 4
 backward) so that its programs never wait for each other (see triton_kernels.py). image_grad is complete on its rank;
@@ -22,8 +23,8 @@ gather_with_grad gives: the gradient of rank r's features is d(sum over ranks of
 The logit-scale gradient is rank-local, d(own loss)/d(scale), as in open_clip; it comes from the
 softmax-expected dot products gathered in the forward statistics, so it needs no extra pass.
 
-Memory per rank beyond the inputs: the gathered texts [N, D] and their fp32 gradient [N, D] (the
-size of the gathered features), the image gradient [b, D], O(b + N) statistics, and one logits tile
+Memory per rank beyond the inputs: the gathered texts [N, D] and their gradient [N, D] (fp32 where
+several ranks sum it), the image gradient [b, D], O(b + N) statistics, and one logits tile
 per program (registers on the GPU, a [tile x tile] block in torch). Nothing of size b x N. (Triton's
 statistics take 3 x (column groups x b + row groups x N) partial floats, groups ~12 on an H100; its bf16 /
 fp32 backward holds d(loss)/d(logits) of one stripe of rows, at most 256 MiB or 256 rows; its fp16
@@ -32,24 +33,37 @@ Ranks must hold the same number of rows b, as in open_clip (labels are rank * b 
 """
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from kernels.contrastive.collectives import gather_rows, group_shape, merge_column_stats, reduce_to_owner
-from kernels.contrastive.torch_chunked import Stats, finish_stats
+from kernels.contrastive.torch_chunked import ColumnMerge
 
 
 class TilePasses(Protocol):
-    """What a backend provides: the forward statistics pass and the backward gradient pass."""
+    """What a backend provides: the forward pass's statistics with the per-row loss terms, and the backward's
+    gradients. The forward hands back finished quantities, not raw statistics, so that a backend can fuse the
+    small element-wise work around its tile pass (the Triton one does: four launches where torch took dozens
+    of small ops, which at a few thousand rows cost more than the tiles)."""
 
-    def stats(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
-              row_valid: torch.Tensor, col_valid: torch.Tensor) -> tuple[Stats, Stats]: ...
+    def loss_terms(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, row_valid: torch.Tensor,
+                   col_valid: torch.Tensor, own_first: int,
+                   merge_columns: ColumnMerge | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row log-sum-exps [b], column log-sum-exps [N] over every rank's rows, terms [2, b]): per anchor
+        row, its loss 0.5 * (lse_row + lse_col) - scale * pair dot and its logit-scale gradient, 0 on masked
+        rows. Anchor i's pair is text own_first + i; `merge_columns` combines the column statistics of all
+        ranks' rows (None: one process)."""
+        ...
 
     def grads(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
-              row_coef: torch.Tensor, col_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+              row_coef: torch.Tensor, col_coef: torch.Tensor, own_first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients w.r.t. images [b, D] and texts [N, D] of sum(row_coef * row_lse) + sum(col_coef * col_lse)
+        - 2 * scale * sum(row_coef * pair dot): the weighted losses less their scale-free part, any float dtype."""
+        ...
 
 
 class ContrastiveLossFunction(torch.autograd.Function):
@@ -62,35 +76,38 @@ class ContrastiveLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                mask: torch.Tensor, group: dist.ProcessGroup | None, passes: TilePasses) -> torch.Tensor:
-        # image_features, text_features: [b, D]; logit_scale: [] or [1]; mask: [b] bool -> []
+                mask: torch.Tensor | None, group: dist.ProcessGroup | None, passes: TilePasses) -> torch.Tensor:
+        # image_features, text_features: [b, D]; logit_scale: [] or [1]; mask: [b] bool or None (all valid) -> []
         with torch.autocast(image_features.device.type, enabled=False):
             return ContrastiveLossFunction._forward(ctx, image_features, text_features, logit_scale, mask, group,
                                                     passes)
 
     @staticmethod
     def _forward(ctx, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                 mask: torch.Tensor, group: dist.ProcessGroup | None, passes: TilePasses) -> torch.Tensor:
-        image_features = torch.where(mask[:, None], image_features.detach(), 0.0)  # a Python 0 keeps the dtype
-        text_features = torch.where(mask[:, None], text_features.detach(), 0.0)
+                 mask: torch.Tensor | None, group: dist.ProcessGroup | None, passes: TilePasses) -> torch.Tensor:
         rank, world = group_shape(group)
         rows = image_features.shape[0]
         compute = torch.promote_types(image_features.dtype, torch.float32)
         scale = logit_scale.detach().reshape(()).to(compute)
-        all_texts = gather_rows(text_features.detach(), group, world)
-        all_valid = gather_rows(mask.to(torch.uint8), group, world).bool()  # gloo gathers no bool
-        row_stats, col_stats = passes.stats(image_features.detach(), all_texts, scale, mask, all_valid)
-        row_lse, row_expected = finish_stats(row_stats)
-        col_lse, col_expected = finish_stats(merge_column_stats(col_stats, group, world))
-        own = slice(rank * rows, (rank + 1) * rows)
-        # dot of each anchor with its own pair: the label logit of both directions
-        pair_dot = (image_features.detach().to(compute) * text_features.detach().to(compute)).sum(-1)
-        norm = world / all_valid.sum().clamp(min=1).to(compute)
-        per_row = 0.5 * (row_lse.to(compute) + col_lse[own].to(compute)) - scale * pair_dot
-        loss = torch.where(mask, per_row, 0.0).sum() * norm
-        scale_grad = torch.where(mask, 0.5 * (row_expected + col_expected[own]).to(compute) - pair_dot, 0.0)
+        image_features, text_features = image_features.detach(), text_features.detach()
+        if mask is None:  # every row of every rank valid: nothing to zero, gather or count
+            mask = torch.ones(rows, dtype=torch.bool, device=image_features.device)
+            all_valid = mask if world == 1 else mask.repeat(world)
+            # world / (world * b); a CPU scalar tensor multiplies device ones without a copy
+            norm = torch.tensor(1.0 / max(rows, 1), dtype=compute)
+        else:
+            image_features = torch.where(mask[:, None], image_features, 0.0)  # a Python 0 keeps the dtype
+            text_features = torch.where(mask[:, None], text_features, 0.0)
+            # gloo gathers no bool
+            all_valid = mask if world == 1 else gather_rows(mask.to(torch.uint8), group, world).bool()
+            norm = world / all_valid.sum().clamp(min=1).to(compute)
+        all_texts = gather_rows(text_features, group, world)
+        merge_columns = None if world == 1 else functools.partial(merge_column_stats, group=group, world=world)
+        row_lse, col_lse, terms = passes.loss_terms(image_features, all_texts, scale, mask, all_valid, rank * rows,
+                                                    merge_columns)
+        loss, scale_grad = (terms.sum(1) * norm).unbind()
         ctx.save_for_backward(image_features, text_features, all_texts, mask, all_valid, row_lse, col_lse,
-                              scale, norm, scale_grad.sum() * norm)
+                              scale, norm, scale_grad)
         ctx.group, ctx.passes, ctx.rank, ctx.world = group, passes, rank, world
         ctx.scale_shape, ctx.scale_dtype = logit_scale.shape, logit_scale.dtype
         return loss
@@ -107,16 +124,13 @@ class ContrastiveLossFunction(torch.autograd.Function):
         image_grad = text_grad = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             # every rank's upstream gradient weights its texts' column terms, which all ranks touch
-            per_rank = gather_rows(grad_loss.reshape(1), ctx.group, world) * norm / 2
+            per_rank = gather_rows(grad_loss.reshape(1), ctx.group, world) * (norm / 2)
             row_coef = torch.where(mask, per_rank[rank], 0.0)
-            col_coef = torch.where(all_valid, per_rank.repeat_interleave(rows), 0.0)
-            image_grad, all_text_grad = ctx.passes.grads(
-                image_features, all_texts, scale, mask, all_valid, row_lse, col_lse, row_coef, col_coef)
-            # the label logit appears in both directions with weight -1 each
-            pair_coef = (scale * 2 * row_coef).unsqueeze(1)
-            own = slice(rank * rows, (rank + 1) * rows)
-            image_grad = image_grad - pair_coef * text_features.to(image_grad.dtype)
-            all_text_grad[own] -= pair_coef * image_features.to(all_text_grad.dtype)
+            col_coef = row_coef if world == 1 else torch.where(all_valid, per_rank.repeat_interleave(rows), 0.0)
+            image_grad, all_text_grad = ctx.passes.grads(image_features, all_texts, scale, mask, all_valid, row_lse,
+                                                         col_lse, row_coef, col_coef, rank * rows)
+            if world > 1:  # the ranks' shares are summed in fp32
+                all_text_grad = all_text_grad.float()
             text_grad = reduce_to_owner(all_text_grad, ctx.group, rank, world).to(text_features.dtype)
             image_grad = image_grad.to(image_features.dtype)
         logit_scale_grad = None

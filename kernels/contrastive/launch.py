@@ -26,8 +26,9 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.contrastive.torch_chunked import Stats, finite_or_zero
-from kernels.contrastive.triton_kernels import grad_logits_kernel, grad_partials_kernel, stats_partials_kernel
+from kernels.contrastive.torch_chunked import ColumnMerge
+from kernels.contrastive.triton_kernels import (finish_partials_kernel, grad_logits_kernel, grad_partials_kernel,
+                                                merge_partials_kernel, row_terms_kernel, stats_partials_kernel)
 from kernels.device import launch_device, multiprocessor_count
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,6 +41,9 @@ HALF_TILES, FP32_TILES, INTERPRETER_TILES = (64, 128, 64), (16, 32, 16), (32, 32
 # Other half-precision tiles the GPU session times against HALF_TILES (benchmarks/gpu_session.py), spill-free
 # too (kernels.codegen compiles them); 128 x 128 tiles and 64-wide K steps beside 128-row blocks spill.
 CANDIDATE_HALF_TILES = ((64, 128, 32), (128, 64, 32))
+# Elements per program of the statistics' merge / finish launches, and (rows, feature columns) per program of the
+# per-row loss terms: memory-bound element-wise work on O(N) floats and one read of the [b, D] pairs.
+FINISH_BLOCK, TERMS_ROWS, TERMS_DIM = 1024, 32, 64
 
 
 def runs_on(device: torch.device) -> bool:
@@ -72,16 +76,6 @@ def stripe_rows(rows: int, others: int, element_bytes: int, block_m: int) -> int
     """Anchor rows per stripe of the cuBLAS backward: whole blocks within GRAD_LOGITS_BUDGET_BYTES."""
     within_budget = GRAD_LOGITS_BUDGET_BYTES // (element_bytes * max(others, 1)) // block_m * block_m
     return max(1, min(rows, max(GEMM_STRIPE_MIN_ROWS, within_budget)))
-
-
-def _merge_groups(top: torch.Tensor, total: torch.Tensor, weighted_dot: torch.Tensor) -> Stats:
-    """Statistics over all groups from each group's, in group order (so bitwise repeatable)."""
-    # each: [groups, n] -> [n]
-    if top.shape[0] == 1:
-        return top[0], total[0], weighted_dot[0]
-    merged_top = top.amax(0)
-    weight = torch.exp(top - finite_or_zero(merged_top))
-    return merged_top, (total * weight).sum(0), (weighted_dot * weight).sum(0)
 
 
 def stats_groups(row_blocks: int, col_blocks: int, multiprocessors: int | None) -> tuple[int, int]:
@@ -153,11 +147,14 @@ class TritonTiles:
 
     def _row_grads(self, anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
                    anchor_valid: torch.Tensor, other_valid: torch.Tensor, anchor_lse: torch.Tensor,
-                   anchor_coef: torch.Tensor, other_lse: torch.Tensor, other_coef: torch.Tensor) -> torch.Tensor:
-        """Gradient w.r.t. the anchors of the coefficient-weighted log-sum-exps of both directions."""
-        # anchors: [m, D]; others: [n, D]; anchor_*: [m]; other_*: [n] -> [m, D] fp32
+                   anchor_coef: torch.Tensor, other_lse: torch.Tensor, other_coef: torch.Tensor,
+                   pair_offset: int) -> torch.Tensor:
+        """Gradient w.r.t. the anchors of the coefficient-weighted log-sum-exps of both directions, less
+        2 * scale * anchor_coef times the pair's dot (anchor i's pair: other i - pair_offset)."""
+        # anchors: [m, D]; others: [n, D]; anchor_*: [m]; other_*: [n] -> [m, D] in the anchors' dtype (cuBLAS)
+        # or fp32 (fused)
         constants = self._constants(anchors, others)
-        anchor_valid, other_valid = anchor_valid.to(torch.int8), other_valid.to(torch.int8)
+        anchor_valid, other_valid = anchor_valid.view(torch.int8), other_valid.view(torch.int8)
         anchor_lse, anchor_coef = anchor_lse.float().contiguous(), anchor_coef.float().contiguous()
         other_lse, other_coef = other_lse.float().contiguous(), other_coef.float().contiguous()
         fused = anchors.dtype == torch.float16 if self.fused_backward is None else self.fused_backward
@@ -166,7 +163,7 @@ class TritonTiles:
                 raise ValueError("fused_backward=False: fp16 d(loss)/d(dot) underflows fp16 at large N without the "
                                  "fused kernel's per-tile rescaling; the cuBLAS backward takes bf16 or fp32")
             return self._row_grads_through_cublas(anchors, others, scale, anchor_valid, other_valid, anchor_lse,
-                                                  anchor_coef, other_lse, other_coef, constants)
+                                                  anchor_coef, other_lse, other_coef, pair_offset, constants)
         rows, other_blocks = anchors.shape[0], triton.cdiv(others.shape[0], constants["BLOCK_N"])
         splits, blocks_per_split = _groups_of(other_blocks, self.splits or split_count(
             triton.cdiv(rows, constants["BLOCK_M"]), other_blocks, multiprocessor_count(anchors, INTERPRETED)))
@@ -175,19 +172,20 @@ class TritonTiles:
             grad_partials_kernel[(triton.cdiv(rows, constants["BLOCK_M"]), splits)](
                 anchors, others, anchor_valid, other_valid, scale.reshape(1).float(), anchor_lse, anchor_coef,
                 other_lse, other_coef, partials, rows, others.shape[0], anchors.shape[1], anchors.stride(0),
-                others.stride(0), blocks_per_split, **constants)
+                others.stride(0), blocks_per_split, pair_offset, **constants)
         return partials[0] if splits == 1 else partials.sum(0)
 
     def _row_grads_through_cublas(self, anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
                                   anchor_valid: torch.Tensor, other_valid: torch.Tensor, anchor_lse: torch.Tensor,
                                   anchor_coef: torch.Tensor, other_lse: torch.Tensor, other_coef: torch.Tensor,
-                                  constants: dict) -> torch.Tensor:
+                                  pair_offset: int, constants: dict) -> torch.Tensor:
         """Stripe by stripe of anchor rows: d(loss)/d(dot) against all others from the kernel (tiles recomputed),
-        times the others in cuBLAS. Each gradient row is one GEMM row over all others, rounded once."""
-        # anchors: [m, D]; others: [n, D] -> [m, D] fp32
+        times the others in cuBLAS. Each gradient row is one GEMM row over all others, accumulated in fp32 and
+        rounded once, into the anchors' dtype, as open_clip's are."""
+        # anchors: [m, D]; others: [n, D] -> [m, D] in the anchors' dtype
         rows, count = anchors.shape[0], others.shape[0]
         stripe = min(rows, self.stripe or stripe_rows(rows, count, anchors.element_size(), constants["BLOCK_M"]))
-        grad = anchors.new_empty(anchors.shape, dtype=torch.float32)
+        grad = torch.empty_like(anchors)
         grad_logits = anchors.new_empty(stripe, count)  # [stripe, n], reused
         scale = scale.reshape(1).float()
         with launch_device(anchors):
@@ -197,44 +195,69 @@ class TritonTiles:
                                     triton.cdiv(last - first, constants["BLOCK_M"]))](
                     anchors[first:last], others, anchor_valid[first:last], other_valid, scale,
                     anchor_lse[first:last], anchor_coef[first:last], other_lse, other_coef, grad_logits,
-                    last - first, count, anchors.shape[1], anchors.stride(0), others.stride(0), **constants)
-                grad[first:last] = grad_logits[:last - first] @ others
+                    last - first, count, anchors.shape[1], anchors.stride(0), others.stride(0), pair_offset - first,
+                    **constants)
+                torch.mm(grad_logits[:last - first], others, out=grad[first:last])
         return grad
 
-    def stats(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
-              row_valid: torch.Tensor, col_valid: torch.Tensor) -> tuple[Stats, Stats]:
-        """Row (image -> text) and column (text -> image) statistics from one pass over the tiles."""
-        # images: [b, D] local; texts: [N, D] gathered; scale: [] fp32; row_valid: [b]; col_valid: [N] bool
+    def loss_terms(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, row_valid: torch.Tensor,
+                   col_valid: torch.Tensor, own_first: int,
+                   merge_columns: ColumnMerge | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row and column log-sum-exps and the per-row loss terms (see `TilePasses`), in four launches at most:
+        the statistics (one pass over the tiles), the merge of one process's column groups where ranks merge
+        theirs next, the columns' finish, and the rows' finish with their loss terms."""
+        # images: [b, D] local; texts: [N, D] gathered; scale: [] fp32; row_valid: [b], col_valid: [N] bool
+        # -> row_lse: [b], col_lse: [N], terms: [2, b] fp32
         self._check(images, texts)
         images, texts = images.contiguous(), texts.contiguous()
-        if not (images.shape[0] and texts.shape[0]):
-            return tuple((torch.full((n,), float("-inf"), device=images.device),
-                          images.new_zeros(n, dtype=torch.float32), images.new_zeros(n, dtype=torch.float32))
-                         for n in (images.shape[0], texts.shape[0]))
-        constants = self._constants(images, texts)
         rows, cols = images.shape[0], texts.shape[0]
+        if not (rows and cols):  # ranks hold the same b: no rank has rows, so none merges columns
+            return (images.new_zeros(rows, dtype=torch.float32), images.new_zeros(cols, dtype=torch.float32),
+                    images.new_zeros(2, rows, dtype=torch.float32))
+        constants = self._constants(images, texts)
         row_blocks, col_blocks = triton.cdiv(rows, constants["BLOCK_M"]), triton.cdiv(cols, constants["BLOCK_N"])
         wanted = self.groups or stats_groups(row_blocks, col_blocks, multiprocessor_count(images, INTERPRETED))
         row_groups, row_blocks_per_group = _groups_of(row_blocks, wanted[0])
         col_groups, col_blocks_per_group = _groups_of(col_blocks, wanted[1])
+        # (max, sum exp, sum exp * dot) per column group for the rows, per row group for the columns
         row_partials = images.new_empty(3, col_groups, rows, dtype=torch.float32)
         col_partials = images.new_empty(3, row_groups, cols, dtype=torch.float32)
+        col_finished = images.new_empty(2, cols, dtype=torch.float32)  # lse, expected dot
+        row_lse = images.new_empty(rows, dtype=torch.float32)
+        terms = images.new_empty(2, rows, dtype=torch.float32)
+        scale, row_flags = scale.reshape(1).float(), row_valid.view(torch.int8)
         with launch_device(images):
             stats_partials_kernel[(row_groups, col_groups)](
-                images, texts, row_valid.to(torch.int8), col_valid.to(torch.int8), scale.reshape(1).float(),
-                *row_partials, *col_partials, rows, cols, images.shape[1], images.stride(0), texts.stride(0),
-                row_blocks_per_group, col_blocks_per_group, **constants)
-        return _merge_groups(*row_partials), _merge_groups(*col_partials)
+                images, texts, row_flags, col_valid.view(torch.int8), scale, *row_partials, *col_partials,
+                rows, cols, images.shape[1], images.stride(0), texts.stride(0), row_blocks_per_group,
+                col_blocks_per_group, **constants)
+            column_grid = (triton.cdiv(cols, FINISH_BLOCK),)
+            if merge_columns is None:
+                finish_partials_kernel[column_grid](*col_partials, row_groups, cols, *col_finished, BLOCK=FINISH_BLOCK)
+            else:
+                merged = images.new_empty(3, cols, dtype=torch.float32)
+                merge_partials_kernel[column_grid](*col_partials, row_groups, cols, *merged, BLOCK=FINISH_BLOCK)
+                finish_partials_kernel[column_grid](*merge_columns(tuple(merged)), 1, cols, *col_finished,
+                                                    BLOCK=FINISH_BLOCK)
+            own = slice(own_first, own_first + rows)
+            row_terms_kernel[(triton.cdiv(rows, TERMS_ROWS),)](
+                images, texts[own], images.stride(0), texts.stride(0), images.shape[1], *row_partials, col_groups,
+                rows, row_flags, col_finished[0, own], col_finished[1, own], scale, row_lse, terms,
+                BLOCK_R=TERMS_ROWS, BLOCK_D=min(TERMS_DIM, _fit(images.shape[1], TERMS_DIM)))
+        return row_lse, col_finished[0], terms
 
     def grads(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
-              row_coef: torch.Tensor, col_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients of sum(row_coef * row_lse) + sum(col_coef * col_lse) w.r.t. images and texts (fp32)."""
-        # images: [b, D]; texts: [N, D]; row_*: [b]; col_*: [N] -> image_grad: [b, D], text_grad: [N, D] fp32
+              row_coef: torch.Tensor, col_coef: torch.Tensor, own_first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients w.r.t. images and texts of sum(row_coef * row_lse) + sum(col_coef * col_lse)
+        - 2 * scale * sum(row_coef * pair dot), image i's pair being text own_first + i."""
+        # images: [b, D]; texts: [N, D]; row_*: [b]; col_*: [N] -> image_grad: [b, D], text_grad: [N, D], each in
+        # the features' dtype (cuBLAS backward) or fp32 (fused)
         self._check(images, texts)
         images, texts = images.contiguous(), texts.contiguous()
         if not (images.shape[0] and texts.shape[0]):
-            return (images.new_zeros(images.shape, dtype=torch.float32),
-                    texts.new_zeros(texts.shape, dtype=torch.float32))
-        return (self._row_grads(images, texts, scale, row_valid, col_valid, row_lse, row_coef, col_lse, col_coef),
-                self._row_grads(texts, images, scale, col_valid, row_valid, col_lse, col_coef, row_lse, row_coef))
+            return torch.zeros_like(images), torch.zeros_like(texts)
+        return (self._row_grads(images, texts, scale, row_valid, col_valid, row_lse, row_coef, col_lse, col_coef,
+                                -own_first),
+                self._row_grads(texts, images, scale, col_valid, row_valid, col_lse, col_coef, row_lse, row_coef,
+                                own_first))

@@ -9,9 +9,13 @@ which is what the logit-scale gradient needs, so that gradient costs no extra pa
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# Merges one rank's column statistics with every other rank's (collectives.merge_column_stats).
+ColumnMerge = Callable[[Stats], Stats]
 
 
 def empty_stats(size: int, device: torch.device, dtype: torch.dtype) -> Stats:
@@ -57,6 +61,22 @@ def finish_stats(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
     return lse, torch.where(seen, weighted_dot / safe_total, 0.0)
 
 
+def loss_terms_of(row_stats: Stats, col_stats: Stats, images: torch.Tensor, texts: torch.Tensor,
+                  scale: torch.Tensor, row_valid: torch.Tensor,
+                  own_first: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row and column log-sum-exps and the per-row terms [loss, logit-scale gradient] from complete
+    statistics: 0.5 * (lse_row + lse_col) - scale * pair dot and 0.5 * (expected_row + expected_col) - pair
+    dot, 0 on masked rows. Anchor i's pair is text own_first + i of the gathered texts."""
+    # row members: [b]; col members: [N]; images: [b, D]; texts: [N, D] -> [b], [N], [2, b]
+    row_lse, row_expected = finish_stats(row_stats)
+    col_lse, col_expected = finish_stats(col_stats)
+    own = slice(own_first, own_first + images.shape[0])
+    pair_dot = (images.to(row_lse.dtype) * texts[own].to(row_lse.dtype)).sum(-1)
+    terms = torch.stack([0.5 * (row_lse + col_lse[own]) - scale * pair_dot,
+                         0.5 * (row_expected + col_expected[own]) - pair_dot])
+    return row_lse, col_lse, torch.where(row_valid, terms, 0.0)
+
+
 class TorchTiles:
     """Tile passes in torch; at most one [tile x tile] logits block is alive at a time."""
 
@@ -95,12 +115,23 @@ class TorchTiles:
                 target[r0:r1] = value
         return row_stats, col_stats
 
+    def loss_terms(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, row_valid: torch.Tensor,
+                   col_valid: torch.Tensor, own_first: int,
+                   merge_columns: ColumnMerge | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row and column log-sum-exps and the per-row loss terms (see function.TilePasses)."""
+        row_stats, col_stats = self.stats(images, texts, scale, row_valid, col_valid)
+        if merge_columns is not None:
+            col_stats = merge_columns(col_stats)
+        return loss_terms_of(row_stats, col_stats, images, texts, scale, row_valid, own_first)
+
     def grads(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
-              row_coef: torch.Tensor, col_coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients of sum(row_coef * lse_row) + sum(col_coef * lse_col) w.r.t. images and texts.
+              row_coef: torch.Tensor, col_coef: torch.Tensor, own_first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients w.r.t. images and texts of sum(row_coef * lse_row) + sum(col_coef * lse_col)
+        - 2 * scale * sum(row_coef * pair dot), image i's pair being text own_first + i.
 
-        Each tile is recomputed (1 GEMM), turned into d(loss)/d(dot) and used twice (2 GEMMs).
+        Each tile is recomputed (1 GEMM), turned into d(loss)/d(dot) and used twice (2 GEMMs); the pairs' term
+        is added after, in the compute dtype (fp32 or wider), where nothing is rounded to half precision.
         """
         # images: [b, D]; texts: [N, D]; row_*: [b]; col_*: [N] -> image_grad: [b, D], text_grad: [N, D]
         compute = torch.promote_types(images.dtype, torch.float32)
@@ -117,4 +148,8 @@ class TorchTiles:
                 grad_dot = grad_logits * scale
                 image_grad[r0:r1] += grad_dot @ texts[c0:c1].to(compute)
                 text_grad[c0:c1] += grad_dot.T @ images[r0:r1].to(compute)
+        pair_coef = (2 * scale * row_coef).unsqueeze(1)
+        own = slice(own_first, own_first + rows)
+        image_grad -= pair_coef * texts[own].to(compute)
+        text_grad[own] -= pair_coef * images.to(compute)
         return image_grad, text_grad

@@ -9,16 +9,20 @@ Write the logits as scale * I @ T^T (local images against the gathered texts).
 - Backward, once per direction with the operands swapped (images' gradient, then texts'): row gradients
   need sums over columns and column gradients sums over rows, which no single owner of a tile can hold
   both of without waiting on the other. Per direction, 2 GEMMs per tile:
-  - bf16: `grad_logits_kernel` recomputes the tiles of a stripe of A's rows (bounded memory) and writes
-    d(loss)/d(dot) in bf16; cuBLAS multiplies it by B.
-  - fp16 and fp32: `grad_partials_kernel` recomputes each tile, turns it into d(loss)/d(dot), and adds
+  - bf16 and fp32: `grad_logits_kernel` recomputes the tiles of a stripe of A's rows (bounded memory) and
+    writes d(loss)/d(dot) in A's dtype; cuBLAS multiplies it by B.
+  - fp16: `grad_partials_kernel` recomputes each tile, turns it into d(loss)/d(dot), and adds
     d(dot) @ B[cols] to A's gradient rows, a read-modify-write of an fp32 accumulator in L2 (~28 flop
     per byte of L2 traffic at 64 x 128 tiles, so likely L2-bound: why bf16 goes through cuBLAS).
-That is 1 GEMM per tile forward and 4 backward. The design this replaced (1 + 3) had programs hand each
-row block to the next through spin-waited turns: the grid ran as a wavefront of (row blocks + column
-blocks) dependent steps, each paying an atomic round trip, and on an H100 it was 4.6-6.6x slower than
-open_clip's ClipLoss (BENCHMARKS.md, 2026-11-26). Without atomics the results are also bitwise
-reproducible, whatever order programs run in.
+d(loss)/d(dot) includes the label logit's -1 on the pairs, so each gradient row comes out whole.
+That is 1 GEMM per tile forward and 4 backward. Around them, three small launches finish the forward
+(`merge_partials_kernel`, `finish_partials_kernel`, `row_terms_kernel`): statistics of O(N) floats and one
+read of the pairs, which in torch were dozens of element-wise ops, each a launch.
+
+The design this replaced (1 + 3 GEMMs) had programs hand each row block to the next through spin-waited
+turns: the grid ran as a wavefront of (row blocks + column blocks) dependent steps, each paying an atomic
+round trip, and on an H100 it was 4.6-6.6x slower than open_clip's ClipLoss (BENCHMARKS.md, 2026-11-26).
+Without atomics the results are also bitwise reproducible, whatever order programs run in.
 """
 from __future__ import annotations
 
@@ -147,24 +151,115 @@ def stats_partials_kernel(
 
 
 @triton.jit
-def _grad_of_dot(dot, row_ok, col_ok, scale, a_lse, a_coef, b_lse, b_coef):
+def _merged_groups(max_ptr, sum_ptr, dot_ptr, groups, total, offsets, inside):
+    """(max, sum exp, sum exp * dot) at `offsets` over `groups` partial statistics [groups, total], merged
+    in group order (so bitwise repeatable). A NaN sum stays NaN whatever the max does with NaN."""
+    top = tl.load(max_ptr + offsets, mask=inside, other=float("-inf"))
+    for group in range(1, groups):
+        top = tl.maximum(top, tl.load(max_ptr + group * total + offsets, mask=inside, other=float("-inf")))
+    shift = _shift(top)
+    merged_sum = tl.zeros_like(top)
+    merged_dot = tl.zeros_like(top)
+    for group in range(0, groups):
+        at = group * total + offsets
+        weight = tl.exp(tl.load(max_ptr + at, mask=inside, other=float("-inf")) - shift)
+        merged_sum += tl.load(sum_ptr + at, mask=inside, other=0.0) * weight
+        merged_dot += tl.load(dot_ptr + at, mask=inside, other=0.0) * weight
+    return top, merged_sum, merged_dot
+
+
+@triton.jit
+def _finished(top, total, weighted_dot):
+    """(log-sum-exp, softmax-expected dot); 0 where nothing was seen (a sum of exactly 0), NaN stays NaN:
+    torch_chunked.finish_stats, element by element."""
+    seen = total != 0
+    safe_total = tl.where(seen, total, 1.0)
+    return (tl.where(seen, _shift(top) + tl.log(safe_total), 0.0),
+            tl.where(seen, weighted_dot / safe_total, 0.0))
+
+
+@triton.jit
+def merge_partials_kernel(max_ptr, sum_ptr, dot_ptr, groups, total, out_max_ptr, out_sum_ptr, out_dot_ptr,
+                          BLOCK: tl.constexpr):
+    """One rank's column statistics from its groups' partials, before the ranks merge theirs."""
+    # *_ptr: [groups, total] fp32; out_*: [total] fp32; grid: (cdiv(total, BLOCK),)
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < total
+    top, merged_sum, merged_dot = _merged_groups(max_ptr, sum_ptr, dot_ptr, groups, total, offsets, inside)
+    tl.store(out_max_ptr + offsets, top, mask=inside)
+    tl.store(out_sum_ptr + offsets, merged_sum, mask=inside)
+    tl.store(out_dot_ptr + offsets, merged_dot, mask=inside)
+
+
+@triton.jit
+def finish_partials_kernel(max_ptr, sum_ptr, dot_ptr, groups, total, lse_ptr, expected_ptr, BLOCK: tl.constexpr):
+    """Column log-sum-exps and expected dots from partial statistics: the groups' of one process, or the
+    ranks' merged ones (groups = 1). One launch where torch took a dozen small ops."""
+    # *_ptr: [groups, total] fp32; lse, expected: [total] fp32; grid: (cdiv(total, BLOCK),)
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < total
+    lse, expected = _finished(*_merged_groups(max_ptr, sum_ptr, dot_ptr, groups, total, offsets, inside))
+    tl.store(lse_ptr + offsets, lse, mask=inside)
+    tl.store(expected_ptr + offsets, expected, mask=inside)
+
+
+@triton.jit
+def row_terms_kernel(
+    image_ptr, text_ptr, stride_image, stride_text, dim, max_ptr, sum_ptr, dot_ptr, groups, rows_total,
+    valid_ptr, col_lse_ptr, col_expected_ptr, scale_ptr, lse_ptr, terms_ptr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per anchor row, from its row partials and its pair's finished column statistics: the row log-sum-exp
+    (for the backward), the loss term 0.5 * (lse_row + lse_col) - scale * dot(image, own text) and the
+    logit-scale gradient term 0.5 * (expected_row + expected_col) - dot(image, own text); both 0 for masked
+    rows. The pair's dot is read here from the features (fp32 products), never as a [b, D] fp32 temporary."""
+    # image, text: [b, D] (text: the own rows of the gathered texts); max, sum, dot: [groups, b] fp32; valid: [b] int8;
+    # col_lse, col_expected: [b] fp32 (own rows); lse: [b] fp32; terms: [2, b] fp32; grid: (cdiv(b, BLOCK_R),)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < rows_total
+    row_ok = row_in & (tl.load(valid_ptr + rows, mask=row_in, other=0) != 0)
+    row_lse, row_expected = _finished(*_merged_groups(max_ptr, sum_ptr, dot_ptr, groups, rows_total, rows, row_in))
+    pair_dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, dim, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        image = _load_rows(image_ptr, rows, row_ok, stride_image, ks, dim, True)
+        text = _load_rows(text_ptr, rows, row_ok, stride_text, ks, dim, True)
+        pair_dot += tl.sum(image * text, axis=1)
+    scale = tl.load(scale_ptr)
+    col_lse = tl.load(col_lse_ptr + rows, mask=row_in, other=0.0)
+    col_expected = tl.load(col_expected_ptr + rows, mask=row_in, other=0.0)
+    tl.store(lse_ptr + rows, row_lse, mask=row_in)
+    tl.store(terms_ptr + rows, tl.where(row_ok, 0.5 * (row_lse + col_lse) - scale * pair_dot, 0.0), mask=row_in)
+    tl.store(terms_ptr + rows_total + rows,
+             tl.where(row_ok, 0.5 * (row_expected + col_expected) - pair_dot, 0.0), mask=row_in)
+
+
+@triton.jit
+def _grad_of_dot(dot, rows, cols, row_ok, col_ok, scale, a_lse, a_coef, b_lse, b_coef, pair_offset):
     """d(loss)/d(dot) of a tile: scale * (a_coef[i] * softmax_i(j) + b_coef[j] * softmax_j(i)), both directions'
-    softmax weights, each against its own log-sum-exp; 0 outside the valid entries."""
+    softmax weights, each against its own log-sum-exp, less 2 * scale * a_coef[i] where j is row i's pair
+    (i == j + pair_offset): the label logit, -1 in each direction. 0 outside the valid entries. The label
+    term goes in here, before any rounding to half precision: added after a bf16 product (sum of p * t, then
+    minus the pair t) it cancelled against the softmax's share and lost what bf16 rounded off, up to all of the
+    gradient of a confident pair; here it cancels in fp32, as in open_clip's cross-entropy."""
     logits = tl.where(row_ok[:, None] & col_ok[None, :], dot * scale, float("-inf"))
-    return scale * (a_coef[:, None] * tl.exp(logits - a_lse[:, None])
-                    + b_coef[None, :] * tl.exp(logits - b_lse[None, :]))
+    softmaxes = (a_coef[:, None] * tl.exp(logits - a_lse[:, None])
+                 + b_coef[None, :] * tl.exp(logits - b_lse[None, :]))
+    label = tl.where(rows[:, None] == cols[None, :] + pair_offset, 2.0 * a_coef[:, None], 0.0)
+    return scale * (softmaxes - label)
 
 
 @triton.jit
 def grad_logits_kernel(
     a_ptr, b_ptr, a_valid_ptr, b_valid_ptr, scale_ptr, a_lse_ptr, a_coef_ptr, b_lse_ptr, b_coef_ptr, out_ptr,
-    rows_total, others_total, dim, stride_a, stride_b,
+    rows_total, others_total, dim, stride_a, stride_b, pair_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """d(loss)/d(dot) of one tile of a stripe of A's rows against all of B, written in the output's dtype (bf16),
     for cuBLAS to multiply by B: 1 GEMM here, 1 there, and no read-modify-write of an accumulator."""
     # a: [rows, D] (one stripe); b: [others, D]; a_lse, a_coef: [rows]; b_lse, b_coef: [others] fp32;
-    # out: [rows, others] contiguous; grid: (cdiv(others, BLOCK_N), cdiv(rows, BLOCK_M)): the long side on the
+    # out: [rows, others] contiguous; stripe row i's pair is B's row i - pair_offset;
+    # grid: (cdiv(others, BLOCK_N), cdiv(rows, BLOCK_M)): the long side on the
     # grid's x axis, which has no 65535 limit
     scale = tl.load(scale_ptr)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -174,11 +269,11 @@ def grad_logits_kernel(
     col_ok = col_in & (tl.load(b_valid_ptr + cols, mask=col_in, other=0) != 0)
     dot = _tile_dot(a_ptr, b_ptr, rows, row_in, cols, col_in, dim, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
                     UPCAST)
-    grad_dot = _grad_of_dot(dot, row_ok, col_ok, scale,
+    grad_dot = _grad_of_dot(dot, rows, cols, row_ok, col_ok, scale,
                             tl.load(a_lse_ptr + rows, mask=row_in, other=0.0),
                             tl.load(a_coef_ptr + rows, mask=row_in, other=0.0),
                             tl.load(b_lse_ptr + cols, mask=col_in, other=0.0),
-                            tl.load(b_coef_ptr + cols, mask=col_in, other=0.0))
+                            tl.load(b_coef_ptr + cols, mask=col_in, other=0.0), pair_offset)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * others_total + cols[None, :],
              grad_dot.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
 
@@ -186,14 +281,16 @@ def grad_logits_kernel(
 @triton.jit
 def grad_partials_kernel(
     a_ptr, b_ptr, a_valid_ptr, b_valid_ptr, scale_ptr, a_lse_ptr, a_coef_ptr, b_lse_ptr, b_coef_ptr, grad_ptr,
-    rows_total, others_total, dim, stride_a, stride_b, blocks_per_split,
+    rows_total, others_total, dim, stride_a, stride_b, blocks_per_split, pair_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """d/dA of sum(a_coef * lse over A's rows) + sum(b_coef * lse over B's rows), over one split of B, the
+    """d/dA of sum(a_coef * lse over A's rows) + sum(b_coef * lse over B's rows) - 2 * scale * sum(a_coef * pair
+    dot), over one split of B, the
     product done here: the path of fp16 (whose per-tile rescaling a cuBLAS GEMM cannot apply) and fp32. This
     program alone owns its slice of `grad`, so it accumulates there (in L2 on a GPU) without waiting for anyone."""
     # a: [rows, D]; b: [others, D]; a_lse, a_coef: [rows] fp32; b_lse, b_coef: [others] fp32;
-    # grad: [splits, rows, D] fp32 zeros, contiguous; grid: (cdiv(rows, BLOCK_M), splits)
+    # grad: [splits, rows, D] fp32 zeros, contiguous; A's row i's pair is B's row i - pair_offset;
+    # grid: (cdiv(rows, BLOCK_M), splits)
     split = tl.program_id(1)
     scale = tl.load(scale_ptr)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -211,7 +308,8 @@ def grad_partials_kernel(
         b_coef = tl.load(b_coef_ptr + cols, mask=col_in, other=0.0)
         dot = _tile_dot(a_ptr, b_ptr, rows, row_in, cols, col_in, dim, stride_a, stride_b,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-        grad_dot = _grad_of_dot(dot, row_ok, col_ok, scale, a_lse, a_coef, b_lse, b_coef)
+        grad_dot = _grad_of_dot(dot, rows, cols, row_ok, col_ok, scale, a_lse, a_coef, b_lse, b_coef,
+                                pair_offset)
         unscale = 1.0
         if not UPCAST:
             if a_ptr.dtype.element_ty == tl.float16:  # bf16 has fp32's exponent range: no rescaling

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-ALL_KERNELS = {"stats_partials_kernel", "grad_logits_kernel", "grad_partials_kernel", "region_factors_kernel",
-               "region_pool_fwd_kernel", "region_pool_bwd_kernel"}
+ALL_KERNELS = {"stats_partials_kernel", "merge_partials_kernel", "finish_partials_kernel", "row_terms_kernel",
+               "grad_logits_kernel", "grad_partials_kernel", "region_factors_kernel", "region_pool_fwd_kernel",
+               "region_pool_bwd_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,10 @@ def test_every_kernel_is_compiled_for_both_archs_and_all_dtypes(codegen):
     for arch in (80, 90):
         for dtype in ("fp32", "bf16", "fp16"):
             compiled = {launch["kernel"] for launch in launches if launch["arch"] == arch and launch["dtype"] == dtype}
-            # fp16 always takes the fused backward: its d(loss)/d(dot) needs per-tile rescaling
-            expected = ALL_KERNELS - ({"grad_logits_kernel"} if dtype == "fp16" else set())
+            # fp16 always takes the fused backward: its d(loss)/d(dot) needs per-tile rescaling; the statistics'
+            # merge and finish read fp32 statistics only, whatever the features' dtype
+            expected = ALL_KERNELS - ({"grad_logits_kernel"} if dtype == "fp16" else set()) - (
+                set() if dtype == "fp32" else {"merge_partials_kernel", "finish_partials_kernel"})
             assert compiled | {"region_factors_kernel"} == expected, (arch, dtype, compiled)
     pool_forwards = [launch for launch in launches if launch["kernel"] == "region_pool_fwd_kernel"]
     assert {launch["constants"]["NORMALIZE"] for launch in pool_forwards} == {False, True}

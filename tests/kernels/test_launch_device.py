@@ -22,7 +22,8 @@ from kernels.roi_pool import launch as roi_pool_launch
 
 KERNELS = {
     roi_pool_launch: ("region_factors_kernel", "region_pool_fwd_kernel", "region_pool_bwd_kernel"),
-    contrastive_launch: ("stats_partials_kernel", "grad_logits_kernel", "grad_partials_kernel"),
+    contrastive_launch: ("stats_partials_kernel", "merge_partials_kernel", "finish_partials_kernel", "row_terms_kernel",
+                         "grad_logits_kernel", "grad_partials_kernel"),
 }
 
 
@@ -90,7 +91,9 @@ def test_contrastive_launches_run_under_their_tensors_device(launches, dtype, ba
     images = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1).to(dtype).requires_grad_()
     texts = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1).to(dtype).requires_grad_()
     contrastive_loss(images, texts, torch.tensor(10.0), backend="triton").backward()
-    assert {name for name, _, _ in launches} == {"stats_partials_kernel", backward_kernel}
+    # one process: no merge of column groups before the ranks merge theirs
+    assert {name for name, _, _ in launches} == {"stats_partials_kernel", "finish_partials_kernel", "row_terms_kernel",
+                                                 backward_kernel}
     for name, guarded, devices in launches:
         assert devices == {guarded}, (name, guarded, devices)
 
