@@ -111,8 +111,7 @@ def test_contrastive_loss_speed(benchmark, size, name, mode):
 
 def _tiled_torch_loss(tile: int) -> Callable[..., torch.Tensor]:
     passes = TorchTiles(tile=tile)
-    return lambda i, t, s: ContrastiveLossFunction.apply(i, t, s, torch.ones(i.shape[0], dtype=torch.bool,
-                                                                                device=i.device), None, passes)
+    return lambda i, t, s: ContrastiveLossFunction.apply(i, t, s, None, None, passes)  # unmasked, as the API
 
 
 def _fwd_bwd_peak(loss_fn: Callable[..., torch.Tensor], rows: int, dim: int) -> int:

@@ -45,8 +45,7 @@ COLUMNS = ("N", "D", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd vs Cli
 def triton_with_tiles(tiles: TritonTiles) -> Callable[..., torch.Tensor]:
     """The Triton loss with fixed tiles (`--tiles`), to compare tile shapes on one GPU in one run."""
     def loss(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        mask = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-        return ContrastiveLossFunction.apply(images, texts, logit_scale, mask, None, tiles)
+        return ContrastiveLossFunction.apply(images, texts, logit_scale, None, None, tiles)  # unmasked, as the API
     return loss
 
 
