@@ -23,12 +23,13 @@ gather_with_grad gives: the gradient of rank r's features is d(sum over ranks of
 The logit-scale gradient is rank-local, d(own loss)/d(scale), as in open_clip; it comes from the
 softmax-expected dot products gathered in the forward statistics, so it needs no extra pass.
 
-Memory per rank beyond the inputs: the gathered texts [N, D] and their gradient [N, D] (fp32 where
-several ranks sum it), the image gradient [b, D], O(b + N) statistics, and one logits tile
-per program (registers on the GPU, a [tile x tile] block in torch). Nothing of size b x N. (Triton's
-statistics take 3 x (column groups x b + row groups x N) partial floats, groups ~12 on an H100; its bf16 /
-fp32 backward holds d(loss)/d(logits) of one stripe of rows, at most 256 MiB or 256 rows; its fp16
-backward splits each side's gradient over a few programs at small N, at most ~SMs x 64 partial rows.)
+Memory per rank beyond the inputs: the gathered texts [N, D] and their gradient [N, D] (in the features'
+dtype, and an fp32 copy of it where several ranks sum it), the image gradient [b, D], O(b + N) statistics,
+and one logits tile per program (registers on the GPU, a [tile x tile] block in torch). Nothing of size
+b x N. (Triton's statistics take 3 x (column groups x b + row groups x N) partial floats, groups ~12 on
+an H100; its bf16 / fp32 backward holds d(loss)/d(logits) of one stripe of rows, at most 256 MiB or 256
+rows; its fp16 backward splits each side's gradient over a few programs at small N, at most ~SMs x 64
+partial rows.)
 Ranks must hold the same number of rows b, as in open_clip (labels are rank * b + arange(b)).
 """
 from __future__ import annotations
@@ -62,7 +63,9 @@ class TilePasses(Protocol):
               row_valid: torch.Tensor, col_valid: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
               row_coef: torch.Tensor, col_coef: torch.Tensor, own_first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients w.r.t. images [b, D] and texts [N, D] of sum(row_coef * row_lse) + sum(col_coef * col_lse)
-        - 2 * scale * sum(row_coef * pair dot): the weighted losses less their scale-free part, any float dtype."""
+        - 2 * scale * sum(row_coef * pair dot), in any float dtype. Callers pass col_coef[own_first + i] ==
+        row_coef[i] (both are this rank's upstream weight on a valid row); the Triton kernels take the text
+        side's label coefficient from col_coef."""
         ...
 
 
@@ -90,22 +93,26 @@ class ContrastiveLossFunction(torch.autograd.Function):
         compute = torch.promote_types(image_features.dtype, torch.float32)
         scale = logit_scale.detach().reshape(()).to(compute)
         image_features, text_features = image_features.detach(), text_features.detach()
-        if mask is None:  # every row of every rank valid: nothing to zero, gather or count
+        given_mask = mask is not None
+        if mask is None:  # every row valid: nothing to zero
             mask = torch.ones(rows, dtype=torch.bool, device=image_features.device)
-            all_valid = mask if world == 1 else mask.repeat(world)
-            # world / (world * b); a CPU scalar tensor multiplies device ones without a copy
-            norm = torch.tensor(1.0 / max(rows, 1), dtype=compute)
         else:
+            mask = mask.contiguous()  # the kernels read it as flat int8
             image_features = torch.where(mask[:, None], image_features, 0.0)  # a Python 0 keeps the dtype
             text_features = torch.where(mask[:, None], text_features, 0.0)
-            # gloo gathers no bool
-            all_valid = mask if world == 1 else gather_rows(mask.to(torch.uint8), group, world).bool()
+        if world > 1:  # every rank gathers masks, whether or not it was given one: the collectives pair up
+            all_valid = gather_rows(mask.to(torch.uint8), group, world).bool()  # gloo gathers no bool
             norm = world / all_valid.sum().clamp(min=1).to(compute)
+        elif given_mask:
+            all_valid, norm = mask, 1 / mask.sum().clamp(min=1).to(compute)
+        else:  # 1 / b on the CPU: a CPU scalar tensor multiplies device ones without a launch
+            all_valid, norm = mask, torch.tensor(1.0 / max(rows, 1), dtype=compute, device="cpu")
         all_texts = gather_rows(text_features, group, world)
         merge_columns = None if world == 1 else functools.partial(merge_column_stats, group=group, world=world)
         row_lse, col_lse, terms = passes.loss_terms(image_features, all_texts, scale, mask, all_valid, rank * rows,
                                                     merge_columns)
-        loss, scale_grad = (terms.sum(1) * norm).unbind()
+        sums = terms.sum(1) * norm
+        loss, scale_grad = sums[0].clone(), sums[1]  # an output that is no view: callers may change it in place
         ctx.save_for_backward(image_features, text_features, all_texts, mask, all_valid, row_lse, col_lse,
                               scale, norm, scale_grad)
         ctx.group, ctx.passes, ctx.rank, ctx.world = group, passes, rank, world

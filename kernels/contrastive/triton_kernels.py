@@ -255,7 +255,7 @@ def grad_logits_kernel(
     rows_total, others_total, dim, stride_a, stride_b, pair_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """d(loss)/d(dot) of one tile of a stripe of A's rows against all of B, written in the output's dtype (bf16),
+    """d(loss)/d(dot) of one tile of a stripe of A's rows against all of B, written in the output's dtype (A's),
     for cuBLAS to multiply by B: 1 GEMM here, 1 there, and no read-modify-write of an accumulator."""
     # a: [rows, D] (one stripe); b: [others, D]; a_lse, a_coef: [rows]; b_lse, b_coef: [others] fp32;
     # out: [rows, others] contiguous; stripe row i's pair is B's row i - pair_offset;
@@ -286,7 +286,8 @@ def grad_partials_kernel(
 ):
     """d/dA of sum(a_coef * lse over A's rows) + sum(b_coef * lse over B's rows) - 2 * scale * sum(a_coef * pair
     dot), over one split of B, the
-    product done here: the path of fp16 (whose per-tile rescaling a cuBLAS GEMM cannot apply) and fp32. This
+    product done here: fp16's path (whose per-tile rescaling a cuBLAS GEMM cannot apply), and bf16's and fp32's
+    when asked (`fused_backward`). This
     program alone owns its slice of `grad`, so it accumulates there (in L2 on a GPU) without waiting for anyone."""
     # a: [rows, D]; b: [others, D]; a_lse, a_coef: [rows] fp32; b_lse, b_coef: [others] fp32;
     # grad: [splits, rows, D] fp32 zeros, contiguous; A's row i's pair is B's row i - pair_offset;

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-MASK_KINDS = ("none", "random", "first_rank_empty")
+# "mixed": rank 0 passes no mask, the others an all-true one (every rank must still gather masks)
+MASK_KINDS = ("none", "random", "first_rank_empty", "mixed")
 BACKENDS = ("torch", "triton")
 
 
@@ -26,7 +27,8 @@ def global_batch(world: int, rows: int, dim: int, seed: int) -> dict[str, torch.
     random_mask = torch.rand(total, generator=generator) < 0.7
     empty_first = random_mask.clone()
     empty_first[:rows] = False
-    masks = torch.stack([torch.ones(total, dtype=torch.bool), random_mask, empty_first])
+    every = torch.ones(total, dtype=torch.bool)
+    masks = torch.stack([every, random_mask, empty_first, every])
     upstream = 0.5 + torch.rand(world, generator=generator)  # ranks scale their losses differently
     return {"images": images, "texts": texts, "logit_scale": torch.tensor([11.0]), "masks": masks,
             "upstream": upstream}
@@ -55,7 +57,7 @@ def run(rank: int, world: int, port: int, rows: int, dim: int, seed: int, out_di
         results = {}
         for backend in BACKENDS:
             for kind, mask in zip(MASK_KINDS, batch["masks"]):
-                local_mask = None if kind == "none" else mask[own]
+                local_mask = None if kind == "none" or (kind == "mixed" and rank == 0) else mask[own]
                 results[(backend, kind)] = _loss_and_grads(
                     lambda i, t, s: contrastive_loss(i, t, s, local_mask, backend=backend),
                     images, texts, batch["logit_scale"], upstream)
