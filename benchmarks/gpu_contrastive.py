@@ -5,7 +5,9 @@ Run from the repository root: `python benchmarks/gpu_contrastive.py [--sizes 409
 Markdown section (device, date, command, one row per N, D and implementation, written as measured) to the
 output file: forward and fwd+bwd milliseconds (median of CUDA-event timed repeats for up to
 `--repeat_budget_s` seconds each), peak memory of one fwd+bwd step above the inputs,
-the loss difference to ClipLoss where that fits, and the Triton backward's bitwise repeatability.
+the loss difference to ClipLoss where that fits, the Triton backward's bitwise repeatability, and a profile of
+ClipLoss's and Triton's step at the smallest size up to PROFILE_MAX_N (GPU kernels per step and the time
+they keep the GPU busy).
 ClipLoss is skipped where its N x N logits would not fit; inf-cl is timed only when `import inf_cl`
 works. `triton_fused_bwd` times the in-kernel backward (fp16's) in place of bf16's cuBLAS one up to
 FUSED_BACKWARD_MAX_N, `torch_tiled` (the same tiled algorithm in torch, fp32 cuBLAS GEMMs on 2048-row tiles)
@@ -39,6 +41,8 @@ CLIP_LOSS_BYTES_PER_PAIR = 10
 # and their softmax). Not the bf16 ClipLoss: its bf16 logits, up to the scale of 100, are rounded by up to 0.25.
 REFERENCE_BYTES_PER_PAIR = 16
 DETERMINISM_MAX_N = 65536
+# The profile of the smallest step is taken up to this N, where ClipLoss fits on any GPU and a step takes milliseconds
+PROFILE_MAX_N = 16384
 COLUMNS = ("N", "D", "impl", "fwd ms", "fwd+bwd ms", "peak MiB", "fwd+bwd vs ClipLoss", "loss diff vs fp32 ClipLoss")
 
 
@@ -138,6 +142,36 @@ def sweep(sizes: list[int], dims: list[int], device: torch.device, repeat_budget
     return triton_is_deterministic(min(min(sizes), DETERMINISM_MAX_N), dims[0], device)
 
 
+def kernel_profile(name: str, rows: int, dim: int, device: torch.device, steps: int = 3) -> str:
+    """GPU kernels per forward+backward and the time they keep the GPU busy, from the torch profiler. Busy time
+    well under the step's time in the table means the step waits on Python and launches, not on its kernels."""
+    loss_fn = LOSSES[name]
+    images, texts, logit_scale = make_inputs(rows, dim, device, DTYPE)
+    images.requires_grad_()
+    texts.requires_grad_()
+
+    def forward_backward() -> None:
+        loss_fn(images, texts, logit_scale).backward()
+        images.grad = texts.grad = None
+
+    forward_backward()  # compiled and cached before the profile
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            forward_backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    kernels = [event for event in profiler.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(event.self_device_time_total for event in kernels) / steps / 1000
+    longest = sorted(kernels, key=lambda event: -event.self_device_time_total)[:4]
+    return (f"{name} at N = {rows}, D = {dim}: {sum(event.count for event in kernels) / steps:.0f} GPU kernels per "
+            f"forward+backward, busy {busy_ms:.3f} ms; longest: "
+            + (", ".join(f"{event.key[:48]} {event.self_device_time_total / steps / 1000:.3f} ms" for event in longest)
+               or "none (no GPU)"))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="global batch sizes N")
@@ -170,6 +204,9 @@ def main() -> None:
         tile_variants.append(name)
     deterministic = sweep(sizes, dims, device, repeat_budget_s, section, tuple(tile_variants))
     section.note(f"Triton backward bitwise repeatable: {'yes' if deterministic else 'NO'}.")
+    if min(sizes) <= PROFILE_MAX_N:  # where the smallest step's time goes: kernels, or launching them
+        for name in ("open_clip", "triton"):
+            section.note("Profile: " + kernel_profile(name, min(sizes), dims[0], device))
 
 
 if __name__ == "__main__":
