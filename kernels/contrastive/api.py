@@ -54,6 +54,9 @@ def contrastive_loss(
     Equals open_clip's ClipLoss(local_loss=True, gather_with_grad=True) in value and gradients on
     every rank. Rows with mask False are neither anchors nor negatives, and the value is scaled so
     that its average over ranks is the mean over all valid rows (0, with zero gradients, if none).
+    Every rank of `group` calls it with the same number of rows b, as open_clip's ClipLoss requires (pad
+    and mask to the largest count, as fineclip_ds's regional loss does); masks may be given on some ranks
+    and not others.
     No b x N logits exist at any time; see function.py for the passes and their GEMM count.
     """
     # image_features, text_features: [b, D] normalised; logit_scale: [] or [1] (exponentiated); mask: [b] bool -> []
