@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_contrastive import IMPLEMENTATIONS, cal_inf_loss, fits, make_inputs  # noqa: E402
-from benchmarks.gpu_runs import MarkdownSection, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
+from benchmarks.gpu_runs import (MarkdownSection, benchmark_device, device_label, median_ms,  # noqa: E402
+                                 profile_gpu_kernels, release_memory)
 from benchmarks.memory import peak_memory_bytes  # noqa: E402
 from kernels.contrastive.function import ContrastiveLossFunction  # noqa: E402
 from kernels.contrastive.launch import TritonTiles  # noqa: E402
@@ -142,9 +143,8 @@ def sweep(sizes: list[int], dims: list[int], device: torch.device, repeat_budget
     return triton_is_deterministic(min(min(sizes), DETERMINISM_MAX_N), dims[0], device)
 
 
-def kernel_profile(name: str, rows: int, dim: int, device: torch.device, steps: int = 3) -> str:
-    """GPU kernels per forward+backward and the time they keep the GPU busy, from the torch profiler. Busy time
-    well under the step's time in the table means the step waits on Python and launches, not on its kernels."""
+def kernel_profile(name: str, rows: int, dim: int, device: torch.device) -> str:
+    """`profile_gpu_kernels` of one forward+backward of `name`: kernel-bound, or waiting on launches."""
     loss_fn = LOSSES[name]
     images, texts, logit_scale = make_inputs(rows, dim, device, DTYPE)
     images.requires_grad_()
@@ -154,22 +154,7 @@ def kernel_profile(name: str, rows: int, dim: int, device: torch.device, steps: 
         loss_fn(images, texts, logit_scale).backward()
         images.grad = texts.grad = None
 
-    forward_backward()  # compiled and cached before the profile
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        for _ in range(steps):
-            forward_backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    kernels = [event for event in profiler.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA]
-    busy_ms = sum(event.self_device_time_total for event in kernels) / steps / 1000
-    longest = sorted(kernels, key=lambda event: -event.self_device_time_total)[:4]
-    return (f"{name} at N = {rows}, D = {dim}: {sum(event.count for event in kernels) / steps:.0f} GPU kernels per "
-            f"forward+backward, busy {busy_ms:.3f} ms; longest: "
-            + (", ".join(f"{event.key[:48]} {event.self_device_time_total / steps / 1000:.3f} ms" for event in longest)
-               or "none (no GPU)"))
+    return f"{name} at N = {rows}, D = {dim}: " + profile_gpu_kernels(forward_backward, device)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

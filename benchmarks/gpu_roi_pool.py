@@ -9,7 +9,9 @@ speed-up (target: >= 3x) and the largest forward difference between the two. `--
 previous path: NCHW copy of the tokens, roi_align, mask, F.normalize. The Triton op normalises in its
 forward kernel or, when that would leave SMs idle, in a second pass (`picks_second_pass`); each row
 also times the path it did not pick, so the choice is checked on the GPU. All fwd+bwd times come from
-interleaved rounds (`alternating_step_ms`): timed one after the other, the later one won.
+interleaved rounds (`alternating_step_ms`): timed one after the other, the later one won. After the table,
+a profile of both at the smallest size: GPU kernels per fwd+bwd and the time they keep the GPU busy (the
+smallest sizes missed the target at ~1 ms a step, launch-bound by the reasoning so far; this measures it).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_roi_pool import make_inputs, torchvision_pool  # noqa: E402
-from benchmarks.gpu_runs import MarkdownSection, benchmark_device, device_label, median_ms, release_memory  # noqa: E402
+from benchmarks.gpu_runs import (MarkdownSection, benchmark_device, device_label, median_ms,  # noqa: E402
+                                 profile_gpu_kernels, release_memory)
 from benchmarks.memory import peak_memory_bytes  # noqa: E402
 from kernels.roi_pool import region_pool  # noqa: E402
 from kernels.roi_pool.function import RegionPoolFunction  # noqa: E402
@@ -143,6 +146,11 @@ def sweep_rows(device: torch.device, sizes: list[tuple], section: MarkdownSectio
     return speedups, deterministic
 
 
+def size_label(size: tuple) -> str:
+    batch, regions, grid_hw, channels = size
+    return f"B = {batch}, R = {regions}, {grid_hw[0]} x {grid_hw[1]}, C = {channels}"
+
+
 def summary(speedups: list[float], deterministic: bool) -> str:
     geomean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
     met = "met" if min(speedups) >= TARGET_SPEEDUP else "not met on every size"
@@ -175,6 +183,11 @@ def main() -> None:
         f"Times are medians of triton.testing.do_bench; peak memory is one fwd+bwd step above the inputs.",
         COLUMNS)
     section.note(summary(*sweep_rows(device, sizes, section)))
+    smallest = min(sizes, key=lambda size: size[0] * size[1] * size[2][0] * size[2][1] * size[3])
+    for name, pool in (("triton", triton_pool), ("torchvision", torchvision_pool)):
+        section.note(f"Profile: {name} at the smallest size, {size_label(smallest)}: "
+                     + profile_gpu_kernels(_closures(pool, make_inputs(*smallest, device, DTYPE), smallest[2])[2],
+                                           device))
 
 
 if __name__ == "__main__":

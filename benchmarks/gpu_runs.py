@@ -91,3 +91,27 @@ class MarkdownSection:
     def _write(self, text: str) -> None:
         with self._output.open("a") as handle:
             handle.write(text)
+
+
+def profile_gpu_kernels(step: Callable[[], None], device: torch.device, steps: int = 3) -> str:
+    """GPU kernels per call of `step` and the time they keep the GPU busy (torch profiler), with the longest.
+    Busy time well under the call's measured time means the call waits on Python and launches, not on its
+    kernels: what to shorten differs."""
+    step()  # compiled and cached before the profile
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        with torch.profiler.profile(activities=activities) as profiler:
+            for _ in range(steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    except RuntimeError as error:  # no CUPTI on the image, say: the timings above stand without it
+        return f"not profiled ({error})"
+    kernels = [event for event in profiler.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(event.self_device_time_total for event in kernels) / steps / 1000
+    longest = sorted(kernels, key=lambda event: -event.self_device_time_total)[:4]
+    return (f"{sum(event.count for event in kernels) / steps:.0f} GPU kernels per call, busy {busy_ms:.3f} ms; "
+            "longest: " + (", ".join(f"{event.key[:48]} {event.self_device_time_total / steps / 1000:.3f} ms"
+                                     for event in longest) or "none (no GPU)"))
