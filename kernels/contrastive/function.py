@@ -13,10 +13,10 @@ are only ever anchors of their own rank's stripe.
 Backward recomputes each tile, forms d(sum of all ranks' losses)/d(logits) for it (the row softmax
 weighted by rank r's upstream gradient, the column softmax by the column owner's, less the label's 1 on the
 pairs), and does
-image_grad += dS @ T_tile and text_grad += dS^T @ I_tile. The torch backend builds each tile once per
-pass (1 GEMM forward, 3 backward); the Triton backward builds it once per direction (1 forward, 4
-backward) so that its programs never wait for each other (see triton_kernels.py). image_grad is complete on its rank;
-text_grad holds rank r's share for all N texts and is
+image_grad += dS @ T_tile and text_grad += dS^T @ I_tile: 1 GEMM forward and 3 backward per tile. The Triton
+backward does so through cuBLAS on all of dS where it fits 1 GiB, and otherwise builds each tile once per
+direction (4 backward) so that its programs never wait for each other (see triton_kernels.py). image_grad is
+complete on its rank; text_grad holds rank r's share for all N texts and is
 summed to the owners with one reduce-scatter (all-reduce on gloo), in fp32: with only the texts to
 return, that is as many bytes as open_clip's half-precision returns of both towers. That is exactly what open_clip's
 gather_with_grad gives: the gradient of rank r's features is d(sum over ranks of their losses)/d(them).
@@ -27,8 +27,8 @@ Memory per rank beyond the inputs: the gathered texts [N, D] and their gradient 
 dtype, and an fp32 copy of it where several ranks sum it), the image gradient [b, D], O(b + N) statistics,
 and one logits tile per program (registers on the GPU, a [tile x tile] block in torch). Nothing of size
 b x N. (Triton's statistics take 3 x (column groups x b + row groups x N) partial floats, groups ~12 on
-an H100; its bf16 / fp32 backward holds d(loss)/d(logits) of one stripe of rows, at most 256 MiB or 256
-rows; its fp16 backward splits each side's gradient over a few programs at small N, at most ~SMs x 64
+an H100; its bf16 / fp32 backward holds d(loss)/d(logits) of all rows up to 1 GiB, else of one stripe of
+rows, at most 256 MiB or 256 rows; its fp16 backward splits each side's gradient over a few programs at small N, at most ~SMs x 64
 partial rows.)
 Ranks must hold the same number of rows b, as in open_clip (labels are rank * b + arange(b)).
 """

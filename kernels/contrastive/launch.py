@@ -1,14 +1,15 @@
 """Launchers of the contrastive kernels: buffers, tile sizes, groups and grids, behind the same two-method
-interface as `TorchTiles` (stats, grads) so the autograd Function does not care which runs.
+interface as `TorchTiles` (loss_terms, grads) so the autograd Function does not care which runs.
 
 The statistics launch has a (row groups x column groups) grid of rectangles (`stats_groups`: one wave of
 programs, as square as the blocks allow, since each side's partial statistics take groups x its rows).
-Each gradient direction runs with the operands swapped. bf16 and fp32: per stripe of anchor rows
-(`stripe_rows`, bounded memory) one launch writes d(loss)/d(dot) and cuBLAS multiplies it by the other
-side. fp16: one launch, one program per block of anchor rows; where those are too few to fill the SMs,
-the other side's blocks are split across more programs (`split_count`), only at small N (a few thousand
-on an H100), so those partial buffers stay a small multiple of the inputs. Partial results are merged
-here, in group order.
+bf16 and fp32: one launch writes d(loss)/d(dot) of all [b, N] entries where that fits 1 GiB
+(`takes_whole_grad_logits`), and cuBLAS multiplies it by the texts and its transpose by the images;
+beyond, each gradient direction runs with the operands swapped, per stripe of anchor rows (`stripe_rows`,
+bounded memory). fp16: per direction, one launch, one program per block of anchor rows; where those are
+too few to fill the SMs, the other side's blocks are split across more programs (`split_count`), only at
+small N (a few thousand on an H100), so those partial buffers stay a small multiple of the inputs.
+Partial results are merged here, in group order.
 
 Default tiles: 64 x 128 logits with 64-wide K steps and 4 pipeline stages for half precision on a GPU
 (tensor-core sized, small enough that the fp32 tile, its logits and softmax weights stay in registers),
@@ -66,10 +67,19 @@ def split_count(anchor_blocks: int, other_blocks: int, multiprocessors: int | No
     return max(1, min(wanted, other_blocks))
 
 
-# The bf16 / fp32 backward writes d(loss)/d(dot) of a stripe of anchor rows against all the others whole, for
-# cuBLAS: at most this many bytes, or GEMM_STRIPE_MIN_ROWS rows if more (thinner GEMMs run slowly), whatever N is.
+# The bf16 / fp32 backward writes d(loss)/d(dot) for cuBLAS. Up to WHOLE_GRAD_LOGITS_BUDGET_BYTES it holds all
+# [b, N] of it at once and takes the texts' gradient from its transpose (3 GEMMs per tile, no second recompute);
+# beyond, each direction writes stripes of its anchor rows against all the others: at most
+# GRAD_LOGITS_BUDGET_BYTES, or GEMM_STRIPE_MIN_ROWS rows if more (thinner GEMMs run slowly), whatever N is.
+WHOLE_GRAD_LOGITS_BUDGET_BYTES = 2**30
 GRAD_LOGITS_BUDGET_BYTES = 256 * 2**20
 GEMM_STRIPE_MIN_ROWS = 256
+
+
+def takes_whole_grad_logits(rows: int, others: int, element_bytes: int) -> bool:
+    """Whether the cuBLAS backward holds d(loss)/d(dot) of all rows at once: within
+    WHOLE_GRAD_LOGITS_BUDGET_BYTES (world 1 in bf16: N up to ~23k, where ClipLoss is the yardstick)."""
+    return rows * others * element_bytes <= WHOLE_GRAD_LOGITS_BUDGET_BYTES
 
 
 def stripe_rows(rows: int, others: int, element_bytes: int, block_m: int) -> int:
@@ -108,7 +118,8 @@ class TritonTiles:
         gradient block (defaults: `stats_groups`, `split_count`). `fused_backward` multiplies d(loss)/d(dot)
         by the other side inside the kernel instead of in cuBLAS (default: for fp16 only, whose per-tile
         rescaling cuBLAS cannot apply; bf16 and fp32 go through cuBLAS); `stripe` fixes the anchor rows per
-        cuBLAS stripe (default: `stripe_rows`)."""
+        cuBLAS stripe, all of them at once where it is at least b (default: all at once where
+        `takes_whole_grad_logits`, else `stripe_rows`)."""
         for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
             if value is not None and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{name}: got {value}, expected a power of two >= 16")
@@ -148,7 +159,7 @@ class TritonTiles:
     def _row_grads(self, anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
                    anchor_valid: torch.Tensor, other_valid: torch.Tensor, anchor_lse: torch.Tensor,
                    anchor_coef: torch.Tensor, other_lse: torch.Tensor, other_coef: torch.Tensor,
-                   pair_offset: int) -> torch.Tensor:
+                   pair_offset: int, fused: bool) -> torch.Tensor:
         """Gradient w.r.t. the anchors of the coefficient-weighted log-sum-exps of both directions, less
         2 * scale * anchor_coef times the pair's dot (anchor i's pair: other i - pair_offset)."""
         # anchors: [m, D]; others: [n, D]; anchor_*: [m]; other_*: [n] -> [m, D] in the anchors' dtype (cuBLAS)
@@ -157,11 +168,7 @@ class TritonTiles:
         anchor_valid, other_valid = anchor_valid.view(torch.int8), other_valid.view(torch.int8)
         anchor_lse, anchor_coef = anchor_lse.float().contiguous(), anchor_coef.float().contiguous()
         other_lse, other_coef = other_lse.float().contiguous(), other_coef.float().contiguous()
-        fused = anchors.dtype == torch.float16 if self.fused_backward is None else self.fused_backward
         if not fused:
-            if anchors.dtype == torch.float16:
-                raise ValueError("fused_backward=False: fp16 d(loss)/d(dot) underflows fp16 at large N without the "
-                                 "fused kernel's per-tile rescaling; the cuBLAS backward takes bf16 or fp32")
             return self._row_grads_through_cublas(anchors, others, scale, anchor_valid, other_valid, anchor_lse,
                                                   anchor_coef, other_lse, other_coef, pair_offset, constants)
         rows, other_blocks = anchors.shape[0], triton.cdiv(others.shape[0], constants["BLOCK_N"])
@@ -199,6 +206,25 @@ class TritonTiles:
                     **constants)
                 torch.mm(grad_logits[:last - first], others, out=grad[first:last])
         return grad
+
+    def _grads_from_whole_grad_logits(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
+                                      row_valid: torch.Tensor, col_valid: torch.Tensor, row_lse: torch.Tensor,
+                                      row_coef: torch.Tensor, col_lse: torch.Tensor, col_coef: torch.Tensor,
+                                      own_first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One launch writes d(loss)/d(dot) of all [b, N] entries (both directions' softmax terms and the label);
+        the images' gradient is it times the texts, the texts' its transpose times the images, both in cuBLAS:
+        each tile is recomputed once, not once per direction (3 GEMMs per tile instead of 4)."""
+        # images: [b, D]; texts: [N, D] -> [b, D], [N, D] in the features' dtype
+        constants = self._constants(images, texts)
+        rows, count = images.shape[0], texts.shape[0]
+        grad_logits = images.new_empty(rows, count)
+        with launch_device(images):
+            grad_logits_kernel[(triton.cdiv(count, constants["BLOCK_N"]), triton.cdiv(rows, constants["BLOCK_M"]))](
+                images, texts, row_valid.view(torch.int8), col_valid.view(torch.int8), scale.reshape(1).float(),
+                row_lse.float().contiguous(), row_coef.float().contiguous(), col_lse.float().contiguous(),
+                col_coef.float().contiguous(), grad_logits, rows, count, images.shape[1], images.stride(0),
+                texts.stride(0), -own_first, **constants)
+            return grad_logits @ texts, grad_logits.T @ images
 
     def loss_terms(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, row_valid: torch.Tensor,
                    col_valid: torch.Tensor, own_first: int,
@@ -257,7 +283,16 @@ class TritonTiles:
         images, texts = images.contiguous(), texts.contiguous()
         if not (images.shape[0] and texts.shape[0]):
             return torch.zeros_like(images), torch.zeros_like(texts)
+        fused = images.dtype == torch.float16 if self.fused_backward is None else self.fused_backward
+        if not fused and images.dtype == torch.float16:
+            raise ValueError("fused_backward=False: fp16 d(loss)/d(dot) underflows fp16 at large N without the "
+                             "fused kernel's per-tile rescaling; the cuBLAS backward takes bf16 or fp32")
+        rows, count = images.shape[0], texts.shape[0]
+        if not fused and (rows <= self.stripe if self.stripe else
+                          takes_whole_grad_logits(rows, count, images.element_size())):
+            return self._grads_from_whole_grad_logits(images, texts, scale, row_valid, col_valid, row_lse, row_coef,
+                                                      col_lse, col_coef, own_first)
         return (self._row_grads(images, texts, scale, row_valid, col_valid, row_lse, row_coef, col_lse, col_coef,
-                                -own_first),
+                                -own_first, fused),
                 self._row_grads(texts, images, scale, col_valid, row_valid, col_lse, col_coef, row_lse, row_coef,
-                                own_first))
+                                own_first, fused))

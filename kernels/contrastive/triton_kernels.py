@@ -6,18 +6,22 @@ Write the logits as scale * I @ T^T (local images against the gathered texts).
   (max, sum exp, sum exp * dot) stay in registers over the group's columns; column (text -> image)
   statistics go to row group g's own slice of a [row_groups, N] buffer, updated by this program alone.
   The launcher merges the groups' partials in a fixed order.
-- Backward, once per direction with the operands swapped (images' gradient, then texts'): row gradients
-  need sums over columns and column gradients sums over rows, which no single owner of a tile can hold
-  both of without waiting on the other. Per direction, 2 GEMMs per tile:
-  - bf16 and fp32: `grad_logits_kernel` recomputes the tiles of a stripe of A's rows (bounded memory) and
-    writes d(loss)/d(dot) in A's dtype; cuBLAS multiplies it by B.
-  - fp16: `grad_partials_kernel` recomputes each tile, turns it into d(loss)/d(dot), and adds
-    d(dot) @ B[cols] to A's gradient rows, a read-modify-write of an fp32 accumulator in L2 (~28 flop
-    per byte of L2 traffic at 64 x 128 tiles, so likely L2-bound: why bf16 goes through cuBLAS).
+- Backward: row gradients need sums over columns and column gradients sums over rows, which no single
+  owner of a tile can hold both of without waiting on the other.
+  - bf16 and fp32: `grad_logits_kernel` recomputes the tiles and writes d(loss)/d(dot) in the features'
+    dtype; cuBLAS multiplies it by the texts for the images' gradient and its transpose by the images for
+    the texts': 3 GEMMs per tile, where all [b, N] of it fits 1 GiB (world 1 in bf16: N up to ~23k).
+    Beyond, each direction recomputes its own stripes of rows (bounded memory) with the operands swapped:
+    2 GEMMs per tile per direction.
+  - fp16: `grad_partials_kernel`, once per direction with the operands swapped, recomputes each tile,
+    turns it into d(loss)/d(dot), and adds d(dot) @ B[cols] to A's gradient rows, a read-modify-write of
+    an fp32 accumulator in L2 (~28 flop per byte of L2 traffic at 64 x 128 tiles, so likely L2-bound: why
+    bf16 goes through cuBLAS).
 d(loss)/d(dot) includes the label logit's -1 on the pairs, so each gradient row comes out whole.
-That is 1 GEMM per tile forward and 4 backward. Around them, three small launches finish the forward
-(`merge_partials_kernel`, `finish_partials_kernel`, `row_terms_kernel`): statistics of O(N) floats and one
-read of the pairs, which in torch were dozens of element-wise ops, each a launch.
+That is 1 GEMM per tile forward and 3 backward, 4 in all, the floor (5 beyond 1 GiB and in fp16). Three
+small launches finish the forward (`merge_partials_kernel`, `finish_partials_kernel`, `row_terms_kernel`):
+statistics of O(N) floats and one read of the pairs, which in torch were dozens of element-wise ops, each
+a launch.
 
 The design this replaced (1 + 3 GEMMs) had programs hand each row block to the next through spin-waited
 turns: the grid ran as a wavefront of (row blocks + column blocks) dependent steps, each paying an atomic

@@ -24,7 +24,8 @@ import kernels
 from kernels.contrastive import ContrastiveLoss, contrastive_loss, reference_losses
 from kernels.contrastive import launch
 from kernels.contrastive.function import ContrastiveLossFunction
-from kernels.contrastive.launch import TritonTiles, split_count, stats_groups, stripe_rows
+from kernels.contrastive.launch import (TritonTiles, split_count, stats_groups, stripe_rows,
+                                       takes_whole_grad_logits)
 from kernels.contrastive.torch_chunked import TorchTiles
 from tests.kernels.contrastive_worker import MASK_KINDS, global_batch, run
 from tests.kernels.kernel_device import KERNEL_DEVICE, drawn_on_the_cpu
@@ -304,7 +305,8 @@ def test_the_triton_backend_runs_few_torch_ops_around_its_kernels(monkeypatch):
     loss takes ~1 ms on an H100 (BENCHMARKS.md). Around its one statistics kernel the forward ran 60 ops here
     (merging and finishing the statistics, the pairs' dots, the loss) and the backward 28 (coefficients, the
     label terms, casts), more on a GPU, whose statistics grid has ~12 groups to merge. Fused into three small
-    kernels and d(loss)/d(dot), 9 and 12 are left. Unmasked, one process: L_GC's case; kernels stubbed."""
+    kernels and d(loss)/d(dot), the texts' gradient from its transpose, 10 and 9 are left. Unmasked, one
+    process: L_GC's case; kernels stubbed."""
     for name in [name for name in vars(launch) if name.endswith("_kernel")]:
         monkeypatch.setattr(launch, name, _NoLaunch())
     images, texts, logit_scale, _ = make_case(0, 64, 32, "none")
@@ -352,11 +354,13 @@ def test_the_loss_can_be_changed_in_place_before_backward(passes):
         torch.testing.assert_close(got_grad, want_grad / 4)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["cublas_stripes", "fused"])
-def test_a_later_ranks_label_terms_find_their_pairs_in_any_stripe(fused):
+@pytest.mark.parametrize("tiles", [TritonTiles(16, 16, 16, stripe=5), TritonTiles(16, 16, 16),
+                                   TritonTiles(16, 16, 16, splits=2, fused_backward=True)],
+                         ids=["cublas_stripes", "cublas_whole", "fused"])
+def test_a_later_ranks_label_terms_find_their_pairs_in_any_stripe(tiles):
     """Rank r's anchors pair with texts r * b + i of the gathered batch: the label term sits off the tile
     diagonal by own_first, and the cuBLAS stripes shift it again by their first row. Rank 1 of 3 (b = 21)
-    in 5-row stripes against the torch backend, both directions."""
+    in 5-row stripes, all rows at once, and the fused kernel, against the torch backend, both directions."""
     images, texts, logit_scale, mask = make_case(4, 63, 19, "random")
     images, all_texts, scale = images[21:42].float(), texts.float(), logit_scale.float()
     row_valid, col_valid = mask[21:42], mask
@@ -368,7 +372,6 @@ def test_a_later_ranks_label_terms_find_their_pairs_in_any_stripe(fused):
     col_coef = torch.where(col_valid, col_coef.to(device), 0.0)
     col_coef[21:42] = row_coef  # the label's coefficient, the same on both sides as the Function passes it
     arguments = (images, all_texts, scale, row_valid, col_valid, row_lse, col_lse, row_coef, col_coef, 21)
-    tiles = TritonTiles(16, 16, 16, splits=2, fused_backward=True) if fused else TritonTiles(16, 16, 16, stripe=5)
     for got, want in zip(tiles.grads(*arguments), TorchTiles(tile=8).grads(*arguments)):
         torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-6)
 
@@ -401,8 +404,9 @@ def test_a_rank_of_several_hands_its_column_groups_merged_to_the_ranks_merge():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_cublas_backward_matches_the_fused_one_in_any_stripes(dtype):
-    """The two backward paths compute the same gradient: any stripe height (5 does not divide 70, nor a
-    16-row block), one stripe, or the fused kernel."""
+    """The backward paths compute the same gradient: any stripe height, each direction on its own (5 does not
+    divide 70, nor a 16-row block), all rows at once with the texts' gradient from the transpose (70), or
+    the fused kernel."""
     images, texts, logit_scale, mask = make_case(2, 70, 70, "random")
     images, texts = images.to(dtype), texts.to(dtype)
 
@@ -448,6 +452,9 @@ def test_stripes_stay_within_their_memory_budget_whatever_n():
     assert stripe_rows(2**20, 2**20, 2, 64) == 256  # N = 1M: the thinnest stripe cuBLAS is given, 512 MiB
     assert stripe_rows(4096, 4096, 2, 64) == 4096  # all rows at once
     assert stripe_rows(70, 70, 4, 32) == 70
+    # all [b, N] of d(loss)/d(dot) at once, the texts' gradient from its transpose: up to 1 GiB
+    assert takes_whole_grad_logits(16384, 16384, 2) and takes_whole_grad_logits(23170, 23170, 2)
+    assert not takes_whole_grad_logits(23171, 23171, 2) and not takes_whole_grad_logits(16385, 16384, 4)
 
 
 # The interpreter runs the programs of a grid in order; a GPU may start them in any order. The kernels
