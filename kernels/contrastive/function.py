@@ -25,11 +25,11 @@ softmax-expected dot products gathered in the forward statistics, so it needs no
 
 Memory per rank beyond the inputs: the gathered texts [N, D] and their gradient [N, D] (in the features'
 dtype, and an fp32 copy of it where several ranks sum it), the image gradient [b, D], O(b + N) statistics,
-and one logits tile per program (registers on the GPU, a [tile x tile] block in torch). Nothing of size
-b x N. (Triton's statistics take 3 x (column groups x b + row groups x N) partial floats, groups ~12 on
-an H100; its bf16 / fp32 backward holds d(loss)/d(logits) of all rows up to 1 GiB, else of one stripe of
-rows, at most 256 MiB or 256 rows; its fp16 backward splits each side's gradient over a few programs at small N, at most ~SMs x 64
-partial rows.)
+and one logits tile per program (registers on the GPU, a [tile x tile] block in torch). No logits, and
+nothing else of size b x N beyond fixed caps: the Triton bf16 / fp32 backward holds d(loss)/d(logits) of all
+rows up to 1 GiB, else of one stripe of rows, at most 256 MiB or 256 rows. (Triton's statistics take
+3 x (column groups x b + row groups x N) partial floats, groups ~12 on an H100; its fp16 backward splits
+each side's gradient over a few programs at small N, at most ~SMs x 64 partial rows.)
 Ranks must hold the same number of rows b, as in open_clip (labels are rank * b + arange(b)).
 """
 from __future__ import annotations
