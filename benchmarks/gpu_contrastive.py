@@ -9,8 +9,9 @@ the loss difference to ClipLoss where that fits, the Triton backward's bitwise r
 ClipLoss's and Triton's step at the smallest size up to PROFILE_MAX_N (GPU kernels per step and the time
 they keep the GPU busy).
 ClipLoss is skipped where its N x N logits would not fit; inf-cl is timed only when `import inf_cl`
-works. `triton_fused_bwd` times the in-kernel backward (fp16's) in place of bf16's cuBLAS one up to
-FUSED_BACKWARD_MAX_N, `torch_tiled` (the same tiled algorithm in torch, fp32 cuBLAS GEMMs on 2048-row tiles)
+works. `triton_fused_bwd` times the in-kernel backward (fp16's) in place of bf16's cuBLAS one, and
+`triton_striped_bwd` the cuBLAS one on stripes (each direction rebuilding its tiles) in place of all rows at
+once, up to FUSED_BACKWARD_MAX_N, `torch_tiled` (the same tiled algorithm in torch, fp32 cuBLAS GEMMs on 2048-row tiles)
 up to its TORCH_TILED_MAX_N; `--tiles 128x64x32 ...` also times the Triton loss with other tile shapes.
 """
 from __future__ import annotations
@@ -66,9 +67,18 @@ def tile_shape(text: str) -> tuple[int, int, int]:
     return shape
 
 
-# bf16's backward multiplies d(loss)/d(dot) by the features in cuBLAS; the fused kernel (fp16's) is timed beside it
-LOSSES = {**IMPLEMENTATIONS, "triton_fused_bwd": triton_with_tiles(TritonTiles(fused_backward=True))}
-FUSED_BACKWARD_MAX_N = 65536  # beyond, seconds per step for a path bf16 does not take
+def triton_striped_backward(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """The Triton loss with its cuBLAS backward forced onto 4 stripes per direction (5 GEMMs per tile), the path
+    beyond WHOLE_GRAD_LOGITS_BUDGET_BYTES, where the default takes all of d(loss)/d(dot) at once (4 GEMMs)."""
+    tiles = TritonTiles(stripe=max(1, images.shape[0] // 4))
+    return ContrastiveLossFunction.apply(images, texts, logit_scale, None, None, tiles)
+
+
+# bf16's backward multiplies d(loss)/d(dot) by the features in cuBLAS; the fused kernel (fp16's) and the striped
+# cuBLAS path are timed beside it
+LOSSES = {**IMPLEMENTATIONS, "triton_fused_bwd": triton_with_tiles(TritonTiles(fused_backward=True)),
+          "triton_striped_bwd": triton_striped_backward}
+FUSED_BACKWARD_MAX_N = 65536  # beyond, seconds per step for paths bf16 does not take there
 
 
 def measure(name: str, rows: int, dim: int, device: torch.device, repeat_budget_s: float) -> dict[str, float]:
@@ -119,7 +129,8 @@ def sweep(sizes: list[int], dims: list[int], device: torch.device, repeat_budget
         for rows in sizes:
             clip_loss_fits = CLIP_LOSS_BYTES_PER_PAIR * rows * rows <= 0.8 * free_bytes
             names = ((["open_clip"] if clip_loss_fits else []) + ["triton"]
-                     + (["triton_fused_bwd"] if rows <= FUSED_BACKWARD_MAX_N else []) + list(tile_variants)
+                     + (["triton_fused_bwd", "triton_striped_bwd"] if rows <= FUSED_BACKWARD_MAX_N else [])
+                     + list(tile_variants)
                      + (["torch_tiled"] if fits("torch_tiled", rows) else [])
                      + (["inf_cl"] if cal_inf_loss is not None else []))
             reference = (reference_loss(rows, dim, device) if REFERENCE_BYTES_PER_PAIR * rows * rows < 0.8 * free_bytes
