@@ -130,9 +130,9 @@ def launch_benchmark_shapes(dtype: torch.dtype) -> None:
     scale = torch.tensor(20.0)
     row_valid, col_valid = torch.ones(512, dtype=torch.bool), torch.ones(2048, dtype=torch.bool)
     row_zeros, col_zeros = torch.zeros(512), torch.zeros(2048)
-    # One group / split for all blocks, and one block per group / split (a size-1 argument that Triton
-    # specialises into its own binary), as GPUs take at small N.
-    # defaults; one block per group / split; the fused backward (fp16's default) for bf16 and fp32 too
+    # The defaults (one group / split for all blocks), and one block per group / split (a size-1 argument that
+    # Triton specialises into its own binary, as GPUs take at small N) with the fused backward (fp16's default)
+    # for bf16 and fp32 too.
     settings = [{}, {"groups": (8, 16), "splits": 16, "fused_backward": True}]
     if dtype != torch.float32:  # the tiles the GPU session compares with the default
         settings += [dict(zip(("block_m", "block_n", "block_k"), shape))

@@ -162,12 +162,9 @@ class TritonTiles:
                    pair_offset: int, fused: bool) -> torch.Tensor:
         """Gradient w.r.t. the anchors of the coefficient-weighted log-sum-exps of both directions, less
         2 * scale * anchor_coef times the pair's dot (anchor i's pair: other i - pair_offset)."""
-        # anchors: [m, D]; others: [n, D]; anchor_*: [m]; other_*: [n] -> [m, D] in the anchors' dtype (cuBLAS)
-        # or fp32 (fused)
+        # anchors: [m, D]; others: [n, D]; anchor_*: [m]; other_*: [n] (as `grads` prepares them)
+        # -> [m, D] in the anchors' dtype (cuBLAS) or fp32 (fused)
         constants = self._constants(anchors, others)
-        anchor_valid, other_valid = anchor_valid.view(torch.int8), other_valid.view(torch.int8)
-        anchor_lse, anchor_coef = anchor_lse.float().contiguous(), anchor_coef.float().contiguous()
-        other_lse, other_coef = other_lse.float().contiguous(), other_coef.float().contiguous()
         if not fused:
             return self._row_grads_through_cublas(anchors, others, scale, anchor_valid, other_valid, anchor_lse,
                                                   anchor_coef, other_lse, other_coef, pair_offset, constants)
@@ -177,10 +174,23 @@ class TritonTiles:
         partials = anchors.new_zeros(splits, *anchors.shape, dtype=torch.float32)
         with launch_device(anchors):
             grad_partials_kernel[(triton.cdiv(rows, constants["BLOCK_M"]), splits)](
-                anchors, others, anchor_valid, other_valid, scale.reshape(1).float(), anchor_lse, anchor_coef,
-                other_lse, other_coef, partials, rows, others.shape[0], anchors.shape[1], anchors.stride(0),
-                others.stride(0), blocks_per_split, pair_offset, **constants)
+                anchors, others, anchor_valid, other_valid, scale, anchor_lse, anchor_coef, other_lse, other_coef,
+                partials, rows, others.shape[0], anchors.shape[1], anchors.stride(0), others.stride(0),
+                blocks_per_split, pair_offset, **constants)
         return partials[0] if splits == 1 else partials.sum(0)
+
+    @staticmethod
+    def _write_grad_logits(anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
+                           anchor_valid: torch.Tensor, other_valid: torch.Tensor, anchor_lse: torch.Tensor,
+                           anchor_coef: torch.Tensor, other_lse: torch.Tensor, other_coef: torch.Tensor,
+                           pair_offset: int, out: torch.Tensor, constants: dict) -> None:
+        """d(loss)/d(dot) of the anchors' rows against all others into `out`, the tiles recomputed."""
+        # anchors: [m, D]; others: [n, D]; out: [m, n] contiguous, in the anchors' dtype
+        rows, count = anchors.shape[0], others.shape[0]
+        with launch_device(anchors):
+            grad_logits_kernel[(triton.cdiv(count, constants["BLOCK_N"]), triton.cdiv(rows, constants["BLOCK_M"]))](
+                anchors, others, anchor_valid, other_valid, scale, anchor_lse, anchor_coef, other_lse, other_coef,
+                out, rows, count, anchors.shape[1], anchors.stride(0), others.stride(0), pair_offset, **constants)
 
     def _row_grads_through_cublas(self, anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
                                   anchor_valid: torch.Tensor, other_valid: torch.Tensor, anchor_lse: torch.Tensor,
@@ -194,17 +204,12 @@ class TritonTiles:
         stripe = min(rows, self.stripe or stripe_rows(rows, count, anchors.element_size(), constants["BLOCK_M"]))
         grad = torch.empty_like(anchors)
         grad_logits = anchors.new_empty(stripe, count)  # [stripe, n], reused
-        scale = scale.reshape(1).float()
-        with launch_device(anchors):
-            for first in range(0, rows, stripe):
-                last = min(first + stripe, rows)
-                grad_logits_kernel[(triton.cdiv(count, constants["BLOCK_N"]),
-                                    triton.cdiv(last - first, constants["BLOCK_M"]))](
-                    anchors[first:last], others, anchor_valid[first:last], other_valid, scale,
-                    anchor_lse[first:last], anchor_coef[first:last], other_lse, other_coef, grad_logits,
-                    last - first, count, anchors.shape[1], anchors.stride(0), others.stride(0), pair_offset - first,
-                    **constants)
-                torch.mm(grad_logits[:last - first], others, out=grad[first:last])
+        for first in range(0, rows, stripe):
+            last = min(first + stripe, rows)
+            self._write_grad_logits(anchors[first:last], others, scale, anchor_valid[first:last], other_valid,
+                                    anchor_lse[first:last], anchor_coef[first:last], other_lse, other_coef,
+                                    pair_offset - first, grad_logits[:last - first], constants)
+            torch.mm(grad_logits[:last - first], others, out=grad[first:last])
         return grad
 
     def _grads_from_whole_grad_logits(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
@@ -215,16 +220,10 @@ class TritonTiles:
         the images' gradient is it times the texts, the texts' its transpose times the images, both in cuBLAS:
         each tile is recomputed once, not once per direction (3 GEMMs per tile instead of 4)."""
         # images: [b, D]; texts: [N, D] -> [b, D], [N, D] in the features' dtype
-        constants = self._constants(images, texts)
-        rows, count = images.shape[0], texts.shape[0]
-        grad_logits = images.new_empty(rows, count)
-        with launch_device(images):
-            grad_logits_kernel[(triton.cdiv(count, constants["BLOCK_N"]), triton.cdiv(rows, constants["BLOCK_M"]))](
-                images, texts, row_valid.view(torch.int8), col_valid.view(torch.int8), scale.reshape(1).float(),
-                row_lse.float().contiguous(), row_coef.float().contiguous(), col_lse.float().contiguous(),
-                col_coef.float().contiguous(), grad_logits, rows, count, images.shape[1], images.stride(0),
-                texts.stride(0), -own_first, **constants)
-            return grad_logits @ texts, grad_logits.T @ images
+        grad_logits = images.new_empty(images.shape[0], texts.shape[0])
+        self._write_grad_logits(images, texts, scale, row_valid, col_valid, row_lse, row_coef, col_lse, col_coef,
+                                -own_first, grad_logits, self._constants(images, texts))
+        return grad_logits @ texts, grad_logits.T @ images
 
     def loss_terms(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, row_valid: torch.Tensor,
                    col_valid: torch.Tensor, own_first: int,
@@ -287,6 +286,9 @@ class TritonTiles:
         if not fused and images.dtype == torch.float16:
             raise ValueError("fused_backward=False: fp16 d(loss)/d(dot) underflows fp16 at large N without the "
                              "fused kernel's per-tile rescaling; the cuBLAS backward takes bf16 or fp32")
+        scale, row_valid, col_valid = scale.reshape(1).float(), row_valid.view(torch.int8), col_valid.view(torch.int8)
+        row_lse, row_coef, col_lse, col_coef = (values.float().contiguous()
+                                                for values in (row_lse, row_coef, col_lse, col_coef))
         rows, count = images.shape[0], texts.shape[0]
         if not fused and (rows <= self.stripe if self.stripe else
                           takes_whole_grad_logits(rows, count, images.element_size())):

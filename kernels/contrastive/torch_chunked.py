@@ -1,7 +1,8 @@
 """The tiled algorithm in plain torch, one [tile x tile] block of logits at a time (CPU, or any device
-without Triton): the same statistics and recomputing backward as the Triton kernels, except that the
-backward builds each tile once and uses it for both gradients (the Triton backward builds it once per
-direction, so that its programs never wait for each other).
+without Triton): the same statistics and recomputing backward as the Triton kernels. Its backward builds
+each tile once and uses it for both gradients, as the Triton one does where d(loss)/d(dot) of all rows fits
+its 1 GiB (beyond, the Triton one builds each tile once per direction, so that its programs never wait for
+each other).
 
 Statistics are triples (max, sum of exp(x - max), sum of exp(x - max) * dot) over the valid entries
 of a row or column, where x = scale * dot. The third member gives the softmax-expected dot product,

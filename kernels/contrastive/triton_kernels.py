@@ -260,11 +260,11 @@ def grad_logits_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """d(loss)/d(dot) of one tile of a stripe of A's rows against all of B, written in the output's dtype (A's),
-    for cuBLAS to multiply by B: 1 GEMM here, 1 there, and no read-modify-write of an accumulator."""
+    for cuBLAS to multiply by B (and, where the stripe is all of A, its transpose by A): 1 GEMM here, 1 or 2
+    there, and no read-modify-write of an accumulator."""
     # a: [rows, D] (one stripe); b: [others, D]; a_lse, a_coef: [rows]; b_lse, b_coef: [others] fp32;
     # out: [rows, others] contiguous; stripe row i's pair is B's row i - pair_offset;
-    # grid: (cdiv(others, BLOCK_N), cdiv(rows, BLOCK_M)): the long side on the
-    # grid's x axis, which has no 65535 limit
+    # grid: (cdiv(others, BLOCK_N), cdiv(rows, BLOCK_M)): the long side on the grid's x axis, which has no 65535 limit
     scale = tl.load(scale_ptr)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -289,10 +289,9 @@ def grad_partials_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """d/dA of sum(a_coef * lse over A's rows) + sum(b_coef * lse over B's rows) - 2 * scale * sum(a_coef * pair
-    dot), over one split of B, the
-    product done here: fp16's path (whose per-tile rescaling a cuBLAS GEMM cannot apply), and bf16's and fp32's
-    when asked (`fused_backward`). This
-    program alone owns its slice of `grad`, so it accumulates there (in L2 on a GPU) without waiting for anyone."""
+    dot), over one split of B, the product done here: fp16's path (whose per-tile rescaling a cuBLAS GEMM cannot
+    apply), and bf16's and fp32's when asked (`fused_backward`). This program alone owns its slice of `grad`, so
+    it accumulates there (in L2 on a GPU) without waiting for anyone."""
     # a: [rows, D]; b: [others, D]; a_lse, a_coef: [rows] fp32; b_lse, b_coef: [others] fp32;
     # grad: [splits, rows, D] fp32 zeros, contiguous; A's row i's pair is B's row i - pair_offset;
     # grid: (cdiv(rows, BLOCK_M), splits)
