@@ -42,7 +42,8 @@ TOLERANCES = {
 }
 PASSES = ("triton", "torch", "triton_tiny_tiles", "triton_fused_tiny_tiles", "torch_tiny_tiles")
 # The Triton ones also split the statistics grid 3 x 2, as GPUs do at small N, and take both backward paths:
-# cuBLAS products in 16-row stripes (bf16 and fp32 by default), and the fused kernel (fp16's) split 3 ways.
+# cuBLAS products in 16-row stripes (bf16 and fp32 by default; 16 rows or fewer take all rows at once), and
+# the fused kernel (fp16's) split 3 ways.
 TINY_TILES = {"triton_tiny_tiles": TritonTiles(16, 16, 16, groups=(3, 2), stripe=16),
               "triton_fused_tiny_tiles": TritonTiles(16, 16, 16, groups=(3, 2), splits=3, fused_backward=True),
               "torch_tiny_tiles": TorchTiles(tile=4)}
