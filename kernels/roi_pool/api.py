@@ -25,6 +25,8 @@ def _check_inputs(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[int,
     if not isinstance(grid_hw, (tuple, list, torch.Size, torch.Tensor)) or len(grid_hw) != 2:
         raise ValueError(f"grid_hw: got {grid_hw!r}, expected (H, W)")
     height, width = grid_hw
+    if int(height) != height or int(width) != width:
+        raise ValueError(f"grid_hw: got {tuple(grid_hw)}, expected whole numbers (H, W)")
     if height < 1 or width < 1 or height * width != tokens.shape[1]:
         raise ValueError(f"grid_hw: got {tuple(grid_hw)}, expected positive (H, W) with H * W == tokens.shape[1] "
                          f"== {tokens.shape[1]}")
@@ -73,6 +75,7 @@ def region_pool(
     # tokens: [B, H*W, C]; boxes: [B, R, 4] xyxy input pixels; box_mask: [B, R] bool -> [B, R, C]
     _check_inputs(tokens, boxes, grid_hw, spatial_scale, box_mask, sampling_ratio, backend)
     grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
+    spatial_scale = float(spatial_scale)  # a one-element tensor of any shape or device: one number for both paths
     box_mask = _usable_boxes(boxes, box_mask)
     use_triton = backend == "triton" or (backend == "auto" and tokens.is_cuda)
     if use_triton and tokens.dtype not in SUPPORTED_DTYPES:
@@ -83,7 +86,7 @@ def region_pool(
     if not use_triton or boxes.shape[1] == 0 or tokens.shape[0] == 0 or tokens.shape[2] == 0:
         # Empty outputs go through torch too: no kernel launches on an empty grid, and autograd still links them.
         return region_pool_torch(tokens, boxes, grid_hw, spatial_scale, box_mask, sampling_ratio, normalize)
-    return RegionPoolFunction.apply(tokens, boxes, box_mask, grid_hw, float(spatial_scale), int(sampling_ratio), normalize)
+    return RegionPoolFunction.apply(tokens, boxes, box_mask, grid_hw, spatial_scale, int(sampling_ratio), normalize)
 
 
 class RegionPool(nn.Module):

@@ -61,10 +61,10 @@ def region_factors(
     height, width = grid_hw
     rows = boxes.new_empty(batch, regions, height, dtype=torch.float32)
     cols = boxes.new_empty(batch, regions, width, dtype=torch.float32)
-    boxes = boxes.detach().contiguous()
+    scaled = boxes.detach().double() * float(spatial_scale)  # fp64 as in the reference (see the kernel)
     with launch_device(boxes):
         region_factors_kernel[(batch * regions,)](
-            boxes, box_mask.contiguous(), rows, cols, float(spatial_scale), int(sampling_ratio), height, width,
+            scaled.contiguous(), box_mask.contiguous(), rows, cols, int(sampling_ratio), height, width,
             MAX_POINTS=reference.MAX_SAMPLES_PER_AXIS,
             BLOCK_H=triton.next_power_of_2(height), BLOCK_W=triton.next_power_of_2(width),
         )

@@ -55,7 +55,7 @@ def region_factors(
     # boxes: [B, R, 4] xyxy pixels; box_mask: [B, R] bool -> rows [B, R, H], cols [B, R, W] (1/count in rows)
     batch, regions = boxes.shape[:2]
     height, width = grid_hw
-    flat = boxes.reshape(-1, 4).to(torch.promote_types(boxes.dtype, torch.float32))
+    flat = boxes.reshape(-1, 4).to(torch.float64)  # fp64 sample counts and positions, as the float64 contract
     x1, y1, x2, y2 = (flat[:, i] * spatial_scale - 0.5 for i in range(4))
     valid = torch.ones_like(x1, dtype=torch.bool) if box_mask is None else box_mask.reshape(-1).bool()
 

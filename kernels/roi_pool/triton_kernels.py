@@ -4,7 +4,8 @@ The weight of token (h, w) for box r is `rows[r, h] * cols[r, w]` (see reference
 factorises). `region_factors_kernel` writes those factors ([B, R, H] + [B, R, W] fp32, about
 (H + W) / (H * W) of the dense weight matrix); the pooling kernels rebuild each [regions x tokens]
 weight tile in registers from them and feed it to `tl.dot`, so the dense [B, R, H*W] matrix never
-exists in memory. All arithmetic is fp32; tokens and gradients are read and written in their dtype.
+exists in memory. The factors are computed in fp64 (sample counts and positions as torchvision's in float64),
+the pooling in fp32; tokens and gradients are read and written in their dtype.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import triton.language as tl
 @triton.jit
 def _axis_factors(start, size, points, length, BLOCK: tl.constexpr):
     """Summed bilinear weights per pixel of `points` samples along one axis (torchvision's rules)."""
-    # start, size: fp32 scalars in grid units; points: int32 scalar >= 0 -> [BLOCK] fp32
+    # start, size: fp64 scalars in grid units; points: int32 scalar >= 0 -> [BLOCK] fp64
     pixels = tl.arange(0, BLOCK)
-    factors = tl.zeros([BLOCK], dtype=tl.float32)
+    factors = tl.zeros([BLOCK], dtype=tl.float64)
     for index in range(points):
         position = start + (index + 0.5) * size / points
         inside = (position >= -1.0) & (position <= length)
@@ -44,23 +45,28 @@ def _sample_points(size, sampling_ratio, valid, MAX_POINTS: tl.constexpr):
 
 @triton.jit
 def region_factors_kernel(
-    boxes_ptr, mask_ptr, rows_ptr, cols_ptr,
-    spatial_scale, sampling_ratio, height, width,
+    scaled_ptr, mask_ptr, rows_ptr, cols_ptr,
+    sampling_ratio, height, width,
     MAX_POINTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """One program per box: rows[box] (already divided by the point count) and cols[box]."""
-    # boxes: [B*R, 4] xyxy pixels contiguous; mask: [B*R] bool -> rows: [B*R, H], cols: [B*R, W] fp32
+    """One program per box: rows[box] (already divided by the point count) and cols[box].
+
+    In fp64, from boxes the launcher scaled in fp64 (a mul here may fuse with the -0.5 into one rounding): a
+    box of a whole number of cells at a scale such as 1/14 then gets ceil(size) samples a side, as torchvision
+    in float64, where fp32 put its size one ulp above the whole number and took one sample more."""
+    # scaled: [B*R, 4] xyxy pixels * spatial_scale, fp64 contiguous; mask: [B*R] bool
+    # -> rows: [B*R, H], cols: [B*R, W] fp32
     box = tl.program_id(0).to(tl.int64)
-    x1 = tl.load(boxes_ptr + box * 4 + 0).to(tl.float32) * spatial_scale - 0.5
-    y1 = tl.load(boxes_ptr + box * 4 + 1).to(tl.float32) * spatial_scale - 0.5
-    x2 = tl.load(boxes_ptr + box * 4 + 2).to(tl.float32) * spatial_scale - 0.5
-    y2 = tl.load(boxes_ptr + box * 4 + 3).to(tl.float32) * spatial_scale - 0.5
+    x1 = tl.load(scaled_ptr + box * 4 + 0) - 0.5  # aligned=True: pixel centres
+    y1 = tl.load(scaled_ptr + box * 4 + 1) - 0.5
+    x2 = tl.load(scaled_ptr + box * 4 + 2) - 0.5
+    y2 = tl.load(scaled_ptr + box * 4 + 3) - 0.5
     valid = tl.load(mask_ptr + box) != 0
     row_points = _sample_points(y2 - y1, sampling_ratio, valid, MAX_POINTS)
     col_points = _sample_points(x2 - x1, sampling_ratio, valid, MAX_POINTS)
-    inv_count = 1.0 / tl.maximum(row_points * col_points, 1).to(tl.float32)
-    rows = _axis_factors(y1, y2 - y1, row_points, height, BLOCK_H) * inv_count
-    cols = _axis_factors(x1, x2 - x1, col_points, width, BLOCK_W)
+    inv_count = 1.0 / tl.maximum(row_points * col_points, 1).to(tl.float64)
+    rows = (_axis_factors(y1, y2 - y1, row_points, height, BLOCK_H) * inv_count).to(tl.float32)
+    cols = _axis_factors(x1, x2 - x1, col_points, width, BLOCK_W).to(tl.float32)
     h = tl.arange(0, BLOCK_H)
     w = tl.arange(0, BLOCK_W)
     tl.store(rows_ptr + box * height + h, rows, mask=h < height)

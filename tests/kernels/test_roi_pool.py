@@ -2,14 +2,12 @@
 
 Under TRITON_INTERPRET=1 (tests/conftest.py) the Triton backend runs on the CPU interpreter, so
 shapes stay small; on a GPU the same cases run compiled there (tests/kernels/kernel_device.py). Box
-kinds cover the rules torchvision applies at the map borders. Exact-border boxes only use power-of-two
-scales: with a scale such as 9/37 a box ending on the image border
-lands within one float32 ulp of an integer in grid units, and ceil() of its size, the sample
-count, then depends on rounding (float32 here, float64 in the reference), not on the kernel.
+kinds cover the rules torchvision applies at the map borders, at every scale: box coordinates go to grid
+units in float64 as in the reference, so a box of a whole number of cells at a scale such as 1/14 gets
+ceil(size) samples, not one more from float32 rounding.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from kernels.roi_pool.launch import normalize_in_second_pass
 from tests.kernels.kernel_device import KERNEL_DEVICE, drawn_on_the_cpu
 
 BACKENDS = ("triton", "torch")
-# fp32: kernel coordinates are float32, so sample positions near 10 carry ~1e-6 absolute error.
+# fp32: the pooling weights are stored in float32 (computed in float64), ~1e-7 relative.
 # bf16 / fp16: the output and gradient are rounded to the dtype (8 / 11 significant bits); on a GPU
 # TF32 also truncates the pooling weights by up to 2^-10, and in the interpreter the kernels' fp32 -> bf16
 # stores truncate (a GPU rounds them to nearest).
@@ -47,10 +45,6 @@ CASES = [
 ]
 
 
-def _is_power_of_two(scale: float) -> bool:
-    return math.frexp(scale)[0] == 0.5
-
-
 def random_boxes(generator: torch.Generator, batch: int, regions: int, grid_hw: tuple[int, int],
                  spatial_scale: float) -> torch.Tensor:
     """Boxes of every kind in BOX_KINDS, cycling so each case holds a mix."""
@@ -62,7 +56,7 @@ def random_boxes(generator: torch.Generator, batch: int, regions: int, grid_hw: 
         kind = BOX_KINDS[index % len(BOX_KINDS)]
         u = torch.rand(4, generator=generator)
         low, high = torch.minimum(u[:2], u[2:]) * image, torch.maximum(u[:2], u[2:]) * image
-        if kind == "border" and _is_power_of_two(spatial_scale):
+        if kind == "border":
             low = torch.where(u[:2] < 0.5, 0.0, low)  # each side either on the border or free
             high = torch.where(u[2:] < 0.5, image, high)
         elif kind == "partly_outside":
@@ -171,6 +165,24 @@ def test_samples_on_the_border_limits_follow_torchvision(backend, sampling_ratio
     want = torchvision_reference(tokens, boxes, (height, width), 1.0, mask, sampling_ratio, False)
     torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
     assert (got[0, :7].abs().sum(-1) > 0).all() and (got[0, 7:11] == 0).all()
+
+
+# (image size, grid, box): the vit-l-14-336 and vit-l-14 recipes (patch 14, scale 1/14)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("image, grid, box", [
+    (336, 24, [0.0, 0.0, 336.0, 336.0]),  # the whole image: 25 samples a side in float32, 24 in float64
+    (224, 16, [140.0, 0.0, 154.0, 224.0]),  # one patch wide: 2 samples across in float32, 1 in float64
+])
+def test_patch_aligned_boxes_at_a_scale_of_one_fourteenth_follow_torchvision_float64(backend, normalize, image, grid,
+                                                                                     box):
+    """In float32, x * (1/14) - 0.5 put a whole number of cells one ulp above it and ceil() took one sample more per
+    axis than the float64 contract: up to 4.8x off for the one-patch box."""
+    tokens = torch.randn(1, grid * grid, 8, generator=torch.Generator().manual_seed(0), device="cpu").to(KERNEL_DEVICE)
+    boxes, mask = torch.tensor([[box]]), torch.ones(1, 1, dtype=torch.bool)
+    got = region_pool(tokens, boxes, (grid, grid), grid / image, normalize=normalize, backend=backend)
+    want = torchvision_reference(tokens, boxes, (grid, grid), grid / image, mask, -1, normalize)
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -480,6 +492,7 @@ BAD_CALLS = {
     "integer tokens": (lambda t, b: region_pool(t.long(), b, (2, 3), 1.0, backend="torch"), "torch.int64"),
     "grid_hw an int": (lambda t, b: region_pool(t, b, 6, 1.0), r"grid_hw: got 6, expected \(H, W\)"),
     "negative grid_hw": (lambda t, b: region_pool(t, b, (-2, -3), 1.0), "expected positive"),
+    "fractional grid_hw": (lambda t, b: region_pool(t, b, (1.5, 4.0), 1.0), r"grid_hw: got \(1.5, 4.0\), expected whole"),
     "two scales": (lambda t, b: region_pool(t, b, (2, 3), torch.tensor([1.0, 0.5])), "spatial_scale: got shape"),
     "float sampling_ratio": (lambda t, b: region_pool(t, b, (2, 3), 1.0, sampling_ratio=2.5), "sampling_ratio: got 2.5"),
     "float box_mask": (lambda t, b: region_pool(t, b, (2, 3), 1.0, torch.full((1, 2), 0.5)), "a mask, not weights"),
@@ -493,3 +506,14 @@ def test_a_wrong_argument_is_named_instead_of_failing_deep_inside_or_rounding(ca
     tokens, boxes = torch.randn(1, 6, 3), torch.tensor([[[0.0, 0.0, 2.0, 2.0], [1.0, 0.0, 3.0, 1.5]]])
     with pytest.raises(ValueError, match=message):
         call(tokens, boxes)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_one_element_scale_of_any_shape_is_one_number(backend):
+    """A [1, 1] spatial_scale broadcast the torch path's [N] coordinates to [1, N] and crashed; a float64 [1] one
+    put its coordinates in float64 where the triton path's were not."""
+    tokens = torch.randn(2, 35, 6)
+    boxes = torch.tensor([[[0.3, 0.1, 20.3, 15.2], [1.0, 1.0, 9.0, 9.0]], [[2.0, 3.0, 12.0, 19.0], [5.0, 1.0, 9.0, 4.0]]])
+    want = region_pool(tokens, boxes, (5, 7), 0.25, backend=backend)
+    for scale in (torch.tensor([[0.25]]), torch.tensor([0.25], dtype=torch.float64)):
+        torch.testing.assert_close(region_pool(tokens, boxes, (5, 7), scale, backend=backend), want, rtol=0, atol=0)
