@@ -16,9 +16,9 @@ class Captioner(Protocol):
 def clean_caption(text: str, prompt: str) -> tuple[str | None, str | None]:
     """(caption, None) or (None, reason): strips a prompt echo and whitespace; drops empty and degenerate
     outputs (under 2 characters, or 4+ words with at most 2 distinct: "a a a a", "the cat the cat")."""
-    text = text.strip()
-    if prompt and text.lower().startswith(prompt.strip().lower()):
-        text = text[len(prompt.strip()):].strip()
+    text, echo = text.strip(), prompt.strip()
+    if echo and text.lower().startswith(echo.lower()) and not text[len(echo):len(echo) + 1].isalnum():
+        text = text[len(echo):].strip()  # the prompt as whole words: "a photograph" is no echo of "a photo"
     if len(text) < 2:
         return None, "caption_empty"
     words = text.lower().split()

@@ -55,8 +55,14 @@ def folder_units(image_dir: Path, captions_file: Path, samples_per_shard: int) -
             raise ValueError(f"{captions_file}: expected a JSON object {{file: caption}}, got {type(captions).__name__}")
     else:
         captions = dict(line.split("\t", 1) for line in text.splitlines() if "\t" in line)
-    files = sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    return _file_units([(path, path.name, _caption(captions.get(path.name))) for path in files], samples_per_shard)
+    files = {p.name: p for p in Path(image_dir).iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS}
+    # a caption row naming no image in the folder is kept as an entry that fails to open (counted as
+    # corrupt_image, as a COCO captions source counts a missing file), not dropped without a word
+    for name in captions:
+        if isinstance(name, str) and name not in files:
+            files[name] = Path(image_dir) / name
+    return _file_units([(files[name], name, _caption(captions.get(name))) for name in sorted(files)],
+                       samples_per_shard)
 
 
 def coco_caption_units(captions_json: Path, image_dir: Path, samples_per_shard: int) -> list[Unit]:

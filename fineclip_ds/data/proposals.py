@@ -57,14 +57,21 @@ class CocoBoxProposer:
         names, annotations = read_coco(annotation_file)
         self.file_name = FileNameLookup(names.values())
         self.boxes: dict[str, list[tuple[Box, float]]] = defaultdict(list)
+        self.crowd: Counter = Counter()  # file name -> crowd boxes left out (counted per image as crowd_box)
         for annotation in annotations:
             if annotation.get("iscrowd", 0):
+                self.crowd[names[annotation["image_id"]]] += 1
                 continue
             bbox = coco_xyxy(annotation.get("bbox"))  # a bad one is counted by ProposalFilter, per image
             self.boxes[names[annotation["image_id"]]].append((bbox, annotation.get("score", 1.0)))
 
     def propose(self, image: Image.Image, key: str) -> list[tuple[Box, float]]:
         return list(self.boxes.get(self.file_name(key), []))
+
+    def skipped(self, key: str) -> Counter:
+        """What the file holds for this image but `propose` leaves out, by reason."""
+        crowd = self.crowd.get(self.file_name(key), 0)
+        return Counter(crowd_box=crowd) if crowd else Counter()
 
 
 class DetectorProposer:
@@ -109,14 +116,22 @@ class ProposalFilter:
                 counts["proposal_bad_score"] += 1
                 continue
             side = min(x2 - x1, y2 - y1)
-            if side < self.min_side * min(width, height) or (x2 - x1) * (y2 - y1) > self.max_area * width * height:
+            if side < self.min_side * min(width, height):
+                counts["proposal_too_small"] += 1
+                continue
+            if (x2 - x1) * (y2 - y1) > self.max_area * width * height:
+                counts["proposal_too_large"] += 1
                 continue
             if score < self.score_threshold:
+                counts["proposal_low_score"] += 1
                 continue
             kept.append(((x1, y1, x2, y2), score))
         if not kept:
             return []
         boxes = torch.tensor([box for box, _ in kept], dtype=torch.float32)
         scores = torch.tensor([score for _, score in kept], dtype=torch.float32)
-        order = nms(boxes, scores, self.nms_iou)[: self.max_boxes]
+        survivors = nms(boxes, scores, self.nms_iou)
+        order = survivors[: self.max_boxes]
+        counts.update(+Counter(proposal_suppressed_nms=len(kept) - len(survivors),
+                               proposal_over_max_boxes=len(survivors) - len(order)))
         return [tuple(boxes[i].tolist()) for i in order]

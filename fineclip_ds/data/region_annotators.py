@@ -41,6 +41,9 @@ class CaptionedProposals:
         self.proposer, self.box_filter, self.captioner, self.prompt = proposer, box_filter, captioner, prompt
 
     def __call__(self, images: list[Image.Image], keys: list[str], counts: Counter) -> list[list[Region]]:
+        skipped = getattr(self.proposer, "skipped", None)  # e.g. the crowd boxes of a COCO file
+        for key in keys if skipped else ():
+            counts.update(skipped(key))
         boxes = [self.box_filter(self.proposer.propose(image, key), *image.size, counts)
                  for image, key in zip(images, keys)]
         counts["proposals"] += sum(len(image_boxes) for image_boxes in boxes)

@@ -193,6 +193,7 @@ def test_units_split_over_processes_cover_everything_once(pairs, tmp_path):
     ("  ", "", (None, "caption_empty")),
     ("the the the the", "", (None, "caption_degenerate")),
     ("a dog on a sofa", "", ("a dog on a sofa", None)),
+    ("a photograph of a cat", "a photo", ("a photograph of a cat", None)),  # not an echo: "photo" ends no word
 ])
 def test_caption_cleaning(raw, prompt, expected):
     assert clean_caption(raw, prompt) == expected
@@ -241,7 +242,8 @@ def test_detector_proposals_from_a_local_weights_file(tmp_path):
     counts = Counter()
     boxes = ProposalFilter(min_side=0.0, max_area=1.0, score_threshold=0.0, nms_iou=0.5, max_boxes=3)(proposals, 96, 96,
                                                                                                       counts)
-    assert not counts  # a detector's boxes are all well-formed
+    assert not [reason for reason in counts if not reason.startswith("proposal_")]  # a detector's boxes are all well-formed
+    assert sum(counts.values()) == len(proposals) - len(boxes)  # the filter's drops are counted by reason
     assert 1 <= len(boxes) <= 3
     assert all(0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96 for x1, y1, x2, y2 in boxes)
 
@@ -706,3 +708,44 @@ def test_every_shard_of_a_list_is_recorded_by_its_absolute_path(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     settings = output_settings(argparse.Namespace(shards="a/0.tar::b/1.tar", captioner=None, output_dir=Path("out")))
     assert settings["shards"] == f"{tmp_path}/a/0.tar::{tmp_path}/b/1.tar"
+
+
+def _numbered_captions(crops):
+    return [f"thing number {index}" for index in range(len(crops))]
+
+
+def test_crowd_boxes_of_coco_proposals_are_counted_not_dropped_silently(tmp_path):
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}],
+            "annotations": [{"image_id": 1, "bbox": [10, 10, 30, 30], "iscrowd": 1},
+                            {"image_id": 1, "bbox": [50, 50, 30, 30], "iscrowd": 0}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    annotate = CaptionedProposals(CocoBoxProposer(tmp_path / "instances.json"), ProposalFilter(0.0, 1.0, 0.0, 0.7, 10),
+                                  _numbered_captions)
+    counts = Counter()
+    regions = annotate([Image.new("RGB", (100, 100))], ["a.jpg"], counts)
+    assert len(regions[0]) == 1
+    assert counts["crowd_box"] == 1  # was: the crowd box vanished without a count
+
+
+def test_proposals_the_filter_removes_are_counted():
+    """14 grid proposals, max_boxes=5: the 9 the filter drops must show up in the counts (the released-captions
+    path counts its filtered boxes as box_filtered; the captioned path counted nothing)."""
+    annotate = CaptionedProposals(GridProposer(), ProposalFilter(max_boxes=5), _numbered_captions)
+    counts = Counter()
+    regions = annotate([Image.new("RGB", (90, 90))], ["k"], counts)
+    assert len(regions[0]) == 5
+    dropped = sum(count for reason, count in counts.items() if reason.startswith("proposal_"))
+    assert dropped == 14 - 5
+
+
+def test_caption_rows_whose_image_is_missing_are_counted(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (20, 20)).save(images / "a.jpg")
+    (tmp_path / "captions.json").write_text(json.dumps({"a.jpg": "a cat", "b.jpg": "a dog"}))
+    counts = Counter()
+    pairs = [pair for unit in folder_units(images, tmp_path / "captions.json", 10) for pair in unit(counts)]
+    readable = [pair for pair in pairs if pair.image is not None]
+    assert [pair.key for pair in readable] == ["a.jpg"]
+    # b.jpg's caption row must not vanish: it is an unreadable (missing) image, as a COCO captions source counts it
+    assert len(pairs) == 2 and any(pair.key == "b.jpg" and pair.image is None for pair in pairs)
