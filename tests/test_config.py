@@ -99,6 +99,13 @@ def test_model_settings_open_clip_cannot_build_are_config_errors(tmp_path):
     ({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 0}, "gradient_accumulation_steps is 0"),
     ({"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True}, "fp16": {"enabled": True}},
      "bf16 and fp16 are both enabled, expected at most one"),
+    # sections the trainer reads before DeepSpeed: each raised an AttributeError naming no key
+    ({"train_micro_batch_size_per_gpu": 8, "bf16": True}, "bf16 is true, expected a JSON object"),
+    ({"train_micro_batch_size_per_gpu": 8, "zero_optimization": None}, "zero_optimization is null, expected a JSON"),
+    ({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2, "offload_optimizer": None}},
+     "zero_optimization.offload_optimizer is null, expected a JSON object"),
+    ({"train_micro_batch_size_per_gpu": 8, "fp16": {"enabled": "yes"}}, 'fp16.enabled is "yes", expected true or'),
+    ({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": True}}, "zero_optimization.stage is True"),
 ])
 def test_deepspeed_json_values_deepspeed_would_assert_on_are_refused(tmp_path, settings, message):
     from fineclip_ds.training.parallelize import DeepSpeedConfigError, load_deepspeed_config

@@ -266,8 +266,11 @@ class CheckpointSaveError(RuntimeError):
     """A save that could not be written (a full or read-only disk): the run stops with the last complete one."""
 
 
-def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the tag folder.
+def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any], keep_last: int,
+         set_aside_after: str | None = None) -> Path:
+    """Collective: every rank calls it. Returns the tag folder. `set_aside_after`: the tag this start resumed from,
+    at its first save: every later tag (the continuation it replaces) is set aside before this one is put in place,
+    the tag of this very step included, which would otherwise be taken for a re-save of the step and deleted.
 
     A rank whose write fails removes the half-written folder (so that a resubmitted job finds its space) and
     raises CheckpointSaveError: torch.save on a full disk says only 'unexpected pos 128 vs 0'."""
@@ -296,13 +299,15 @@ def save(engine, checkpoint_dir: Path, step: int, trainer_state: dict[str, Any],
             f"checkpoint is {last}. A save needs room for one more checkpoint beside the train.keep_last kept: free "
             "space and resume with --resume auto") from error
     _barrier()
-    return _complete(engine, checkpoint_dir, tag, keep_last)
+    return _complete(engine, checkpoint_dir, tag, keep_last, set_aside_after)
 
 
-def _complete(engine, checkpoint_dir: Path, tag: str, keep_last: int) -> Path:
+def _complete(engine, checkpoint_dir: Path, tag: str, keep_last: int, set_aside_after: str | None = None) -> Path:
     """Collective: rank 0 renames the written tag into place, points `latest` at it and prunes."""
     partial_dir, final_dir = checkpoint_dir / (tag + PARTIAL_SUFFIX), checkpoint_dir / tag
     if engine.global_rank == 0:
+        if set_aside_after is not None:
+            _set_aside_later_tags(checkpoint_dir, set_aside_after)
         # Re-saving a step (the non-finite stop does, with the data position moved on): the old copy
         # is renamed aside, not deleted first, so `latest` names a missing folder for one rename only.
         replaced_dir = checkpoint_dir / (tag + REPLACED_SUFFIX)

@@ -197,6 +197,7 @@ class Run:
     # samples, regions and skips by reason; rank 0's go on from the checkpoint's (summed over its ranks)
     data_counts: Counter = dataclasses.field(default_factory=Counter)
     earlier_starts: RunTotals = dataclasses.field(default_factory=RunTotals)
+    saved: bool = False  # this start has saved a checkpoint (its first save sets a superseded continuation aside)
 
 
 @dataclass
@@ -371,7 +372,9 @@ def train_step(run: Run, clocks: Clocks, batches: Iterator[dict[str, Any]], step
         if engine.skipped_steps > skipped_before:
             # DeepSpeed found a NaN/inf gradient (or, in fp16, a loss scale too high) on some rank: every
             # rank dropped this step's gradients and kept weights, Adam state and lr; redo the step
-            if not engine.fp16_enabled():  # fp16's loss scaler skips while it searches for its scale
+            # fp16's dynamic loss scaler skips while it searches for its scale (and raises at its minimum); a static
+            # scale never changes, so its skips are as final as bf16/fp32 ones
+            if not (engine.fp16_enabled() and engine.dynamic_loss_scale()):
                 nonfinite.skip()
                 _stop_if_exhausted(run, clocks, step, "gradient")
             step_terms, flops = [], 0
@@ -445,7 +448,10 @@ def _evaluate(run: Run, clocks: Clocks, monitor: Monitor, step: int) -> None:
 
 def _save(run: Run, clocks: Clocks, step: int) -> None:
     """Collective. A checkpoint of the engine, with what this loop needs to go on from `step` (`_trainer_state`)."""
-    checkpoint.save(run.engine, run.checkpoint_dir, step, _trainer_state(run, clocks, step), run.config.train.keep_last)
+    set_aside_after = None if run.saved else checkpoint.tag_for_step(run.start_step)
+    checkpoint.save(run.engine, run.checkpoint_dir, step, _trainer_state(run, clocks, step), run.config.train.keep_last,
+                    set_aside_after=set_aside_after)
+    run.saved = True
 
 
 def _trainer_state(run: Run, clocks: Clocks, step: int) -> dict[str, Any]:

@@ -37,10 +37,11 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
         value = config.get(key)
         if value is not None and (type(value) is not int or value < 1):
             raise DeepSpeedConfigError(f"{path}: {key} is {value!r}, expected an integer >= 1")
+    _check_read_sections(config, path)
     if config.get("bf16", {}).get("enabled", False) and config.get("fp16", {}).get("enabled", False):
         raise DeepSpeedConfigError(f"{path}: bf16 and fp16 are both enabled, expected at most one")
     stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if type(stage) is not int or stage not in (0, 1, 2, 3):
         raise DeepSpeedConfigError(f"{path}: zero_optimization.stage is {stage!r}, expected 0, 1, 2 or 3")
     for key in RECIPE_SECTIONS:  # DeepSpeed lets the trainer's own optimizer and schedule win without a word
         if key in config:
@@ -51,6 +52,21 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
     if "train_micro_batch_size_per_gpu" not in config and "train_batch_size" not in config:
         raise DeepSpeedConfigError(f"{path}: set train_micro_batch_size_per_gpu (the batch size per GPU)")
     return config
+
+
+def _check_read_sections(config: dict[str, Any], path: Path) -> None:
+    """The sections this trainer reads before DeepSpeed does are JSON objects and their switches true/false:
+    `"bf16": true` or `"zero_optimization": null` failed with an AttributeError naming no key."""
+    present = {key: config[key] for key in ("bf16", "fp16", "zero_optimization") if key in config}
+    zero = present.get("zero_optimization")
+    if isinstance(zero, dict) and "offload_optimizer" in zero:
+        present["zero_optimization.offload_optimizer"] = zero["offload_optimizer"]
+    for name, section in present.items():
+        if not isinstance(section, dict):
+            raise DeepSpeedConfigError(f"{path}: {name} is {json.dumps(section)}, expected a JSON object")
+        if "enabled" in section and type(section["enabled"]) is not bool:
+            raise DeepSpeedConfigError(f"{path}: {name}.enabled is {json.dumps(section['enabled'])}, "
+                                       "expected true or false")
 
 
 def resolve_batch_sizes(config: dict[str, Any], world_size: int) -> tuple[int, int, int]:
@@ -105,6 +121,11 @@ def require_nonfinite_gradient_check(config: dict[str, Any]) -> None:
         raise DeepSpeedConfigError(
             f"bf16.check_grad_overflow is false at zero_optimization.stage {stage}: DeepSpeed would apply NaN/inf "
             "gradients; expected true")
+    if fp16 and config["fp16"].get("loss_scale", 0) == 0 and not config["fp16"].get("raise_error_at_min_scale", True):
+        raise DeepSpeedConfigError(
+            "fp16.raise_error_at_min_scale is false: with gradients that stay NaN/inf, DeepSpeed's loss scaler would "
+            "drop every step at its minimum scale and the run would redo that step forever (its search for a scale "
+            "is not counted against train.max_consecutive_nonfinite); expected true")
     if stage in (1, 2) and not (bf16 or fp16) and not zero.get("compute_grad_norm", True):
         raise DeepSpeedConfigError(
             f"zero_optimization.compute_grad_norm is false at stage {stage} in fp32: DeepSpeed would apply NaN/inf "

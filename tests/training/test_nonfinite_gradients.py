@@ -4,12 +4,16 @@ and stop after train.max_consecutive_nonfinite in a row. Fault injection with 2 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fineclip_ds.config import RunConfig
+from fineclip_ds.training.engine import Clocks, train_step
+from fineclip_ds.training.nonfinite import NonFiniteGuard, NonFiniteLossError
 from fineclip_ds.training.optimizer import warmup_cosine
 from fineclip_ds.training import parallelize
 from tests.training.launcher import FAULT_JOB as JOB
@@ -65,6 +69,16 @@ def test_configs_where_deepspeed_applies_non_finite_gradients_are_refused(settin
         parallelize.require_nonfinite_gradient_check(parallelize.adapt_precision_to_device(settings, on_gpu))
 
 
+def test_an_fp16_loss_scaler_that_never_gives_up_is_refused():
+    """DeepSpeed's fp16 scaler skips steps while it searches for a scale, uncounted here; with
+    raise_error_at_min_scale false it would skip at its minimum forever on gradients that stay NaN/inf."""
+    settings = {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True, "raise_error_at_min_scale": False}}
+    with pytest.raises(parallelize.DeepSpeedConfigError, match="fp16.raise_error_at_min_scale is false"):
+        parallelize.require_nonfinite_gradient_check(settings)
+    settings["fp16"]["loss_scale"] = 128  # a static scale: its skips are counted, the run stops
+    parallelize.require_nonfinite_gradient_check(settings)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_inf_gradients_behind_finite_losses_are_skipped_on_every_rank_counted_and_redone(tmp_path, stage):
@@ -109,3 +123,65 @@ def test_zero_stage_0_in_fp32_is_refused_before_an_inf_gradient_makes_every_weig
     assert not _non_finite_tensors_in_checkpoints(output_dir / "checkpoints")
     assert result.returncode != 0
     assert "zero_optimization.stage is 0 with fp32 weights" in result.stdout + result.stderr
+
+
+class _OverflowingFp16Engine:
+    """Every optimizer step overflows, as DeepSpeed's fp16 optimizer with a static loss scale reports it."""
+    device = torch.device("cpu")
+
+    def __init__(self, dynamic: bool):
+        self.skipped_steps = 0
+        self.dynamic = dynamic
+
+    def __call__(self, batch):
+        return torch.tensor(1.0), {"gc": torch.tensor(1.0), "logit_scale": torch.tensor(1.0)}
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        self.skipped_steps += 1  # overflow: DeepSpeed drops the step
+
+    def fp16_enabled(self):
+        return True
+
+    def dynamic_loss_scale(self):
+        return self.dynamic
+
+    def was_step_applied(self):
+        return False
+
+
+class _Run:
+    def __init__(self, engine):
+        self.engine = engine
+        self.nonfinite = NonFiniteGuard(3)
+        self.accumulation = 1
+        self.micro_batch = 1
+        self.world_size = 1
+        self.image_dtype = torch.float32
+        self.data_counts = Counter()
+        self.shapes = None
+        self.saved = []
+        self.checkpoint_dir = "checkpoints"
+        self.config = RunConfig()
+        self.config.train.max_consecutive_nonfinite = 3
+
+
+def _batches(limit: int):
+    for _ in range(limit):
+        yield {"data_stats": {"samples": 1}, "images": torch.zeros(1, 3, 4, 4), "texts": torch.zeros(1, 4),
+               "boxes": torch.zeros(1, 1, 4), "box_mask": torch.zeros(1, 1, dtype=torch.bool),
+               "region_texts": torch.zeros(1, 1, 4)}
+
+
+def test_fp16_static_loss_scale_overflows_stop_the_run(monkeypatch):
+    """fp16 with a static loss scale ("loss_scale": 128): DeepSpeed drops every overflowing step and never lowers
+    the scale or raises, so those skips count like bf16's; uncounted, the run redid the step forever."""
+    run = _Run(_OverflowingFp16Engine(dynamic=False))
+    monkeypatch.setattr("fineclip_ds.training.engine._save", lambda run, clocks, step: run.saved.append(step))
+    # 1000 batches stand in for an endless stream: the current code exhausts them (StopIteration), never stopping
+    with pytest.raises(NonFiniteLossError):
+        train_step(run, Clocks(), _batches(1000), step=7)
+    assert run.saved == [7]
+    assert run.nonfinite.skipped == 3

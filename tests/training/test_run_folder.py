@@ -1,4 +1,5 @@
 """One output folder holds one run's history: a second run is refused, an older resume point keeps what came after."""
+import dataclasses
 import json
 import logging
 import shutil
@@ -11,7 +12,9 @@ from fineclip_ds.config import ConfigError, RunConfig, load_config
 from fineclip_ds.training.checkpoint import (CheckpointSaveError, ResumePoint, _prune, _set_aside_later_tags,
                                              check_same_model, check_same_run_settings, find_resume_point, save,
                                              tag_for_step)
-from fineclip_ds.training.engine import resume_of_a_requeued_job
+from fineclip_ds.training import engine
+from fineclip_ds.training.engine import Clocks, Run, resume_of_a_requeued_job
+from fineclip_ds.training.nonfinite import NonFiniteGuard
 from tests.training.launcher import COMMON, REPO, run_pretrain
 
 
@@ -186,6 +189,44 @@ def test_saves_after_an_older_resume_point_set_the_later_tags_aside_and_prune_on
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == sorted([
         tag_for_step(15), tag_for_step(20) + "_universal.superseded", tag_for_step(20) + ".superseded",
         tag_for_step(30), tag_for_step(30) + ".superseded", tag_for_step(30) + ".superseded2", tag_for_step(45)])
+
+
+class _EngineWritingTags:
+    global_rank = 0
+    device = torch.device("cpu")
+
+    def save_checkpoint(self, directory, tag, save_latest, client_state):
+        (Path(directory) / tag / "mp_rank_00_model_states.pt").write_bytes(b"new")
+
+
+class _Stream:
+    def state_dict(self):
+        return {"position": 0}
+
+
+def test_a_resumed_runs_first_save_on_a_later_tags_step_sets_that_tag_aside_too(tmp_path):
+    """Resumed from step 10 of a run that had reached 30, saving every 10: the first save, of step 20, took the old
+    step 20 for a re-save of its own step and deleted it (the warning at start promised to keep it), and left the
+    old 20's universal copy beside the new 20, where a resume at another world size would have loaded it."""
+    checkpoints = _checkpoints(tmp_path / "run", [10, 20, 30], latest=30)
+    for step in (10, 20, 30):
+        (checkpoints / tag_for_step(step) / "mp_rank_00_model_states.pt").write_bytes(b"old")
+    (checkpoints / (tag_for_step(20) + "_universal")).mkdir()
+    config = RunConfig()
+    config.train.keep_last = 3
+    needed = {field.name: None for field in dataclasses.fields(Run)
+              if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING}
+    run = Run(**{**needed, "config": config, "rank": 0, "world_size": 1, "checkpoint_dir": checkpoints,
+                 "engine": _EngineWritingTags(), "stream": _Stream(), "micro_batch": 1, "accumulation": 1,
+                 "nonfinite": NonFiniteGuard(5)}, start_step=10)
+    for step in (20, 30):
+        engine._save(run, Clocks(), step)
+        assert (checkpoints / tag_for_step(step) / "mp_rank_00_model_states.pt").read_bytes() == b"new"
+        assert (checkpoints / "latest").read_text() == tag_for_step(step)
+    for step in (20, 30):
+        assert (checkpoints / (tag_for_step(step) + ".superseded") / "mp_rank_00_model_states.pt").read_bytes() == b"old"
+    assert (checkpoints / (tag_for_step(20) + "_universal.superseded")).is_dir()
+    assert not (checkpoints / (tag_for_step(20) + "_universal")).exists()
 
 
 def test_the_trainer_refuses_a_second_run_into_a_run_folder_and_changes_nothing(runs, tmp_path):
