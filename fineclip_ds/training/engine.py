@@ -29,7 +29,7 @@ from fineclip_ds.models.flops import FineCLIPShapes, step_flops
 from fineclip_ds.training.metrics import RunTotals, Throughput, device_name, peak_memory_mb, peak_tflops
 from fineclip_ds.training.monitor import Monitor
 from fineclip_ds.training.optimizer import build_optimizer, build_scheduler, warn_if_warmup_outlasts
-from fineclip_ds.training.nonfinite import NonFiniteGuard, NonFiniteLossError
+from fineclip_ds.training.nonfinite import NonFiniteGuard, NonFiniteLossError, is_fp16_scale_at_minimum
 from fineclip_ds.training.periodic_eval import evaluate_during_training
 from fineclip_ds.training.preemption import PreemptionWatch
 from fineclip_ds.training.process_group import init_process_group
@@ -368,7 +368,16 @@ def train_step(run: Run, clocks: Clocks, batches: Iterator[dict[str, Any]], step
             continue  # skipped on every rank together: no backward, no optimizer step
         engine.backward(loss)
         skipped_before = engine.skipped_steps
-        engine.step()
+        try:
+            engine.step()
+        except Exception as error:
+            if not is_fp16_scale_at_minimum(error):
+                raise
+            _save(run, clocks, step)  # the step was dropped: weights and Adam state are the last good ones
+            raise NonFiniteLossError(
+                f"fp16's loss scale reached fp16.min_loss_scale with gradients still NaN/inf at step {step}; the "
+                f"last good state is saved in {run.checkpoint_dir}/{checkpoint.tag_for_step(step)}. Lower optim.lr, "
+                "check the data, or train in bf16") from error
         if engine.skipped_steps > skipped_before:
             # DeepSpeed found a NaN/inf gradient (or, in fp16, a loss scale too high) on some rank: every
             # rank dropped this step's gradients and kept weights, Adam state and lr; redo the step

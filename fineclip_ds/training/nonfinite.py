@@ -18,6 +18,15 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses or gradients: training cannot make progress."""
 
 
+# DeepSpeed 0.19.8's fp16 loss scaler raises a bare Exception starting so when its scale would go under
+# fp16.min_loss_scale: every rank at once, since the overflow it reacts to is all-reduced
+FP16_SCALE_AT_MINIMUM = "Current loss scale already at minimum"
+
+
+def is_fp16_scale_at_minimum(error: Exception) -> bool:
+    return type(error) is Exception and str(error).startswith(FP16_SCALE_AT_MINIMUM)
+
+
 class NonFiniteGuard:
     def __init__(self, max_in_a_row: int):
         self.max_in_a_row = max_in_a_row

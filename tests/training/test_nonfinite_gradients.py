@@ -185,3 +185,29 @@ def test_fp16_static_loss_scale_overflows_stop_the_run(monkeypatch):
         train_step(run, Clocks(), _batches(1000), step=7)
     assert run.saved == [7]
     assert run.nonfinite.skipped == 3
+
+
+class _Fp16EngineAtItsMinimumScale(_OverflowingFp16Engine):
+    def step(self):
+        raise Exception("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.")
+
+
+def test_fp16_loss_scale_at_its_minimum_stops_the_run_with_the_last_good_state_saved(monkeypatch):
+    """DeepSpeed's dynamic fp16 scaler raises a bare Exception there: a traceback and exit 1 without a checkpoint."""
+    run = _Run(_Fp16EngineAtItsMinimumScale(dynamic=True))
+    monkeypatch.setattr("fineclip_ds.training.engine._save", lambda run, clocks, step: run.saved.append(step))
+    with pytest.raises(NonFiniteLossError, match="fp16's loss scale reached fp16.min_loss_scale .* at step 7"):
+        train_step(run, Clocks(), _batches(10), step=7)
+    assert run.saved == [7]
+
+
+def test_other_errors_of_an_optimizer_step_are_not_taken_for_the_fp16_minimum(monkeypatch):
+    class _FailingEngine(_OverflowingFp16Engine):
+        def step(self):
+            raise Exception("some other DeepSpeed failure")
+
+    run = _Run(_FailingEngine(dynamic=True))
+    monkeypatch.setattr("fineclip_ds.training.engine._save", lambda run, clocks, step: run.saved.append(step))
+    with pytest.raises(Exception, match="some other DeepSpeed failure"):
+        train_step(run, Clocks(), _batches(10), step=7)
+    assert run.saved == []
