@@ -261,6 +261,9 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     summary = run_summary(run, clocks)
     if clocks.this_start.peek()["steps"]:
         monitor.summary(summary)
+    elif run.rank == 0 and run.stop_step < config.train.max_steps:  # a stop_at_step the run has already passed
+        log.warning("train.stop_at_step=%d is not after step %d, which this run resumed at: nothing was trained "
+                    "(train.max_steps=%d)", run.stop_step, run.start_step, config.train.max_steps)
     elif run.rank == 0:  # resumed at its last step: 0 samples/s would replace the figures of the steps that did run
         log.info("no step left to train (resumed at step %d): %s kept", run.start_step,
                  run.output_dir / "summary.json")

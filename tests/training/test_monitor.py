@@ -65,6 +65,10 @@ def test_a_resume_with_no_step_left_keeps_the_runs_summary(tmp_path):
     assert summary["steps"] == 2 and summary["samples_per_s"] > 0
     _pretrain(tmp_path, "--resume", "auto")
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    # a stop_at_step the run has passed is more likely a mistake than a finished run: said as a warning
+    stopped_before = _pretrain(tmp_path, "--resume", "auto", "--set", "train.stop_at_step=1")
+    assert "train.stop_at_step=1 is not after step 2, which this run resumed at: nothing was trained" in stopped_before
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
 @pytest.mark.slow
