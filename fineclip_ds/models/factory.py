@@ -285,10 +285,13 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu", loa
         raise ConfigError(f"model.pretrained: {config.pretrained} does not load into model.name '{config.name}' "
                           f"(another architecture, or not a checkpoint file?): {type(error).__name__}: "
                           f"{' '.join(line.strip() for line in str(error).splitlines()[:2])}") from error
-    model = FineCLIP(
-        clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing,
-        checkpoint_every=config.checkpoint_every, attention=config.attention,
-    )
+    try:
+        model = FineCLIP(
+            clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing,
+            checkpoint_every=config.checkpoint_every, attention=config.attention,
+        )
+    except ValueError as error:  # an image tower the dense path cannot use: the model config, named, no traceback
+        raise ConfigError(str(error)) from error
     if any(side % patch for side, patch in zip(model.image_size, model.patch_size)):
         # the patch embedding would silently drop the remainder pixels and boxes would map off the grid
         raise ConfigError(f"model.image_size: got {list(model.image_size)}, expected multiples of {config.name}'s "

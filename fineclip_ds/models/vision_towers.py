@@ -16,12 +16,20 @@ from torch import nn
 from fineclip_ds.sizes import height_width
 
 
+# Patch dropout in training leaves a dense map short of the patch grid: region pooling failed on its shape, naming
+# no setting
+DROPS_PATCHES = ("model.name: its model config sets vision_cfg patch_dropout > 0, which drops patch tokens in training; "
+                 "FineCLIP's region features need every patch: set it to 0")
+
+
 class OpenClipViT:
     """open_clip.transformer.VisionTransformer (class token, ln_post, proj matrix)."""
 
     def __init__(self, visual: nn.Module):
         if getattr(visual, "attn_pool", None) is not None:
             raise ValueError("model.name: attentional-pooling ViTs (CoCa) are not supported by the dense path")
+        if not isinstance(getattr(visual, "patch_dropout", nn.Identity()), nn.Identity):
+            raise ValueError(DROPS_PATCHES)
         self.visual = visual
         self.blocks = visual.transformer.resblocks
 
@@ -63,6 +71,8 @@ class TimmEva:
         self.trunk = visual.trunk
         if self.trunk.global_pool != "token" or getattr(self.trunk, "rope_mixed", False):
             raise ValueError("model.name: only class-token Eva towers without mixed RoPE are supported")
+        if getattr(self.trunk, "patch_drop", None) is not None:
+            raise ValueError(DROPS_PATCHES)
         self.blocks = self.trunk.blocks
 
     @property

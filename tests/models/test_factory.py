@@ -105,3 +105,15 @@ def test_a_frozen_text_tower_left_random_is_warned_about(caplog, settings, load_
                             "every caption is encoded by random weights; set model.pretrained=<open_clip checkpoint "
                             "file> (e.g. --set model.pretrained=/path/to/ViT-B-16.pt), or model.freeze_text=false to "
                             "train the text tower"]
+
+
+@pytest.mark.parametrize("base", ["FineCLIP-ViT-T-8", "FineCLIP-EVA02-T-14"])
+def test_a_model_config_that_drops_patches_is_a_config_error(tmp_path, base):
+    """Patch dropout leaves a dense map short of the patch grid in training: region pooling failed on its shape."""
+    model_config = copy.deepcopy(open_clip.get_model_config(base))
+    model_config["vision_cfg"]["patch_dropout"] = 0.5
+    name = f"{base}-patch-dropout"
+    (tmp_path / f"{name}.json").write_text(json.dumps(model_config))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    with pytest.raises(ConfigError, match="vision_cfg patch_dropout > 0, which drops patch tokens in training"):
+        create_fineclip(ModelConfig(name=name))
