@@ -72,7 +72,7 @@ class TilePasses(Protocol):
 class ContrastiveLossFunction(torch.autograd.Function):
     """Saves the features, gathered texts and O(b + N) statistics; never a logits block.
 
-    Autocast is off inside: the backward recomputes each tile, so forward and backward must take
+    Autocast is off inside both passes: the backward recomputes each tile, so forward and backward must take
     their logits in the same precision (the inputs' own, accumulated in fp32). Masked rows are zeroed
     on entry, so that whatever they hold (padding from torch.empty, NaN) reaches no valid row's
     statistics or gradient."""
@@ -121,6 +121,13 @@ class ContrastiveLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        # the recomputed tiles and their products in the forward's precision, also where backward() runs inside an
+        # autocast region
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            return ContrastiveLossFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss: torch.Tensor):
         if torch.is_grad_enabled():  # backward(create_graph=True): the tile passes build no graph
             raise RuntimeError("contrastive_loss has no second-order gradient (backward with create_graph=True); "
                                "open_clip's ClipLoss does")
