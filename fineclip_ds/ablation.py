@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fineclip_ds.config import ConfigError, RunConfig, load_config
+from fineclip_ds.config import ConfigError, RunConfig, load_config, positive_int
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.evaluate import load_for_evaluation
 from fineclip_ds.evaluation.world import evaluate_on_world
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--recipe", default="tiny-cpu")
     parser.add_argument("--deepspeed_config", default=str(DEFAULT_DEEPSPEED_CONFIG))
-    parser.add_argument("--eval_images", type=int, default=256)
+    parser.add_argument("--eval_images", type=positive_int, default=256)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
     try:

@@ -45,6 +45,8 @@ def resolve_checkpoint(checkpoint: str | Path, field: str = "--checkpoint") -> C
     path = Path(checkpoint)
     if path.is_file():
         return CheckpointSource(path, None, None)
+    # absolute and normalised: '.' or 'step_N' given from inside a checkpoints folder has parent '.' and name ''
+    path = Path(os.path.abspath(path))
     folder = folder_with_latest(path)
     if folder is None:
         raise FileNotFoundError(f"{field} {checkpoint}: not a state-dict file, a run folder, a checkpoints "
@@ -85,7 +87,12 @@ def open_clip_state_dict(source: CheckpointSource, lazy: bool = False) -> dict[s
     read at once either way."""
     if source.tag is None:
         state = torch.load(source.path, map_location="cpu", weights_only=True)
-        return state.get("state_dict", state)
+        state = state.get("state_dict", state)
+        if state and all(str(key).startswith("module.") for key in state):  # as open_clip's own loader strips it
+            state = {key[len("module."):]: value for key, value in state.items()}
+        if state and all(str(key).startswith("clip.") for key in state):  # a FineCLIP state_dict(), as factory reads it
+            state = training_to_open_clip(state, prefix="clip.")
+        return state
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return training_to_open_clip(get_fp32_state_dict_from_zero_checkpoint(str(source.path), tag=source.tag,
@@ -145,8 +152,25 @@ def export(checkpoint: str | Path, output: str | Path, model_name: str | None = 
     trained_size = trained_image_size(source)
     if trained_size is not None:  # trained at another size: the positional embeddings are for that grid
         model_config["vision_cfg"]["image_size"] = trained_size
+    _check_fits(state_dict, name, trained_size, checkpoint)
     _write_pair(output, state_dict, model_config)
     return name, output
+
+
+def _check_fits(state_dict: dict[str, torch.Tensor], name: str, size: int | list[int] | None,
+               checkpoint: str | Path) -> None:
+    """The weights fit open_clip's `name` at `size` (keys and shapes, built on the meta device): a --model naming
+    another architecture wrote a pair that neither open_clip nor fineclip_ds could load."""
+    with torch.device("meta"):
+        expected = open_clip.create_model(name, force_image_size=tuple(size) if isinstance(size, list) else size,
+                                          pretrained=None, device="meta").state_dict()
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
+    wrong = [key for key in expected.keys() & state_dict.keys()
+             if state_dict[key].numel() != expected[key].numel()]
+    if missing or unexpected or wrong:
+        raise ValueError(f"--checkpoint {checkpoint} does not fit --model {name}: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, other shapes {sorted(wrong)[:3]} ({len(missing)}, {len(unexpected)}, "
+                         f"{len(wrong)} in all)")
 
 
 def _write_pair(output: Path, state_dict: dict[str, torch.Tensor], model_config: dict) -> None:

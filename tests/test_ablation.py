@@ -67,3 +67,19 @@ def test_a_bad_setting_exits_like_pretrain_with_the_message(tmp_path, capsys):
         main(["--steps", "0", "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "config error: train.max_steps: got 0, expected an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_ablation_refuses_an_eval_images_count_below_one_before_training(tmp_path, monkeypatch, capsys, value):
+    """--eval_images 0 (or negative) was accepted: the first loss set trained all its steps, then its evaluation
+    raised a bare ValueError ('no box to classify in 0 images'): a traceback after minutes of training."""
+    import fineclip_ds.ablation as ablation
+
+    def no_training(config, deepspeed_config):
+        raise AssertionError("trained before --eval_images was checked")
+
+    monkeypatch.setattr(ablation, "train", no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--steps", "2", "--eval_images", value, "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--eval_images" in capsys.readouterr().err

@@ -116,3 +116,56 @@ def test_a_universal_tag_exports_its_original_and_a_tag_still_being_written_is_r
                            f"written or replaced; .* latest is {tag}"):
             main(["--checkpoint", str(in_progress), "--output", str(tmp_path / "partial.pt")])
     assert not (tmp_path / "partial.pt").exists()
+
+
+def _fake_run(root):
+    """The layout the trainer writes, without DeepSpeed files: enough for resolve_checkpoint."""
+    run = root / "run"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000002").mkdir()
+    (run / "checkpoints" / "latest").write_text("step_00000004")
+    (run / "config.json").write_text(json.dumps({"model": {"name": "FineCLIP-ViT-T-8", "image_size": [48, 80]}}))
+    return run
+
+
+@pytest.mark.parametrize("where,given,tag", [
+    ("checkpoints", ".", "step_00000004"),                     # the checkpoints folder, from inside it
+    ("checkpoints", "step_00000002", "step_00000002"),         # a tag folder, relative to the checkpoints folder
+    ("checkpoints/step_00000004", "..", "step_00000004"),      # the checkpoints folder, from a tag folder
+    ("checkpoints/step_00000004", "../step_00000002", "step_00000002"),
+])
+def test_relative_checkpoint_paths_resolve_like_absolute_ones(tmp_path, monkeypatch, where, given, tag):
+    """`cd runs/exp1/checkpoints && python -m fineclip_ds.evaluate --checkpoint step_00000002 ...` lost the run's
+    config.json (Path('.').parent is '.'), so the model name had to be given and the trained size was forgotten;
+    `--checkpoint .` there gave tag '' and failed with "PosixPath('.') has an empty name"."""
+    run = _fake_run(tmp_path)
+    monkeypatch.chdir(run / where)
+    source = resolve_checkpoint(given)
+    assert source.tag == tag
+    assert (source.path / source.tag).resolve() == (run / "checkpoints" / tag).resolve()
+    assert source.run_config is not None and source.run_config["model"]["image_size"] == [48, 80]
+
+
+def test_export_of_a_fineclip_state_dict_file_loads_in_plain_open_clip(tmp_path):
+    """torch.save(model.state_dict()) of a FineCLIP (keys 'clip.*'), which model.pretrained and evaluate's
+    --checkpoint take, was exported as is, exit 0: neither open_clip nor fineclip_ds could load the export."""
+    torch.manual_seed(0)
+    model, _, _ = create_fineclip(ModelConfig(name="FineCLIP-ViT-T-8"))
+    torch.save(model.state_dict(), tmp_path / "fineclip_state.pt")
+    main(["--checkpoint", str(tmp_path / "fineclip_state.pt"), "--model", "FineCLIP-ViT-T-8",
+          "--output", str(tmp_path / "exported.pt")])
+    clip = open_clip.create_model("FineCLIP-ViT-T-8").eval()
+    clip.load_state_dict(torch.load(tmp_path / "exported.pt", weights_only=True))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(images, normalize=True), model.eval().encode_image(images))
+
+
+def test_export_refuses_weights_that_do_not_fit_the_model_it_names(tmp_path):
+    """--model naming another architecture than the weights' was written out, exit 0, as a pair that open_clip
+    cannot load ('text pos_embed width changed!'); evaluate and model.pretrained refuse the same pair."""
+    torch.save(open_clip.create_model("FineCLIP-ViT-T-8").state_dict(), tmp_path / "tiny.pt")
+    with pytest.raises(SystemExit, match="FineCLIP-ViT-T-16-224"):
+        main(["--checkpoint", str(tmp_path / "tiny.pt"), "--model", "FineCLIP-ViT-T-16-224",
+              "--output", str(tmp_path / "exported.pt")])
+    assert not (tmp_path / "exported.pt").exists()
