@@ -28,12 +28,18 @@ from fineclip_ds.export import model_name_of, resolve_checkpoint, trained_image_
 from fineclip_ds.files import write_atomically
 from fineclip_ds.models.factory import Tokenizer, create_fineclip
 from fineclip_ds.models.fineclip import FineCLIP
+from fineclip_ds.usage_errors import UsageError, report_usage_errors
 
 TASKS = ("box-cls", "retrieval", "segmentation", "dense-viz", "world")
 DEFAULT_WORLD_SEED, DEFAULT_WORLD_IMAGE_SIZE = DataConfig().world_seed, DataConfig().world_image_size
 TASK_INPUTS = {"box-cls": ("annotations", "images"), "retrieval": ("annotations", "images"),
                "segmentation": ("images", "labels", "classes"), "dense-viz": ("images",), "world": ()}
 FOLDER_INPUTS = ("images", "labels")
+# what else decides a task's numbers, recorded in its results beside the weights, model, size and dtype
+TASK_SETTINGS = {"box-cls": ("annotations", "images", "templates", "keep_crowd", "min_box_size", "no_crop_baseline"),
+                 "retrieval": ("annotations", "images", "split", "retrieval_resize"),
+                 "segmentation": ("images", "labels", "classes", "templates", "slide", "reduce_zero_label"),
+                 "dense-viz": ("images", "max_images"), "world": ("max_images", "no_crop_baseline")}
 DENSE_VIZ_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 Annotations = BoxDataset | CaptionFile | tuple[list[str], list[LabelledImage]] | list[Path] | None
 
@@ -56,6 +62,8 @@ def load_for_evaluation(checkpoint: str | Path, model_name: str | None = None, d
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this machine has no CUDA GPU")
     dtype = torch.bfloat16 if device.type == "cuda" and not args.fp32 else torch.float32
     size = args.image_size[0] if args.image_size and len(args.image_size) == 1 else args.image_size
     _check_inputs(args)
@@ -64,8 +72,12 @@ def run(args: argparse.Namespace) -> dict:
     # the tag `latest` names now, loaded and recorded as such: a run still training moves `latest` on
     weights = source.path if source.tag is None else source.path / source.tag
     model, tokenizer, normalization = load_for_evaluation(weights, args.model, device, size)
-    return {"weights": str(weights), **_evaluate_task(args, annotations, model, tokenizer, normalization, device,
-                                                      dtype, source.run_config)}
+    evaluated = {"weights": str(weights), "model": model_name_of(source, args.model),
+                 "image_size": list(model.image_size), "dtype": str(dtype).removeprefix("torch."),
+                 "settings": {name: str(value) if isinstance(value, Path) else value
+                              for name, value in vars(args).items() if name in TASK_SETTINGS[args.task]}}
+    return {**evaluated, **_evaluate_task(args, annotations, model, tokenizer, normalization, device, dtype,
+                                          source.run_config)}
 
 
 def _evaluate_task(args: argparse.Namespace, annotations: Annotations, model: FineCLIP, tokenizer: Tokenizer,
@@ -123,7 +135,7 @@ def _some_images(items: list, folder: Path) -> list:
     """`items`, refused when empty: an empty folder gave an empty result (dense-viz) or a bare 'no pixel scored'
     after the model had loaded (segmentation)."""
     if not items:
-        raise SystemExit(f"--images {folder}: no images in {folder}")
+        raise UsageError(f"--images {folder}: no images in {folder}")
     return items
 
 
@@ -132,13 +144,13 @@ def _check_inputs(args: argparse.Namespace) -> None:
     for name in TASK_INPUTS[args.task]:
         value = getattr(args, name)
         if value is None:
-            raise SystemExit(f"--task {args.task} needs --{name}")
+            raise UsageError(f"--task {args.task} needs --{name}")
         if not value.exists():
-            raise SystemExit(f"--{name} {value}: does not exist")
+            raise UsageError(f"--{name} {value}: does not exist")
         if name in FOLDER_INPUTS and not value.is_dir():
-            raise SystemExit(f"--{name} {value}: expected a folder")
+            raise UsageError(f"--{name} {value}: expected a folder")
         if name not in FOLDER_INPUTS and not value.is_file():
-            raise SystemExit(f"--{name} {value}: expected a file")
+            raise UsageError(f"--{name} {value}: expected a file")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -183,22 +195,23 @@ def _results_path(args: argparse.Namespace) -> Path:
     """The results JSON, checked (and its folder made) before the evaluation, whose results it would lose."""
     output = args.output or Path(f"eval_{args.task}.json")
     if output.is_dir():
-        raise SystemExit(f"--output {output}: is a folder, expected the path of the results JSON")
+        raise UsageError(f"--output {output}: is a folder, expected the path of the results JSON")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"--output {output}: cannot make its folder ({error})") from error
+        raise UsageError(f"--output {output}: cannot make its folder ({error})") from error
     return output
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
-    output = _results_path(args)
-    try:
-        results = {"task": args.task, "checkpoint": str(args.checkpoint), **run(args)}
-    except (FileNotFoundError, ValueError) as error:  # a bad --checkpoint / --model: say so, no traceback
-        raise SystemExit(f"evaluate: {error}") from error
+    with report_usage_errors("evaluate"):
+        output = _results_path(args)
+        try:
+            results = {"task": args.task, "checkpoint": str(args.checkpoint), **run(args)}
+        except (FileNotFoundError, ValueError) as error:  # a bad --checkpoint / --model: say so, no traceback
+            raise UsageError(f"evaluate: {error}") from error
     text = json.dumps(results, indent=2)
     print(text)  # first: a results file that cannot be written (disk full, read-only) keeps them on the console
     try:

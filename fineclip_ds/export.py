@@ -22,6 +22,7 @@ from fineclip_ds.files import UNREADABLE_TORCH_FILE, free_space
 from fineclip_ds.models.fineclip import LOGIT_SCALE_MAX
 from fineclip_ds.run_layout import LATEST, folder_with_latest
 from fineclip_ds.training.checkpoint import PARTIAL_SUFFIX, REPLACED_SUFFIX, UNIVERSAL_SUFFIX
+from fineclip_ds.usage_errors import UsageError, report_usage_errors
 
 TRAINING_PREFIX = "model.clip."  # FineCLIPObjective.model (FineCLIP).clip (open_clip CLIP)
 
@@ -203,10 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     taken = [path for path in (args.output, args.output.with_suffix(".json")) if path.exists()]
     if taken and not args.overwrite:
         parser.error(f"--output {args.output}: {taken[0]} exists; pass --overwrite to replace it")
-    try:
-        name, path = export(args.checkpoint, args.output, args.model)
-    except (OSError, ValueError) as error:  # a bad --checkpoint / --model, a disk that is full: say so, no traceback
-        raise SystemExit(f"export: {error}") from error
+    with report_usage_errors("export"):
+        try:
+            name, path = export(args.checkpoint, args.output, args.model)
+        except (FileNotFoundError, ValueError) as error:  # a bad --checkpoint / --model: a usage error, exit 2
+            raise UsageError(f"export: {error}") from error
+        except OSError as error:  # a disk that is full or read-only: exit 1, no traceback
+            raise SystemExit(f"export: {error}") from error
     config = path.with_suffix(".json")
     print(f"wrote {path} ({name}) and its model config {config}; load with plain open_clip:\n"
           f"  open_clip.add_model_config('{config}')\n"

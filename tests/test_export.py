@@ -65,8 +65,9 @@ def test_the_cli_does_not_overwrite_or_crash_on_a_bad_output_checkpoint_or_model
     err = capsys.readouterr().err
     assert "fineclip.pt exists; pass --overwrite to replace it" in err and err.count("expected a file path") == 2
     assert (tmp_path / "fineclip.pt").read_bytes() == b"an earlier export"
-    with pytest.raises(SystemExit, match="export: --checkpoint .*missing: not a state-dict file"):
+    with pytest.raises(SystemExit, match="export: --checkpoint .*missing: not a state-dict file") as usage:
         main(["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "new.pt")])
+    assert usage.value.code == 2 and "export: error: export: --checkpoint" in capsys.readouterr().err  # was exit 1
     with pytest.raises(SystemExit, match="export: --model ViT-B-61: not an open_clip model name"):
         main(["--checkpoint", str(tmp_path / "fineclip.pt"), "--model", "ViT-B-61", "--output", str(tmp_path / "new.pt")])
     assert not (tmp_path / "new.json").exists()
@@ -86,8 +87,9 @@ def test_an_export_that_cannot_be_written_leaves_nothing_and_a_truncated_input_i
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit, match=r"export: --output .*f.pt: cannot write the export \(.*unexpected pos 128 "
-                                         r"vs 0; \d+ MiB free there\)"):
+                                         r"vs 0; \d+ MiB free there\)") as failure:
         main(args)
+    assert failure.value.code != 2  # not a usage error: the disk's
     assert list((tmp_path / "out").iterdir()) == []
     monkeypatch.setattr(torch, "save", save)
     main(args)  # the rerun needs no --overwrite

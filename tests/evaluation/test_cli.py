@@ -74,6 +74,11 @@ def test_box_classification_from_coco_instances_counts_what_it_skips(data, tmp_p
     for key in ("region_top1", "region_top5", "crop_top1", "crop_top5", "region_top1_overall"):
         assert 0.0 <= result[key] <= 100.0
     assert result["region_top5"] >= result["region_top1"]
+    # what decided the numbers is recorded beside them
+    assert (result["model"], result["image_size"], result["dtype"]) == ("FineCLIP-ViT-T-8", [64, 64], "float32")
+    assert result["settings"] == {"annotations": str(data / "instances.json"), "images": str(data / "images"),
+                                  "templates": "shapes", "keep_crowd": False, "min_box_size": 0.0,
+                                  "no_crop_baseline": False}
 
 
 def test_an_images_folder_without_the_annotated_images_says_why_nothing_was_scored(data, tmp_path):
@@ -165,11 +170,18 @@ def test_dense_pictures_of_images_sharing_a_stem_are_all_kept(data, tmp_path):
     assert all(Path(p).is_file() for p in result["pictures"])
 
 
-def test_a_missing_input_is_a_clear_exit(data, tmp_path):
-    with pytest.raises(SystemExit, match="needs --annotations"):
+def test_a_missing_input_is_a_clear_exit(data, tmp_path, capsys):
+    """Exit 2 with the message on stderr, as argparse's own usage errors; these exited 1, the status of a crash."""
+    with pytest.raises(SystemExit, match="needs --annotations") as usage:
         _evaluate(data, tmp_path, "--task", "retrieval", "--images", str(data / "images"))
-    with pytest.raises(SystemExit, match="--model is needed"):  # a bare state dict names no architecture
+    assert usage.value.code == 2 and "evaluate: error: --task retrieval needs --annotations" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--model is needed") as usage:  # a bare state dict names no architecture
         main(["--checkpoint", str(data / "weights.pt"), "--task", "world", "--output", str(tmp_path / "r.json")])
+    assert usage.value.code == 2
+    if not torch.cuda.is_available():  # was a traceback from deep inside torch
+        with pytest.raises(SystemExit, match="--device cuda: this machine has no CUDA GPU") as usage:
+            _evaluate(data, tmp_path, "--task", "world", "--device", "cuda")
+        assert usage.value.code == 2
 
 
 def test_segmentation_on_a_label_folder_and_at_another_resolution(data, tmp_path):
@@ -309,7 +321,9 @@ def test_an_exported_state_dict_names_its_model_through_the_config_beside_it(dat
     main(["--checkpoint", str(exported), *common, "--output", str(tmp_path / "named.json")])
     main(["--checkpoint", str(exported), "--model", "FineCLIP-ViT-T-8", *common,
           "--output", str(tmp_path / "given.json")])
-    assert json.loads((tmp_path / "named.json").read_text()) == json.loads((tmp_path / "given.json").read_text())
+    named, given = (json.loads((tmp_path / name).read_text()) for name in ("named.json", "given.json"))
+    assert (named.pop("model"), given.pop("model")) == ("my_fineclip", "FineCLIP-ViT-T-8")  # as registered
+    assert named == given
 
 
 @pytest.mark.parametrize("trained_size,size", [([32, 64], [48, 40]), (96, 64)], ids=["non-square", "square"])
