@@ -212,9 +212,14 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as error:  # a disk that is full or read-only: exit 1, no traceback
             raise SystemExit(f"export: {error}") from error
     config = path.with_suffix(".json")
+    vision = json.loads(config.read_text())["vision_cfg"]
+    if "timm_model_name" in vision:  # open_clip builds a timm trunk at its own size, then pretrained= fails to load
+        load = (f"  model = open_clip.create_model('{config.stem}', force_image_size={vision.get('image_size')!r})\n"
+                f"  model.load_state_dict(torch.load('{path}'))")
+    else:
+        load = f"  open_clip.create_model_and_transforms('{config.stem}', pretrained='{path}')"
     print(f"wrote {path} ({name}) and its model config {config}; load with plain open_clip:\n"
-          f"  open_clip.add_model_config('{config}')\n"
-          f"  open_clip.create_model_and_transforms('{config.stem}', pretrained='{path}')")
+          f"  open_clip.add_model_config('{config}')\n{load}")
 
 
 if __name__ == "__main__":

@@ -171,3 +171,23 @@ def test_export_refuses_weights_that_do_not_fit_the_model_it_names(tmp_path):
         main(["--checkpoint", str(tmp_path / "tiny.pt"), "--model", "FineCLIP-ViT-T-16-224",
               "--output", str(tmp_path / "exported.pt")])
     assert not (tmp_path / "exported.pt").exists()
+
+
+def test_the_printed_loading_lines_load_an_eva02_export_trained_at_another_size(tmp_path, capsys):
+    """open_clip builds a timm trunk at the timm model's own size: the create_model_and_transforms(pretrained=) line
+    printed for every export failed on an EVA02 at 56 px."""
+    model, _, _ = create_fineclip(ModelConfig(name="FineCLIP-EVA02-T-14", image_size=56))
+    model_config = open_clip.get_model_config("FineCLIP-EVA02-T-14")
+    model_config["vision_cfg"]["image_size"] = 56
+    (tmp_path / "eva.json").write_text(json.dumps(model_config))
+    torch.save(model.clip.state_dict(), tmp_path / "eva.pt")
+    main(["--checkpoint", str(tmp_path / "eva.pt"), "--output", str(tmp_path / "exported.pt")])
+    printed = capsys.readouterr().out.splitlines()
+    loading = "\n".join(line.strip() for line in printed[printed.index(next(line for line in printed
+                                                                            if "load with plain" in line)) + 1:])
+    namespace = {"open_clip": open_clip, "torch": torch}
+    exec(loading, namespace)
+    images = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["model"].eval().encode_image(images, normalize=True),
+                                   model.eval().encode_image(images))
