@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -121,9 +122,11 @@ def triton_is_deterministic(rows: int, dim: int, device: torch.device) -> bool:
 
 
 def sweep(sizes: list[int], dims: list[int], device: torch.device, repeat_budget_s: float,
-          section: MarkdownSection, tile_variants: tuple[str, ...] = ()) -> bool:
+          section: MarkdownSection, tile_variants: tuple[str, ...] = (), failed: list[str] | None = None) -> bool:
     """Writes a row per size and implementation (ClipLoss first: the others' speed-up is against it);
-    returns whether the Triton backward repeated bitwise."""
+    returns whether the Triton backward repeated bitwise. An implementation that raises gets an error row (its
+    traceback printed, its name added to `failed`) and the sweep goes on: on the first H100 run inf-cl's fault
+    ended the script at its first size."""
     free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
     for dim in dims:
         for rows in sizes:
@@ -137,13 +140,19 @@ def sweep(sizes: list[int], dims: list[int], device: torch.device, repeat_budget
                          else None)
             baseline = None
             for name in names:
+                outcome = "OOM"
                 try:
                     result = measure(name, rows, dim, device, repeat_budget_s)
                 except torch.cuda.OutOfMemoryError:
                     result = None
+                except Exception as error:  # noqa: BLE001 - one implementation's fault must not end the sweep
+                    traceback.print_exc()
+                    result, outcome = None, f"error: {type(error).__name__}"
+                    if failed is not None:
+                        failed.append(f"{name} at N = {rows}, D = {dim}")
                 release_memory(device)
                 if result is None:
-                    section.row([str(rows), str(dim), name, "OOM", "OOM", "-", "-", "-"])
+                    section.row([str(rows), str(dim), name, outcome, outcome, "-", "-", "-"])
                     continue
                 baseline = result if name == "open_clip" else baseline
                 speedup = f"{baseline['step_ms'] / result['step_ms']:.2f}x" if baseline else "-"
@@ -198,11 +207,14 @@ def main() -> None:
         name = "triton_" + "x".join(map(str, shape))
         LOSSES[name] = triton_with_tiles(TritonTiles(*shape))
         tile_variants.append(name)
-    deterministic = sweep(sizes, dims, device, repeat_budget_s, section, tuple(tile_variants))
+    failed: list[str] = []
+    deterministic = sweep(sizes, dims, device, repeat_budget_s, section, tuple(tile_variants), failed)
     section.note(f"Triton backward bitwise repeatable: {'yes' if deterministic else 'NO'}.")
     if min(sizes) <= PROFILE_MAX_N:  # where the smallest step's time goes: kernels, or launching them
         for name in ("open_clip", "triton"):
             section.note("Profile: " + kernel_profile(name, min(sizes), dims[0], device))
+    if failed:  # the rows above stand; the session's steps.md says this step failed
+        sys.exit("failed (tracebacks above): " + "; ".join(failed))
 
 
 if __name__ == "__main__":

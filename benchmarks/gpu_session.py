@@ -119,9 +119,36 @@ def _copy_lines(source: TextIO, sinks: tuple[TextIO, ...]) -> None:
             sink.flush()
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc, those in sessions of their own included: torchrun starts its
+    workers with start_new_session=True, so a signal to the step's process group never reaches them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _kill(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def run_step(step: Step, out: Path, cap_s: float, log: TextIO) -> Outcome:
     """Runs one step in its own process group, echoing its output to the log and stdout; at its cap
-    the whole group gets SIGTERM, then SIGKILL after a grace period."""
+    the whole group and every descendant (torchrun's workers run in sessions of their own) get SIGTERM, then
+    SIGKILL after a grace period: a worker left running would hold the GPU through the steps after it."""
     command = [part.replace("{out}", str(out)) for part in step.command]
     header = f"\n===== {step.name} (cap {cap_s:.0f} s): {' '.join(command)}\n"
     for sink in (log, sys.stdout):
@@ -131,19 +158,22 @@ def run_step(step: Step, out: Path, cap_s: float, log: TextIO) -> Outcome:
     env.pop("TRITON_INTERPRET", None)
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+                               text=True, errors="replace", start_new_session=True)
     copier = threading.Thread(target=_copy_lines, args=(process.stdout, (log, sys.stdout)), daemon=True)
     copier.start()
     try:
         exit_status = process.wait(timeout=cap_s)
         status = "done" if exit_status == 0 else "failed"
     except subprocess.TimeoutExpired:
+        tree = _descendants(process.pid)  # now: once the launcher is gone its orphans belong to PID 1
         os.killpg(process.pid, signal.SIGTERM)
+        _kill(tree, signal.SIGTERM)
         try:
             process.wait(timeout=KILL_GRACE_S)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        _kill(tree, signal.SIGKILL)  # whatever outlived the grace (a worker saving a checkpoint on SIGTERM)
         exit_status, status = process.returncode, f"cut off at {cap_s:.0f} s"
     copier.join(timeout=KILL_GRACE_S)
     return Outcome(step, status, time.monotonic() - started, exit_status)

@@ -78,3 +78,27 @@ def test_contrastive_script_refuses_tile_shapes_the_kernels_cannot_take(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--tiles", bad])
         assert "expected MxNxK with powers of two >= 16" in capsys.readouterr().err
+
+
+def test_an_implementation_that_raises_gets_an_error_row_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """On the first H100 run inf-cl raised at N = 4096 and the script ended there: every later size went
+    unmeasured. A fault of one implementation is now its row; the others and the sizes after it still run."""
+    import benchmarks.gpu_contrastive as script
+    from benchmarks.gpu_runs import MarkdownSection
+
+    def measure(name, rows, dim, device, repeat_budget_s):
+        if name == "triton_fused_bwd" and rows == 48:
+            raise RuntimeError("a baseline's fault")
+        return {"loss": 1.0, "forward_ms": 1.0, "peak_bytes": 2**20, "step_ms": 2.0}
+
+    monkeypatch.setattr(script, "measure", measure)
+    monkeypatch.setattr(script, "reference_loss", lambda rows, dim, device: 1.0)
+    monkeypatch.setattr(script, "triton_is_deterministic", lambda rows, dim, device: True)
+    section = MarkdownSection(tmp_path / "b.md", "## t", "notes", script.COLUMNS)
+    failed = []
+    assert script.sweep([48, 64], [40], torch.device("cpu"), 0.0, section, (), failed)
+    rows = [line.strip("| ").split(" | ") for line in (tmp_path / "b.md").read_text().splitlines()
+            if line.startswith("| 48 ") or line.startswith("| 64 ")]
+    assert ["48", "40", "triton_fused_bwd", "error: RuntimeError", "error: RuntimeError", "-", "-", "-"] in rows
+    assert {row[2] for row in rows if row[0] == "64"} >= {"triton", "triton_fused_bwd", "torch_tiled"}
+    assert failed == ["triton_fused_bwd at N = 48, D = 40"]

@@ -47,6 +47,21 @@ def test_steps_run_in_order_and_a_step_past_its_cap_is_killed_with_its_children(
     assert "--steps hangs fails`" in report
 
 
+def test_a_step_cut_off_leaves_no_worker_of_its_own_session_behind(tmp_path):
+    """torchrun starts its workers with start_new_session=True, and the trainer's worker answers SIGTERM by finishing
+    its step and saving: a signal to the step's process group left it running, on the GPU, through the next steps."""
+    worker_pid = tmp_path / "worker.pid"
+    worker = ("import os, signal, time; signal.signal(signal.SIGTERM, lambda *_: None); "
+              f"open({str(worker_pid)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    launcher = ("import subprocess, sys, time; "
+                f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); time.sleep(120)")
+    started = time.monotonic()
+    (outcome,) = run_session([Step("torchrun_like", _python(launcher), 3, 0, "a launcher past its cap")],
+                             tmp_path / "out", budget_s=60)
+    assert outcome.status == "cut off at 3 s" and time.monotonic() - started < 30
+    assert not _running(int(worker_pid.read_text()))
+
+
 def test_a_step_needing_more_than_is_left_is_passed_over_and_the_last_is_cut_to_the_budget(tmp_path):
     steps = [Step("big", _python("print('never')"), 600, 500, "needs 500 s"),
              Step("sleeps", _python("import time; time.sleep(60)"), 600, 0, "cut to the budget")]
