@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import TextIO
 
 ROOT = Path(__file__).resolve().parents[1]
-BIGG_RUN = Path(f"/tmp/fineclip_bigg_zero3_{os.getpid()}")  # this session's own: a warm machine keeps /tmp
+SCRATCH = Path("/tmp")
+BIGG_RUN = SCRATCH / f"fineclip_bigg_zero3_{os.getpid()}"  # this session's own: a warm machine keeps /tmp
+# What a session leaves in /tmp: its bigG run (a ~27 GB ZeRO-3 checkpoint, estimated) and, when gpu_make_regions is
+# cut off, its random OPT-2.7b (7.5 GB). The machine runs one command at a time, so any found at a start are an
+# earlier call's: on a warm machine they would fill its 64 GiB disk within two calls.
+LEFTOVERS = ("fineclip_bigg_zero3_*", "make_regions_bench_*")
 KILL_GRACE_S = 10.0
 
 ENVIRONMENT_SCRIPT = """
@@ -216,9 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     by_name = {step.name: step for step in STEPS}
     out = args.out.resolve()
+    for leftover in (path for pattern in LEFTOVERS for path in SCRATCH.glob(pattern)):
+        shutil.rmtree(leftover, ignore_errors=True)
     outcomes = run_session([by_name[name] for name in args.steps], out, args.budget_s)
     if (BIGG_RUN / "summary.json").exists():
         shutil.copy(BIGG_RUN / "summary.json", out / "bigg_summary.json")
+    shutil.rmtree(BIGG_RUN, ignore_errors=True)  # its summary is all the session reports
     print((out / "steps.md").read_text())
     return 0 if all(outcome.status == "done" for outcome in outcomes) else 1
 

@@ -118,3 +118,31 @@ def test_a_step_that_may_be_cut_off_names_each_test_as_it_passes():
     from benchmarks.gpu_session import STEPS
     command = next(step.command for step in STEPS if step.name == "kernel_tests")
     assert "-v" in command and "-q" not in command
+
+
+def test_a_session_clears_what_an_earlier_call_left_in_tmp_and_its_own_bigg_run(tmp_path, monkeypatch):
+    """A warm machine keeps /tmp: an earlier call's bigG checkpoint (~27 GB) and a cut-off make_regions' 7.5 GB
+    model would fill the 64 GiB disk within two calls."""
+    import benchmarks.gpu_session as session
+
+    scratch = tmp_path / "scratch"
+    earlier = [scratch / "fineclip_bigg_zero3_11" / "checkpoints", scratch / "make_regions_bench_x1" / "opt"]
+    for folder in earlier:
+        folder.mkdir(parents=True)
+    (scratch / "unrelated").mkdir()
+    own = scratch / "fineclip_bigg_zero3_22"
+    monkeypatch.setattr(session, "SCRATCH", scratch)
+    monkeypatch.setattr(session, "BIGG_RUN", own)
+
+    def steps_that_train_bigg(steps, out, budget_s):
+        assert not any(folder.exists() for folder in earlier)  # cleared before the first step
+        own.mkdir()
+        (own / "summary.json").write_text('{"samples_per_s": 1.0}')
+        (out / "steps.md").write_text("steps")
+        return []
+
+    monkeypatch.setattr(session, "run_session", steps_that_train_bigg)
+    (tmp_path / "out").mkdir()
+    assert session.main(["--out", str(tmp_path / "out"), "--steps", "bigg_zero3"]) == 0
+    assert (tmp_path / "out" / "bigg_summary.json").read_text() == '{"samples_per_s": 1.0}'
+    assert sorted(path.name for path in scratch.iterdir()) == ["unrelated"]
