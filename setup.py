@@ -21,6 +21,7 @@ setup(
         "pyyaml",
         "pillow",
         "numpy",
+        "packaging",
     ],
     extras_require={
         "flash": ["flash-attn"],

@@ -6,6 +6,7 @@ from collections import Counter
 from typing import Protocol
 
 import torch
+from packaging.version import Version
 from PIL import Image
 
 
@@ -32,12 +33,17 @@ class TransformersCaptioner:
 
     def __init__(self, model_path: str, prompt: str = "", max_new_tokens: int = 20, batch_size: int = 32,
                  device: str | None = None, generate_kwargs: dict | None = None):
+        import transformers
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.processor = AutoProcessor.from_pretrained(model_path)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        # `dtype` from transformers 4.56; before, it was `torch_dtype`, and an unknown `dtype` loaded fp32 weights
+        # that bf16 inputs then failed to multiply, on a GPU only (transformers is not pinned)
+        dtype_keyword = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        self.model = AutoModelForImageTextToText.from_pretrained(model_path, **{dtype_keyword: dtype})
+        self.model = self.model.to(self.device).eval()
         self.dtype, self.prompt = dtype, prompt
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.generate_kwargs = dict(generate_kwargs or {})  # e.g. num_beams, repetition_penalty

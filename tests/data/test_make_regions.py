@@ -749,3 +749,26 @@ def test_caption_rows_whose_image_is_missing_are_counted(tmp_path):
     assert [pair.key for pair in readable] == ["a.jpg"]
     # b.jpg's caption row must not vanish: it is an unreadable (missing) image, as a COCO captions source counts it
     assert len(pairs) == 2 and any(pair.key == "b.jpg" and pair.image is None for pair in pairs)
+
+
+@pytest.mark.parametrize("version, keyword", [("4.40.0", "torch_dtype"), ("4.56.0", "dtype"), ("5.24.0", "dtype")])
+def test_the_captioner_names_its_dtype_as_the_installed_transformers_reads_it(tmp_path, monkeypatch, version,
+                                                                             keyword):
+    """transformers before 4.56 takes `torch_dtype`: given `dtype`, it loaded fp32 weights that the bf16 inputs then
+    failed to multiply, on a GPU only (the GPU image's transformers is not pinned)."""
+    import transformers
+
+    from fineclip_ds.data.captioner import TransformersCaptioner
+
+    model = save_random_blip(tmp_path / "captioner")
+    seen = {}
+    load = transformers.AutoModelForImageTextToText.from_pretrained
+
+    def recording(path, **kwargs):
+        seen.update(kwargs)
+        return load(path, dtype=next(iter(kwargs.values())))
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", recording)
+    TransformersCaptioner(str(model), device="cpu")
+    assert seen == {keyword: torch.float32}
