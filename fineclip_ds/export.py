@@ -44,6 +44,8 @@ def resolve_checkpoint(checkpoint: str | Path, field: str = "--checkpoint") -> C
     resume at another world size) holds the same weights as `step_N` beside it, which is read instead
     (zero_to_fp32 cannot read the universal layout)."""
     path = Path(checkpoint)
+    if path.name == LATEST and path.is_file():  # the pointer file itself: its checkpoints folder is meant
+        path = path.parent
     if path.is_file():
         return CheckpointSource(path, None, None)
     # absolute and normalised: '.' or 'step_N' given from inside a checkpoints folder has parent '.' and name ''

@@ -132,6 +132,7 @@ def _fake_run(root):
 
 @pytest.mark.parametrize("where,given,tag", [
     ("checkpoints", ".", "step_00000004"),                     # the checkpoints folder, from inside it
+    ("checkpoints", "latest", "step_00000004"),                # its pointer file: was read as a state dict
     ("checkpoints", "step_00000002", "step_00000002"),         # a tag folder, relative to the checkpoints folder
     ("checkpoints/step_00000004", "..", "step_00000004"),      # the checkpoints folder, from a tag folder
     ("checkpoints/step_00000004", "../step_00000002", "step_00000002"),

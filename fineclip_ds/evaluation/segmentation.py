@@ -36,11 +36,14 @@ class LabelledImage:
     label_path: Path | None = None  # where `labels` reads from, to tell a missing label map from a bad one
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # as dense-viz reads (.webp was skipped here)
+
+
 def load_label_folder(image_dir: Path, label_dir: Path, class_file: Path) -> tuple[list[str], list[LabelledImage]]:
     """ADE20K / Pascal Context style: images, label PNGs of the same stem, one class name per line."""
     class_names = [line.strip() for line in Path(class_file).read_text().splitlines() if line.strip()]
     items = []
-    for image_path in sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+    for image_path in sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         label_path = Path(label_dir) / f"{image_path.stem}.png"
         items.append(LabelledImage(lambda p=image_path: Image.open(p), lambda p=label_path: Image.open(p),
                                    label_path))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fineclip_ds.evaluation.segmentation import segment
+from fineclip_ds.evaluation.segmentation import load_label_folder, segment
 
 
 class _PooledColours:
@@ -27,3 +27,14 @@ def test_segmentation_under_bf16_autocast_predicts_as_in_fp32(slide):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         predicted = segment(_PooledColours(), image, classes, slide)
     assert torch.equal(predicted, expected)
+
+
+def test_the_label_folder_reads_every_image_format_dense_viz_reads(tmp_path):
+    """.webp images were skipped here (not counted) while dense-viz read them."""
+    (tmp_path / "images").mkdir()
+    for name in ("a.webp", "b.JPG", "c.png", "notes.txt"):
+        (tmp_path / "images" / name).write_bytes(b"")
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    classes, items = load_label_folder(tmp_path / "images", tmp_path / "labels", tmp_path / "classes.txt")
+    assert classes == ["cat", "dog"]
+    assert [item.label_path.name for item in items] == ["a.png", "b.png", "c.png"]
