@@ -35,11 +35,11 @@ DEFAULT_WORLD_SEED, DEFAULT_WORLD_IMAGE_SIZE = DataConfig().world_seed, DataConf
 TASK_INPUTS = {"box-cls": ("annotations", "images"), "retrieval": ("annotations", "images"),
                "segmentation": ("images", "labels", "classes"), "dense-viz": ("images",), "world": ()}
 FOLDER_INPUTS = ("images", "labels")
-# what else decides a task's numbers, recorded in its results beside the weights, model, size and dtype
-TASK_SETTINGS = {"box-cls": ("annotations", "images", "templates", "keep_crowd", "min_box_size", "no_crop_baseline"),
-                 "retrieval": ("annotations", "images", "split", "retrieval_resize"),
-                 "segmentation": ("images", "labels", "classes", "templates", "slide", "reduce_zero_label"),
-                 "dense-viz": ("images", "max_images"), "world": ("max_images", "no_crop_baseline")}
+# with TASK_INPUTS, what else decides a task's numbers: its results record both beside the weights, model, size
+# and dtype
+TASK_OPTIONS = {"box-cls": ("templates", "keep_crowd", "min_box_size", "no_crop_baseline"),
+                "retrieval": ("split", "retrieval_resize"), "segmentation": ("templates", "slide", "reduce_zero_label"),
+                "dense-viz": ("max_images",), "world": ("max_images", "no_crop_baseline")}
 DENSE_VIZ_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 Annotations = BoxDataset | CaptionFile | tuple[list[str], list[LabelledImage]] | list[Path] | None
 
@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> dict:
     evaluated = {"weights": str(weights), "model": model_name_of(source, args.model),
                  "image_size": list(model.image_size), "dtype": str(dtype).removeprefix("torch."),
                  "settings": {name: str(value) if isinstance(value, Path) else value
-                              for name, value in vars(args).items() if name in TASK_SETTINGS[args.task]}}
+                              for name, value in vars(args).items()
+                              if name in TASK_INPUTS[args.task] + TASK_OPTIONS[args.task]}}
     return {**evaluated, **_evaluate_task(args, annotations, model, tokenizer, normalization, device, dtype,
                                           source.run_config)}
 

@@ -25,6 +25,7 @@ from fineclip_ds.training.checkpoint import PARTIAL_SUFFIX, REPLACED_SUFFIX, UNI
 from fineclip_ds.usage_errors import UsageError, report_usage_errors
 
 TRAINING_PREFIX = "model.clip."  # FineCLIPObjective.model (FineCLIP).clip (open_clip CLIP)
+FINECLIP_PREFIX = "clip."  # FineCLIP.clip
 
 
 @dataclass
@@ -71,6 +72,11 @@ def resolve_checkpoint(checkpoint: str | Path, field: str = "--checkpoint") -> C
     return CheckpointSource(folder, tag, config)
 
 
+def is_fineclip_state_dict(state: dict) -> bool:
+    """A FineCLIP module's state_dict() (keys 'clip.*'), which model.pretrained and --checkpoint take as a file."""
+    return bool(state) and all(str(key).startswith(FINECLIP_PREFIX) for key in state)
+
+
 def training_to_open_clip(state: dict[str, torch.Tensor], prefix: str = TRAINING_PREFIX) -> dict[str, torch.Tensor]:
     """Strip the trainer's module prefix (or FineCLIP's own, 'clip.'); the logit scale goes back to open_clip's
     default scalar, capped at ln(100) as training used it (the stored value may sit just above: see
@@ -93,8 +99,8 @@ def open_clip_state_dict(source: CheckpointSource, lazy: bool = False) -> dict[s
         state = state.get("state_dict", state)
         if state and all(str(key).startswith("module.") for key in state):  # as open_clip's own loader strips it
             state = {key[len("module."):]: value for key, value in state.items()}
-        if state and all(str(key).startswith("clip.") for key in state):  # a FineCLIP state_dict(), as factory reads it
-            state = training_to_open_clip(state, prefix="clip.")
+        if is_fineclip_state_dict(state):
+            state = training_to_open_clip(state, prefix=FINECLIP_PREFIX)
         return state
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -58,9 +58,8 @@ def folder_units(image_dir: Path, captions_file: Path, samples_per_shard: int) -
     files = {p.name: p for p in Path(image_dir).iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS}
     # a caption row naming no image in the folder is kept as an entry that fails to open (counted as
     # corrupt_image, as a COCO captions source counts a missing file), not dropped without a word
-    for name in captions:
-        if isinstance(name, str) and name not in files:
-            files[name] = Path(image_dir) / name
+    for name in captions.keys() - files.keys():
+        files[name] = Path(image_dir) / name
     return _file_units([(files[name], name, _caption(captions.get(name))) for name in sorted(files)],
                        samples_per_shard)
 

@@ -188,9 +188,9 @@ def _pretrained_weights(config: ModelConfig, force_image_size: int | tuple[int, 
                 "the training precision, or under ZeRO-3 not in it at all (each rank's shard is in its own file); "
                 f"expected the tag folder it lies in (model.pretrained={tag}), or one file made with: "
                 f"python -m fineclip_ds.export --checkpoint {tag} --output fineclip.pt")
-        if not checkpoint or not all(str(key).startswith("clip.") for key in checkpoint):
+        if not export.is_fineclip_state_dict(checkpoint):
             return None
-        state_dict = export.training_to_open_clip(checkpoint, prefix="clip.")
+        state_dict = export.training_to_open_clip(checkpoint, prefix=export.FINECLIP_PREFIX)
         table, native = state_dict.get("visual.positional_embedding"), _native_grid(config.name)
         at_native = table is None or native is None or table.shape[0] == 1 + native[0] * native[1]
         return state_dict, None if at_native else force_image_size  # sized as an open_clip file is
