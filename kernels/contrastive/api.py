@@ -55,8 +55,8 @@ def contrastive_loss(
     every rank. Rows with mask False are neither anchors nor negatives, and the value is scaled so
     that its average over ranks is the mean over all valid rows (0, with zero gradients, if none).
     Every rank of `group` calls it with the same number of rows b, as open_clip's ClipLoss requires (pad
-    and mask to the largest count, as fineclip_ds's regional loss does); masks may be given on some ranks
-    and not others.
+    and mask to the largest count, as fineclip_ds's regional loss does; ranks that differ all get a ValueError);
+    masks may be given on some ranks and not others.
     No b x N logits exist at any time; see function.py for the passes and their GEMM count.
     """
     # image_features, text_features: [b, D] normalised; logit_scale: [] or [1] (exponentiated); mask: [b] bool -> []

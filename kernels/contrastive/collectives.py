@@ -24,6 +24,20 @@ def gather_rows(tensor: torch.Tensor, group: dist.ProcessGroup | None, world: in
     return torch.cat(parts)
 
 
+def require_same_shape(features: torch.Tensor, group: dist.ProcessGroup | None, world: int) -> None:
+    """Raise the same ValueError on every rank unless all ranks hold features of one shape [b, D].
+
+    The gathers that follow need it: on gloo, ranks of different b died in an abort (SIGABRT, "Received data
+    size doesn't match expected size"); on NCCL such a gather may hang. This costs one [world, 2] gather and a
+    host read of it per call."""
+    # features: [b, D]
+    shape = torch.tensor([list(features.shape)], dtype=torch.int64, device=features.device)
+    shapes = gather_rows(shape, group, world).tolist()
+    if any(other != shapes[0] for other in shapes):
+        raise ValueError(f"contrastive_loss: ranks hold features of shapes {[tuple(s) for s in shapes]} (rank order), "
+                         "expected one [b, D] on every rank: pad to the largest b and pass a mask")
+
+
 def merge_column_stats(stats: Stats, group: dist.ProcessGroup | None, world: int) -> Stats:
     """Each rank holds column statistics over its own image rows; combine them over all ranks' rows.
 

@@ -30,7 +30,8 @@ nothing else of size b x N beyond fixed caps: the Triton bf16 / fp32 backward ho
 rows up to 1 GiB, else of one stripe of rows, at most 256 MiB or 256 rows. (Triton's statistics take
 3 x (column groups x b + row groups x N) partial floats, groups ~12 on an H100; its fp16 backward splits
 each side's gradient over a few programs at small N, at most ~SMs x 64 partial rows.)
-Ranks must hold the same number of rows b, as in open_clip (labels are rank * b + arange(b)).
+Ranks must hold the same number of rows b, as in open_clip (labels are rank * b + arange(b)); the forward checks
+so with one small gather first, and every rank raises the same ValueError where they differ.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from kernels.contrastive.collectives import gather_rows, group_shape, merge_column_stats, reduce_to_owner
+from kernels.contrastive.collectives import (gather_rows, group_shape, merge_column_stats, reduce_to_owner,
+                                             require_same_shape)
 from kernels.contrastive.torch_chunked import ColumnMerge
 
 
@@ -101,6 +103,7 @@ class ContrastiveLossFunction(torch.autograd.Function):
             image_features = torch.where(mask[:, None], image_features, 0.0)  # a Python 0 keeps the dtype
             text_features = torch.where(mask[:, None], text_features, 0.0)
         if world > 1:  # every rank gathers masks, whether or not it was given one: the collectives pair up
+            require_same_shape(image_features, group, world)
             all_valid = gather_rows(mask.to(torch.uint8), group, world).bool()  # gloo gathers no bool
             norm = world / all_valid.sum().clamp(min=1).to(compute)
         elif given_mask:

@@ -43,6 +43,16 @@ def _loss_and_grads(loss_fn, images: torch.Tensor, texts: torch.Tensor, logit_sc
     return {"loss": loss.detach(), "images": images.grad, "texts": texts.grad, "logit_scale": logit_scale.grad}
 
 
+def _uneven_rows_error(loss_fn, rank: int, dim: int) -> str:
+    """What rank `rank` is told when rank r passes r + 1 rows."""
+    features = F.normalize(torch.randn(rank + 1, dim), dim=-1)
+    try:
+        loss_fn(features, features, torch.tensor(10.0), backend="torch")
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def run(rank: int, world: int, port: int, rows: int, dim: int, seed: int, out_dir: str) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     from open_clip.loss import ClipLoss
@@ -61,6 +71,8 @@ def run(rank: int, world: int, port: int, rows: int, dim: int, seed: int, out_di
                 results[(backend, kind)] = _loss_and_grads(
                     lambda i, t, s: contrastive_loss(i, t, s, local_mask, backend=backend),
                     images, texts, batch["logit_scale"], upstream)
+        # before open_clip's gathers, which then show that the ranks' collectives are still in step
+        results["uneven"] = _uneven_rows_error(contrastive_loss, rank, dim)
         open_clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
         results[("open_clip", "none")] = _loss_and_grads(open_clip_loss, images, texts, batch["logit_scale"], upstream)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")

@@ -583,6 +583,9 @@ def _check_gloo_results(world: int, rows: int, dim: int, seed: int, tmp_path) ->
                 if kind == "none":
                     _assert_same(result[(backend, kind)], result[("open_clip", "none")],
                                  f"rank {rank} {backend} vs open_clip")
+    # ranks that pass different b are all told so, each rank's shape named (gloo aborted in the gather)
+    for result in results:
+        assert str([(rank + 1, dim) for rank in range(world)]) in result["uneven"], result["uneven"]
     # the gradient each rank gets includes the other ranks' losses, so ranks really exchanged rows
     assert not torch.allclose(results[0][("torch", "none")]["images"],
                               _reference_per_rank({**batch, "upstream": torch.eye(world)[0]},
