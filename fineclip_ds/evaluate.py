@@ -40,6 +40,8 @@ FOLDER_INPUTS = ("images", "labels")
 TASK_OPTIONS = {"box-cls": ("templates", "keep_crowd", "min_box_size", "no_crop_baseline"),
                 "retrieval": ("split", "retrieval_resize"), "segmentation": ("templates", "slide", "reduce_zero_label"),
                 "dense-viz": ("max_images",), "world": ("max_images", "no_crop_baseline")}
+# read by the world task too, and recorded in its results as the values it resolved (from the run when not given)
+WORLD_OPTIONS = ("world_seed", "world_image_size")
 DENSE_VIZ_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 Annotations = BoxDataset | CaptionFile | tuple[list[str], list[LabelledImage]] | list[Path] | None
 
@@ -154,6 +156,20 @@ def _check_inputs(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} {value}: expected a file")
 
 
+def _read_by(task: str) -> tuple[str, ...]:
+    """The task-specific arguments `task` reads."""
+    return TASK_INPUTS[task] + TASK_OPTIONS[task] + (WORLD_OPTIONS if task == "world" else ())
+
+
+def _refuse_unread_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An option the chosen task does not read is refused, not ignored: --task world scored with its own
+    'shapes' templates whatever --templates said, and --slide did nothing outside segmentation."""
+    for name in sorted({name for task in TASKS for name in _read_by(task)} - set(_read_by(args.task))):
+        if getattr(args, name) != parser.get_default(name):
+            readers = " / ".join(task for task in TASKS if name in _read_by(task))
+            parser.error(f"--{name} does not apply to --task {args.task} (--task {readers} reads it)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
@@ -189,6 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.image_size and len(args.image_size) > 2:
         parser.error(f"--image_size: got {len(args.image_size)} numbers, expected H or H W")
+    _refuse_unread_options(parser, args)
     return args
 
 

@@ -265,6 +265,22 @@ def test_counts_and_sizes_out_of_range_are_usage_errors(data, tmp_path, capsys, 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--task", "world", "--templates", "openai"],
+     "--templates does not apply to --task world (--task box-cls / segmentation reads it)"),
+    (["--task", "box-cls", "--slide"], "--slide does not apply to --task box-cls (--task segmentation reads it)"),
+    (["--task", "retrieval", "--world_seed", "3"],
+     "--world_seed does not apply to --task retrieval (--task world reads it)"),
+    (["--task", "dense-viz", "--annotations", "a.json"],
+     "--annotations does not apply to --task dense-viz (--task box-cls / retrieval reads it)"),
+])
+def test_an_option_the_task_does_not_read_is_refused_not_ignored(tmp_path, capsys, args, message):
+    """--task world scored with its 'shapes' templates whatever --templates said."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "not_read"), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_checkpoint_or_size_that_does_not_fit_the_model_is_a_clear_exit(data, tmp_path):
     torch.save(open_clip.create_model("FineCLIP-ViT-T-16-224").state_dict(), tmp_path / "other.pt")
     with pytest.raises(SystemExit, match=f"{tmp_path / 'other.pt'} does not load into model.name 'FineCLIP-ViT-T-8'"):
