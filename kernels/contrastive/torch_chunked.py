@@ -131,8 +131,9 @@ class TorchTiles:
         """Gradients w.r.t. images and texts of sum(row_coef * lse_row) + sum(col_coef * lse_col)
         - 2 * scale * sum(row_coef * pair dot), image i's pair being text own_first + i.
 
-        Each tile is recomputed (1 GEMM), turned into d(loss)/d(dot) and used twice (2 GEMMs); the pairs' term
-        is added after, in the compute dtype (fp32 or wider), where nothing is rounded to half precision.
+        Each tile is recomputed (1 GEMM), turned into d(loss)/d(dot) and used twice (2 GEMMs). The pairs' label
+        term goes into d(loss)/d(dot), where a confident pair's softmax - 1 cancels in the compute dtype as in
+        open_clip's cross-entropy: subtracted after the products, it cancelled against their rounding.
         """
         # images: [b, D]; texts: [N, D]; row_*: [b]; col_*: [N] -> image_grad: [b, D], text_grad: [N, D]
         compute = torch.promote_types(images.dtype, torch.float32)
@@ -146,11 +147,10 @@ class TorchTiles:
                 _, logits = self._logits(images[r0:r1], texts[c0:c1], scale, row_valid[r0:r1], col_valid[c0:c1])
                 grad_logits = (row_coef[r0:r1, None] * torch.exp(logits - row_lse[r0:r1, None])
                                + col_coef[None, c0:c1] * torch.exp(logits - col_lse[None, c0:c1]))
+                first, last = max(r0, c0 - own_first), min(r1, c1 - own_first)  # rows whose pair is in this tile
+                if first < last:
+                    grad_logits.diagonal(own_first + r0 - c0).sub_(2 * row_coef[first:last])
                 grad_dot = grad_logits * scale
                 image_grad[r0:r1] += grad_dot @ texts[c0:c1].to(compute)
                 text_grad[c0:c1] += grad_dot.T @ images[r0:r1].to(compute)
-        pair_coef = (2 * scale * row_coef).unsqueeze(1)
-        own = slice(own_first, own_first + rows)
-        image_grad -= pair_coef * texts[own].to(compute)
-        text_grad[own] -= pair_coef * images.to(compute)
         return image_grad, text_grad
