@@ -130,6 +130,7 @@ def launch_benchmark_shapes(dtype: torch.dtype) -> None:
     scale = torch.tensor(20.0)
     row_valid, col_valid = torch.ones(512, dtype=torch.bool), torch.ones(2048, dtype=torch.bool)
     row_zeros, col_zeros = torch.zeros(512), torch.zeros(2048)
+    row_lse, col_lse = torch.zeros(2, 512), torch.zeros(2, 2048)  # (max, log sum)
     # The defaults (one group / split for all blocks), and one block per group / split (a size-1 argument that
     # Triton specialises into its own binary, as GPUs take at small N) with the fused backward (fp16's default)
     # for bf16 and fp32 too.
@@ -140,7 +141,7 @@ def launch_benchmark_shapes(dtype: torch.dtype) -> None:
     for setting in settings:
         tiles = contrastive_launch.TritonTiles(**setting)
         tiles.loss_terms(images, texts, scale, row_valid, col_valid, 0, None)
-        tiles.grads(images, texts, scale, row_valid, col_valid, row_zeros, col_zeros, row_zeros, col_zeros, 0)
+        tiles.grads(images, texts, scale, row_valid, col_valid, row_lse, col_lse, row_zeros, col_zeros, 0)
     # a rank of several: its column groups merged before the ranks merge theirs (here, with no one)
     contrastive_launch.TritonTiles().loss_terms(images, texts, scale, row_valid, col_valid, 0, lambda stats: stats)
 

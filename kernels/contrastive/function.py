@@ -8,7 +8,9 @@ Rank r computes only its row stripe, tile by tile, and from each tile takes both
 column statistics. Column statistics over every rank's stripe are merged by a max + sum all-reduce
 of O(N) floats, after which every column's text -> image log-sum-exp is known everywhere. So each
 tile of G is built by exactly one rank and serves both directions. Only texts need gathering: images
-are only ever anchors of their own rank's stripe.
+are only ever anchors of their own rank's stripe. Each log-sum-exp is kept as (max, log sum exp(x - max)),
+never added up, and each anchor's pair dot is taken from the forward tile that holds it (torch_chunked's
+module doc says why).
 
 Backward recomputes each tile, forms d(sum of all ranks' losses)/d(logits) for it (the row softmax
 weighted by rank r's upstream gradient, the column softmax by the column owner's, less the label's 1 on the
@@ -55,17 +57,20 @@ class TilePasses(Protocol):
     def loss_terms(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, row_valid: torch.Tensor,
                    col_valid: torch.Tensor, own_first: int,
                    merge_columns: ColumnMerge | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row log-sum-exps [b], column log-sum-exps [N] over every rank's rows, terms [2, b]): per anchor
-        row, its loss 0.5 * (lse_row + lse_col) - scale * pair dot and its logit-scale gradient, 0 on masked
-        rows. Anchor i's pair is text own_first + i; `merge_columns` combines the column statistics of all
-        ranks' rows (None: one process)."""
+        """(row log-sum-exps [2, b], column log-sum-exps [2, N] over every rank's rows, terms [2, b]): each
+        log-sum-exp as (max, log sum exp(x - max)); per anchor row, its loss 0.5 * ((max_row - x) + log sum_row
+        + (max_col - x) + log sum_col), x being scale * pair dot from the tile that gave the maxes, and its
+        logit-scale gradient, 0 on masked rows. Anchor i's pair is text own_first + i; `merge_columns` combines
+        the column statistics of all ranks' rows (None: one process)."""
         ...
 
     def grads(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
               row_coef: torch.Tensor, col_coef: torch.Tensor, own_first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients w.r.t. images [b, D] and texts [N, D] of sum(row_coef * row_lse) + sum(col_coef * col_lse)
-        - 2 * scale * sum(row_coef * pair dot), in any float dtype. Callers pass col_coef[own_first + i] ==
+        - 2 * scale * sum(row_coef * pair dot), in any float dtype, the log-sum-exps in `loss_terms`' two parts.
+        Tiles recomputed as the forward built them give softmax weights exp((x - max) - log sum) whose pair entry
+        is exp(-log sum) exactly where the pair is the top logit. Callers pass col_coef[own_first + i] ==
         row_coef[i] (both are this rank's upstream weight on a valid row); the Triton kernels take the text
         side's label coefficient from col_coef."""
         ...

@@ -35,16 +35,17 @@ from kernels.device import launch_device, multiprocessor_count
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # TRITON_INTERPRET=1 at import time runs the kernels on the CPU interpreter (the tests do this).
 INTERPRETED = isinstance(stats_partials_kernel, InterpretedFunction)
-# The default half-precision tiles take up to 232 registers x 256 threads (sm_90 codegen): one program per SM.
+# The default half-precision tiles take up to 240 registers x 256 threads (sm_80 and sm_90 codegen): one program
+# per SM.
 PROGRAMS_PER_MULTIPROCESSOR = 1
 # (BLOCK_M, BLOCK_N, BLOCK_K) at most, by where the kernels run (see the module doc)
 HALF_TILES, FP32_TILES, INTERPRETER_TILES = (64, 128, 64), (16, 32, 16), (32, 32, 32)
 # Other half-precision tiles the GPU session times against HALF_TILES (benchmarks/gpu_session.py), spill-free
 # too (kernels.codegen compiles them); 128 x 128 tiles and 64-wide K steps beside 128-row blocks spill.
 CANDIDATE_HALF_TILES = ((64, 128, 32), (128, 64, 32))
-# Elements per program of the statistics' merge / finish launches, and (rows, feature columns) per program of the
-# per-row loss terms: memory-bound element-wise work on O(N) floats and one read of the [b, D] pairs.
-FINISH_BLOCK, TERMS_ROWS, TERMS_DIM = 1024, 32, 64
+# Elements per program of the statistics' merge / finish launches, and rows per program of the per-row loss
+# terms: memory-bound element-wise work on O(N) floats.
+FINISH_BLOCK, TERMS_ROWS = 1024, 32
 
 
 def runs_on(device: torch.device) -> bool:
@@ -162,7 +163,8 @@ class TritonTiles:
                    pair_offset: int, fused: bool) -> torch.Tensor:
         """Gradient w.r.t. the anchors of the coefficient-weighted log-sum-exps of both directions, less
         2 * scale * anchor_coef times the pair's dot (anchor i's pair: other i - pair_offset)."""
-        # anchors: [m, D]; others: [n, D]; anchor_*: [m]; other_*: [n] (as `grads` prepares them)
+        # anchors: [m, D]; others: [n, D]; anchor_lse: [2, m]; anchor_*: [m]; other_lse: [2, n]; other_*: [n]
+        # (as `grads` prepares them)
         # -> [m, D] in the anchors' dtype (cuBLAS) or fp32 (fused)
         constants = self._constants(anchors, others)
         if not fused:
@@ -174,7 +176,7 @@ class TritonTiles:
         partials = anchors.new_zeros(splits, *anchors.shape, dtype=torch.float32)
         with launch_device(anchors):
             grad_partials_kernel[(triton.cdiv(rows, constants["BLOCK_M"]), splits)](
-                anchors, others, anchor_valid, other_valid, scale, anchor_lse, anchor_coef, other_lse, other_coef,
+                anchors, others, anchor_valid, other_valid, scale, *anchor_lse, anchor_coef, *other_lse, other_coef,
                 partials, rows, others.shape[0], anchors.shape[1], anchors.stride(0), others.stride(0),
                 blocks_per_split, pair_offset, **constants)
         return partials[0] if splits == 1 else partials.sum(0)
@@ -185,11 +187,12 @@ class TritonTiles:
                            anchor_coef: torch.Tensor, other_lse: torch.Tensor, other_coef: torch.Tensor,
                            pair_offset: int, out: torch.Tensor, constants: dict) -> None:
         """d(loss)/d(dot) of the anchors' rows against all others into `out`, the tiles recomputed."""
-        # anchors: [m, D]; others: [n, D]; out: [m, n] contiguous, in the anchors' dtype
+        # anchors: [m, D]; others: [n, D]; anchor_lse: [2, m]; other_lse: [2, n]; out: [m, n] contiguous, in the
+        # anchors' dtype
         rows, count = anchors.shape[0], others.shape[0]
         with launch_device(anchors):
             grad_logits_kernel[(triton.cdiv(count, constants["BLOCK_N"]), triton.cdiv(rows, constants["BLOCK_M"]))](
-                anchors, others, anchor_valid, other_valid, scale, anchor_lse, anchor_coef, other_lse, other_coef,
+                anchors, others, anchor_valid, other_valid, scale, *anchor_lse, anchor_coef, *other_lse, other_coef,
                 out, rows, count, anchors.shape[1], anchors.stride(0), others.stride(0), pair_offset, **constants)
 
     def _row_grads_through_cublas(self, anchors: torch.Tensor, others: torch.Tensor, scale: torch.Tensor,
@@ -207,7 +210,7 @@ class TritonTiles:
         for first in range(0, rows, stripe):
             last = min(first + stripe, rows)
             self._write_grad_logits(anchors[first:last], others, scale, anchor_valid[first:last], other_valid,
-                                    anchor_lse[first:last], anchor_coef[first:last], other_lse, other_coef,
+                                    anchor_lse[:, first:last], anchor_coef[first:last], other_lse, other_coef,
                                     pair_offset - first, grad_logits[:last - first], constants)
             torch.mm(grad_logits[:last - first], others, out=grad[first:last])
         return grad
@@ -219,7 +222,7 @@ class TritonTiles:
         """One launch writes d(loss)/d(dot) of all [b, N] entries (both directions' softmax terms and the label);
         the images' gradient is it times the texts, the texts' its transpose times the images, both in cuBLAS:
         each tile is recomputed once, not once per direction (3 GEMMs per tile instead of 4)."""
-        # images: [b, D]; texts: [N, D] -> [b, D], [N, D] in the features' dtype
+        # images: [b, D]; texts: [N, D]; row_lse: [2, b]; col_lse: [2, N] -> [b, D], [N, D] in the features' dtype
         grad_logits = images.new_empty(images.shape[0], texts.shape[0])
         self._write_grad_logits(images, texts, scale, row_valid, col_valid, row_lse, row_coef, col_lse, col_coef,
                                 -own_first, grad_logits, self._constants(images, texts))
@@ -228,16 +231,17 @@ class TritonTiles:
     def loss_terms(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, row_valid: torch.Tensor,
                    col_valid: torch.Tensor, own_first: int,
                    merge_columns: ColumnMerge | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row and column log-sum-exps and the per-row loss terms (see `TilePasses`), in four launches at most:
-        the statistics (one pass over the tiles), the merge of one process's column groups where ranks merge
-        theirs next, the columns' finish, and the rows' finish with their loss terms."""
+        """Row and column log-sum-exps (max, log sum) and the per-row loss terms (see `TilePasses`), in four
+        launches at most: the statistics (one pass over the tiles, which also writes each anchor's pair), the
+        merge of one process's column groups where ranks merge theirs next, the columns' finish, and the rows'
+        finish with their loss terms."""
         # images: [b, D] local; texts: [N, D] gathered; scale: [] fp32; row_valid: [b], col_valid: [N] bool
-        # -> row_lse: [b], col_lse: [N], terms: [2, b] fp32
+        # -> row_lse: [2, b], col_lse: [2, N], terms: [2, b] fp32
         self._check(images, texts)
         images, texts = images.contiguous(), texts.contiguous()
         rows, cols = images.shape[0], texts.shape[0]
         if not (rows and cols):  # ranks hold the same b: no rank has rows, so none merges columns
-            return (images.new_zeros(rows, dtype=torch.float32), images.new_zeros(cols, dtype=torch.float32),
+            return (images.new_zeros(2, rows, dtype=torch.float32), images.new_zeros(2, cols, dtype=torch.float32),
                     images.new_zeros(2, rows, dtype=torch.float32))
         constants = self._constants(images, texts)
         row_blocks, col_blocks = triton.cdiv(rows, constants["BLOCK_M"]), triton.cdiv(cols, constants["BLOCK_N"])
@@ -247,15 +251,16 @@ class TritonTiles:
         # (max, sum exp, sum exp * dot) per column group for the rows, per row group for the columns
         row_partials = images.new_empty(3, col_groups, rows, dtype=torch.float32)
         col_partials = images.new_empty(3, row_groups, cols, dtype=torch.float32)
-        col_finished = images.new_empty(2, cols, dtype=torch.float32)  # lse, expected dot
-        row_lse = images.new_empty(rows, dtype=torch.float32)
+        pair = images.new_empty(2, rows, dtype=torch.float32)  # each anchor's pair dot and logit
+        col_finished = images.new_empty(3, cols, dtype=torch.float32)  # max, log sum, expected dot
+        row_lse = images.new_empty(2, rows, dtype=torch.float32)  # max, log sum
         terms = images.new_empty(2, rows, dtype=torch.float32)
         scale, row_flags = scale.reshape(1).float(), row_valid.view(torch.int8)
         with launch_device(images):
             stats_partials_kernel[(row_groups, col_groups)](
-                images, texts, row_flags, col_valid.view(torch.int8), scale, *row_partials, *col_partials,
+                images, texts, row_flags, col_valid.view(torch.int8), scale, *row_partials, *col_partials, pair,
                 rows, cols, images.shape[1], images.stride(0), texts.stride(0), row_blocks_per_group,
-                col_blocks_per_group, **constants)
+                col_blocks_per_group, own_first, **constants)
             column_grid = (triton.cdiv(cols, FINISH_BLOCK),)
             if merge_columns is None:
                 finish_partials_kernel[column_grid](*col_partials, row_groups, cols, *col_finished, BLOCK=FINISH_BLOCK)
@@ -266,18 +271,18 @@ class TritonTiles:
                                                     BLOCK=FINISH_BLOCK)
             own = slice(own_first, own_first + rows)
             row_terms_kernel[(triton.cdiv(rows, TERMS_ROWS),)](
-                images, texts[own], images.stride(0), texts.stride(0), images.shape[1], *row_partials, col_groups,
-                rows, row_flags, col_finished[0, own], col_finished[1, own], scale, row_lse, terms,
-                BLOCK_R=TERMS_ROWS, BLOCK_D=min(TERMS_DIM, _fit(images.shape[1], TERMS_DIM)))
-        return row_lse, col_finished[0], terms
+                pair, *row_partials, col_groups, rows, row_flags, *col_finished[:, own], row_lse, terms,
+                BLOCK_R=TERMS_ROWS)
+        return row_lse, col_finished[:2], terms
 
     def grads(self, images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor,
               row_valid: torch.Tensor, col_valid: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
               row_coef: torch.Tensor, col_coef: torch.Tensor, own_first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients w.r.t. images and texts of sum(row_coef * row_lse) + sum(col_coef * col_lse)
-        - 2 * scale * sum(row_coef * pair dot), image i's pair being text own_first + i."""
-        # images: [b, D]; texts: [N, D]; row_*: [b]; col_*: [N] -> image_grad: [b, D], text_grad: [N, D], each in
-        # the features' dtype (cuBLAS backward) or fp32 (fused)
+        - 2 * scale * sum(row_coef * pair dot), image i's pair being text own_first + i; the log-sum-exps in two
+        parts (max, log sum), as `loss_terms` gives them."""
+        # images: [b, D]; texts: [N, D]; row_lse: [2, b]; col_lse: [2, N]; row_coef: [b]; col_coef: [N]
+        # -> image_grad: [b, D], text_grad: [N, D], each in the features' dtype (cuBLAS backward) or fp32 (fused)
         self._check(images, texts)
         images, texts = images.contiguous(), texts.contiguous()
         if not (images.shape[0] and texts.shape[0]):

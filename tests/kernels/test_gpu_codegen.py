@@ -32,9 +32,9 @@ def test_every_kernel_is_compiled_for_both_archs_and_all_dtypes(codegen):
         for dtype in ("fp32", "bf16", "fp16"):
             compiled = {launch["kernel"] for launch in launches if launch["arch"] == arch and launch["dtype"] == dtype}
             # fp16 always takes the fused backward: its d(loss)/d(dot) needs per-tile rescaling; the statistics'
-            # merge and finish read fp32 statistics only, whatever the features' dtype
+            # merge and finish and the per-row loss terms read fp32 statistics only, whatever the features' dtype
             expected = ALL_KERNELS - ({"grad_logits_kernel"} if dtype == "fp16" else set()) - (
-                set() if dtype == "fp32" else {"merge_partials_kernel", "finish_partials_kernel"})
+                set() if dtype == "fp32" else {"merge_partials_kernel", "finish_partials_kernel", "row_terms_kernel"})
             assert compiled | {"region_factors_kernel"} == expected, (arch, dtype, compiled)
     pool_forwards = [launch for launch in launches if launch["kernel"] == "region_pool_fwd_kernel"]
     assert {launch["constants"]["NORMALIZE"] for launch in pool_forwards} == {False, True}
