@@ -40,9 +40,26 @@ class AblationIncomplete(RuntimeError):
     """A loss set stopped before its last step (a stop signal): no table of half-trained models is written."""
 
 
+# what each loss set's run is given, after --set: a --set of one of these would be replaced, yet recorded as applied
+SET_BY_ABLATION = {
+    **{f"losses.{key}": "each loss set's own weights" for key in ("w_gc", "w_sd", "w_rc")},
+    "train.max_steps": "--steps", "train.seed": "--seed", "train.output_dir": "--output_dir, one folder per loss set",
+    "train.save_every": "--steps", "train.resume": "auto", "eval.every": "0: each loss set is scored once, at its end",
+}
+
+
+def _refuse_replaced_overrides(overrides: tuple[str, ...]) -> None:
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in SET_BY_ABLATION:
+            raise ConfigError(f"--set {override}: {key} is set by the ablation itself ({SET_BY_ABLATION[key]}), "
+                              "so this value would be replaced")
+
+
 def run_ablation(steps: int, seed: int, output_dir: Path, recipe: str = "tiny-cpu",
                  deepspeed_config: str = str(DEFAULT_DEEPSPEED_CONFIG), eval_images: int = 256,
                  overrides: tuple[str, ...] = ()) -> list[dict]:
+    _refuse_replaced_overrides(overrides)
     configs = {name: load_config(recipe, [
         *overrides, *(f"losses.{key}={value}" for key, value in weights.items()),
         f"train.max_steps={steps}", f"train.seed={seed}", f"train.output_dir={output_dir / name.replace('+', '_')}",

@@ -83,3 +83,19 @@ def test_ablation_refuses_an_eval_images_count_below_one_before_training(tmp_pat
         ablation.main(["--steps", "2", "--eval_images", value, "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "--eval_images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["losses.w_sd=0", "losses.w_rc=0.5", "train.max_steps=7", "eval.every=5"])
+def test_a_set_that_the_ablation_replaces_is_refused_not_silently_dropped(tmp_path, monkeypatch, capsys, override):
+    """`--set losses.w_sd=0` was accepted, replaced by each loss set's own weights (L_GC+L_SD trained with w_sd=1),
+    and still recorded in ablation.json's "overrides" as if it had applied."""
+    import fineclip_ds.ablation as ablation
+
+    def no_training(config, deepspeed_config):
+        raise AssertionError(f"trained with --set {override} silently replaced")
+
+    monkeypatch.setattr(ablation, "train", no_training)
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--steps", "2", "--output_dir", str(tmp_path), "--set", override])
+    assert exit_info.value.code == 2
+    assert override.split("=")[0] in capsys.readouterr().err

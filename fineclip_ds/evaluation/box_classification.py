@@ -60,8 +60,8 @@ def load_coco_boxes(annotation_file: Path, image_dir: Path, keep_crowd: bool = F
 def _categories_by_id(categories: object, annotation_file: Path) -> dict[object, str]:
     """category id -> name, in id order. A category id listed twice is refused: which name a box of that id
     would be scored against depends on the order of the list, and the scores change silently."""
-    if not isinstance(categories, list):
-        raise ValueError(f"{annotation_file}: 'categories' = {categories!r:.200}; expected a list")
+    if not isinstance(categories, list) or not categories:  # [] failed in open_clip, after the model loaded
+        raise ValueError(f"{annotation_file}: 'categories' = {categories!r:.200}; expected a non-empty list")
     names: dict[object, str] = {}
     for index, category in enumerate(categories):
         if not isinstance(category, dict) or not isinstance(category.get("id"), int) or not isinstance(
@@ -98,7 +98,8 @@ def _parse_coco(names: dict, annotations: list[dict], categories: dict[object, s
             if segment.get("iscrowd", 0) and not keep_crowd:
                 dataset.skipped["crowd_box"] += 1
                 continue
-            if not isinstance(segment.get("category_id"), Hashable) or segment["category_id"] not in index_of:
+            category = segment.get("category_id")  # None where missing: counted as unknown, not a KeyError
+            if not isinstance(category, Hashable) or category not in index_of:
                 dataset.skipped["unknown_category"] += 1
                 continue
             box, reason = coco_box(segment.get("bbox"))
@@ -110,7 +111,7 @@ def _parse_coco(names: dict, annotations: list[dict], categories: dict[object, s
                 dataset.skipped["box_under_min_size"] += 1
                 continue
             boxes.append(box)
-            labels.append(index_of[segment["category_id"]])
+            labels.append(index_of[category])
         if boxes:
             path = image_dir / file_name
             dataset.images.append(BoxImage(lambda path=path: Image.open(path), boxes, labels, file_name))

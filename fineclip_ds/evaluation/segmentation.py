@@ -41,7 +41,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # as dense-viz reads (.webp
 
 def load_label_folder(image_dir: Path, label_dir: Path, class_file: Path) -> tuple[list[str], list[LabelledImage]]:
     """ADE20K / Pascal Context style: images, label PNGs of the same stem, one class name per line."""
-    class_names = [line.strip() for line in Path(class_file).read_text().splitlines() if line.strip()]
+    class_names = [line.strip() for line in Path(class_file).read_text().splitlines()]
+    while class_names and not class_names[-1]:  # trailing blank lines name nothing
+        class_names.pop()
+    if not class_names:  # failed in open_clip, after the model loaded
+        raise ValueError(f"--classes {class_file}: no class names; expected one per line")
+    if "" in class_names:  # dropped, it shifted every later name onto the next label index, silently
+        raise ValueError(f"--classes {class_file}: line {class_names.index('') + 1} is blank; line k names label "
+                         "index k - 1, so name it (e.g. 'unlabeled') or remove it and renumber the labels")
     items = []
     for image_path in sorted(p for p in Path(image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         label_path = Path(label_dir) / f"{image_path.stem}.png"

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from fineclip_ds.data.shapes_world import EVAL_INDEX_OFFSET, ShapesWorld
 
@@ -52,3 +53,18 @@ def test_label_maps_mark_each_shape_with_its_class_and_background_as_ignored():
         x1, y1, x2, y2 = (int(round(v)) for v in sample.boxes[-1])
         assert labels[(y1 + y2) // 2, (x1 + x2) // 2] == sample.labels[-1]
         assert labels[0, 0] == IGNORE_LABEL or any(b[0] < 1 and b[1] < 1 for b in sample.boxes)
+
+
+@pytest.mark.parametrize("args", [["--samples_per_shard", "0"], ["--num_samples", "-5"]])
+def test_the_shards_cli_refuses_counts_below_one_with_a_message(tmp_path, monkeypatch, capsys, args):
+    """`python -m fineclip_ds.data.shapes_world --samples_per_shard 0` ended in 'ValueError: range() arg 3 must not
+    be zero' (a traceback, exit 1); `--num_samples -5` printed 'wrote -5 samples to 0 shards' and exited 0."""
+    import sys
+
+    from fineclip_ds.data.shapes_world import main
+
+    monkeypatch.setattr(sys, "argv", ["shapes_world", "--output_dir", str(tmp_path / "shards"), *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert args[0] in capsys.readouterr().err

@@ -125,3 +125,13 @@ def test_a_category_id_listed_twice_is_refused_naming_both_names(tmp_path):
     annotation_file = _coco_file(tmp_path, [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}], categories)
     with pytest.raises(ValueError, match="coco.json: category id 1 is listed twice, as 'red square' and 'red block'"):
         load_coco_boxes(annotation_file, tmp_path)
+
+
+def test_an_annotation_without_a_category_id_is_skipped_and_counted_not_a_key_error(tmp_path):
+    """README: malformed boxes are skipped and counted; an instances annotation or panoptic segment with no
+    'category_id' raised KeyError: 'category_id' out of `python -m fineclip_ds.evaluate --task box-cls` (exit 1)."""
+    good = {"image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5]}
+    missing = [{"image_id": 1, "bbox": [1, 1, 5, 5]}, {"image_id": 1, "segments_info": [{"bbox": [1, 1, 5, 5]}]}]
+    dataset = load_coco_boxes(_coco_file(tmp_path, [good, *missing]), tmp_path)
+    assert [image.boxes for image in dataset.images] == [[[1, 1, 6, 6]]]
+    assert dataset.skipped == {"unknown_category": 2}

@@ -417,3 +417,23 @@ def test_a_tag_folder_that_is_not_there_is_named_as_the_checkpoint_given(runs, t
     with pytest.raises(SystemExit, match=rf"--checkpoint {missing}: no such checkpoint \(the run folder's latest is "
                                          r"step_00000004\)"):
         main(["--checkpoint", str(missing), "--task", "world", "--output", str(tmp_path / "r.json")])
+
+
+def test_an_empty_class_list_is_a_clear_exit_not_an_assertion_error(data, tmp_path):
+    """README: a missing or wrong input exits 2 with a message. An empty --classes file (segmentation) and a COCO
+    file whose 'categories' is [] (box-cls) each ended in a bare AssertionError from open_clip's
+    build_zero_shot_classifier (exit 1), after the model had loaded."""
+    (tmp_path / "labels").mkdir()
+    ShapesWorld(seed=9, image_size=96).sample(0).label_map.save(tmp_path / "labels" / "000.png")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        _evaluate(data, tmp_path, "--task", "segmentation", "--images", str(data / "images"),
+                  "--labels", str(tmp_path / "labels"), "--classes", str(tmp_path / "empty.txt"))
+    assert exit_.value.code == 2 or "classes" in str(exit_.value.code)
+    coco = json.loads((data / "instances.json").read_text())
+    coco["categories"] = []
+    (tmp_path / "no_categories.json").write_text(json.dumps(coco))
+    with pytest.raises(SystemExit) as exit_:
+        _evaluate(data, tmp_path, "--task", "box-cls", "--annotations", str(tmp_path / "no_categories.json"),
+                  "--images", str(data / "images"))
+    assert exit_.value.code == 2 or "categor" in str(exit_.value.code)

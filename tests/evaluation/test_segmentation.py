@@ -38,3 +38,15 @@ def test_the_label_folder_reads_every_image_format_dense_viz_reads(tmp_path):
     classes, items = load_label_folder(tmp_path / "images", tmp_path / "labels", tmp_path / "classes.txt")
     assert classes == ["cat", "dog"]
     assert [item.label_path.name for item in items] == ["a.png", "b.png", "c.png"]
+
+
+def test_a_blank_line_inside_the_classes_file_does_not_silently_shift_the_class_indices(tmp_path):
+    """Label pixel k is class k = line k + 1 of --classes; a blank line in the middle was dropped, so every later
+    line's name was scored against the next index's pixels, silently (a trailing newline is harmless)."""
+    (tmp_path / "images").mkdir(), (tmp_path / "labels").mkdir()
+    (tmp_path / "classes.txt").write_text("wall\n\nfloor\nceiling\n")
+    try:
+        names, _ = load_label_folder(tmp_path / "images", tmp_path / "labels", tmp_path / "classes.txt")
+    except ValueError:
+        return  # refused: fine
+    assert names.index("floor") == 2 and names.index("ceiling") == 3
