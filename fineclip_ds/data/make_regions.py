@@ -45,12 +45,13 @@ from fineclip_ds.config import positive_int
 from fineclip_ds.data.captioner import TransformersCaptioner
 from fineclip_ds.data.images import to_rgb
 from fineclip_ds.data.pair_sources import Pair, Unit, coco_caption_units, folder_units, webdataset_units
-from fineclip_ds.data.proposals import (CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter,
-                                        Proposer)
+from fineclip_ds.data.proposals import (CocoBoxProposer, DetectorMismatch, DetectorProposer, GridProposer,
+                                        ProposalFilter, Proposer)
 from fineclip_ds.data.records import encode_record, record_key
 from fineclip_ds.data.region_annotators import CaptionedProposals, RegionAnnotator, ReleasedRegionCaptions
 from fineclip_ds.data.streams import expand_shard_urls, is_local, missing_local_shards
 from fineclip_ds.files import write_atomically
+from fineclip_ds.usage_errors import UsageError, report_usage_errors
 
 log = logging.getLogger("fineclip_ds")
 
@@ -259,7 +260,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--proposals coco needs --coco_instances")
     if not args.fineclip_proposals and args.proposals == "detector" and not args.detector_weights:
         parser.error("--proposals detector needs --detector_weights")
+    if unknown := unknown_generate_settings(args.generate):
+        parser.error(f"--generate: {unknown}; expected a JSON object of generate() settings (transformers' "
+                     "GenerationConfig fields, e.g. num_beams)")
     return args
+
+
+def unknown_generate_settings(generate: object) -> str:
+    """What is wrong with --generate, or ''. Checked before the captioner loads: transformers refuses an unknown
+    key only at the first generate() call, with a shard already open."""
+    if not isinstance(generate, dict):
+        return f"got {type(generate).__name__} {generate!r:.100}"
+    from transformers import GenerationConfig
+
+    defaults = GenerationConfig()
+    unknown = sorted(key for key in generate if not hasattr(defaults, key))
+    return f"unknown settings {unknown}" if unknown else ""
 
 
 def output_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -303,18 +319,29 @@ def record_settings(output_dir: Path, settings: dict[str, Any], rank: int) -> No
 def units_from(args: argparse.Namespace) -> list[Unit]:
     if args.shards:
         return webdataset_units(args.shards)
-    if args.images and args.coco_captions:
-        return coco_caption_units(args.coco_captions, args.images, args.samples_per_shard)
-    if args.images and args.captions:
+    if not (args.images and (args.coco_captions or args.captions)):
+        raise UsageError("input: give --shards, or --images with --captions or --coco_captions")
+    option, path = ("--coco_captions", args.coco_captions) if args.coco_captions else ("--captions", args.captions)
+    try:
+        if args.coco_captions:
+            return coco_caption_units(args.coco_captions, args.images, args.samples_per_shard)
         return folder_units(args.images, args.captions, args.samples_per_shard)
-    raise SystemExit("input: give --shards, or --images with --captions or --coco_captions")
+    except ValueError as error:  # a file of another shape, or cut short (JSONDecodeError): its message, no stack
+        raise UsageError(f"{option} {path}: {error}") from error
 
 
 def proposer_from(args: argparse.Namespace, device: str = "cpu") -> Proposer:
     if args.proposals == "coco":
         return CocoBoxProposer(args.coco_instances)
     if args.proposals == "detector":
-        return DetectorProposer(args.detector_weights, args.detector_arch, args.detector_classes, device)
+        try:
+            return DetectorProposer(args.detector_weights, args.detector_arch, args.detector_classes, device)
+        except DetectorMismatch as error:
+            raise UsageError(f"--detector_weights {args.detector_weights} does not load into --detector_arch "
+                             f"{args.detector_arch} with --detector_classes {args.detector_classes}: {error}") from error
+        except (ValueError, TypeError) as error:  # torchvision: an unknown name, or a model that is no detector
+            raise UsageError(f"--detector_arch {args.detector_arch}: not a torchvision detector (e.g. "
+                             f"fasterrcnn_resnet50_fpn, retinanet_resnet50_fpn): {error}") from error
     return GridProposer()
 
 
@@ -337,14 +364,15 @@ def annotator_from(args: argparse.Namespace, device: str = "cpu") -> RegionAnnot
         captioner = TransformersCaptioner(args.captioner, args.prompt, args.max_new_tokens, args.batch_size,
                                           device, args.generate)
     except (OSError, ValueError) as error:  # transformers' own message, without its stack
-        raise SystemExit(f"--captioner {args.captioner}: not a transformers image-to-text model ({error})") from error
+        raise UsageError(f"--captioner {args.captioner}: not a transformers image-to-text model ({error})") from error
     return CaptionedProposals(proposer_from(args, device), box_filter, captioner, args.prompt)
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
     args = parse_args(argv)
     rank, world_size, device = process_slot()
-    units, annotate = units_from(args), annotator_from(args, device)
+    with report_usage_errors("make_regions"):
+        units, annotate = units_from(args), annotator_from(args, device)
     record_settings(args.output_dir, output_settings(args), rank)  # once the inputs load: a failed start records nothing
     summary = run(units, annotate, args.output_dir, rank, world_size, args.images_per_call, args.keep_readable_part)
     if isinstance(annotate, ReleasedRegionCaptions):  # a run shorter than KEY_CHECK_IMAGES is checked here

@@ -74,6 +74,10 @@ class CocoBoxProposer:
         return Counter(crowd_box=crowd) if crowd else Counter()
 
 
+class DetectorMismatch(ValueError):
+    """The weights file does not fit the detector built (another architecture, or another number of classes)."""
+
+
 class DetectorProposer:
     """A torchvision detector (fasterrcnn_*, retinanet_*) from a local state-dict file; class-agnostic boxes.
 
@@ -86,7 +90,10 @@ class DetectorProposer:
 
         no_score_cut = {"score_thresh": 0.0} if architecture.startswith("retinanet") else {"box_score_thresh": 0.0}
         self.model = get_model(architecture, weights=None, weights_backbone=None, num_classes=num_classes, **no_score_cut)
-        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:
+            self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except RuntimeError as error:  # torch's message lists every mismatched key: its first two lines say enough
+            raise DetectorMismatch(" ".join(line.strip() for line in str(error).splitlines()[:2])) from error
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.eval().to(self.device)
 

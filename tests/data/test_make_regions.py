@@ -26,7 +26,7 @@ from fineclip_ds.data.captioner import clean_caption, new_tokens
 from fineclip_ds.data.collate import RegionCollator
 from fineclip_ds.data.make_regions import main, output_settings, process_slot, record_key, run
 from fineclip_ds.data.pair_sources import coco_caption_units, folder_units, webdataset_units
-from fineclip_ds.data.proposals import CocoBoxProposer, DetectorProposer, GridProposer, ProposalFilter
+from fineclip_ds.data.proposals import CocoBoxProposer, DetectorMismatch, DetectorProposer, GridProposer, ProposalFilter
 from fineclip_ds.data import random_captioners
 from fineclip_ds.data.random_captioners import save_random_blip, save_random_blip2, save_random_llava
 from fineclip_ds.data.region_annotators import (KEY_CHECK_IMAGES, CaptionedProposals, ReleasedRegionCaptions,
@@ -250,7 +250,7 @@ def test_detector_proposals_from_a_local_weights_file(tmp_path):
 
 def test_a_detector_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
     weights = save_tiny_detector(tmp_path / "detector.pt", num_classes=3)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(DetectorMismatch, match="size mismatch"):
         DetectorProposer(weights, "fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=91, device="cpu")
 
 
@@ -772,3 +772,52 @@ def test_the_captioner_names_its_dtype_as_the_installed_transformers_reads_it(tm
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", recording)
     TransformersCaptioner(str(model), device="cpu")
     assert seen == {keyword: torch.float32}
+
+
+@pytest.mark.parametrize("arch,num_classes,expected", [
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", "91", "--detector_classes"),  # the file's head has 3 classes
+    ("fasterrcnn_mobilenet_v3", "3", "--detector_arch"),  # no such torchvision model
+    ("resnet50", "3", "--detector_arch"),  # a torchvision model, not a detector
+])
+def test_cli_a_detector_that_does_not_fit_its_weights_is_a_clear_exit(pairs, tmp_path, capsys, arch, num_classes,
+                                                                       expected):
+    """README: `--detector_classes` must match its head. A mismatch escaped `python -m fineclip_ds.data.make_regions`
+    as a RuntimeError traceback (size mismatch ... exit 1); a typo'd or non-detector --detector_arch as ValueError
+    ('Unknown model') or TypeError ('unexpected keyword argument weights_backbone'), while a missing
+    --detector_weights or --captioner exits 2 with a message."""
+    weights = save_tiny_detector(tmp_path / "detector.pt", num_classes=3)
+    captioner = save_random_blip2(tmp_path / "captioner")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--images", str(pairs[0]), "--captions", str(pairs[1]), "--proposals", "detector",
+              "--detector_arch", arch, "--detector_weights", str(weights), "--detector_classes", num_classes,
+              "--captioner", str(captioner), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_cli_a_typo_in_generate_is_a_clear_exit(pairs, tmp_path, capsys):
+    """`--generate '{"num_beamz": 3}'` escaped as transformers' ValueError traceback ("The following `model_kwargs`
+    are not used by the model: ['num_beamz']", exit 1) from the first generate call, after the captioner had
+    loaded and a shard had been opened; other bad arguments exit 2 with a message naming the option."""
+    captioner = save_random_blip2(tmp_path / "captioner")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--images", str(pairs[0]), "--captions", str(pairs[1]), "--proposals", "grid",
+              "--captioner", str(captioner), "--generate", '{"num_beamz": 3}', "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--generate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,content", [
+    ("--captions", '[{"image": "000.png", "caption": "a red circle"}]'),  # the retrieval list format
+    ("--captions", '{"000.png": "a red'),  # cut short
+    ("--coco_captions", '[{"image": "000.png", "caption": "a red circle"}]'),
+])
+def test_cli_a_captions_file_of_the_wrong_shape_is_a_clear_exit(pairs, tmp_path, capsys, option, content):
+    """These ended in a ValueError / JSONDecodeError traceback from pair_sources (exit 1), while a missing --captions
+    file exits 2 with 'make_regions.py: error: --captions ...'."""
+    (tmp_path / "wrong.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--images", str(pairs[0]), option, str(tmp_path / "wrong.json"), "--proposals", "grid",
+              "--captioner", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert option in capsys.readouterr().err

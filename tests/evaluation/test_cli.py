@@ -429,11 +429,11 @@ def test_an_empty_class_list_is_a_clear_exit_not_an_assertion_error(data, tmp_pa
     with pytest.raises(SystemExit) as exit_:
         _evaluate(data, tmp_path, "--task", "segmentation", "--images", str(data / "images"),
                   "--labels", str(tmp_path / "labels"), "--classes", str(tmp_path / "empty.txt"))
-    assert exit_.value.code == 2 or "classes" in str(exit_.value.code)
+    assert exit_.value.code == 2
     coco = json.loads((data / "instances.json").read_text())
     coco["categories"] = []
     (tmp_path / "no_categories.json").write_text(json.dumps(coco))
     with pytest.raises(SystemExit) as exit_:
         _evaluate(data, tmp_path, "--task", "box-cls", "--annotations", str(tmp_path / "no_categories.json"),
                   "--images", str(data / "images"))
-    assert exit_.value.code == 2 or "categor" in str(exit_.value.code)
+    assert exit_.value.code == 2

@@ -45,8 +45,7 @@ def test_a_blank_line_inside_the_classes_file_does_not_silently_shift_the_class_
     line's name was scored against the next index's pixels, silently (a trailing newline is harmless)."""
     (tmp_path / "images").mkdir(), (tmp_path / "labels").mkdir()
     (tmp_path / "classes.txt").write_text("wall\n\nfloor\nceiling\n")
-    try:
-        names, _ = load_label_folder(tmp_path / "images", tmp_path / "labels", tmp_path / "classes.txt")
-    except ValueError:
-        return  # refused: fine
-    assert names.index("floor") == 2 and names.index("ceiling") == 3
+    with pytest.raises(ValueError, match="line 2 is blank; line k names label index k - 1"):
+        load_label_folder(tmp_path / "images", tmp_path / "labels", tmp_path / "classes.txt")
+    (tmp_path / "classes.txt").write_text("wall\nfloor\n\n")  # trailing blank lines name nothing
+    assert load_label_folder(tmp_path / "images", tmp_path / "labels", tmp_path / "classes.txt")[0] == ["wall", "floor"]
