@@ -206,8 +206,9 @@ def _load_one_at_a_time(clip: torch.nn.Module, state_dict: dict[str, torch.Tenso
     twice. The keys are compared first, as strict loading does, before anything is read."""
     expected = clip.state_dict().keys()
     if state_dict.keys() != expected:
-        raise RuntimeError(f"Error(s) in loading state_dict: missing key(s) {sorted(expected - state_dict.keys())}, "
-                           f"unexpected key(s) {sorted(state_dict.keys() - expected)}")
+        missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+        raise RuntimeError(f"Error(s) in loading state_dict: missing key(s) {missing[:3]} ({len(missing)} in all), "
+                           f"unexpected key(s) {unexpected[:3]} ({len(unexpected)} in all)")
     for name in list(state_dict):
         clip.load_state_dict({name: state_dict.pop(name).contiguous()}, strict=False)
 
@@ -247,6 +248,13 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
     return resized_clip(clip, config.name, force_image_size, device)
 
 
+def _first_lines(error: BaseException, limit: int = 600) -> str:
+    """The first two lines of a loading error, cut at `limit` characters: torch's second line lists every
+    missing key of another architecture (~20 KB for a ViT-B)."""
+    text = " ".join(line.strip() for line in str(error).splitlines()[:2])
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _warn_if_text_stays_random(config: ModelConfig) -> None:
     """The big recipes freeze the text tower and name no weights: unless the user sets model.pretrained, the
     image tower learns to match the captions' random encodings, and nothing else says so."""
@@ -284,7 +292,7 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu", loa
         # open_clip's shape asserts and torch's state-dict errors do not say which setting is wrong
         raise ConfigError(f"model.pretrained: {config.pretrained} does not load into model.name '{config.name}' "
                           f"(another architecture, or not a checkpoint file?): {type(error).__name__}: "
-                          f"{' '.join(line.strip() for line in str(error).splitlines()[:2])}") from error
+                          f"{_first_lines(error)}") from error
     try:
         model = FineCLIP(
             clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing,

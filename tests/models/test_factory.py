@@ -117,3 +117,14 @@ def test_a_model_config_that_drops_patches_is_a_config_error(tmp_path, base):
     open_clip.add_model_config(tmp_path / f"{name}.json")
     with pytest.raises(ConfigError, match="vision_cfg patch_dropout > 0, which drops patch tokens in training"):
         create_fineclip(ModelConfig(name=name))
+
+
+def test_a_checkpoint_of_another_architecture_is_named_in_a_short_message(tmp_path):
+    """torch's second line lists every missing and unexpected key: for a ViT-B file loaded as another model the
+    config error ran to ~20 KB. The message keeps torch's first words and is cut, saying so."""
+    torch.save({f"text.layers.{index}.weight": torch.zeros(1) for index in range(2000)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError) as error:
+        create_fineclip(ModelConfig(name="FineCLIP-ViT-T-8", pretrained=str(tmp_path / "other.pt")))
+    message = str(error.value)
+    assert "does not load into model.name 'FineCLIP-ViT-T-8'" in message and "Missing key(s)" in message
+    assert len(message) < 1000 and message.endswith(" ...")
