@@ -26,3 +26,10 @@ def report_usage_errors(program: str) -> Iterator[None]:
     except UsageError as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         raise
+
+
+def first_lines(error: BaseException, limit: int = 600) -> str:
+    """The first two lines of a loading error, cut at `limit` characters: torch's state-dict errors list every
+    missing key on their second line (~20 KB for a ViT-B file loaded as another model)."""
+    text = " ".join(line.strip() for line in str(error).splitlines()[:2])
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -21,6 +21,7 @@ from torchvision.transforms import functional as TF
 from fineclip_ds.data.coco import coco_xyxy, read_coco
 from fineclip_ds.data.records import FileNameLookup
 from fineclip_ds.data.transforms import as_number, validate_boxes
+from fineclip_ds.usage_errors import first_lines
 
 Box = tuple[float, float, float, float]
 
@@ -93,7 +94,7 @@ class DetectorProposer:
         try:
             self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         except RuntimeError as error:  # torch's message lists every mismatched key: its first two lines say enough
-            raise DetectorMismatch(" ".join(line.strip() for line in str(error).splitlines()[:2])) from error
+            raise DetectorMismatch(first_lines(error)) from error
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.eval().to(self.device)
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from fineclip_ds.config import ConfigError, ModelConfig
 from fineclip_ds.models.fineclip import FineCLIP
 from fineclip_ds.sizes import height_width
+from fineclip_ds.usage_errors import first_lines
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -248,13 +249,6 @@ def _create_clip(config: ModelConfig, force_image_size: int | tuple[int, int] | 
     return resized_clip(clip, config.name, force_image_size, device)
 
 
-def _first_lines(error: BaseException, limit: int = 600) -> str:
-    """The first two lines of a loading error, cut at `limit` characters: torch's second line lists every
-    missing key of another architecture (~20 KB for a ViT-B)."""
-    text = " ".join(line.strip() for line in str(error).splitlines()[:2])
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
 def _warn_if_text_stays_random(config: ModelConfig) -> None:
     """The big recipes freeze the text tower and name no weights: unless the user sets model.pretrained, the
     image tower learns to match the captions' random encodings, and nothing else says so."""
@@ -292,7 +286,7 @@ def create_fineclip(config: ModelConfig, device: torch.device | str = "cpu", loa
         # open_clip's shape asserts and torch's state-dict errors do not say which setting is wrong
         raise ConfigError(f"model.pretrained: {config.pretrained} does not load into model.name '{config.name}' "
                           f"(another architecture, or not a checkpoint file?): {type(error).__name__}: "
-                          f"{_first_lines(error)}") from error
+                          f"{first_lines(error)}") from error
     try:
         model = FineCLIP(
             clip, freeze_text=config.freeze_text, grad_checkpointing=config.grad_checkpointing,
