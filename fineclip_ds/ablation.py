@@ -40,31 +40,35 @@ class AblationIncomplete(RuntimeError):
     """A loss set stopped before its last step (a stop signal): no table of half-trained models is written."""
 
 
-# what each loss set's run is given, after --set: a --set of one of these would be replaced, yet recorded as applied
-SET_BY_ABLATION = {
-    **{f"losses.{key}": "each loss set's own weights" for key in ("w_gc", "w_sd", "w_rc")},
-    "train.max_steps": "--steps", "train.seed": "--seed", "train.output_dir": "--output_dir, one folder per loss set",
-    "train.save_every": "--steps", "train.resume": "auto", "eval.every": "0: each loss set is scored once, at its end",
-}
+def _set_by_ablation(weights: dict[str, float], steps: int, seed: int, run_dir: Path) -> dict[str, tuple[object, str]]:
+    """What a loss set's run is given after --set, each with why it is the ablation's own: one table for both the
+    overrides and the refusal of a --set that would be replaced, yet recorded in ablation.json as applied."""
+    return {
+        **{f"losses.{key}": (value, "each loss set's own weights") for key, value in weights.items()},
+        "train.max_steps": (steps, "--steps"), "train.seed": (seed, "--seed"),
+        "train.output_dir": (run_dir, "--output_dir, one folder per loss set"),
+        "train.save_every": (steps, "--steps"), "train.resume": ("auto", "auto"),
+        "eval.every": (0, "0: each loss set is scored once, at its end"),
+    }
 
 
-def _refuse_replaced_overrides(overrides: tuple[str, ...]) -> None:
+def _refuse_replaced_overrides(overrides: tuple[str, ...], set_by_ablation: dict[str, tuple[object, str]]) -> None:
     for override in overrides:
         key = override.split("=", 1)[0].strip()
-        if key in SET_BY_ABLATION:
-            raise ConfigError(f"--set {override}: {key} is set by the ablation itself ({SET_BY_ABLATION[key]}), "
+        if key in set_by_ablation:
+            raise ConfigError(f"--set {override}: {key} is set by the ablation itself ({set_by_ablation[key][1]}), "
                               "so this value would be replaced")
 
 
 def run_ablation(steps: int, seed: int, output_dir: Path, recipe: str = "tiny-cpu",
                  deepspeed_config: str = str(DEFAULT_DEEPSPEED_CONFIG), eval_images: int = 256,
                  overrides: tuple[str, ...] = ()) -> list[dict]:
-    _refuse_replaced_overrides(overrides)
-    configs = {name: load_config(recipe, [
-        *overrides, *(f"losses.{key}={value}" for key, value in weights.items()),
-        f"train.max_steps={steps}", f"train.seed={seed}", f"train.output_dir={output_dir / name.replace('+', '_')}",
-        f"train.save_every={steps}", "train.resume=auto", "eval.every=0",
-    ]) for name, weights in LOSS_SETS.items()}
+    settings = {name: _set_by_ablation(weights, steps, seed, output_dir / name.replace("+", "_"))
+                for name, weights in LOSS_SETS.items()}
+    for loss_set_settings in settings.values():
+        _refuse_replaced_overrides(overrides, loss_set_settings)
+    configs = {name: load_config(recipe, [*overrides, *(f"{key}={value}" for key, (value, _) in own.items())])
+               for name, own in settings.items()}
     for config in configs.values():
         _check_same_ablation(config, steps, seed, output_dir)
     records = []
