@@ -25,6 +25,6 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "dev": ["pytest", "pytest-benchmark"],
+        "dev": ["pytest>=7.3", "pytest-benchmark"],
     },
 )
