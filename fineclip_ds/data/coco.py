@@ -28,13 +28,17 @@ def load_coco_json(path: Path) -> dict[str, Any]:
 
 def image_names(coco: dict[str, Any], path: Path) -> dict[Any, str]:
     """image id -> file_name; an image entry without both names the file and the entry (nothing can be read
-    without it)."""
+    without it), and so does an id listed again with another file name (whose image its annotations are is lost)."""
     names: dict[Any, str] = {}
     for index, image in enumerate(coco["images"]):
         if not isinstance(image, dict) or not isinstance(image.get("id"), Hashable) or not isinstance(
                 image.get("file_name"), str):  # a JSON list or object is no id
             raise ValueError(f"{path}: images[{index}] = {image!r:.200}; expected an object with 'id' and a "
                              "'file_name' string")
+        if names.get(image["id"], image["file_name"]) != image["file_name"]:
+            # the later entry would win: the earlier image's annotations read onto the later one's pixels
+            raise ValueError(f"{path}: image id {image['id']!r} is listed twice, as {names[image['id']]!r} and "
+                             f"{image['file_name']!r}; expected one file per id")
         names[image["id"]] = image["file_name"]
     return names
 

@@ -127,6 +127,23 @@ def test_a_category_id_listed_twice_is_refused_naming_both_names(tmp_path):
         load_coco_boxes(annotation_file, tmp_path)
 
 
+def test_an_image_id_listed_twice_with_other_file_names_is_refused_naming_both(tmp_path):
+    """The later entry won: a.png's boxes were scored on b.png's pixels and a.png left out, silently (two COCO
+    files merged without renumbering their ids). The same entry repeated names one image and is read as one."""
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 64)).save(tmp_path / name)
+    annotation_file = _coco_file(tmp_path, [{"image_id": 1, "category_id": 3, "bbox": [1, 1, 5, 5]}])
+    coco = json.loads(annotation_file.read_text())
+    coco["images"].append({"id": 1, "file_name": "b.png"})
+    annotation_file.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r"coco.json: image id 1 is listed twice, as 'a.png' and 'b.png'"):
+        load_coco_boxes(annotation_file, tmp_path)
+    coco["images"][1]["file_name"] = "a.png"
+    annotation_file.write_text(json.dumps(coco))
+    dataset = load_coco_boxes(annotation_file, tmp_path)
+    assert [(image.name, image.boxes) for image in dataset.images] == [("a.png", [[1, 1, 6, 6]])]
+
+
 def test_an_annotation_without_a_category_id_is_skipped_and_counted_not_a_key_error(tmp_path):
     """README: malformed boxes are skipped and counted; an instances annotation or panoptic segment with no
     'category_id' raised KeyError: 'category_id' out of `python -m fineclip_ds.evaluate --task box-cls` (exit 1)."""
