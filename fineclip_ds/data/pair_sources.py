@@ -48,7 +48,8 @@ def _caption(value: Any) -> str | None:
 
 
 def folder_units(image_dir: Path, captions_file: Path, samples_per_shard: int) -> list[Unit]:
-    text = Path(captions_file).read_text()
+    # utf-8-sig: a byte-order mark (Excel, Notepad) is dropped, not read into the first row's file name
+    text = Path(captions_file).read_text(encoding="utf-8-sig")
     if Path(captions_file).suffix == ".json":
         captions = json.loads(text)
         if not isinstance(captions, dict):

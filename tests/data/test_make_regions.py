@@ -751,6 +751,21 @@ def test_caption_rows_whose_image_is_missing_are_counted(tmp_path):
     assert len(pairs) == 2 and any(pair.key == "b.jpg" and pair.image is None for pair in pairs)
 
 
+@pytest.mark.parametrize("suffix, text", [(".tsv", "a.jpg\ta cat\nb.jpg\ta dog\n"),
+                                          (".json", json.dumps({"a.jpg": "a cat", "b.jpg": "a dog"}))])
+def test_a_captions_file_that_starts_with_a_byte_order_mark_captions_its_first_image(tmp_path, suffix, text):
+    """Excel and Notepad write UTF-8 with a BOM: the first TSV row's file name began with it, so its image went
+    uncaptioned (missing_caption) beside a phantom '\\ufeffa.jpg' counted as corrupt; a JSON one was refused."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (20, 20)).save(images / name)
+    (tmp_path / f"captions{suffix}").write_bytes(("\ufeff" + text).encode("utf-8"))
+    pairs = [pair for unit in folder_units(images, tmp_path / f"captions{suffix}", 10) for pair in unit(Counter())]
+    assert [(pair.key, pair.image is not None, pair.caption) for pair in pairs] == [("a.jpg", True, "a cat"),
+                                                                                    ("b.jpg", True, "a dog")]
+
+
 @pytest.mark.parametrize("version, keyword", [("4.40.0", "torch_dtype"), ("4.56.0", "dtype"), ("5.24.0", "dtype")])
 def test_the_captioner_names_its_dtype_as_the_installed_transformers_reads_it(tmp_path, monkeypatch, version,
                                                                              keyword):
