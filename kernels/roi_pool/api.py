@@ -1,6 +1,8 @@
 """Region pooling as callers use it: the functional `region_pool` and the `RegionPool` module."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -33,6 +35,9 @@ def _check_inputs(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[int,
     if isinstance(spatial_scale, torch.Tensor) and spatial_scale.numel() != 1:
         raise ValueError(f"spatial_scale: got shape {tuple(spatial_scale.shape)}, expected one number (grid size / "
                          "image size, the same on both axes)")
+    scale = float(spatial_scale)
+    if not math.isfinite(scale) or scale <= 0:  # every box would pool a silent zero row (1 // 14 is 0)
+        raise ValueError(f"spatial_scale: got {scale!r}, expected a positive finite number (grid size / image size)")
     if isinstance(sampling_ratio, float) or (isinstance(sampling_ratio, torch.Tensor)
                                              and sampling_ratio.is_floating_point()):
         raise ValueError(f"sampling_ratio: got {sampling_ratio!r}, expected an integer (<= 0: adaptive)")

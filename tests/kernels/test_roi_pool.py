@@ -496,13 +496,18 @@ BAD_CALLS = {
     "two scales": (lambda t, b: region_pool(t, b, (2, 3), torch.tensor([1.0, 0.5])), "spatial_scale: got shape"),
     "float sampling_ratio": (lambda t, b: region_pool(t, b, (2, 3), 1.0, sampling_ratio=2.5), "sampling_ratio: got 2.5"),
     "float box_mask": (lambda t, b: region_pool(t, b, (2, 3), 1.0, torch.full((1, 2), 0.5)), "a mask, not weights"),
+    "NaN spatial_scale": (lambda t, b: region_pool(t, b, (2, 3), float("nan")), "spatial_scale: got nan"),
+    "inf spatial_scale": (lambda t, b: region_pool(t, b, (2, 3), float("inf")), "spatial_scale: got inf"),
+    "zero spatial_scale": (lambda t, b: region_pool(t, b, (2, 3), 0), "spatial_scale: got 0"),
+    "negative spatial_scale": (lambda t, b: region_pool(t, b, (2, 3), -0.5), "spatial_scale: got -0.5"),
 }
 
 
 @pytest.mark.parametrize("call, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
 def test_a_wrong_argument_is_named_instead_of_failing_deep_inside_or_rounding(call, message):
     """These failed with a bare AttributeError / TypeError, or ran: integer tokens came back truncated to
-    integers, a 2.5 sampling ratio ran as 2 and a 0.5 mask as True."""
+    integers, a 2.5 sampling ratio ran as 2 and a 0.5 mask as True. A NaN, infinite, zero or negative
+    spatial_scale (say 1 // 14 for 1 / 14) gave every box a silent zero row."""
     tokens, boxes = torch.randn(1, 6, 3), torch.tensor([[[0.0, 0.0, 2.0, 2.0], [1.0, 0.0, 3.0, 1.5]]])
     with pytest.raises(ValueError, match=message):
         call(tokens, boxes)
