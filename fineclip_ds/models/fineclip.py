@@ -203,6 +203,10 @@ class FineCLIP(nn.Module):
         outside the map (RoIAlign moves samples up to one cell outside onto its edge), give zero rows."""
         # dense: [B, h*w, D]; boxes: [B, R, 4] xyxy input pixels -> [B, R, D] normalised (masked rows 0)
         patch_h, patch_w = self.patch_size
-        if patch_w != patch_h:  # region pooling takes one scale: x in units of the patch height, then 1/patch_h
-            boxes = boxes * boxes.new_tensor([patch_h / patch_w, 1.0, patch_h / patch_w, 1.0])
+        if patch_w != patch_h:
+            # region pooling takes one scale: each axis goes to grid units here, in fp64 and by one division, so that a
+            # patch-aligned box is a whole number of cells (x * (patch_h / patch_w) in fp32, then * (1 / patch_h), put
+            # 14 * k px above k cells for 16 x 14 patches: one adaptive sample more, blending the next patches)
+            patches = torch.tensor([patch_w, patch_h, patch_w, patch_h], dtype=torch.float64, device=boxes.device)
+            return pool_regions(dense, boxes.double() / patches, grid_hw, 1.0, box_mask, backend=backend)
         return pool_regions(dense, boxes, grid_hw, 1.0 / patch_h, box_mask, backend=backend)

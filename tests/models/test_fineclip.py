@@ -130,6 +130,30 @@ def test_boxes_pool_at_each_axis_own_scale_with_non_square_patches(tmp_path, bac
     torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patch_aligned_boxes_take_the_float64_sample_count_with_non_square_patches(tmp_path, backend):
+    """x was scaled by patch_h / patch_w in the boxes' fp32 and then by 1 / patch_h: with 16 x 14 patches, 14 * k px
+    landed a hair above k cells (1211 of 2360 patch-aligned spans), so adaptive sampling took one sample more
+    across and blended in the next column of patches. Each axis in grid units in fp64 (x / patch_w, y / patch_h)
+    is exact for them, as the square-patch path is at 1/14."""
+    config = {"embed_dim": 64, "vision_cfg": {"image_size": [64, 112], "layers": 2, "width": 64, "head_width": 32,
+                                              "patch_size": [16, 14]},
+              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    (tmp_path / "Test-ViT-Patch16x14.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path)
+    model, _ = _model(name="Test-ViT-Patch16x14")
+    grid_hw = (4, 8)
+    dense = F.normalize(torch.randn(1, 32, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    # one patch column, two, three and the whole width: x spans of 14 * k px starting on patch edges
+    boxes = torch.tensor([[[14.0, 0.0, 28.0, 64.0], [28.0, 16.0, 56.0, 48.0], [42.0, 0.0, 84.0, 32.0],
+                           [0.0, 0.0, 112.0, 64.0]]])
+    got = model.region_features(dense, grid_hw, boxes, backend=backend)
+    feature_map = dense.double().transpose(1, 2).reshape(1, -1, *grid_hw)
+    in_grid_units = boxes[0].double() / torch.tensor([14.0, 16.0, 14.0, 16.0], dtype=torch.float64)
+    expected = F.normalize(roi_align(feature_map, [in_grid_units], 1, 1.0, -1, True).flatten(1), dim=-1)
+    torch.testing.assert_close(got[0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_text_tower_frozen_by_default_and_trainable_on_request():
     frozen, _ = _model()
     trainable, _ = _model(freeze_text=False)
