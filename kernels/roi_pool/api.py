@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from kernels.roi_pool import reference
 from kernels.roi_pool.function import RegionPoolFunction
 from kernels.roi_pool.launch import SUPPORTED_DTYPES, runs_on
 from kernels.roi_pool.reference import region_pool_torch
@@ -41,6 +42,9 @@ def _check_inputs(tokens: torch.Tensor, boxes: torch.Tensor, grid_hw: tuple[int,
     if isinstance(sampling_ratio, float) or (isinstance(sampling_ratio, torch.Tensor)
                                              and sampling_ratio.is_floating_point()):
         raise ValueError(f"sampling_ratio: got {sampling_ratio!r}, expected an integer (<= 0: adaptive)")
+    if int(sampling_ratio) > reference.MAX_SAMPLES_PER_AXIS:  # rows x cols points must stay within the kernel's int32
+        raise ValueError(f"sampling_ratio: got {int(sampling_ratio)}, expected at most "
+                         f"{reference.MAX_SAMPLES_PER_AXIS} points a side (<= 0: adaptive)")
     if boxes.dim() != 3 or boxes.shape[0] != tokens.shape[0] or boxes.shape[2] != 4:
         raise ValueError(f"boxes: got shape {tuple(boxes.shape)}, expected [{tokens.shape[0]}, R, 4]")
     for name, tensor in (("boxes", boxes), ("box_mask", box_mask)):
@@ -75,7 +79,8 @@ def region_pool(
     (F.normalize, eps 1e-12). Only `tokens` gets a gradient. `backend="auto"` runs Triton on CUDA
     tensors and torch elsewhere. Unlike torchvision's, a NaN/inf token makes every unmasked row of its
     image non-finite (the pooling is a weighted sum over the whole map), and a box over 32768 map cells
-    a side is sampled at 32768 points a side (`reference.MAX_SAMPLES_PER_AXIS`).
+    a side is sampled at 32768 points a side (`reference.MAX_SAMPLES_PER_AXIS`), and a fixed `sampling_ratio`
+    over that is a ValueError.
     """
     # tokens: [B, H*W, C]; boxes: [B, R, 4] xyxy input pixels; box_mask: [B, R] bool -> [B, R, C]
     _check_inputs(tokens, boxes, grid_hw, spatial_scale, box_mask, sampling_ratio, backend)

@@ -500,6 +500,8 @@ BAD_CALLS = {
     "inf spatial_scale": (lambda t, b: region_pool(t, b, (2, 3), float("inf")), "spatial_scale: got inf"),
     "zero spatial_scale": (lambda t, b: region_pool(t, b, (2, 3), 0), "spatial_scale: got 0"),
     "negative spatial_scale": (lambda t, b: region_pool(t, b, (2, 3), -0.5), "spatial_scale: got -0.5"),
+    "sampling_ratio over the cap": (lambda t, b: region_pool(t, b, (2, 3), 1.0, sampling_ratio=46341),
+                                    "sampling_ratio: got 46341, expected at most 32768"),
 }
 
 
@@ -507,7 +509,9 @@ BAD_CALLS = {
 def test_a_wrong_argument_is_named_instead_of_failing_deep_inside_or_rounding(call, message):
     """These failed with a bare AttributeError / TypeError, or ran: integer tokens came back truncated to
     integers, a 2.5 sampling ratio ran as 2 and a 0.5 mask as True. A NaN, infinite, zero or negative
-    spatial_scale (say 1 // 14 for 1 / 14) gave every box a silent zero row."""
+    spatial_scale (say 1 // 14 for 1 / 14) gave every box a silent zero row, and a fixed sampling_ratio over
+    46340 overflowed the kernel's int32 point count (rows x cols): its rows came out ~1e9x too large (the torch
+    path's were right; torchvision fails on such a ratio too)."""
     tokens, boxes = torch.randn(1, 6, 3), torch.tensor([[[0.0, 0.0, 2.0, 2.0], [1.0, 0.0, 3.0, 1.5]]])
     with pytest.raises(ValueError, match=message):
         call(tokens, boxes)
