@@ -107,7 +107,8 @@ class RegionPool(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend: got {backend!r}, expected one of {BACKENDS}")
-        self.grid_hw = tuple(grid_hw)
+        # a non-sequence (RegionPool(6, ...)) is kept as given, for region_pool to name it
+        self.grid_hw = tuple(grid_hw) if isinstance(grid_hw, (tuple, list, torch.Size, torch.Tensor)) else grid_hw
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.normalize = normalize

@@ -343,6 +343,13 @@ def test_grid_that_does_not_match_the_tokens_raises():
             region_pool(torch.randn(1, 12, 3), torch.zeros(1, 1, 4), grid_hw, 1.0)
 
 
+@pytest.mark.parametrize("grid_hw", [6, (6,), (2, 3, 1)])
+def test_module_with_a_grid_of_other_than_two_sizes_raises_naming_grid_hw(grid_hw):
+    """RegionPool(6, ...) failed with a bare "TypeError: 'int' object is not iterable" from its constructor."""
+    with pytest.raises(ValueError, match=r"grid_hw: got .*expected \(H, W\)"):
+        RegionPool(grid_hw, 1.0)(torch.randn(1, 6, 3), torch.tensor([[[0.0, 0.0, 2.0, 2.0]]]))
+
+
 def test_auto_backend_runs_torch_on_cpu(monkeypatch):
     import kernels.roi_pool.api as api
 
