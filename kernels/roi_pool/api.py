@@ -62,6 +62,12 @@ def _usable_boxes(boxes: torch.Tensor, box_mask: torch.Tensor | None) -> torch.T
     return finite if box_mask is None else box_mask.bool() & finite
 
 
+def chooses_triton(backend: str, tokens: torch.Tensor) -> bool:
+    """'auto' takes Triton for CUDA tokens of a dtype it has kernels for, torch for the rest (a float64 gradcheck on
+    a GPU included): only a backend asked for by name refuses what it cannot run."""
+    return backend == "triton" or (backend == "auto" and tokens.is_cuda and tokens.dtype in SUPPORTED_DTYPES)
+
+
 def region_pool(
     tokens: torch.Tensor,
     boxes: torch.Tensor,
@@ -77,8 +83,8 @@ def region_pool(
     Equals torchvision's roi_align on the NCHW view; masked boxes, and boxes with a NaN/inf coordinate
     (torchvision raises on those), give zero rows and no gradient; `normalize` L2-normalises the rows
     (F.normalize, eps 1e-12). Only `tokens` gets a gradient. `backend="auto"` runs Triton on CUDA
-    tensors and torch elsewhere. Unlike torchvision's, a NaN/inf token makes every unmasked row of its
-    image non-finite (the pooling is a weighted sum over the whole map), and a box over 32768 map cells
+    tensors of its dtypes (fp32, bf16, fp16) and torch elsewhere. Unlike torchvision's, a NaN/inf token
+    makes every unmasked row of its image non-finite (the pooling is a weighted sum over the whole map), and a box over 32768 map cells
     a side is sampled at 32768 points a side (`reference.MAX_SAMPLES_PER_AXIS`), and a fixed `sampling_ratio`
     over that is a ValueError.
     """
@@ -87,7 +93,7 @@ def region_pool(
     grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
     spatial_scale = float(spatial_scale)  # a one-element tensor of any shape or device: one number for both paths
     box_mask = _usable_boxes(boxes, box_mask)
-    use_triton = backend == "triton" or (backend == "auto" and tokens.is_cuda)
+    use_triton = chooses_triton(backend, tokens)
     if use_triton and tokens.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"tokens.dtype: got {tokens.dtype}, the triton backend expects one of {SUPPORTED_DTYPES}")
     if use_triton and not runs_on(tokens.device):
