@@ -57,19 +57,28 @@ def load_label_folder(image_dir: Path, label_dir: Path, class_file: Path) -> tup
     return class_names, items
 
 
+def unscored_label(num_classes: int) -> int:
+    """The value `label_indices` marks unscored pixels with: IGNORE_LABEL, or with more classes than that (16-bit
+    maps: ADE20K-847, Pascal Context 459) a value no class has, since 255 is then a class index."""
+    return max(IGNORE_LABEL, num_classes)
+
+
 def label_indices(labels: Image.Image, num_classes: int, reduce_zero_label: bool) -> tuple[torch.Tensor, int]:
-    """Class index per pixel (IGNORE_LABEL where unscored) and how many pixels named no known class.
+    """Class index per pixel (`unscored_label(num_classes)` where unscored) and how many pixels named no known class.
 
     `reduce_zero_label`: the PNG stores class k as k + 1 and 0 as "other", unscored (ADE20K's
     ADEChallengeData2016 annotations and Pascal Context 59 as mmseg ships them); without it the pixel
-    value is the class index, 255 unscored (the built-in world's label maps).
+    value is the class index, 255 unscored (the built-in world's label maps). 255 is unscored only where it
+    names no class: with over 255 classes (16-bit maps, whose unscored value, e.g. 65535, names no class
+    either) it is a class like any other.
     """
     # -> [H, W] int64
-    target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    if reduce_zero_label:
-        target = torch.where((target == 0) | (target == IGNORE_LABEL), IGNORE_LABEL, target - 1)
-    unknown = (target >= num_classes) & (target != IGNORE_LABEL)
-    target[unknown] = IGNORE_LABEL
+    stored = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    target = stored - 1 if reduce_zero_label else stored.clone()
+    unscored = (stored == 0) if reduce_zero_label else torch.zeros_like(stored, dtype=torch.bool)
+    unscored |= (stored == IGNORE_LABEL) & (target >= num_classes)
+    unknown = (target >= num_classes) & ~unscored
+    target[unscored | unknown] = unscored_label(num_classes)
     return target, int(unknown.sum())
 
 
@@ -149,7 +158,7 @@ def evaluate_segmentation(model: FineCLIP, tokenizer: Callable[[list[str]], torc
             predicted = segment(model, tensor, classes, slide).cpu()
         target, unknown = label_indices(labels, len(class_names), reduce_zero_label)
         skipped["unknown_label_pixels"] += unknown
-        confusion += confusion_matrix(predicted, target, len(class_names), IGNORE_LABEL)
+        confusion += confusion_matrix(predicted, target, len(class_names), unscored_label(len(class_names)))
     if confusion.sum() == 0:  # a wrong --labels folder: reporting mIoU 0 would read as a result
         raise ValueError(f"no pixel scored; skipped: {dict(skipped)}")
     return {**segmentation_metrics(confusion), **{f"skipped_{reason}": float(n) for reason, n in skipped.items() if n}}

@@ -49,3 +49,37 @@ def test_a_blank_line_inside_the_classes_file_does_not_silently_shift_the_class_
         load_label_folder(tmp_path / "images", tmp_path / "labels", tmp_path / "classes.txt")
     (tmp_path / "classes.txt").write_text("wall\nfloor\n\n")  # trailing blank lines name nothing
     assert load_label_folder(tmp_path / "images", tmp_path / "labels", tmp_path / "classes.txt")[0] == ["wall", "floor"]
+
+
+class _AllClassZero:
+    """A stand-in model whose every token is class 0's embedding (with one-hot class embeddings)."""
+    image_size = (4, 4)
+
+    def encode_dense(self, window: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        tokens = torch.zeros(1, 4, 300)
+        tokens[..., 0] = 1
+        return tokens, (2, 2)
+
+
+def test_pixel_value_255_of_a_16_bit_map_with_more_than_255_classes_is_scored_as_class_255(monkeypatch):
+    """ADE20K-847 / Pascal Context 459 ship 16-bit label maps of class indices with 65535 unscored: pixel value 255
+    is class 255 there. It was taken for the 8-bit maps' unscored 255 and dropped uncounted, so a model calling every
+    pixel class 0 scored class 0 perfectly where half the pixels were class 255 (mIoU 100 instead of 25)."""
+    import numpy as np
+    from PIL import Image
+
+    from fineclip_ds.evaluation import segmentation
+
+    monkeypatch.setattr(segmentation, "class_embeddings", lambda *args: torch.eye(300))
+    stored = np.array([[0, 0, 255, 255], [0, 0, 255, 255]], dtype=np.uint16)
+    item = segmentation.LabelledImage(lambda: Image.new("RGB", (4, 2)), lambda: Image.fromarray(stored))
+    results = segmentation.evaluate_segmentation(_AllClassZero(), None, ((0, 0, 0), (1, 1, 1)),
+                                                 [f"class {k}" for k in range(300)], [item], progress=False)
+    # class 0: tp 4, fp 4 -> 1/2; class 255: tp 0, fn 4 -> 0
+    assert results["classes_scored"] == 2
+    assert results["miou"] == pytest.approx(25.0) and results["pixel_accuracy"] == pytest.approx(50.0)
+    # 65535 (the unscored value of those maps) names no class: unscored and counted
+    stored[0, 0] = 65535
+    results = segmentation.evaluate_segmentation(_AllClassZero(), None, ((0, 0, 0), (1, 1, 1)),
+                                                 [f"class {k}" for k in range(300)], [item], progress=False)
+    assert results["skipped_unknown_label_pixels"] == 1 and results["pixel_accuracy"] == pytest.approx(100 * 3 / 7)
