@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.set)
     for field, value in (("output_dir", args.output_dir), ("max_steps", args.max_steps), ("seed", args.seed),
                          ("resume", args.resume)):
-        if value is not None:
-            overrides.append(f"train.{field}={value}")
+        if value is not None:  # a path as given: quoted, so YAML reads no comment (' #'), mapping (': ') or null
+            text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else value
+            overrides.append(f"train.{field}={text}")
     try:
         config = load_config(args.recipe, overrides)
         if args.dry_run:

@@ -141,3 +141,13 @@ def test_dry_run_warns_that_shards_of_a_synthetic_run_are_not_read():
     """The recipe's shards with data.source=synthetic (as a GPU benchmark overrides it): a run warns of it."""
     result = _dry_run("vit-b-16", "zero2.json", 8, "--set", "data.source=synthetic")
     assert "data.train_shards='data/regions/regions-{000000..000099}.tar' is not read" in result.stderr
+
+
+def test_output_dir_and_resume_flags_are_taken_as_given_not_parsed_as_yaml(tmp_path):
+    """--output_dir and --resume are paths: read as YAML, `runs/exp #2` lost its ' #2' as a comment (the run
+    wrote into runs/exp) and a path with ': ' became a mapping."""
+    output_dir, resume = tmp_path / "exp #2", tmp_path / "ckpt: 1"
+    resume.mkdir()
+    result = _dry_run("tiny-cpu", "zero2.json", 1, "--output_dir", str(output_dir), "--resume", str(resume))
+    config = json.loads(result.stdout[result.stdout.index("{\n"):])["config"]
+    assert (config["train"]["output_dir"], config["train"]["resume"]) == (str(output_dir), str(resume))
