@@ -196,6 +196,42 @@ def _merge(section: Any, values: dict[str, Any], prefix: str) -> None:
             setattr(section, key, _coerce(path, value, hints[key]))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a mapping that gives a key twice is an error (YAML requires unique keys; PyYAML
+    kept the last without a word, so a second `train:` section dropped every setting of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges, and keys after it override
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                twice = key in seen
+            except TypeError:  # an unhashable key: the safe constructor names it
+                break
+            if twice:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKeyError(f"key {key!r} is given twice")
+    return dict(pairs)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def resolve_recipe_path(recipe: str) -> Path:
     """A recipe is a file path or the name of a built-in recipe in fineclip_ds/recipes."""
     path = Path(recipe)
@@ -215,7 +251,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({_one_line(error)})") from error
     return key.strip().split("."), value
@@ -245,8 +281,11 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         path = resolve_recipe_path(recipe)
         text = path.read_text()
         try:
-            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as error:  # a typo in the user's recipe, not a crash
+            if path.suffix == ".json":
+                values = json.loads(text, object_pairs_hook=_unique_json_object)
+            else:
+                values = _load_yaml(text)
+        except (json.JSONDecodeError, yaml.YAMLError, _DuplicateKeyError) as error:  # a typo in the recipe, not a crash
             kind = "JSON" if path.suffix == ".json" else "YAML"
             raise ConfigError(f"recipe {path}: not valid {kind} ({_one_line(error)})") from error
         if values is None:  # an empty or comment-only file would train the bare defaults without a word

@@ -66,6 +66,11 @@ def test_all_built_in_recipes_load():
     ("broken.json", '{"model": {', "not valid JSON (Expecting property name"),
     # both trained the bare defaults (lr 1e-5, a frozen random text tower) without a word
     ("empty.yaml", "", "the file holds no settings"),
+    # a key given twice: the last won without a word, the second `train:` dropping the first's max_steps
+    ("twice.yaml", "train:\n  max_steps: 50\noptim:\n  lr: 1.0e-3\ntrain:\n  save_every: 10\n",
+     "not valid YAML (key 'train' is given twice"),
+    ("twice_nested.yaml", "optim:\n  lr: 1.0e-3\n  lr: 0.5\n", "not valid YAML (key 'lr' is given twice"),
+    ("twice.json", '{"optim": {"lr": 0.001, "lr": 0.5}}', "not valid JSON (key 'lr' is given twice"),
     ("comments.yaml", "# model:\n#   name: ViT-B-16\n", "the file holds no settings"),
 ])
 def test_a_recipe_file_that_does_not_parse_names_the_file(tmp_path, file_name, text, message):
