@@ -52,6 +52,11 @@ def _set_by_ablation(weights: dict[str, float], steps: int, seed: int, run_dir: 
     }
 
 
+def _yaml_value(value: object) -> object:
+    """A path or text as given: quoted, so that YAML reads no comment (' #'), mapping (': ') or null in it."""
+    return json.dumps(str(value), ensure_ascii=False) if isinstance(value, (str, Path)) else value
+
+
 def _refuse_replaced_overrides(overrides: tuple[str, ...], set_by_ablation: dict[str, tuple[object, str]]) -> None:
     for override in overrides:
         key = override.split("=", 1)[0].strip()
@@ -67,7 +72,8 @@ def run_ablation(steps: int, seed: int, output_dir: Path, recipe: str = "tiny-cp
                 for name, weights in LOSS_SETS.items()}
     for loss_set_settings in settings.values():
         _refuse_replaced_overrides(overrides, loss_set_settings)
-    configs = {name: load_config(recipe, [*overrides, *(f"{key}={value}" for key, (value, _) in own.items())])
+    configs = {name: load_config(recipe, [*overrides,
+                                          *(f"{key}={_yaml_value(value)}" for key, (value, _) in own.items())])
                for name, own in settings.items()}
     for config in configs.values():
         _check_same_ablation(config, steps, seed, output_dir)

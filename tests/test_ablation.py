@@ -99,3 +99,21 @@ def test_a_set_that_the_ablation_replaces_is_refused_not_silently_dropped(tmp_pa
         ablation.main(["--steps", "2", "--output_dir", str(tmp_path), "--set", override])
     assert exit_info.value.code == 2
     assert override.split("=")[0] in capsys.readouterr().err
+
+
+def test_each_loss_set_trains_in_its_folder_under_an_output_dir_yaml_would_cut(tmp_path, monkeypatch):
+    """The loss sets' folders were passed to the config as YAML: under `ablations/try #2`, ' #2/L_GC' was a
+    comment, so every loss set trained in (and resumed from) `ablations/try`."""
+    import fineclip_ds.ablation as ablation
+
+    trained_in = []
+
+    def stopped_at_step_1(config, deepspeed_config):
+        trained_in.append(config.train.output_dir)
+        Path(config.train.output_dir).mkdir(parents=True)
+        (Path(config.train.output_dir) / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+
+    monkeypatch.setattr(ablation, "train", stopped_at_step_1)
+    with pytest.raises(SystemExit):
+        ablation.main(["--steps", "2", "--output_dir", str(tmp_path / "try #2")])
+    assert trained_in == [str(tmp_path / "try #2" / "L_GC")]
