@@ -138,6 +138,23 @@ def test_deepspeed_json_optimizer_and_scheduler_sections_are_refused_not_ignored
     assert "optim.lr" in str(error.value) and str(path) in str(error.value)
 
 
+@pytest.mark.parametrize("offload", [None, {"device": "none"}, {"device": "cpu"},
+                                     {"device": "nvme", "nvme_path": "/local_nvme"}])
+def test_the_optimizer_runs_on_the_cpu_wherever_deepspeed_offloads_it(offload):
+    """With offload_optimizer on NVMe DeepSpeed steps on the CPU too and refuses any optimizer but its CPU Adam
+    (ZeRORuntimeException once the model is built); NVMe offload was given torch's AdamW."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    from fineclip_ds.training.parallelize import offloads_optimizer
+
+    zero = {"stage": 3, **({} if offload is None else {"offload_optimizer": offload})}
+    deepspeed_offload = DeepSpeedZeroConfig(**zero).offload_optimizer
+    steps_on_cpu = deepspeed_offload is not None and deepspeed_offload.device in (OffloadDeviceEnum.cpu,
+                                                                                   OffloadDeviceEnum.nvme)
+    assert offloads_optimizer({"zero_optimization": zero}) == steps_on_cpu
+
+
 def test_resume_from_something_that_is_not_a_checkpoint_is_a_config_error(tmp_path):
     from fineclip_ds.training.checkpoint import find_resume_point
 

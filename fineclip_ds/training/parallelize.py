@@ -89,8 +89,9 @@ def resolve_batch_sizes(config: dict[str, Any], world_size: int) -> tuple[int, i
 
 
 def offloads_optimizer(config: dict[str, Any]) -> bool:
-    """ZeRO-Offload: the optimizer states and step live on the CPU."""
-    return config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+    """ZeRO-Offload: the optimizer step runs on the CPU, its states in CPU memory or swapped to NVMe (DeepSpeed
+    then refuses any optimizer but its CPU Adam, as for "cpu")."""
+    return config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
 
 
 def adapt_precision_to_device(config: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
