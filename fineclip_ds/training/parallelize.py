@@ -37,6 +37,8 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
         value = config.get(key)
         if value is not None and (type(value) is not int or value < 1):
             raise DeepSpeedConfigError(f"{path}: {key} is {value!r}, expected an integer >= 1")
+    if "bfloat16" in config:  # DeepSpeed reads it where "bf16" is absent; this trainer's precision checks do not
+        raise DeepSpeedConfigError(f"{path}: 'bfloat16' is DeepSpeed's old name for 'bf16'; rename it to 'bf16'")
     _check_read_sections(config, path)
     if config.get("bf16", {}).get("enabled", False) and config.get("fp16", {}).get("enabled", False):
         raise DeepSpeedConfigError(f"{path}: bf16 and fp16 are both enabled, expected at most one")
