@@ -111,6 +111,10 @@ def test_model_settings_open_clip_cannot_build_are_config_errors(tmp_path):
      "zero_optimization.offload_optimizer is null, expected a JSON object"),
     ({"train_micro_batch_size_per_gpu": 8, "fp16": {"enabled": "yes"}}, 'fp16.enabled is "yes", expected true or'),
     ({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": True}}, "zero_optimization.stage is True"),
+    # HF Trainer's placeholder: DeepSpeed used gradient_clipping "auto" as given, a TypeError at the first step
+    ({"train_micro_batch_size_per_gpu": 8, "gradient_clipping": "auto"}, "gradient_clipping: 'auto' is a placeholder"),
+    ({"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"},
+     "train_batch_size, train_micro_batch_size_per_gpu: 'auto' is a placeholder HF Trainer fills in"),
     # DeepSpeed's old name for bf16, which it still reads: the trainer's precision checks read only "bf16", so
     # check_grad_overflow false there at ZeRO-2 was let through (NaN gradients applied)
     ({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2},

@@ -33,6 +33,13 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
         raise DeepSpeedConfigError(f"--deepspeed_config: {path} is not valid JSON ({error})") from error
     if not isinstance(config, dict):
         raise DeepSpeedConfigError(f"--deepspeed_config: {path} holds a {type(config).__name__}, expected a JSON object")
+    # HF Trainer's placeholder: DeepSpeed's section models drop a nested "auto" for their default, but use a
+    # top-level value as given (gradient_clipping "auto" was a TypeError at the first step)
+    placeholders = sorted(key for key, value in config.items() if value == "auto")
+    if placeholders:
+        raise DeepSpeedConfigError(
+            f"{path}: {', '.join(placeholders)}: 'auto' is a placeholder HF Trainer fills in, and DeepSpeed reads "
+            "top-level values as given; give a value, or remove the key for DeepSpeed's default")
     for key in BATCH_KEYS:  # DeepSpeed asserts on these only once the engine starts, dry runs not at all
         value = config.get(key)
         if value is not None and (type(value) is not int or value < 1):
