@@ -17,7 +17,7 @@ from fineclip_ds.models.fineclip import text_tower_of
 from fineclip_ds.models.flops import FineCLIPShapes, step_flops
 from fineclip_ds.training.build import warn_if_shards_are_not_read
 from fineclip_ds.training.parallelize import (DeepSpeedConfigError, adapt_precision_to_device, offloads_optimizer,
-                                              require_nonfinite_gradient_check, resolve_batch_sizes)
+                                              offloads_params, require_nonfinite_gradient_check, resolve_batch_sizes)
 
 GIB = 2**30
 HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor
@@ -39,7 +39,7 @@ def plan(config: RunConfig, ds_config: dict[str, Any], world_size: int, gpus_per
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     offload_optimizer = offloads_optimizer(ds_config)
-    offload_params = zero.get("offload_param", {}).get("device", "none") == "cpu"
+    offload_params = offloads_params(ds_config)
     gpus_per_node = min(gpus_per_node, world_size)
     if world_size % gpus_per_node:
         raise DeepSpeedConfigError(f"--world_size {world_size} is not a whole number of nodes of "

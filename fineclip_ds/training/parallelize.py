@@ -103,6 +103,11 @@ def offloads_optimizer(config: dict[str, Any]) -> bool:
     return config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
 
 
+def offloads_params(config: dict[str, Any]) -> bool:
+    """ZeRO-3 parameter offload: the weights live off the GPU, in CPU memory or on NVMe, between their uses."""
+    return config.get("zero_optimization", {}).get("offload_param", {}).get("device", "none") in ("cpu", "nvme")
+
+
 def adapt_precision_to_device(config: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
     """bf16/fp16 on a CPU run: an explicit, logged fallback to fp32 rather than a crash inside DeepSpeed."""
     config = copy.deepcopy(config)

@@ -151,3 +151,19 @@ def test_output_dir_and_resume_flags_are_taken_as_given_not_parsed_as_yaml(tmp_p
     result = _dry_run("tiny-cpu", "zero2.json", 1, "--output_dir", str(output_dir), "--resume", str(resume))
     config = json.loads(result.stdout[result.stdout.index("{\n"):])["config"]
     assert (config["train"]["output_dir"], config["train"]["resume"]) == (str(output_dir), str(resume))
+
+
+def test_parameters_offloaded_to_nvme_are_planned_off_the_gpu_as_on_the_cpu():
+    """--dry_run took offload_param on NVMe for no offload: every ZeRO-3 weight was counted on the GPU."""
+    from fineclip_ds.config import load_config
+    from fineclip_ds.training.dry_run import plan
+
+    config = load_config("vit-b-16", ["data.source=synthetic"])
+    plans = {}
+    for device in ("none", "cpu", "nvme"):
+        ds_config = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+        ds_config["zero_optimization"]["offload_param"] = {"device": device, "nvme_path": "/local_nvme"}
+        plans[device] = plan(config, ds_config, world_size=8, gpus_per_node=8)
+    assert [plans[device]["offload_params"] for device in ("none", "cpu", "nvme")] == [False, True, True]
+    assert plans["nvme"]["model_states_gib_per_gpu"] == plans["cpu"]["model_states_gib_per_gpu"]
+    assert plans["cpu"]["model_states_gib_per_gpu"] < plans["none"]["model_states_gib_per_gpu"]
