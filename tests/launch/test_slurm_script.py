@@ -3,6 +3,7 @@ stand-ins for srun, scontrol and the trainer's python on PATH (the trainer's sid
 test_faults and below)."""
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -32,10 +33,11 @@ if [[ "$1" == show ]]; then echo node-001; else echo "$@" >> "${SCONTROL_CALLS}"
 
 
 def _run_job(tmp_path: Path, preempted: bool, status: int = 0, stale_file: bool = False, job_id: int = 4242,
-             job_args: tuple[str, ...] = (), **extra_env: str) -> tuple[int, str]:
+             job_args: tuple[str, ...] = (), scontrol: str | None = FAKE_SCONTROL, **extra_env: str) -> tuple[int, str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
+    fakes = (("srun", FAKE_SRUN), ("scontrol", scontrol), ("python", FAKE_PYTHON))
+    for name, text in ((name, text) for name, text in fakes if text is not None):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
     if stale_file:  # an earlier allocation of the same job was requeued and left its file behind
@@ -110,6 +112,19 @@ def test_jobs_sharing_a_node_get_different_master_ports(tmp_path):
     assert all(1024 < int(master.split(":")[1]) < 32768 for master in masters)  # below Linux's ephemeral range
     _run_job(tmp_path, preempted=False, MASTER_PORT="31337")
     assert (tmp_path / "srun_master").read_text() == "node-001:31337\n"
+
+
+@pytest.mark.parametrize("scontrol", [None, "#!/usr/bin/env bash\necho 'slurm_load_jobs error' >&2; exit 1\n"],
+                         ids=["missing", "failing"])
+@pytest.mark.parametrize(("nodelist", "first"), [("node[01-03,07]", "node01"), ("gpu-a[7],gpu-b[1-2]", "gpu-a7"),
+                                                 ("rack[2-3]-n[003-004]", "rack2-n003"), ("node-009", "node-009")])
+def test_the_rendezvous_is_the_first_node_without_scontrol_hostnames(tmp_path, scontrol, nodelist, first):
+    """`export MASTER_ADDR="$(scontrol show hostnames ... | head -n 1)"`: export hid a missing or failing scontrol
+    from set -e, and every rank started with MASTER_ADDR empty. The first node now comes from the node list."""
+    if scontrol is None and shutil.which("scontrol"):
+        pytest.skip("a real scontrol is on PATH")
+    assert _run_job(tmp_path, preempted=False, scontrol=scontrol, SLURM_JOB_NODELIST=nodelist)[0] == 0
+    assert (tmp_path / "srun_master").read_text().split(":")[0] == first
 
 
 def test_a_requeued_job_appends_to_its_log():
