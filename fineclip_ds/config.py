@@ -270,6 +270,15 @@ def _wants_text(keys: list[str]) -> bool:
     return str in allowed and not allowed & {bool, int, float}
 
 
+def _holds_comment(raw: str) -> bool:
+    """Whether YAML drops part of an override's value as a comment (`runs/try #2` -> 'runs/try', `#2` -> null)."""
+    try:
+        node = yaml.compose(raw, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError:
+        return False
+    return raw[node.end_mark.index if node is not None else 0:].strip().startswith("#")
+
+
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
@@ -294,8 +303,9 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         _merge(config, values, "")
     for override in overrides:
         keys, value = parse_override(override)
-        if _wants_text(keys) and isinstance(value, (bool, int, float, datetime.date)):
-            value = override.split("=", 1)[1].strip()  # `train.output_dir=2024-01-01`: YAML read a date
+        raw = override.split("=", 1)[1]
+        if _wants_text(keys) and (isinstance(value, (bool, int, float, datetime.date)) or _holds_comment(raw)):
+            value = raw.strip()  # `train.output_dir=2024-01-01`: YAML read a date; `runs/try #2`: cut at ' #'
         nested: Any = value
         for key in reversed(keys):
             nested = {key: nested}

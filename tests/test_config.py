@@ -211,6 +211,9 @@ def test_a_run_given_as_pretrained_is_accepted_and_a_folder_without_a_checkpoint
     ("train.output_dir=2024-01-01", ("train", "output_dir"), "2024-01-01"),  # YAML: a date
     ("train.output_dir=2024", ("train", "output_dir"), "2024"),  # YAML: an int
     ("model.name=off", ("model", "name"), "off"),  # YAML 1.1: a bool
+    # YAML: a comment. `--set train.output_dir=ablations/try #2` trained in (and resumed from) 'ablations/try'
+    ("train.output_dir=ablations/try #2", ("train", "output_dir"), "ablations/try #2"),
+    ("train.output_dir=#2", ("train", "output_dir"), "#2"),  # YAML: null, the recipe's folder dropped
 ])
 def test_a_text_setting_keeps_the_text_yaml_would_read_as_another_type(override, field, expected):
     config = load_config("tiny-cpu", [override])
