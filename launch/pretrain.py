@@ -40,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print the resolved config, world, batch, memory estimate per GPU and FLOPs; do not train")
     parser.add_argument("--world_size", type=positive_int, default=None,
                         help="with --dry_run: plan for this many GPUs (default: $WORLD_SIZE or 1)")
-    parser.add_argument("--gpus_per_node", type=positive_int, default=8, help="with --dry_run: GPUs per node")
+    parser.add_argument("--gpus_per_node", type=positive_int, default=None,
+                        help="with --dry_run: GPUs per node (default: the launcher's processes per node, "
+                             "$LOCAL_WORLD_SIZE or $LOCAL_SIZE, where the world is $WORLD_SIZE; else 8)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -62,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.recipe, overrides)
         if args.dry_run:
             world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-            report = plan(config, load_deepspeed_config(args.deepspeed_config), world_size, args.gpus_per_node)
+            gpus_per_node = args.gpus_per_node or 8
+            if args.world_size is None and args.gpus_per_node is None:  # planning the launch it runs under
+                gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 8)
+            report = plan(config, load_deepspeed_config(args.deepspeed_config), world_size, gpus_per_node)
             print(json.dumps(report, indent=2))
             return 0
         train(config, args.deepspeed_config)

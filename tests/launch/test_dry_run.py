@@ -1,5 +1,6 @@
 """`launch/pretrain.py --dry_run` plans big recipes on a CPU without building real weights."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,21 @@ def test_a_world_that_is_not_whole_nodes_is_refused():
                              "ds_configs/zero2.json", "--dry_run", "--world_size", "12"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--world_size 12 is not a whole number of nodes" in result.stderr
+
+
+@pytest.mark.parametrize("per_node", ["LOCAL_WORLD_SIZE", "LOCAL_SIZE"])  # torchrun's, the deepspeed launcher's
+def test_a_dry_run_under_a_launcher_plans_its_nodes(per_node):
+    """`NNODES=2 GPUS_PER_NODE=4 bash launch/torchrun_pretrain.sh ... --dry_run`: the world came from WORLD_SIZE
+    but the node from --gpus_per_node's default 8, so 2 x 4 GPUs were planned as one node (each node's host
+    memory for 8 ranks) and 3 x 4 was refused as not whole nodes of 8."""
+    for nodes in (2, 3):
+        env = {**os.environ, "WORLD_SIZE": str(4 * nodes), per_node: "4"}
+        result = subprocess.run([sys.executable, "launch/pretrain.py", "--recipe", "vit-b-16", "--deepspeed_config",
+                                 "ds_configs/zero2.json", "--dry_run"], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        plan = json.loads(result.stdout[result.stdout.index("{\n"):])
+        assert (plan["world_size"], plan["nodes"]) == (4 * nodes, nodes)
 
 
 def test_dry_run_plans_an_eva_tower():
