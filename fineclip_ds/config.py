@@ -381,6 +381,8 @@ def validate(config: RunConfig) -> None:
     _require(config.eval.every >= 0, "eval.every", config.eval.every, "an integer >= 0 (0 disables)")
     _require(config.eval.images >= 1, "eval.images", config.eval.images, "an integer >= 1")
     _require(config.eval.batch_size >= 1, "eval.batch_size", config.eval.batch_size, "an integer >= 1")
+    # `--output_dir "$RUN"` with RUN unset: the run's checkpoints/, logs and summary went into the working folder
+    _require(bool(config.train.output_dir.strip()), "train.output_dir", config.train.output_dir, "a folder path")
     resume = config.train.resume
     _require(
         resume is None or resume == "auto" or Path(resume).is_dir(),

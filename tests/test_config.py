@@ -43,6 +43,9 @@ def test_exponent_floats_without_a_dot_are_floats():
     ("nonsense", "must look like section.key=value"),
     ("model.image_size=[64,64", "override 'model.image_size=[64,64': the value is not valid YAML"),
     ("data.world_seed=-1", "data.world_seed: got -1, expected an integer >= 0"),
+    # `--output_dir "$RUN"` with RUN unset trained in the working folder
+    ('train.output_dir=""', "train.output_dir: got '', expected a folder path"),
+    ("train.output_dir=' '", "train.output_dir: got ' ', expected a folder path"),
 ])
 def test_bad_values_are_rejected_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
