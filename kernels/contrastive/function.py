@@ -151,8 +151,8 @@ class ContrastiveLossFunction(torch.autograd.Function):
             col_coef = row_coef if world == 1 else torch.where(all_valid, per_rank.repeat_interleave(rows), 0.0)
             image_grad, all_text_grad = ctx.passes.grads(image_features, all_texts, scale, mask, all_valid, row_lse,
                                                          col_lse, row_coef, col_coef, rank * rows)
-            if world > 1:  # the ranks' shares are summed in fp32
-                all_text_grad = all_text_grad.float()
+            if world > 1:  # the ranks' shares are summed in fp32 (float64 ones in float64)
+                all_text_grad = all_text_grad.to(torch.promote_types(all_text_grad.dtype, torch.float32))
             text_grad = reduce_to_owner(all_text_grad, ctx.group, rank, world).to(text_features.dtype)
             image_grad = image_grad.to(image_features.dtype)
         logit_scale_grad = None

@@ -78,3 +78,19 @@ def run(rank: int, world: int, port: int, rows: int, dim: int, seed: int, out_di
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def run_float64(rank: int, world: int, port: int, rows: int, dim: int, seed: int, out_dir: str) -> None:
+    """Rank `rank` of a float64 run on the torch backend: loss and gradients saved for the parent."""
+    from kernels.contrastive import contrastive_loss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        batch = global_batch(world, rows, dim, seed)
+        own = slice(rank * rows, (rank + 1) * rows)
+        result = _loss_and_grads(lambda i, t, s: contrastive_loss(i, t, s, backend="torch"),
+                                 batch["images"][own].double(), batch["texts"][own].double(),
+                                 batch["logit_scale"].double(), batch["upstream"][rank].double())
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

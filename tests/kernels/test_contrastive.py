@@ -27,7 +27,7 @@ from kernels.contrastive.function import ContrastiveLossFunction
 from kernels.contrastive.launch import (TritonTiles, split_count, stats_groups, stripe_rows,
                                        takes_whole_grad_logits)
 from kernels.contrastive.torch_chunked import TorchTiles
-from tests.kernels.contrastive_worker import MASK_KINDS, global_batch, run
+from tests.kernels.contrastive_worker import MASK_KINDS, global_batch, run, run_float64
 from tests.kernels.kernel_device import KERNEL_DEVICE, drawn_on_the_cpu
 from tests.training.launcher import free_port
 
@@ -635,6 +635,23 @@ def _check_gloo_results(world: int, rows: int, dim: int, seed: int, tmp_path) ->
     assert not torch.allclose(results[0][("torch", "none")]["images"],
                               _reference_per_rank({**batch, "upstream": torch.eye(world)[0]},
                                                   batch["masks"][0], world, rows)[0]["images"].float())
+
+
+@pytest.mark.slow
+def test_gloo_ranks_keep_float64_text_gradients_in_float64(tmp_path):
+    """The ranks' shares of the text gradient are summed in fp32 for half-precision features; float64 features
+    (the torch backend) must not be rounded to fp32 there, or their text gradients lose 9 digits."""
+    world, rows, dim, seed = 2, 3, 4, 7
+    mp.spawn(run_float64, args=(world, free_port(), rows, dim, seed, str(tmp_path)), nprocs=world)
+    with torch.device("cpu"):
+        batch = global_batch(world, rows, dim, seed)
+        want = _reference_per_rank(batch, batch["masks"][0], world, rows)
+        for rank in range(world):
+            got = torch.load(tmp_path / f"rank{rank}.pt")
+            for name in ("loss", "images", "texts", "logit_scale"):
+                assert got[name].dtype == torch.float64, name
+                torch.testing.assert_close(got[name], want[rank][name], rtol=1e-12, atol=1e-13,
+                                           msg=lambda m: f"rank {rank} {name}: {m}")
 
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
