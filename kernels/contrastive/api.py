@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kernels.contrastive.function import ContrastiveLossFunction, TilePasses
-from kernels.contrastive.launch import TritonTiles, runs_on
+from kernels.contrastive.launch import SUPPORTED_DTYPES, TritonTiles, runs_on
 from kernels.contrastive.torch_chunked import TorchTiles
 
 BACKENDS = ("triton", "torch", "auto")
@@ -31,9 +31,11 @@ def _check_inputs(image_features: torch.Tensor, text_features: torch.Tensor, log
             raise ValueError(f"{name}: got device {tensor.device}, expected the image features' {image_features.device}")
 
 
-def select_passes(backend: str, device: torch.device) -> TilePasses:
-    """Triton on CUDA (or under the interpreter when asked for by name), torch otherwise."""
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+def select_passes(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> TilePasses:
+    """Triton on CUDA (or under the interpreter when asked for by name), torch otherwise; "auto" also takes
+    torch for features the Triton kernels do not take (float64, or images and texts of different dtypes)."""
+    triton_takes = all(dtype in SUPPORTED_DTYPES for dtype in dtypes) and len(set(dtypes)) <= 1
+    if backend == "torch" or (backend == "auto" and (device.type != "cuda" or not triton_takes)):
         return TorchTiles()
     if not runs_on(device):
         raise ValueError(f"backend: got 'triton' for features on {device}, expected CUDA tensors "
@@ -61,7 +63,7 @@ def contrastive_loss(
     """
     # image_features, text_features: [b, D] normalised; logit_scale: [] or [1] (exponentiated); mask: [b] bool -> []
     _check_inputs(image_features, text_features, logit_scale, mask, backend)
-    passes = select_passes(backend, image_features.device)
+    passes = select_passes(backend, image_features.device, (image_features.dtype, text_features.dtype))
     return ContrastiveLossFunction.apply(image_features, text_features, logit_scale,
                                          None if mask is None else mask.bool(), group, passes)
 

@@ -583,6 +583,18 @@ def test_bad_arguments_raise_value_errors_naming_them():
         contrastive_loss(images, texts[:, :3], logit_scale)
 
 
+def test_auto_backend_on_cuda_takes_torch_for_dtypes_the_triton_kernels_refuse():
+    """"auto" on CUDA features picked Triton whatever their dtype, so float64 features (which the torch backend
+    computes) got "the triton backend expects one of ..." though no backend was named."""
+    from kernels.contrastive.api import select_passes
+
+    cuda = torch.device("cuda")
+    assert isinstance(select_passes("auto", cuda, (torch.float64, torch.float64)), TorchTiles)
+    assert isinstance(select_passes("auto", cuda, (torch.float32, torch.bfloat16)), TorchTiles)
+    assert isinstance(select_passes("auto", cuda, (torch.bfloat16, torch.bfloat16)), TritonTiles)
+    assert isinstance(select_passes("triton", cuda, (torch.float64, torch.float64)), TritonTiles)  # refused later
+
+
 def _reference_per_rank(batch: dict, mask: torch.Tensor, world: int, rows: int) -> dict:
     """Every rank's loss and gradients in float64, rank r's loss scaled by its upstream gradient."""
     images = batch["images"].double().requires_grad_()
