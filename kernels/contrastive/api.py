@@ -31,7 +31,7 @@ def _check_inputs(image_features: torch.Tensor, text_features: torch.Tensor, log
             raise ValueError(f"{name}: got device {tensor.device}, expected the image features' {image_features.device}")
 
 
-def select_passes(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> TilePasses:
+def select_passes(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> TilePasses:
     """Triton on CUDA (or under the interpreter when asked for by name), torch otherwise; "auto" also takes
     torch for features the Triton kernels do not take (float64, or images and texts of different dtypes)."""
     triton_takes = all(dtype in SUPPORTED_DTYPES for dtype in dtypes) and len(set(dtypes)) <= 1
