@@ -53,8 +53,11 @@ def _workers(process: subprocess.Popen) -> list[psutil.Process]:
     return ranks + [worker for rank in ranks for worker in rank.children(recursive=True)]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_stops_with_a_checkpoint_and_resume_gives_the_uninterrupted_curve(reference, tmp_path, signum):
+def test_a_signal_stops_with_a_checkpoint_and_resume_gives_the_uninterrupted_curve(reference, tmp_path):
+    """SIGTERM, as Slurm preempts. SIGUSR1 (`#SBATCH --signal=USR1@120`) takes the same handler and worker setting
+    (STOP_SIGNALS): tests/launch/test_slurm_script.py stops a run with it, test_rank_agreement.py agrees on it and
+    tests/data/test_workers.py has workers ignore it (a second 2-rank run here took ~40 s of CI)."""
+    signum = signal.SIGTERM
     config, uninterrupted = reference
     output_dir = tmp_path / "preempted"
     requeue_file = tmp_path / "requeue"  # what launch/slurm_pretrain.sbatch asks for
