@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fineclip_ds.config import ConfigError, RunConfig, load_config, positive_int
+from fineclip_ds.config import ConfigError, RunConfig, load_config, override_value, positive_int
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.evaluate import load_for_evaluation
 from fineclip_ds.evaluation.world import evaluate_on_world
@@ -52,11 +52,6 @@ def _set_by_ablation(weights: dict[str, float], steps: int, seed: int, run_dir: 
     }
 
 
-def _yaml_value(value: object) -> object:
-    """A path or text as given: quoted, so that YAML reads no comment (' #'), mapping (': ') or null in it."""
-    return json.dumps(str(value), ensure_ascii=False) if isinstance(value, (str, Path)) else value
-
-
 def _refuse_replaced_overrides(overrides: tuple[str, ...], set_by_ablation: dict[str, tuple[object, str]]) -> None:
     for override in overrides:
         key = override.split("=", 1)[0].strip()
@@ -73,7 +68,7 @@ def run_ablation(steps: int, seed: int, output_dir: Path, recipe: str = "tiny-cp
     for loss_set_settings in settings.values():
         _refuse_replaced_overrides(overrides, loss_set_settings)
     configs = {name: load_config(recipe, [*overrides,
-                                          *(f"{key}={_yaml_value(value)}" for key, (value, _) in own.items())])
+                                          *(f"{key}={override_value(value)}" for key, (value, _) in own.items())])
                for name, own in settings.items()}
     for config in configs.values():
         _check_same_ablation(config, steps, seed, output_dir)

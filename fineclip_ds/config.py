@@ -279,6 +279,12 @@ def _holds_comment(raw: str) -> bool:
     return raw[node.end_mark.index if node is not None else 0:].strip().startswith("#")
 
 
+def override_value(value: object) -> object:
+    """`value` for a `section.key=value` override: a path or text quoted, so that YAML reads it as given (no
+    comment at ' #', mapping at ': ' or null in it); numbers as they are."""
+    return json.dumps(str(value), ensure_ascii=False) if isinstance(value, (str, Path)) else value
+
+
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import deepspeed  # noqa: E402
 
-from fineclip_ds.config import ConfigError, load_config, positive_int  # noqa: E402
+from fineclip_ds.config import ConfigError, load_config, override_value, positive_int  # noqa: E402
 from fineclip_ds.data.streams import DataError  # noqa: E402
 from fineclip_ds.run_logging import configure_rank_logging  # noqa: E402
 from fineclip_ds.training.checkpoint import CheckpointSaveError  # noqa: E402
@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.set)
     for field, value in (("output_dir", args.output_dir), ("max_steps", args.max_steps), ("seed", args.seed),
                          ("resume", args.resume)):
-        if value is not None:  # a path as given: quoted, so YAML reads no comment (' #'), mapping (': ') or null
-            text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else value
-            overrides.append(f"train.{field}={text}")
+        if value is not None:
+            overrides.append(f"train.{field}={override_value(value)}")
     try:
         config = load_config(args.recipe, overrides)
         if args.dry_run:
