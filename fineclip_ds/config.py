@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,9 +148,7 @@ def changed_run_settings(saved: dict[str, Any], config: RunConfig) -> list[tuple
 
 
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against a field's annotation, converting YAML ints to floats where allowed.
-
-    PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; such strings become floats too."""
+    """Check `value` against a field's annotation, converting YAML ints to floats where allowed."""
     allowed = typing.get_args(annotation) or (annotation,)
     if value is None:
         if type(None) in allowed:
@@ -158,8 +157,6 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
     for kind in allowed:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if kind is float and isinstance(value, str) and _is_float(value):
-            return float(value)
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind in (str, bool) and isinstance(value, kind):
@@ -167,14 +164,6 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         if typing.get_origin(kind) is list and isinstance(value, list):
             return [_coerce(f"{path}[{index}]", item, typing.get_args(kind)[0]) for index, item in enumerate(value)]
     raise ConfigError(f"{path}: {value!r} is a {type(value).__name__}, expected {_type_names(allowed)}")
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _type_names(kinds: tuple) -> str:
@@ -196,9 +185,19 @@ def _merge(section: Any, values: dict[str, Any], prefix: str) -> None:
             setattr(section, key, _coerce(path, value, hints[key]))
 
 
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a mapping that gives a key twice is an error (YAML requires unique keys; PyYAML
-    kept the last without a word, so a second `train:` section dropped every setting of the first)."""
+    """PyYAML's safe loader with two changes. A mapping that gives a key twice is an error (YAML requires unique
+    keys; PyYAML kept the last without a word, so a second `train:` section dropped every setting of the first).
+    Numbers are read as YAML 1.2 reads them, not 1.1: `010` is 10, not 8; `1:30` is text, not 90; `1e-4` is a
+    float, not text."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_INT, _FLOAT)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
@@ -216,15 +215,30 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _construct_yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    return int(text, base)
+
+
+_UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                       list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+_UniqueKeyLoader.add_constructor(_INT, _construct_yaml12_int)
+
+
 class _DuplicateKeyError(ValueError):
     pass
 
 
 def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
             raise _DuplicateKeyError(f"key {key!r} is given twice")
+        seen.add(key)
     return dict(pairs)
 
 

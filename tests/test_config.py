@@ -19,6 +19,21 @@ def test_exponent_floats_without_a_dot_are_floats():
     assert load_config("tiny-cpu", ["optim.lr=1e-4"]).optim.lr == 1e-4
 
 
+@pytest.mark.parametrize("written, steps", [("010", 10), ("0o10", 8), ("0x10", 16), ("+12", 12)])
+def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path, written, steps):
+    """YAML 1.1 (PyYAML) read `010` as octal 8 and `1:30` as 90, in an override and in a recipe alike."""
+    assert load_config("tiny-cpu", [f"train.max_steps={written}"]).train.max_steps == steps
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"train:\n  max_steps: {written}\n")
+    assert load_config(str(recipe)).train.max_steps == steps
+
+
+@pytest.mark.parametrize("override", ["train.max_steps=1:30", "train.max_steps=1_000", "optim.lr=1:30.5"])
+def test_yaml_1_1_sexagesimal_and_underscored_numbers_are_refused_not_converted(override):
+    with pytest.raises(ConfigError, match="is a str, expected"):
+        load_config("tiny-cpu", [override])
+
+
 @pytest.mark.parametrize("override,message", [
     ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
     ("model.colour=red", "unknown config key 'model.colour'"),
