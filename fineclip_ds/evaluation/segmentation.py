@@ -25,14 +25,17 @@ IGNORE_LABEL = 255
 LABEL_PROBLEMS = {"missing_label": "no label map",
                   "unreadable_label": "the label map cannot be read",
                   "label_not_1_channel": "the label map has several channels (an RGB colour-coded PNG?); a 1-channel "
-                                         "map of class indices is needed (mode L, P or 16-bit I;16)"}
+                                         "map of class indices is needed (mode L, P, 16-bit I;16 or 32-bit I)",
+                  "label_not_integer": "the label map holds floating-point values (mode F); class indices are whole "
+                                       "numbers (mode L, P, 16-bit I;16 or 32-bit I)",
+                  "label_negative_value": "the label map holds {value}, a negative value; class indices start at 0"}
 log = logging.getLogger("fineclip_ds")
 
 
 @dataclass
 class LabelledImage:
     image: Callable[[], Image.Image]
-    labels: Callable[[], Image.Image]  # "L"/"P" PNG: class index per pixel, IGNORE_LABEL unscored
+    labels: Callable[[], Image.Image]  # 1-channel integer map (L, P, I;16, I): class index per pixel
     label_path: Path | None = None  # where `labels` reads from, to tell a missing label map from a bad one
 
 
@@ -82,16 +85,23 @@ def label_indices(labels: Image.Image, num_classes: int, reduce_zero_label: bool
     return target, int(unknown.sum())
 
 
-def _scorable_labels(item: LabelledImage) -> tuple[Image.Image | None, str]:
-    """The label map, or which of LABEL_PROBLEMS keeps it from being scored (an RGB map crashed the metrics)."""
+def _scorable_labels(item: LabelledImage) -> tuple[Image.Image | None, str, str]:
+    """The label map, or which of LABEL_PROBLEMS keeps it from being scored and the value that says so. Checked
+    before the model runs: an RGB map crashed the metrics, a negative value (a signed 32-bit map) or NaN (a float
+    map, read as int64's most negative value) made bincount fail or count the pixel as a class."""
     if item.label_path is not None and not item.label_path.exists():
-        return None, "missing_label"
+        return None, "missing_label", ""
     labels = open_image(item.labels)
     if labels is None:
-        return None, "unreadable_label"
+        return None, "unreadable_label", ""
     if len(labels.getbands()) != 1:
-        return None, "label_not_1_channel"
-    return labels, ""
+        return None, "label_not_1_channel", ""
+    if labels.mode == "F":
+        return None, "label_not_integer", ""
+    lowest = int(np.asarray(labels).min(initial=0))
+    if lowest < 0:
+        return None, "label_negative_value", str(lowest)
+    return labels, "", ""
 
 
 def _window_logits(model: FineCLIP, window: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -143,12 +153,12 @@ def evaluate_segmentation(model: FineCLIP, tokenizer: Callable[[list[str]], torc
         if image is None:
             skipped["unreadable_image"] += 1
             continue
-        labels, problem = _scorable_labels(item)
+        labels, problem, value = _scorable_labels(item)
         if labels is None:
             skipped[problem] += 1
             if skipped[problem] == 1:
                 log.warning("segmentation: %s: %s; skipped, counted as skipped_%s", item.label_path,
-                            LABEL_PROBLEMS[problem], problem)
+                            LABEL_PROBLEMS[problem].format(value=value), problem)
             continue
         if labels.size != image.size:
             skipped["label_size_mismatch"] += 1

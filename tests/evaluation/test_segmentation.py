@@ -83,3 +83,54 @@ def test_pixel_value_255_of_a_16_bit_map_with_more_than_255_classes_is_scored_as
     results = segmentation.evaluate_segmentation(_AllClassZero(), None, ((0, 0, 0), (1, 1, 1)),
                                                  [f"class {k}" for k in range(300)], [item], progress=False)
     assert results["skipped_unknown_label_pixels"] == 1 and results["pixel_accuracy"] == pytest.approx(100 * 3 / 7)
+
+
+def _evaluate_one_label_map(monkeypatch, stored, tmp_path, caplog):
+    """Segmentation of one 4x2 image whose label map, saved as a TIFF under the .png name the label folder reads
+    (Pillow opens it by content, mode "I" or "F"), holds `stored`; the results and the warnings logged."""
+    import logging
+
+    from PIL import Image
+
+    from fineclip_ds.evaluation import segmentation
+
+    monkeypatch.setattr(segmentation, "class_embeddings", lambda *args: torch.eye(300))
+    label_path = tmp_path / "000.png"
+    Image.fromarray(stored).save(label_path, format="TIFF")
+    item = segmentation.LabelledImage(lambda: Image.new("RGB", (4, 2)), lambda: Image.open(label_path), label_path)
+    with caplog.at_level(logging.WARNING, logger="fineclip_ds"):
+        return segmentation.evaluate_segmentation(_AllClassZero(), None, ((0, 0, 0), (1, 1, 1)),
+                                                  [f"class {k}" for k in range(300)], [item, item], progress=False)
+
+
+def test_a_32_bit_label_map_is_read_like_a_16_bit_one(monkeypatch, tmp_path, caplog):
+    """A mode "I" map of class indices scores as the same values in a 16-bit map do; 70000 names no class."""
+    import numpy as np
+
+    stored = np.array([[0, 0, 255, 255], [0, 0, 255, 70000]], dtype=np.int32)
+    results = _evaluate_one_label_map(monkeypatch, stored, tmp_path, caplog)
+    assert results["classes_scored"] == 2 and results["pixel_accuracy"] == pytest.approx(100 * 4 / 7)
+    assert results["skipped_unknown_label_pixels"] == 2  # once per image
+
+
+def test_a_label_map_with_a_negative_value_is_skipped_counted_and_named(monkeypatch, tmp_path, caplog):
+    """A 32-bit map holding -1 (a signed "ignore") ended in a bincount traceback (negative values), after the model
+    had run; it is skipped and counted like an RGB map, and the warning names the file and the value."""
+    import numpy as np
+
+    stored = np.array([[0, 0, 1, 1], [0, -1, 1, -7]], dtype=np.int32)
+    with pytest.raises(ValueError, match=r"no pixel scored; skipped: \{'label_negative_value': 2\}"):
+        _evaluate_one_label_map(monkeypatch, stored, tmp_path, caplog)
+    assert len(caplog.records) == 1  # once per problem, as for the other bad label maps
+    assert "000.png" in caplog.text and "-7" in caplog.text and "skipped_label_negative_value" in caplog.text
+
+
+def test_a_floating_point_label_map_is_skipped_and_counted(monkeypatch, tmp_path, caplog):
+    """A mode "F" map: NaN became int64's most negative value (the same bincount traceback) and 1.5 became class 1,
+    silently; class indices are whole numbers, so it is skipped and counted."""
+    import numpy as np
+
+    stored = np.array([[0, 0, 1.5, 1], [0, np.nan, 1, 1]], dtype=np.float32)
+    with pytest.raises(ValueError, match=r"no pixel scored; skipped: \{'label_not_integer': 2\}"):
+        _evaluate_one_label_map(monkeypatch, stored, tmp_path, caplog)
+    assert "000.png" in caplog.text and "mode F" in caplog.text
