@@ -30,6 +30,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -290,7 +291,20 @@ def output_settings(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = {name: comparable(name, value) for name, value in sorted(vars(args).items())
                 if name not in RUN_ONLY_OPTIONS}
-    return json.loads(json.dumps(settings))
+    return _finite_json(json.loads(json.dumps(settings)))
+
+
+def _finite_json(value: Any) -> Any:
+    """`value` with each non-finite float as the text float() reads back ("inf", "-inf", "nan"). JSON has no
+    Infinity or NaN, which Python writes by default and jq or JavaScript refuse; --max_box_size is inf unless
+    given, and --generate (json.loads) and the float options take them too. As text, NaN compares equal to itself."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(item) for item in value]
+    return value
 
 
 def settings_conflict(output_dir: Path, settings: dict[str, Any]) -> str | None:
@@ -299,7 +313,7 @@ def settings_conflict(output_dir: Path, settings: dict[str, Any]) -> str | None:
     recorded_file = output_dir / SETTINGS_FILE
     if not recorded_file.is_file() or not any(output_dir.glob("regions-*.tar")):
         return None
-    recorded = json.loads(recorded_file.read_text())
+    recorded = _finite_json(json.loads(recorded_file.read_text()))  # Python reads the Infinity older runs wrote
     differing = [name for name in sorted(recorded.keys() & settings.keys()) if recorded[name] != settings[name]]
     if not differing:
         return None
@@ -313,7 +327,7 @@ def record_settings(output_dir: Path, settings: dict[str, Any], rank: int) -> No
     """Written at the start (the same by every process) for a later rerun to be compared with; each process
     through its own temporary file (named by rank: process ids repeat across nodes)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(output_dir / SETTINGS_FILE, json.dumps(settings, indent=2), writer=rank)
+    write_atomically(output_dir / SETTINGS_FILE, json.dumps(settings, indent=2, allow_nan=False), writer=rank)
 
 
 def units_from(args: argparse.Namespace) -> list[Unit]:

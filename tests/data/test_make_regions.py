@@ -647,6 +647,41 @@ def test_a_rerun_with_settings_that_change_the_output_stops_naming_the_setting_a
     assert summary["shards"] == 3
 
 
+def _strict_json(text: str) -> dict:
+    """As jq or JavaScript read JSON: Infinity and NaN, which Python's json writes by default, are refused."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_settings_json_is_valid_json_with_no_box_size_limit_and_an_old_one_holding_infinity_still_resumes(
+        released_cli, capsys, tmp_path):
+    """--max_box_size defaults to inf, written as Infinity: not JSON, so jq and strict parsers refused settings.json.
+    It is written as "inf" (what float() and the option read); a folder made before still resumes, and compares."""
+    settings_file = tmp_path / "out" / "settings.json"
+    assert main(released_cli)["shards"] == 3
+    assert _strict_json(settings_file.read_text())["max_box_size"] == "inf"
+    assert main([*released_cli, "--max_box_size", "inf"])["shards"] == 3  # the same setting, given
+    settings_file.write_text(settings_file.read_text().replace('"inf"', "Infinity"))  # as the old code wrote it
+    capsys.readouterr()
+    assert main(released_cli)["shards"] == 3
+    assert "3 of 3 output shards already finished" in capsys.readouterr().err
+    assert _strict_json(settings_file.read_text())["max_box_size"] == "inf"  # rewritten valid by the resume
+    with pytest.raises(SystemExit):
+        main([*released_cli, "--max_box_size", "500"])
+    assert '--max_box_size: "inf" in' in capsys.readouterr().err
+
+
+def test_non_finite_values_in_any_setting_are_written_as_text(tmp_path):
+    """--generate is read by json.loads, which takes Infinity and NaN, and every float option by float(), which
+    takes "nan": each is recorded as the text float() reads back, so the file stays JSON and NaN compares equal."""
+    generate = {"temperature": float("nan"), "bad_words": [[float("-inf")]]}
+    settings = output_settings(argparse.Namespace(generate=generate, min_side=float("nan"), captioner=None,
+                                                  output_dir=Path("out")))
+    assert _strict_json(json.dumps(settings)) == {"generate": {"temperature": "nan", "bad_words": [["-inf"]]},
+                                                   "min_side": "nan", "captioner": None}
+
+
 def test_released_captions_keyed_otherwise_are_warned_about_with_an_expected_and_a_present_key(released_cli, tmp_path,
                                                                                                caplog, capsys):
     """Keys with rounded coordinates matched no box: "caption_missing": 3, "regions": 0, and not a word said."""
