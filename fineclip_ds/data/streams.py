@@ -109,16 +109,29 @@ def expand_shard_urls(urls: str | list[str]) -> list[str]:
     return [url for pattern in patterns for url in expand_urls(pattern)]
 
 
+def _is_duplicate_member(error: Exception) -> bool:
+    """webdataset's grouping raises this ValueError for a record holding a member twice ("000123.jpg" written
+    again), then keeps the first and goes on with that record: the shard itself reads on."""
+    return isinstance(error, ValueError) and "duplicate file name" in str(error.args[0] if error.args else "")
+
+
 def read_raw_records(shards: list[str], counts: Counter) -> Iterator[dict[str, Any]]:
     """The raw records of `shards` in order; unreadable shard data is skipped, logged and counted in
     counts["corrupt_shard"]. A record of a shard yielded after that shard failed was cut off by the failure
     (webdataset yields the files it had, or merges in the next shard's first record when the keys match):
-    it is dropped and counted as truncated_record, the same way on every read, so positions stay exact."""
+    it is dropped and counted as truncated_record. A record holding a member twice is dropped and counted as
+    duplicate_member (which of the two is right is unknown). Both are dropped the same way on every read, so
+    positions stay exact."""
     import webdataset as wds
 
     known, failed = set(shards), set()
+    duplicate = ""  # webdataset's message for the record being grouped, which is the next one it yields
 
     def count_and_continue(error: Exception) -> bool:
+        nonlocal duplicate
+        if _is_duplicate_member(error):
+            duplicate = duplicate or str(error.args[0])
+            return True
         counts["corrupt_shard"] += 1
         failed.update(arg for arg in error.args if isinstance(arg, str) and arg in known)  # webdataset adds the url
         log.warning("skipping unreadable shard data: %s", error, extra=PER_RANK)  # webdataset's message names the shard
@@ -126,10 +139,15 @@ def read_raw_records(shards: list[str], counts: Counter) -> Iterator[dict[str, A
 
     for record in wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
                                  handler=count_and_continue, empty_check=False):
+        record_duplicate, duplicate = duplicate, ""
         if record.get("__url__") in failed:
             counts["truncated_record"] += 1
-            continue
-        yield record
+        elif record_duplicate:
+            counts["duplicate_member"] += 1
+            log.warning("skipping record %s of %s: %s", record.get("__key__"), record.get("__url__"), record_duplicate,
+                        extra=PER_RANK)
+        else:
+            yield record
 
 
 class ShardHealth:
@@ -251,10 +269,10 @@ class _ShardBatches(IterableDataset):
 class WebDatasetStream:
     """Training-format webdataset shards (image, txt, json {boxes, region_captions}), split by rank then worker.
 
-    Corrupt images, bad annotations, missing fields and unreadable shards are skipped and counted in
-    each batch's data_stats; resuming restarts every worker at its recorded raw-record position, and
-    a resume with another world size or worker count re-splits the records no reader had delivered
-    (stream_positions).
+    Corrupt images, bad annotations, missing fields, records holding a member twice and unreadable shards
+    are skipped and counted in each batch's data_stats; resuming restarts every worker at its recorded
+    raw-record position, and a resume with another world size or worker count re-splits the records no
+    reader had delivered (stream_positions).
     """
 
     def __init__(self, urls: str | list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,

@@ -25,6 +25,11 @@ def write_shard(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def with_image_written_twice(record: dict) -> list[dict]:
+    """The record as a writer that wrote its image twice leaves it: two adjacent `<key>.jpg` members."""
+    return [{"__key__": record["__key__"], "jpg": record["jpg"]}, record]
+
+
 def world_records(world: ShapesWorld, indices: range) -> list[dict]:
     return [encode_training_sample(f"{index:06d}", world.sample(index)) for index in indices]
 

@@ -14,12 +14,14 @@ from fineclip_ds.data.stream_positions import readers_per_rank, unit_of
 from fineclip_ds.data.streams import WebDatasetStream
 from fineclip_ds.data.transforms import RegionTransform
 from fineclip_ds.training import checkpoint
-from tests.data.helpers import MEAN, STD, captions, char_tokenizer, defective_records, world_records, write_shard
+from tests.data.helpers import (MEAN, STD, captions, char_tokenizer, defective_records, with_image_written_twice,
+                                world_records, write_shard)
 
 # uneven shards so that readers drift apart: at 2 ranks x 2 workers the readers hold 4, 8, 10 and 10
 # usable records, and after 6 records each the first is in epoch 1 while the others are still in epoch 0
 GOOD_SHARD_SIZES = (2, 6, 3, 7, 2, 4, 5, 2)
 USABLE = [f"record {i}" for i in range(sum(GOOD_SHARD_SIZES))] + ["bad boxes"]  # defective_records' usable one
+DUPLICATED_SHARD = 3  # also holds, mid-shard, a record with its image written twice: skipped on every read
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,8 @@ def shards(tmp_path_factory) -> str:
     for shard, size in enumerate(GOOD_SHARD_SIZES):
         records = [{**record, "txt": f"record {first + i}"}
                    for i, record in enumerate(world_records(world, range(first, first + size)))]
+        if shard == DUPLICATED_SHARD:
+            records[size // 2:size // 2] = with_image_written_twice({**records[0], "__key__": "dup", "txt": "dup"})
         write_shard(directory / f"part-{shard}.tar", records + (defective_records() if shard == 7 else []))
         first += size
     (directory / "part-8.tar").write_bytes(b"not a tar archive" * 40)

@@ -34,7 +34,7 @@ from fineclip_ds.data.region_annotators import (KEY_CHECK_IMAGES, CaptionedPropo
 from fineclip_ds.data.shapes_world import ShapesWorld, encode_training_sample
 from fineclip_ds.data.streams import WebDatasetStream
 from fineclip_ds.data.transforms import RegionTransform
-from tests.data.helpers import MEAN, STD, captions, char_tokenizer, write_shard
+from tests.data.helpers import MEAN, STD, captions, char_tokenizer, with_image_written_twice, write_shard
 from tests.data.tiny_models import save_tiny_detector
 
 IMAGES = 10
@@ -582,6 +582,20 @@ def test_an_unreadable_input_shard_is_counted_but_not_marked_finished_so_a_rerun
     summary = make()
     assert (summary["shards"], summary["unreadable_input_shards"], summary["images_out"]) == (2, 0, 6)
     assert summary["corrupt_shard"] == 0
+
+
+def test_an_input_record_holding_a_member_twice_is_skipped_and_counted_and_its_shard_finished(tmp_path):
+    """Its webdataset error was counted as corrupt_shard: the output shard was left for a rerun, which met the
+    same record and left it again, unless --keep_readable_part; the record went in with its first image."""
+    records = _pair_records(4)
+    write_shard(tmp_path / "pairs-0.tar", [records[0], *with_image_written_twice(records[1]), *records[2:]])
+    box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=3)
+    units = webdataset_units(str(tmp_path / "pairs-0.tar"))
+    summary = run(units, CaptionedProposals(GridProposer(), box_filter, SizeCaptioner()), tmp_path / "out")
+    assert (summary["shards"], summary["duplicate_member"], summary["images_in"], summary["images_out"]) == (1, 1, 3, 3)
+    assert "corrupt_shard" not in summary and "unreadable_input_shards" not in summary
+    keys = [r["__key__"] for r in wds.WebDataset(str(tmp_path / "out" / "regions-000000.tar"), shardshuffle=False)]
+    assert keys == ["0000", "0002", "0003"]
 
 
 def test_keep_readable_part_finishes_an_input_shard_that_stays_truncated(released_files, tmp_path, caplog):

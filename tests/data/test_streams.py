@@ -16,7 +16,8 @@ from fineclip_ds.data.collate import RegionCollator
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.data.streams import SyntheticStream, WebDatasetStream, read_raw_records
 from fineclip_ds.data.transforms import RegionTransform
-from tests.data.helpers import MEAN, STD, captions, char_tokenizer, defective_records, world_records, write_shard
+from tests.data.helpers import (MEAN, STD, captions, char_tokenizer, defective_records, with_image_written_twice,
+                                world_records, write_shard)
 
 IMAGE_SIZE = 32
 
@@ -305,6 +306,55 @@ def test_the_record_a_truncated_shard_cuts_off_is_dropped_and_counted_not_read_w
         ("cut-0.tar", "000000"), ("cut-0.tar", "000001"),
         ("whole.tar", "000000"), ("whole.tar", "000001"), ("whole.tar", "000002")]
     assert counts["truncated_record"] == 1 and counts["corrupt_shard"] >= 1
+
+
+def _numbered_records(count: int) -> list[dict]:
+    """World records captioned "record 0", "record 1", ... so that each one can be told apart."""
+    records = world_records(ShapesWorld(seed=3, image_size=32), range(count))
+    return [{**record, "txt": f"record {index}"} for index, record in enumerate(records)]
+
+
+@pytest.mark.parametrize("written", ["image twice", "image three times", "json twice last"])
+def test_a_record_holding_a_member_twice_is_skipped_and_counted_and_the_rest_of_its_shard_read(tmp_path, written):
+    """webdataset keeps the first of the members and goes on; its error was counted as corrupt_shard and the
+    record delivered with whichever image came first (make_regions then retried the shard on every rerun)."""
+    a, b, c, d, e = _numbered_records(5)
+    duplicated = {"image twice": with_image_written_twice(b),
+                  "image three times": [{"__key__": b["__key__"], "jpg": b["jpg"]}, *with_image_written_twice(b)],
+                  "json twice last": [b, {"__key__": b["__key__"], "json": b["json"]}]}[written]
+    write_shard(tmp_path / "dup-0.tar", [a, *duplicated, c, d])
+    write_shard(tmp_path / "next-1.tar", [e])
+    counts = Counter()
+    records = list(read_raw_records([str(tmp_path / "dup-0.tar"), str(tmp_path / "next-1.tar")], counts))
+    assert [record["txt"].decode() for record in records] == ["record 0", "record 2", "record 3", "record 4"]
+    assert counts == Counter(duplicate_member=1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_skipped_duplicate_does_not_shift_the_records_after_a_resume(tmp_path, workers):
+    """Resume positions count the records read_raw_records yields: the skipped one is skipped on every read."""
+    records = _numbered_records(10)
+    write_shard(tmp_path / "dup-0.tar", [records[0], *with_image_written_twice(records[1]), *records[2:5]])
+    write_shard(tmp_path / "dup-1.tar", [*records[5:8], *with_image_written_twice(records[8]), records[9]])
+
+    def stream() -> WebDatasetStream:
+        return WebDatasetStream(str(tmp_path / "dup-{0..1}.tar"), *_parts(), 3, 0, 1, num_workers=workers, seed=7)
+
+    def duplicates(batches: list[dict]) -> int:
+        return sum(batch["data_stats"].get("duplicate_member", 0) for batch in batches)
+
+    uninterrupted = _take(stream(), 8)  # 24 samples: 3 epochs of the 8 usable records
+    assert Counter(caption for batch in uninterrupted for caption in captions(batch["texts"])) == Counter(
+        {f"record {index}": 3 for index in (0, 2, 3, 4, 5, 6, 7, 9)})
+    for stop in (1, 2, 3, 5):
+        first = stream()
+        consumed = _take(first, stop)
+        resumed = stream()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        rest = _take(resumed, 8 - stop)
+        for expected, got in zip(uninterrupted[stop:], rest):
+            _same_batch(expected, got)
+        assert duplicates(consumed + rest) == duplicates(uninterrupted), stop
 
 
 def _many_boxes_records(count: int) -> list[dict]:
