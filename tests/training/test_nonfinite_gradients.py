@@ -26,24 +26,27 @@ def _run_with_inf_gradients(config: Path, output_dir: Path, calls: str, *args: s
                         env=nonfinite_env("gradient", calls, rank=1))
 
 
-def _non_finite_tensors_in_checkpoints(checkpoints: Path) -> dict[str, int]:
-    """Saved tensors (weights, fp32 masters, Adam moments) holding a NaN or inf, per file."""
-    def tensors(value):
+def _non_finite_tensors_in_checkpoints(checkpoints: Path) -> dict[str, str]:
+    """Saved tensors (weights, fp32 masters, Adam moments) holding a NaN or inf: file/key path -> where and how many,
+    so that a failure says which tensor and which elements (a flat ZeRO partition's padding, or a parameter)."""
+    def tensors(value, key):
         if torch.is_tensor(value):
-            yield value
+            yield key, value
         elif isinstance(value, dict):
-            for item in value.values():
-                yield from tensors(item)
+            for name, item in value.items():
+                yield from tensors(item, f"{key}/{name}")
         elif isinstance(value, (list, tuple)):
-            for item in value:
-                yield from tensors(item)
+            for index, item in enumerate(value):
+                yield from tensors(item, f"{key}/{index}")
 
     found = {}
     for path in sorted(checkpoints.rglob("*.pt")):
         saved = torch.load(path, weights_only=False, map_location="cpu")
-        bad = sum(1 for t in tensors(saved) if t.is_floating_point() and not torch.isfinite(t).all())
-        if bad:
-            found[str(path.relative_to(checkpoints))] = bad
+        for key, tensor in tensors(saved, str(path.relative_to(checkpoints))):
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                where = (~torch.isfinite(tensor.reshape(-1))).nonzero().reshape(-1)
+                found[key] = (f"{where.numel()} of {tensor.numel()} elements ({int(tensor.isnan().sum())} NaN), "
+                              f"first at {where[:8].tolist()}")
     return found
 
 
