@@ -22,7 +22,8 @@ GPU each. Each process, when done, sums the counts of every finished shard into
 The options that decide what the shards hold (all but --batch_size, --images_per_call, --keep_readable_part
 and --output_dir)
 are recorded in `<output_dir>/settings.json`; a rerun into a folder holding finished shards made with
-other settings stops (exit 2) rather than mix old shards with new ones.
+other settings stops (exit 2) rather than mix old shards with new ones, as does one finding that file
+unreadable (cut short, or edited into something other than a JSON object).
 """
 from __future__ import annotations
 
@@ -309,11 +310,17 @@ def _finite_json(value: Any) -> Any:
 
 def settings_conflict(output_dir: Path, settings: dict[str, Any]) -> str | None:
     """Why a run may not write into `output_dir`: its finished shards were made with other settings, and
-    would be skipped and mixed with the new ones. Options the recorded file lacks are not compared."""
+    would be skipped and mixed with the new ones, or the file recording them is unreadable, so that cannot be told.
+    Options the recorded file lacks are not compared."""
     recorded_file = output_dir / SETTINGS_FILE
     if not recorded_file.is_file() or not any(output_dir.glob("regions-*.tar")):
         return None
-    recorded = _finite_json(json.loads(recorded_file.read_text()))  # Python reads the Infinity older runs wrote
+    try:
+        recorded = _recorded_settings(recorded_file)
+    except ValueError as error:
+        return (f"--output_dir {output_dir} holds finished shards, but {recorded_file}, which records the settings "
+                f"they were made with, {error}, so this run cannot be checked against them; restore that file, or "
+                "pick a new --output_dir, or delete the old one to remake its shards")
     differing = [name for name in sorted(recorded.keys() & settings.keys()) if recorded[name] != settings[name]]
     if not differing:
         return None
@@ -321,6 +328,18 @@ def settings_conflict(output_dir: Path, settings: dict[str, Any]) -> str | None:
                         for name in differing)
     return (f"--output_dir {output_dir} holds shards made with other settings ({changes}); pick a new "
             "--output_dir, or delete the old one to remake its shards")
+
+
+def _recorded_settings(recorded_file: Path) -> dict[str, Any]:
+    """The settings an earlier run recorded; ValueError saying what is wrong with a file cut short (a full disk)
+    or edited by hand, which ended in a JSONDecodeError traceback."""
+    try:
+        recorded = json.loads(recorded_file.read_text())  # Python reads the Infinity older runs wrote
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"cannot be read as JSON ({error})") from error
+    if not isinstance(recorded, dict):
+        raise ValueError(f"holds {json.dumps(recorded)[:80]}, not a JSON object of settings")
+    return _finite_json(recorded)
 
 
 def record_settings(output_dir: Path, settings: dict[str, Any], rank: int) -> None:

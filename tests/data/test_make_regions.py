@@ -661,6 +661,29 @@ def test_a_rerun_with_settings_that_change_the_output_stops_naming_the_setting_a
     assert summary["shards"] == 3
 
 
+@pytest.mark.parametrize("content,problem", [
+    ('{"max_boxes": 6, "min_si', "cannot be read as JSON"),  # cut short
+    ("", "cannot be read as JSON"),
+    ("\xff\xfe", "cannot be read as JSON"),  # not UTF-8
+    ('["max_boxes", 6]', 'holds ["max_boxes", 6], not a JSON object'),
+    ("null", "holds null, not a JSON object"),
+])
+def test_a_rerun_into_a_folder_whose_settings_json_is_broken_stops_naming_the_file(released_cli, capsys, tmp_path,
+                                                                                  content, problem):
+    """A settings.json cut short or edited by hand ended the rerun in a JSONDecodeError (or, for a list,
+    AttributeError) traceback; it stops like the other settings conflicts, naming the file and what to do."""
+    main(released_cli)
+    settings_file = tmp_path / "out" / "settings.json"
+    settings_file.write_bytes(content.encode("latin-1"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main(released_cli)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{settings_file}, which records the settings" in error and problem in error
+    assert "restore that file, or pick a new --output_dir" in error
+
+
 def _strict_json(text: str) -> dict:
     """As jq or JavaScript read JSON: Infinity and NaN, which Python's json writes by default, are refused."""
     def refuse(constant: str):
