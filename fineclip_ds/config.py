@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,29 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= 1")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type for shares and thresholds (IoU, score, a fraction of the image): float() takes "nan", which
+    compares false with every box, so that every box was dropped or kept without a word."""
+    return _float_within(text, 0.0, 1.0, "a number from 0 to 1")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type for sizes in pixels that must be finite (a lower bound: inf or nan would drop every box)."""
+    return _float_within(text, 0.0, sys.float_info.max, "a finite number >= 0")
+
+
+def size_limit(text: str) -> float:
+    """argparse type for an upper bound in pixels, where inf means no limit."""
+    return _float_within(text, 0.0, math.inf, "a number >= 0, or inf for no limit")
+
+
+def _float_within(text: str, low: float, high: float, expected: str) -> float:
+    value = float(text)
+    if not low <= value <= high:  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"got {text}, expected {expected}")
     return value
 
 

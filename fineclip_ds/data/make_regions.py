@@ -43,7 +43,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from fineclip_ds.config import positive_int
+from fineclip_ds.config import fraction, non_negative_float, positive_int, size_limit
 from fineclip_ds.data.captioner import TransformersCaptioner
 from fineclip_ds.data.images import to_rgb
 from fineclip_ds.data.pair_sources import Pair, Unit, coco_caption_units, folder_units, webdataset_units
@@ -213,10 +213,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     regions.add_argument("--detector_arch", default="fasterrcnn_resnet50_fpn",
                          help="torchvision detection model name (fasterrcnn_*, retinanet_*)")
     regions.add_argument("--detector_classes", type=int, default=91, help="classes of the detector's head")
-    regions.add_argument("--min_side", type=float, default=0.05, help="fraction of the image's shorter side")
-    regions.add_argument("--max_area", type=float, default=0.9, help="fraction of the image's area")
-    regions.add_argument("--score_threshold", type=float, default=0.5)
-    regions.add_argument("--nms_iou", type=float, default=0.7)
+    regions.add_argument("--min_side", type=fraction, default=0.05, help="fraction of the image's shorter side")
+    regions.add_argument("--max_area", type=fraction, default=0.9, help="fraction of the image's area")
+    regions.add_argument("--score_threshold", type=fraction, default=0.5)
+    regions.add_argument("--nms_iou", type=fraction, default=0.7)
     regions.add_argument("--max_boxes", type=int, default=10)
     regions.add_argument("--captioner", help="local path of a transformers image-to-text model (BLIP-2, BLIP, ...)")
     regions.add_argument("--prompt", default="", help="e.g. 'a photo of' for BLIP-2")
@@ -233,13 +233,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help='JSON {"{file_name}_{x}_{y}_{w}_{h}.jpg": caption}: file_name as in '
                                "--fineclip_proposals, x y w h its COCO bbox truncated to integers (10.7 -> 10), "
                                'e.g. "000000000139.jpg_10_4_20_30.jpg"')
-    released.add_argument("--min_box_size", type=float, default=0.0, help="keep boxes with w*h >= this^2")
-    released.add_argument("--max_box_size", type=float, default=float("inf"), help="keep boxes with w*h <= this^2")
+    released.add_argument("--min_box_size", type=non_negative_float, default=0.0, help="keep boxes with w*h >= this^2")
+    released.add_argument("--max_box_size", type=size_limit, default=float("inf"), help="keep boxes with w*h <= this^2")
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--keep_readable_part", action="store_true",
                         help="finish an output shard from the records read before its input shard broke off, "
                              "instead of leaving it for a rerun (for inputs truncated for good)")
     args = parser.parse_args(argv)
+    if args.min_box_size > args.max_box_size:  # every box dropped, counted as box_filtered with no hint why
+        parser.error(f"--min_box_size {args.min_box_size} is above --max_box_size {args.max_box_size}")
     if bool(args.fineclip_proposals) != bool(args.fineclip_region_captions):
         parser.error("--fineclip_proposals and --fineclip_region_captions go together")
     if not args.fineclip_proposals and not args.captioner:
@@ -298,7 +300,8 @@ def output_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _finite_json(value: Any) -> Any:
     """`value` with each non-finite float as the text float() reads back ("inf", "-inf", "nan"). JSON has no
     Infinity or NaN, which Python writes by default and jq or JavaScript refuse; --max_box_size is inf unless
-    given, and --generate (json.loads) and the float options take them too. As text, NaN compares equal to itself."""
+    given, --generate (json.loads) takes them too, and a settings.json written before the float options refused NaN
+    may hold one. As text, NaN compares equal to itself."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):

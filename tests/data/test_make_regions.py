@@ -24,7 +24,7 @@ from PIL import Image
 
 from fineclip_ds.data.captioner import clean_caption, new_tokens
 from fineclip_ds.data.collate import RegionCollator
-from fineclip_ds.data.make_regions import main, output_settings, process_slot, record_key, run
+from fineclip_ds.data.make_regions import main, output_settings, parse_args, process_slot, record_key, run
 from fineclip_ds.data.pair_sources import coco_caption_units, folder_units, webdataset_units
 from fineclip_ds.data.proposals import CocoBoxProposer, DetectorMismatch, DetectorProposer, GridProposer, ProposalFilter
 from fineclip_ds.data import random_captioners
@@ -684,6 +684,43 @@ def test_a_rerun_into_a_folder_whose_settings_json_is_broken_stops_naming_the_fi
     assert "restore that file, or pick a new --output_dir" in error
 
 
+FLOAT_OPTIONS = ("min_side", "max_area", "score_threshold", "nms_iou", "min_box_size", "max_box_size")
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--min_side", "nan"), ("--min_side", "1.5"), ("--max_area", "-0.1"), ("--max_area", "inf"),
+    ("--score_threshold", "nan"), ("--score_threshold", "2"), ("--nms_iou", "nan"), ("--nms_iou", "-1"),
+    ("--min_box_size", "nan"), ("--min_box_size", "inf"), ("--min_box_size", "-1"),
+    ("--max_box_size", "nan"), ("--max_box_size", "-5"),
+])
+def test_cli_refuses_a_float_option_outside_its_range(released_cli, capsys, option, value):
+    """float() took these: NaN compares false with every box, so --min_box_size nan dropped every box (as
+    box_filtered, no hint why) and --nms_iou nan suppressed none, silently; a fraction above 1 or a negative size
+    meant nothing. Refused before any work."""
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([*released_cli, option, value])
+    assert stopped.value.code == 2
+    assert f"argument {option}: got {value}, expected" in capsys.readouterr().err
+
+
+def test_float_options_take_their_defaults_and_the_ends_of_their_ranges(released_cli):
+    defaults = parse_args(released_cli)
+    given = parse_args([*released_cli, *itertools.chain.from_iterable(
+        (f"--{name}", str(getattr(defaults, name))) for name in FLOAT_OPTIONS)])
+    assert [getattr(given, name) for name in FLOAT_OPTIONS] == [getattr(defaults, name) for name in FLOAT_OPTIONS]
+    ends = parse_args([*released_cli, "--min_side", "1", "--max_area", "0", "--score_threshold", "1", "--nms_iou", "0",
+                       "--min_box_size", "0", "--max_box_size", "0"])
+    assert [getattr(ends, name) for name in FLOAT_OPTIONS] == [1, 0, 1, 0, 0, 0]
+
+
+def test_cli_refuses_a_min_box_size_above_the_max_box_size(released_cli, capsys):
+    """Every box was dropped, counted as box_filtered with no hint why."""
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([*released_cli, "--min_box_size", "50", "--max_box_size", "10"])
+    assert stopped.value.code == 2
+    assert "--min_box_size 50.0 is above --max_box_size 10.0" in capsys.readouterr().err
+
+
 def _strict_json(text: str) -> dict:
     """As jq or JavaScript read JSON: Infinity and NaN, which Python's json writes by default, are refused."""
     def refuse(constant: str):
@@ -710,8 +747,9 @@ def test_settings_json_is_valid_json_with_no_box_size_limit_and_an_old_one_holdi
 
 
 def test_non_finite_values_in_any_setting_are_written_as_text(tmp_path):
-    """--generate is read by json.loads, which takes Infinity and NaN, and every float option by float(), which
-    takes "nan": each is recorded as the text float() reads back, so the file stays JSON and NaN compares equal."""
+    """--generate is read by json.loads, which takes Infinity and NaN, and --max_box_size takes inf (the float
+    options took "nan" too, before they were range-checked): each is recorded as the text float() reads back, so the
+    file stays JSON and NaN compares equal."""
     generate = {"temperature": float("nan"), "bad_words": [[float("-inf")]]}
     settings = output_settings(argparse.Namespace(generate=generate, min_side=float("nan"), captioner=None,
                                                   output_dir=Path("out")))
