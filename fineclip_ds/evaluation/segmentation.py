@@ -28,7 +28,9 @@ LABEL_PROBLEMS = {"missing_label": "no label map",
                                          "map of class indices is needed (mode L, P, 16-bit I;16 or 32-bit I)",
                   "label_not_integer": "the label map holds floating-point values (mode F); class indices are whole "
                                        "numbers (mode L, P, 16-bit I;16 or 32-bit I)",
-                  "label_negative_value": "the label map holds {value}, a negative value; class indices start at 0"}
+                  "label_negative_value": "the label map holds {value}, a negative value; class indices start at 0",
+                  "label_size_mismatch": "the label map is {value} (width x height); it must be its image's size, "
+                                         "one class index per pixel"}
 log = logging.getLogger("fineclip_ds")
 
 
@@ -85,10 +87,11 @@ def label_indices(labels: Image.Image, num_classes: int, reduce_zero_label: bool
     return target, int(unknown.sum())
 
 
-def _scorable_labels(item: LabelledImage) -> tuple[Image.Image | None, str, str]:
+def _scorable_labels(item: LabelledImage, image_size: tuple[int, int]) -> tuple[Image.Image | None, str, str]:
     """The label map, or which of LABEL_PROBLEMS keeps it from being scored and the value that says so. Checked
     before the model runs: an RGB map crashed the metrics, a negative value (a signed 32-bit map) or NaN (a float
-    map, read as int64's most negative value) made bincount fail or count the pixel as a class."""
+    map, read as int64's most negative value) made bincount fail or count the pixel as a class. `image_size`:
+    (width, height) of the image the map labels."""
     if item.label_path is not None and not item.label_path.exists():
         return None, "missing_label", ""
     labels = open_image(item.labels)
@@ -101,6 +104,8 @@ def _scorable_labels(item: LabelledImage) -> tuple[Image.Image | None, str, str]
     lowest = int(np.asarray(labels).min(initial=0))
     if lowest < 0:
         return None, "label_negative_value", str(lowest)
+    if labels.size != image_size:
+        return None, "label_size_mismatch", "{}x{}, its image {}x{}".format(*labels.size, *image_size)
     return labels, "", ""
 
 
@@ -153,15 +158,12 @@ def evaluate_segmentation(model: FineCLIP, tokenizer: Callable[[list[str]], torc
         if image is None:
             skipped["unreadable_image"] += 1
             continue
-        labels, problem, value = _scorable_labels(item)
+        labels, problem, value = _scorable_labels(item, image.size)
         if labels is None:
             skipped[problem] += 1
             if skipped[problem] == 1:
                 log.warning("segmentation: %s: %s; skipped, counted as skipped_%s", item.label_path,
                             LABEL_PROBLEMS[problem].format(value=value), problem)
-            continue
-        if labels.size != image.size:
-            skipped["label_size_mismatch"] += 1
             continue
         tensor = TF.normalize(TF.to_tensor(to_rgb(image)), *normalization).to(device, dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -134,3 +134,16 @@ def test_a_floating_point_label_map_is_skipped_and_counted(monkeypatch, tmp_path
     with pytest.raises(ValueError, match=r"no pixel scored; skipped: \{'label_not_integer': 2\}"):
         _evaluate_one_label_map(monkeypatch, stored, tmp_path, caplog)
     assert "000.png" in caplog.text and "mode F" in caplog.text
+
+
+def test_a_label_map_of_another_size_than_its_image_is_skipped_counted_and_named(monkeypatch, tmp_path, caplog):
+    """It was counted (skipped_label_size_mismatch) but never logged, unlike the other bad label maps: the warning
+    names the file and both sizes, once."""
+    import numpy as np
+
+    stored = np.zeros((2, 3), dtype=np.int32)  # 3x2; the image is 4x2
+    with pytest.raises(ValueError, match=r"no pixel scored; skipped: \{'label_size_mismatch': 2\}"):
+        _evaluate_one_label_map(monkeypatch, stored, tmp_path, caplog)
+    assert len(caplog.records) == 1
+    assert "000.png" in caplog.text and "3x2, its image 4x2" in caplog.text
+    assert "skipped_label_size_mismatch" in caplog.text
