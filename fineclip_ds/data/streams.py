@@ -116,36 +116,56 @@ def _is_duplicate_member(error: Exception) -> bool:
 
 
 def read_raw_records(shards: list[str], counts: Counter) -> Iterator[dict[str, Any]]:
-    """The raw records of `shards` in order; unreadable shard data is skipped, logged and counted in
-    counts["corrupt_shard"]. A record of a shard yielded after that shard failed was cut off by the failure
-    (webdataset yields the files it had, or merges in the next shard's first record when the keys match):
-    it is dropped and counted as truncated_record. A record holding a member twice is dropped and counted as
-    duplicate_member (which of the two is right is unknown). Both are dropped the same way on every read, so
-    positions stay exact."""
+    """The raw records of `shards` in order, each shard read on its own (`_shard_records`), so that what one
+    shard holds never reaches into the next: a record cut off by a failure is not merged with the next shard's
+    first record of the same key, and a shard listed twice is read twice, each read with its own keys."""
+    for shard in shards:
+        yield from _shard_records(shard, counts)
+
+
+def _shard_records(shard: str, counts: Counter) -> Iterator[dict[str, Any]]:
+    """The raw records of one shard; unreadable shard data is skipped, logged and counted in
+    counts["corrupt_shard"]. A record yielded after the shard failed was cut off by the failure (webdataset
+    yields the files it had): it is dropped and counted as truncated_record. A record holding a member twice
+    is dropped and counted as duplicate_member (which of the two is right is unknown). A record whose key an
+    earlier record of the shard had (a writer rerun that appended a.jpg ... d.json, a.jpg, a.json) is dropped
+    and counted as repeated_key, the first logged: read on, the image would train twice an epoch. All are
+    dropped the same way on every read of the shard, which starts at its first record, so positions (counts
+    of the records yielded) stay exact."""
     import webdataset as wds
 
-    known, failed = set(shards), set()
-    duplicate = ""  # webdataset's message for the record being grouped, which is the next one it yields
+    broke, duplicate = False, ""  # duplicate: webdataset's message for the record it yields next
+    seen_keys: set[str] = set()
+    repeats = 0
 
     def count_and_continue(error: Exception) -> bool:
-        nonlocal duplicate
+        nonlocal broke, duplicate
         if _is_duplicate_member(error):
             duplicate = duplicate or str(error.args[0])
             return True
         counts["corrupt_shard"] += 1
-        failed.update(arg for arg in error.args if isinstance(arg, str) and arg in known)  # webdataset adds the url
+        broke = broke or shard in error.args  # webdataset adds the url when the shard itself broke off
         log.warning("skipping unreadable shard data: %s", error, extra=PER_RANK)  # webdataset's message names the shard
         return True
 
-    for record in wds.WebDataset(shards, shardshuffle=False, nodesplitter=None, workersplitter=None,
+    for record in wds.WebDataset([shard], shardshuffle=False, nodesplitter=None, workersplitter=None,
                                  handler=count_and_continue, empty_check=False):
         record_duplicate, duplicate = duplicate, ""
-        if record.get("__url__") in failed:
+        key = record["__key__"]
+        repeated = key in seen_keys
+        seen_keys.add(key)
+        if broke:
             counts["truncated_record"] += 1
         elif record_duplicate:
             counts["duplicate_member"] += 1
-            log.warning("skipping record %s of %s: %s", record.get("__key__"), record.get("__url__"), record_duplicate,
-                        extra=PER_RANK)
+            log.warning("skipping record %s of %s: %s", key, shard, record_duplicate, extra=PER_RANK)
+        elif repeated:
+            counts["repeated_key"] += 1
+            repeats += 1
+            if repeats == 1:  # a shard written twice over repeats thousands of keys: one line per read of it
+                log.warning("skipping record %s of %s: an earlier record of this shard has that key (a writer rerun "
+                            "that appended to it?); further repeats in this read of it are counted as repeated_key, "
+                            "not logged", key, shard, extra=PER_RANK)
         else:
             yield record
 
@@ -269,10 +289,10 @@ class _ShardBatches(IterableDataset):
 class WebDatasetStream:
     """Training-format webdataset shards (image, txt, json {boxes, region_captions}), split by rank then worker.
 
-    Corrupt images, bad annotations, missing fields, records holding a member twice and unreadable shards
-    are skipped and counted in each batch's data_stats; resuming restarts every worker at its recorded
-    raw-record position, and a resume with another world size or worker count re-splits the records no
-    reader had delivered (stream_positions).
+    Corrupt images, bad annotations, missing fields, records holding a member twice or repeating a key of
+    their shard, and unreadable shards are skipped and counted in each batch's data_stats; resuming restarts
+    every worker at its recorded raw-record position, and a resume with another world size or worker count
+    re-splits the records no reader had delivered (stream_positions).
     """
 
     def __init__(self, urls: str | list[str], transform: RegionTransform, collator: RegionCollator, local_batch: int,

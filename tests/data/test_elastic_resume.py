@@ -22,6 +22,7 @@ from tests.data.helpers import (MEAN, STD, captions, char_tokenizer, defective_r
 GOOD_SHARD_SIZES = (2, 6, 3, 7, 2, 4, 5, 2)
 USABLE = [f"record {i}" for i in range(sum(GOOD_SHARD_SIZES))] + ["bad boxes"]  # defective_records' usable one
 DUPLICATED_SHARD = 3  # also holds, mid-shard, a record with its image written twice: skipped on every read
+REPEATED_SHARD = 1  # also holds, mid-shard, a second record with its first record's key: skipped on every read
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,8 @@ def shards(tmp_path_factory) -> str:
                    for i, record in enumerate(world_records(world, range(first, first + size)))]
         if shard == DUPLICATED_SHARD:
             records[size // 2:size // 2] = with_image_written_twice({**records[0], "__key__": "dup", "txt": "dup"})
+        if shard == REPEATED_SHARD:
+            records.insert(size // 2, {**records[0], "txt": "repeat"})
         write_shard(directory / f"part-{shard}.tar", records + (defective_records() if shard == 7 else []))
         first += size
     (directory / "part-8.tar").write_bytes(b"not a tar archive" * 40)

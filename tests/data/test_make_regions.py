@@ -598,6 +598,22 @@ def test_an_input_record_holding_a_member_twice_is_skipped_and_counted_and_its_s
     assert keys == ["0000", "0002", "0003"]
 
 
+def test_an_input_record_repeating_a_key_of_its_shard_is_skipped_and_counted_once_not_as_a_name_clash(tmp_path):
+    """A shard a rerun writer appended to (0000 and 0001 again after 0003) fed both copies to make_regions: the
+    second was decoded, counted in images_in and then as duplicate_key, the count for two names mapping to one key."""
+    records = _pair_records(4)
+    appended = [{**record, "txt": "written again"} for record in records[:2]]
+    write_shard(tmp_path / "pairs-0.tar", [*records, *appended])
+    box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=3)
+    summary = run(webdataset_units(str(tmp_path / "pairs-0.tar")),
+                  CaptionedProposals(GridProposer(), box_filter, SizeCaptioner()), tmp_path / "out")
+    assert (summary["shards"], summary["repeated_key"], summary["images_in"], summary["images_out"]) == (1, 2, 4, 4)
+    assert "duplicate_key" not in summary
+    assert json.loads((tmp_path / "out" / "regions-000000.json").read_text())["repeated_key"] == 2
+    written = wds.WebDataset(str(tmp_path / "out" / "regions-000000.tar"), shardshuffle=False)
+    assert [(r["__key__"], r["txt"].decode()) for r in written] == [(r["__key__"], r["txt"]) for r in records]
+
+
 def test_keep_readable_part_finishes_an_input_shard_that_stays_truncated(released_files, tmp_path, caplog):
     """Without it a shard whose input is truncated for good was captioned again on every rerun, then thrown away."""
     records = _pair_records(40)

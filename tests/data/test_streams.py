@@ -357,6 +357,73 @@ def test_a_skipped_duplicate_does_not_shift_the_records_after_a_resume(tmp_path,
         assert duplicates(consumed + rest) == duplicates(uninterrupted), stop
 
 
+def _appended_again(record: dict, index: int) -> dict:
+    """`record`'s key written again by a writer rerun that appended to the shard, captioned so it shows if read."""
+    return {**record, "txt": f"repeat of record {index}"}
+
+
+def test_a_record_repeating_a_key_of_its_shard_is_skipped_counted_and_logged_once_per_shard(tmp_path, caplog):
+    """A rerun writer appending a.jpg, a.json after d.json raised nothing (the members are not adjacent): the
+    key was read twice, so training took that image twice an epoch and make_regions captioned it twice."""
+    a, b, c, d, e = _numbered_records(5)
+    write_shard(tmp_path / "rerun-0.tar", [a, b, c, d, _appended_again(a, 0), _appended_again(b, 1)])
+    write_shard(tmp_path / "next-1.tar", [{**e, "__key__": a["__key__"]}])  # a key is unique per shard only
+    shards = [str(tmp_path / "rerun-0.tar"), str(tmp_path / "next-1.tar")]
+    counts = Counter()
+    with caplog.at_level("WARNING", logger="fineclip_ds"):
+        records = list(read_raw_records(shards, counts))
+    assert [record["txt"].decode() for record in records] == [f"record {index}" for index in range(5)]
+    assert counts == Counter(repeated_key=2)
+    logged = [r.getMessage() for r in caplog.records if "an earlier record of this shard" in r.getMessage()]
+    assert len(logged) == 1 and f"record {a['__key__']} of {shards[0]}" in logged[0]
+
+
+def test_a_shard_is_read_on_its_own_so_its_keys_and_a_break_do_not_reach_into_the_next(tmp_path):
+    """A shard listed twice is read twice, each read with its own keys; the record a break cut off was merged
+    with the next shard's first record of the same key, and that intact record was dropped as truncated."""
+    records = _numbered_records(3)
+    whole = write_shard(tmp_path / "whole.tar", records)
+    with tarfile.open(whole) as tar:
+        last_member = tar.getmembers()[-1]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:last_member.offset_data + 10])
+    starting_with_the_cut_key = write_shard(tmp_path / "next.tar", records[2:])
+    counts = Counter()
+    read = list(read_raw_records([str(whole), str(whole), str(cut), str(starting_with_the_cut_key)], counts))
+    assert [record["txt"].decode() for record in read] == [f"record {index}" for index in (0, 1, 2, 0, 1, 2, 0, 1, 2)]
+    assert counts["truncated_record"] == 1 and counts["repeated_key"] == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_skipped_repeated_key_does_not_shift_the_records_after_a_resume(tmp_path, workers):
+    """Every read of a shard starts at its first record (a resume skips the records consumed), so the keys seen
+    before a position are the same whether the read began at the shard's start or at a resume."""
+    records = _numbered_records(10)
+    write_shard(tmp_path / "rerun-0.tar", [*records[:3], _appended_again(records[1], 1), *records[3:5]])
+    write_shard(tmp_path / "rerun-1.tar", [*records[5:8], _appended_again(records[5], 5),
+                                           {**records[8], "__key__": records[0]["__key__"]}, records[9]])
+
+    def stream() -> WebDatasetStream:
+        return WebDatasetStream(str(tmp_path / "rerun-{0..1}.tar"), *_parts(), 3, 0, 1, num_workers=workers, seed=7)
+
+    def repeats(batches: list[dict]) -> int:
+        return sum(batch["data_stats"].get("repeated_key", 0) for batch in batches)
+
+    uninterrupted = _take(stream(), 10)  # 30 samples: 3 epochs of the 10 usable records
+    assert Counter(caption for batch in uninterrupted for caption in captions(batch["texts"])) == Counter(
+        {f"record {index}": 3 for index in range(10)})
+    assert repeats(uninterrupted) >= 4
+    for stop in (1, 2, 3, 5, 7):
+        first = stream()
+        consumed = _take(first, stop)
+        resumed = stream()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        rest = _take(resumed, 10 - stop)
+        for expected, got in zip(uninterrupted[stop:], rest):
+            _same_batch(expected, got)
+        assert repeats(consumed + rest) == repeats(uninterrupted), stop
+
+
 def _many_boxes_records(count: int) -> list[dict]:
     """Records whose 8 boxes each have their own region caption, "box i"."""
     image = io.BytesIO()

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 def test_trains_on_shards_and_reports_every_defect_to_tensorboard(tmp_path):
     world = ShapesWorld(seed=5, image_size=64)
     write_shard(tmp_path / "part-0.tar", world_records(world, range(0, 10)) + defective_records())
-    write_shard(tmp_path / "part-1.tar", world_records(world, range(10, 20)))
+    # part-1 as a writer rerun that appended to it leaves it: 000010 written again after 000019
+    write_shard(tmp_path / "part-1.tar", world_records(world, range(10, 20)) + world_records(world, range(10, 11)))
     (tmp_path / "part-2.tar").write_bytes(b"garbage" * 100)
     output_dir = tmp_path / "run"
     run_pretrain(1, write_ds_config(tmp_path / "ds.json", micro_batch=8, stage=2), output_dir,
@@ -41,6 +42,7 @@ def test_trains_on_shards_and_reports_every_defect_to_tensorboard(tmp_path):
     assert last("data/corrupt_image") >= 1 and last("data/missing_image") >= 1 and last("data/bad_json") >= 1
     assert last("data/region_captions_mismatch") >= 1
     assert last("data/box_non_positive") >= 1 and last("data/box_outside") >= 1 and last("data/corrupt_shard") >= 1
+    assert last("data/repeated_key") >= 1
     assert (output_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
 
 
