@@ -124,8 +124,8 @@ def read_raw_records(shards: list[str], counts: Counter) -> Iterator[dict[str, A
 
 
 def _shard_records(shard: str, counts: Counter) -> Iterator[dict[str, Any]]:
-    """The raw records of one shard; unreadable shard data is skipped, logged and counted in
-    counts["corrupt_shard"]. A record yielded after the shard failed was cut off by the failure (webdataset
+    """The raw records of one shard; a read that breaks off (unreadable or truncated data) is logged and counted
+    once in counts["corrupt_shard"], though webdataset reports the failure at two levels. A record yielded after the shard failed was cut off by the failure (webdataset
     yields the files it had): it is dropped and counted as truncated_record. A record holding a member twice
     is dropped and counted as duplicate_member (which of the two is right is unknown). A record whose key an
     earlier record of the shard had (a writer rerun that appended a.jpg ... d.json, a.jpg, a.json) is dropped
@@ -134,18 +134,20 @@ def _shard_records(shard: str, counts: Counter) -> Iterator[dict[str, Any]]:
     of the records yielded) stay exact."""
     import webdataset as wds
 
-    broke, duplicate = False, ""  # duplicate: webdataset's message for the record it yields next
+    broke, failed, duplicate = False, False, ""  # duplicate: webdataset's message for the record it yields next
     seen_keys: set[str] = set()
     repeats = 0
 
     def count_and_continue(error: Exception) -> bool:
-        nonlocal broke, duplicate
+        nonlocal broke, failed, duplicate
         if _is_duplicate_member(error):
             duplicate = duplicate or str(error.args[0])
             return True
-        counts["corrupt_shard"] += 1
+        if not failed:  # the tar reader's error, then the same one again from the shard level with the url added
+            counts["corrupt_shard"] += 1
+            log.warning("skipping unreadable shard data: %s", error, extra=PER_RANK)  # its message names the shard
+        failed = True
         broke = broke or shard in error.args  # webdataset adds the url when the shard itself broke off
-        log.warning("skipping unreadable shard data: %s", error, extra=PER_RANK)  # webdataset's message names the shard
         return True
 
     for record in wds.WebDataset([shard], shardshuffle=False, nodesplitter=None, workersplitter=None,

@@ -390,7 +390,7 @@ def test_webdataset_pairs_in_one_output_shard_per_input_shard(tmp_path):
     units = webdataset_units(str(tmp_path / "pairs-{0..2}.tar"))
     box_filter = ProposalFilter(min_side=0.05, max_area=0.9, score_threshold=0.0, nms_iou=0.7, max_boxes=3)
     summary = run(units, CaptionedProposals(GridProposer(), box_filter, SizeCaptioner()), tmp_path / "out")
-    assert summary["shards"] == 2 and summary["corrupt_image"] == 1 and summary["corrupt_shard"] >= 1
+    assert summary["shards"] == 2 and summary["corrupt_image"] == 1 and summary["corrupt_shard"] == 1
     assert summary["unreadable_input_shards"] == 1  # the truncated one, left for a rerun to retry
     assert summary["images_out"] == summary["images_in"] - 1
     keys = [r["__key__"] for r in wds.WebDataset(str(tmp_path / "out" / "regions-{000000..000001}.tar"),
@@ -577,7 +577,7 @@ def test_an_unreadable_input_shard_is_counted_but_not_marked_finished_so_a_rerun
     summary = make()
     assert not (tmp_path / "out" / "regions-000001.tar").exists()
     assert (summary["shards"], summary["unreadable_input_shards"], summary["images_out"]) == (1, 1, 3)
-    assert summary["corrupt_shard"] >= 1
+    assert summary["corrupt_shard"] == 1
     os.replace(tmp_path / "whole-1.tar", tmp_path / "pairs-1.tar")  # the user puts the real shard there
     summary = make()
     assert (summary["shards"], summary["unreadable_input_shards"], summary["images_out"]) == (2, 0, 6)
@@ -630,7 +630,7 @@ def test_keep_readable_part_finishes_an_input_shard_that_stays_truncated(release
     assert main(cli)["unreadable_input_shards"] == 1  # not a setting of its own: the reruns are not refused
     summary = main([*cli, "--keep_readable_part"])
     assert summary["shards"] == 2 and summary["partly_read_input_shards"] == 1 and "unreadable_input_shards" not in summary
-    assert 3 < summary["images_out"] < 40 and summary["corrupt_shard"] >= 1
+    assert 3 < summary["images_out"] < 40 and summary["corrupt_shard"] == 1
     assert (tmp_path / "out" / "regions-000001.tar").is_file()
     assert main(cli)["partly_read_input_shards"] == 1  # finished now: a plain rerun skips it
 
