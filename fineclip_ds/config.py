@@ -344,6 +344,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count_limit(text: str) -> int:
+    """argparse type for an upper bound on a count, where 0 means no limit; a negative one sliced off the last items
+    ([:-1]) without a word."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= 0 (0: no limit)")
+    return value
+
+
 def fraction(text: str) -> float:
     """argparse type for shares and thresholds (IoU, score, a fraction of the image): float() takes "nan", which
     compares false with every box, so that every box was dropped or kept without a word."""

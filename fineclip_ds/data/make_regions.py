@@ -43,7 +43,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from fineclip_ds.config import fraction, non_negative_float, positive_int, size_limit
+from fineclip_ds.config import count_limit, fraction, non_negative_float, positive_int, size_limit
 from fineclip_ds.data.captioner import TransformersCaptioner
 from fineclip_ds.data.images import to_rgb
 from fineclip_ds.data.pair_sources import Pair, Unit, coco_caption_units, folder_units, webdataset_units
@@ -205,22 +205,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--images", type=Path, help="image folder (with --captions or --coco_captions)")
     source.add_argument("--captions", type=Path, help="JSON {file: caption} or TSV file<TAB>caption")
     source.add_argument("--coco_captions", type=Path, help="COCO captions JSON")
-    parser.add_argument("--samples_per_shard", type=int, default=1000)
+    parser.add_argument("--samples_per_shard", type=positive_int, default=1000)
     regions = parser.add_argument_group("regions: proposals captioned by a VLM")
     regions.add_argument("--proposals", choices=("grid", "coco", "detector"), default="grid")
     regions.add_argument("--coco_instances", type=Path, help="--proposals coco: instances JSON")
     regions.add_argument("--detector_weights", type=Path, help="--proposals detector: torchvision state dict")
     regions.add_argument("--detector_arch", default="fasterrcnn_resnet50_fpn",
                          help="torchvision detection model name (fasterrcnn_*, retinanet_*)")
-    regions.add_argument("--detector_classes", type=int, default=91, help="classes of the detector's head")
+    regions.add_argument("--detector_classes", type=positive_int, default=91, help="classes of the detector's head")
     regions.add_argument("--min_side", type=fraction, default=0.05, help="fraction of the image's shorter side")
     regions.add_argument("--max_area", type=fraction, default=0.9, help="fraction of the image's area")
     regions.add_argument("--score_threshold", type=fraction, default=0.5)
     regions.add_argument("--nms_iou", type=fraction, default=0.7)
-    regions.add_argument("--max_boxes", type=int, default=10)
+    regions.add_argument("--max_boxes", type=count_limit, default=10, help="boxes kept per image (0: every box)")
     regions.add_argument("--captioner", help="local path of a transformers image-to-text model (BLIP-2, BLIP, ...)")
     regions.add_argument("--prompt", default="", help="e.g. 'a photo of' for BLIP-2")
-    regions.add_argument("--max_new_tokens", type=int, default=20)
+    regions.add_argument("--max_new_tokens", type=positive_int, default=20)
     regions.add_argument("--batch_size", type=positive_int, default=32, help="region crops per generate call")
     regions.add_argument("--images_per_call", type=positive_int, default=IMAGES_PER_CALL,
                          help="images whose crops are captioned together (split into --batch_size generate calls)")

@@ -110,11 +110,11 @@ class ProposalFilter:
     max_area: float = 0.9  # fraction of the image's area
     score_threshold: float = 0.0
     nms_iou: float = 0.7
-    max_boxes: int = 10
+    max_boxes: int = 10  # 0: no limit, as for ReleasedRegionCaptions
 
     def __call__(self, proposals: list[tuple[Box, float]], width: int, height: int, counts: Counter) -> list[Box]:
         """Drop bad boxes and scores (counted in `counts` by reason), clip to the image, drop too small / too
-        large / low-score boxes, NMS, keep the best `max_boxes`."""
+        large / low-score boxes, NMS, keep the best `max_boxes` (all of them for 0)."""
         boxes, kept_index, drops = validate_boxes([box for box, _ in proposals], width, height)
         counts.update(drops)
         kept: list[tuple[Box, float]] = []
@@ -139,7 +139,7 @@ class ProposalFilter:
         boxes = torch.tensor([box for box, _ in kept], dtype=torch.float32)
         scores = torch.tensor([score for _, score in kept], dtype=torch.float32)
         survivors = nms(boxes, scores, self.nms_iou)
-        order = survivors[: self.max_boxes]
+        order = survivors[: self.max_boxes or None]
         counts.update(+Counter(proposal_suppressed_nms=len(kept) - len(survivors),
                                proposal_over_max_boxes=len(survivors) - len(order)))
         return [tuple(boxes[i].tolist()) for i in order]

@@ -76,8 +76,8 @@ def released_region_key(file_name: str, bbox: list[float]) -> str:
 class ReleasedRegionCaptions:
     """FineCLIP's released data: boxes from a COCO-format proposals JSON, captions from its region-caption JSON.
 
-    Boxes are kept when min_size^2 <= w*h <= max_size^2 (FineCLIP's own rule), at most `max_boxes`;
-    a bad bbox is dropped and counted by validate_boxes' reasons (as the training loader would), a box
+    Boxes are kept when min_size^2 <= w*h <= max_size^2 (FineCLIP's own rule), at most `max_boxes` (0 or None:
+    every box); a bad bbox is dropped and counted by validate_boxes' reasons (as the training loader would), a box
     without a caption (or with one that is not text) as caption_missing, an image the proposals JSON
     does not list as image_not_in_proposals. Images are found by the pair's key (`FileNameLookup`).
     Caption keys are `released_region_key`s; when none looked up in the first KEY_CHECK_IMAGES images

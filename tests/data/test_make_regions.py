@@ -737,6 +737,35 @@ def test_cli_refuses_a_min_box_size_above_the_max_box_size(released_cli, capsys)
     assert "--min_box_size 50.0 is above --max_box_size 10.0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,value", [
+    ("--max_boxes", "-1"), ("--samples_per_shard", "0"), ("--samples_per_shard", "-1"), ("--max_new_tokens", "0"),
+    ("--max_new_tokens", "-3"), ("--detector_classes", "0"), ("--detector_classes", "-1"),
+])
+def test_cli_refuses_an_integer_option_below_its_range(released_cli, capsys, option, value):
+    """int() took these: --max_boxes -1 kept all but the last box (survivors[:-1]), --samples_per_shard -1 made no
+    shard and 0 blamed the captions file (range() arg 3 must not be zero), --max_new_tokens 0 failed in the first
+    generate() call after the captioner loaded, --detector_classes -1 in a RuntimeError traceback."""
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([*released_cli, option, value])
+    assert stopped.value.code == 2
+    assert f"argument {option}: got {value}, expected an integer >= " in capsys.readouterr().err
+
+
+def test_max_boxes_0_is_taken_as_no_limit(released_cli):
+    assert parse_args([*released_cli, "--max_boxes", "0"]).max_boxes == 0
+
+
+def test_max_boxes_0_keeps_every_box_on_both_paths(released_files):
+    """0 kept every box of the released files (no limit) but none of the proposals (survivors[:0])."""
+    counts = Counter()
+    proposed = CaptionedProposals(GridProposer(), ProposalFilter(max_boxes=0), _numbered_captions)(
+        [Image.new("RGB", (90, 90))], ["k"], counts)
+    assert len(proposed[0]) == 14 and counts["proposal_over_max_boxes"] == 0
+    released = ReleasedRegionCaptions(*released_files, max_boxes=0)([Image.new("RGB", (100, 80))],
+                                                                     ["000000000139.jpg"], Counter())
+    assert released == [[([10, 10, 60, 50], "a red box")]]
+
+
 def _strict_json(text: str) -> dict:
     """As jq or JavaScript read JSON: Infinity and NaN, which Python's json writes by default, are refused."""
     def refuse(constant: str):
