@@ -338,18 +338,24 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
 def positive_int(text: str) -> int:
     """argparse type for counts (GPUs, batch sizes, images): 0 or -2 would fail later with no hint, or plan
     a world with negative memory."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= 1")
-    return value
+    return _int_from(text, 1, "an integer >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for seeds: numpy refuses a negative one, after the model has loaded."""
+    return _int_from(text, 0, "an integer >= 0")
 
 
 def count_limit(text: str) -> int:
     """argparse type for an upper bound on a count, where 0 means no limit; a negative one sliced off the last items
     ([:-1]) without a word."""
+    return _int_from(text, 0, "an integer >= 0 (0: no limit)")
+
+
+def _int_from(text: str, low: int, expected: str) -> int:
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"got {value}, expected an integer >= 0 (0: no limit)")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"got {value}, expected {expected}")
     return value
 
 

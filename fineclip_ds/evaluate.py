@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fineclip_ds.config import DataConfig, ModelConfig, positive_int
+from fineclip_ds.config import DataConfig, ModelConfig, non_negative_float, non_negative_int, positive_int
 from fineclip_ds.data.shapes_world import ShapesWorld
 from fineclip_ds.evaluation.box_classification import BoxDataset, evaluate_box_classification, load_coco_boxes
 from fineclip_ds.evaluation.dense_viz import write_dense_pictures
@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labels", type=Path, help="segmentation: folder of label PNGs named like the images")
     parser.add_argument("--classes", type=Path, help="segmentation: text file, one class name per line")
     parser.add_argument("--keep_crowd", action="store_true", help="box-cls: score iscrowd boxes too (FineCLIP does)")
-    parser.add_argument("--min_box_size", type=float, default=0.0,
+    parser.add_argument("--min_box_size", type=non_negative_float, default=0.0,
                         help="box-cls: skip boxes with w * h < this squared (FineCLIP: 8)")
     parser.add_argument("--slide", action="store_true", help="segmentation: sliding model-sized windows")
     parser.add_argument("--reduce_zero_label", action="store_true",
@@ -194,7 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="retrieval: open_clip's centre crop (the published protocol) or the whole image squashed")
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--max_images", type=positive_int, default=256, help="dense-viz and world tasks")
-    parser.add_argument("--world_seed", type=int, default=None,
+    parser.add_argument("--world_seed", type=non_negative_int, default=None,
                         help=f"world task (default: the run's data.world_seed, else {DEFAULT_WORLD_SEED})")
     parser.add_argument("--world_image_size", type=positive_int, default=None,
                         help=f"world task (default: the run's data.world_image_size, else {DEFAULT_WORLD_IMAGE_SIZE})")

@@ -11,7 +11,7 @@ from PIL import Image
 
 import fineclip_ds.models.factory  # noqa: F401  registers the tiny model configs
 from fineclip_ds.data.shapes_world import ShapesWorld
-from fineclip_ds.evaluate import main
+from fineclip_ds.evaluate import main, parse_args
 from fineclip_ds.evaluation.box_classification import load_coco_boxes
 
 IMAGES = 6
@@ -263,6 +263,27 @@ def test_counts_and_sizes_out_of_range_are_usage_errors(data, tmp_path, capsys, 
     with pytest.raises(SystemExit):
         _evaluate(data, tmp_path, "--task", "world", *args)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task,option,value", [
+    ("box-cls", "--min_box_size", "nan"), ("box-cls", "--min_box_size", "inf"), ("box-cls", "--min_box_size", "-8"),
+    ("world", "--world_seed", "-1"),
+])
+def test_a_number_out_of_range_is_refused_naming_the_option_before_the_model_loads(tmp_path, capsys, task, option,
+                                                                                   value):
+    """float() took these: --min_box_size nan skipped no box (w * h < nan is false), inf every box, -8 the boxes under
+    8 (it is squared); --world_seed -1 failed in numpy after the model loaded ('evaluate: expected non-negative
+    integer', no option named)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--checkpoint", str(tmp_path / "not_read"), "--task", task, option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: got {value}, expected " in capsys.readouterr().err
+
+
+def test_the_ends_of_the_number_ranges_are_taken(tmp_path):
+    box_cls = parse_args(["--checkpoint", str(tmp_path), "--task", "box-cls", "--min_box_size", "0"])
+    world = parse_args(["--checkpoint", str(tmp_path), "--task", "world", "--world_seed", "0"])
+    assert (box_cls.min_box_size, world.world_seed) == (0, 0)
 
 
 @pytest.mark.parametrize("args,message", [
