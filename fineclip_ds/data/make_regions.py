@@ -224,7 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     regions.add_argument("--batch_size", type=positive_int, default=32, help="region crops per generate call")
     regions.add_argument("--images_per_call", type=positive_int, default=IMAGES_PER_CALL,
                          help="images whose crops are captioned together (split into --batch_size generate calls)")
-    regions.add_argument("--generate", type=json.loads, default={},
+    regions.add_argument("--generate", type=generate_settings, default={},
                          help='extra generate() arguments as JSON, e.g. \'{"num_beams": 3, "repetition_penalty": 1.5}\'')
     released = parser.add_argument_group("regions: FineCLIP's released files instead of a VLM "
                                          "(with --images and --coco_captions)")
@@ -270,6 +270,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def generate_settings(text: str) -> Any:
+    """argparse type for --generate: JSON whose numbers are finite. json.loads takes NaN, Infinity and 1e999 (as
+    inf), which JSON has not, and they went on to generate()."""
+    try:
+        return json.loads(text, parse_constant=_refuse_number, parse_float=_finite_float)
+    except ValueError as error:  # JSONDecodeError, or a number refused
+        problem = f"not JSON ({error})" if isinstance(error, json.JSONDecodeError) else str(error)
+        raise argparse.ArgumentTypeError(f"got {text}: {problem}; expected a JSON object of generate() settings "
+                                         "with finite numbers, e.g. '{\"num_beams\": 3}'") from error
+
+
+def _refuse_number(text: str) -> float:
+    raise ValueError(f"{text} is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        _refuse_number(text)
+    return value
+
+
 def unknown_generate_settings(generate: object) -> str:
     """What is wrong with --generate, or ''. Checked before the captioner loads: transformers refuses an unknown
     key only at the first generate() call, with a shard already open."""
@@ -300,8 +322,8 @@ def output_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _finite_json(value: Any) -> Any:
     """`value` with each non-finite float as the text float() reads back ("inf", "-inf", "nan"). JSON has no
     Infinity or NaN, which Python writes by default and jq or JavaScript refuse; --max_box_size is inf unless
-    given, --generate (json.loads) takes them too, and a settings.json written before the float options refused NaN
-    may hold one. As text, NaN compares equal to itself."""
+    given, and a settings.json written before the float options and --generate refused NaN may hold one. As text,
+    NaN compares equal to itself."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):

@@ -792,9 +792,8 @@ def test_settings_json_is_valid_json_with_no_box_size_limit_and_an_old_one_holdi
 
 
 def test_non_finite_values_in_any_setting_are_written_as_text(tmp_path):
-    """--generate is read by json.loads, which takes Infinity and NaN, and --max_box_size takes inf (the float
-    options took "nan" too, before they were range-checked): each is recorded as the text float() reads back, so the
-    file stays JSON and NaN compares equal."""
+    """--max_box_size takes inf (--generate took Infinity and NaN, and the float options "nan", before they were
+    checked): each is recorded as the text float() reads back, so the file stays JSON and NaN compares equal."""
     generate = {"temperature": float("nan"), "bad_words": [[float("-inf")]]}
     settings = output_settings(argparse.Namespace(generate=generate, min_side=float("nan"), captioner=None,
                                                   output_dir=Path("out")))
@@ -975,6 +974,26 @@ def test_cli_a_typo_in_generate_is_a_clear_exit(pairs, tmp_path, capsys):
               "--captioner", str(captioner), "--generate", '{"num_beamz": 3}', "--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "--generate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('{"temperature": NaN}', "NaN"), ('{"length_penalty": Infinity}', "Infinity"),
+    ('{"bad_words_ids": [[-Infinity]]}', "-Infinity"), ('{"repetition_penalty": 1e999}', "1e999"),
+    ('{"num_beams": 3', "not JSON"),
+])
+def test_cli_refuses_generate_settings_that_are_not_finite_json(released_cli, capsys, text, problem):
+    """json.loads took NaN, Infinity and 1e999 (read as inf) and handed them to generate(); JSON has no such numbers.
+    JSON cut short was refused as argparse's bare 'invalid loads value'."""
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([*released_cli, "--generate", text])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --generate: " in error and problem in error and "expected a JSON object" in error
+
+
+def test_finite_generate_settings_are_read(released_cli):
+    text = '{"num_beams": 3, "repetition_penalty": 1.5, "bad_words_ids": [[-2]]}'
+    assert parse_args([*released_cli, "--generate", text]).generate == json.loads(text)
 
 
 @pytest.mark.parametrize("option,content", [
