@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from fineclip_ds.config import positive_int
+from fineclip_ds.config import non_negative_int, positive_int
 from fineclip_ds.data.records import encode_record
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--num_samples", type=positive_int, default=1024)
     parser.add_argument("--samples_per_shard", type=positive_int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--image_size", type=positive_int, default=128)
     args = parser.parse_args()
     paths = write_shards(ShapesWorld(args.seed, args.image_size), args.output_dir, args.num_samples, args.samples_per_shard)

@@ -55,10 +55,11 @@ def test_label_maps_mark_each_shape_with_its_class_and_background_as_ignored():
         assert labels[0, 0] == IGNORE_LABEL or any(b[0] < 1 and b[1] < 1 for b in sample.boxes)
 
 
-@pytest.mark.parametrize("args", [["--samples_per_shard", "0"], ["--num_samples", "-5"]])
+@pytest.mark.parametrize("args", [["--samples_per_shard", "0"], ["--num_samples", "-5"], ["--seed", "-1"]])
 def test_the_shards_cli_refuses_counts_below_one_with_a_message(tmp_path, monkeypatch, capsys, args):
     """`python -m fineclip_ds.data.shapes_world --samples_per_shard 0` ended in 'ValueError: range() arg 3 must not
-    be zero' (a traceback, exit 1); `--num_samples -5` printed 'wrote -5 samples to 0 shards' and exited 0."""
+    be zero' (a traceback, exit 1); `--num_samples -5` printed 'wrote -5 samples to 0 shards' and exited 0;
+    `--seed -1` ended in numpy's 'ValueError: expected non-negative integer'."""
     import sys
 
     from fineclip_ds.data.shapes_world import main
