@@ -205,8 +205,11 @@ def test_an_error_in_training_ends_the_process_though_its_data_workers_ignore_si
     command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--deepspeed_config",
                str(REPO / "ds_configs" / "zero2.json"), "--output_dir", str(output_dir), "--max_steps", "500",
                "--set", "data.num_workers=1", "--set", "train.log_every=1", "--set", "data.max_boxes=4"]
+    # Ctrl-C as a terminal sends it: a shell without job control starts background commands with SIGINT
+    # ignored, which Python then keeps (a run of this suite under `nohup ... &` trained on through it)
     process = subprocess.Popen(command, cwd=REPO, env=launcher_env(1), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         metrics = output_dir / "metrics.jsonl"
         deadline = time.time() + 240
