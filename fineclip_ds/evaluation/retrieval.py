@@ -104,11 +104,15 @@ def captions_over_context(tokenizer: Callable[[list[str]], torch.Tensor], captio
 
 
 def _resized(image: Image.Image, size: list[int], resize: str) -> Image.Image:
-    """The model input, [height, width] = size: squashed, or scaled to cover it and centre-cropped."""
+    """The model input, [height, width] = size: squashed, or scaled to cover it and centre-cropped as open_clip's
+    validation transform does: for a square input by torchvision's shorter-side resize, which truncates the longer
+    side (640 x 480 -> 298 x 224, not 299), for another input with its longer side rounded (ResizeKeepRatio)."""
     bicubic = TF.InterpolationMode.BICUBIC
     if resize == "squash":
         return TF.resize(image, size, interpolation=bicubic, antialias=True)
     height, width = size
+    if height == width:
+        return TF.center_crop(TF.resize(image, height, interpolation=bicubic, antialias=True), size)
     scale = max(height / image.height, width / image.width)
     covering = [max(height, round(image.height * scale)), max(width, round(image.width * scale))]
     return TF.center_crop(TF.resize(image, covering, interpolation=bicubic, antialias=True), size)

@@ -3,6 +3,7 @@ reading caption files."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -62,6 +63,19 @@ def test_centre_crop_to_a_non_square_input_covers_it_without_black_borders():
     pixels = _model_input(Image.new("RGB", (50, 50), GREEN), (32, 64), "center_crop")
     assert pixels.shape == (3, 32, 64)
     assert _colour_share(pixels, 1) == 1.0 and pixels.sum(dim=0).min() > 0.5
+
+
+@pytest.mark.parametrize("image_size", [(224, 224), (224, 448)], ids=["square", "wide"])
+@pytest.mark.parametrize("source", [(640, 480), (480, 640), (500, 333), (640, 427)], ids=lambda wh: "x".join(map(str, wh)))
+def test_centre_crop_gives_the_pixels_of_open_clips_validation_transform(image_size, source):
+    """For a square input open_clip resizes the shorter side with torchvision's Resize(int), which truncates the
+    longer one (640 x 480 -> 298 x 224); rounding it (299) rescaled the image by 0.3% and moved the crop."""
+    from open_clip.transform import image_transform
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(source[1], source[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    expected = image_transform(image_size, is_train=False, mean=(0, 0, 0), std=(1, 1, 1))(image)
+    assert torch.equal(_model_input(image, image_size, "center_crop"), expected)
 
 
 def test_an_unknown_resize_is_refused():
