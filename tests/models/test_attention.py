@@ -1,5 +1,7 @@
 import contextlib
 import copy
+import sys
+import types
 
 import open_clip
 import pytest
@@ -8,6 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fineclip_ds.models.factory  # noqa: F401  (registers our model configs)
+from fineclip_ds.models import attention
 from fineclip_ds.models.attention import FLASH_ATTN_INSTALLED, Attention, use_attention_backend
 
 
@@ -103,3 +106,93 @@ def test_gpu_bf16_kernels_match_float64_math_forward_and_backward(backend, width
     # bf16 inputs, weights and outputs: the CPU's flash kernel, run the same way, is 5e-3 to 6e-3 off
     for got_tensor, want_tensor in zip((got, *got_grads), (want, *want_grads)):
         assert _relative_error(got_tensor, want_tensor) < 2e-2
+
+
+def _open_clip_pair(backend: str) -> tuple[nn.Module, nn.Module]:
+    """open_clip's CLIP (its own nn.MultiheadAttention blocks) and a copy whose towers run `backend`, in
+    float64, every parameter perturbed so that zero-initialised biases (q/k/v slots) count too."""
+    torch.manual_seed(0)
+    reference = open_clip.create_model("FineCLIP-ViT-T-8").double()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    ours = copy.deepcopy(reference)
+    use_attention_backend(ours.visual.transformer, backend)
+    use_attention_backend(ours.transformer, backend)
+    return reference, ours
+
+
+def _assert_towers_match(reference: nn.Module, ours: nn.Module) -> None:
+    """encode_image (no mask) and encode_text (open_clip's causal mask), forward and every gradient."""
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    tokens = open_clip.get_tokenizer("FineCLIP-ViT-T-8")(["a red circle", "two blue squares left of a cat"])
+    image_weights, text_weights = torch.randn(2, 64, dtype=torch.float64), torch.randn(2, 64, dtype=torch.float64)
+    results = []
+    for model in (reference, ours):
+        image, text = model.encode_image(images), model.encode_text(tokens)
+        ((image * image_weights).sum() + (text * text_weights).sum()).backward()
+        results.append((image, text, {name: p.grad for name, p in model.named_parameters()}))
+    (want_image, want_text, want_grads), (got_image, got_text, got_grads) = results
+    torch.testing.assert_close(got_image, want_image, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_text, want_text, rtol=1e-10, atol=1e-12)
+    assert got_grads.keys() == want_grads.keys()
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", "auto", "flash_attn"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_open_clip_towers_match_open_clips_own_blocks_forward_and_backward(backend, mode):
+    """The text tower's causal mask and the unmasked image tower, against open_clip's modules themselves."""
+    reference, ours = _open_clip_pair(backend)
+    reference.train(mode == "train")
+    ours.train(mode == "train")
+    _assert_towers_match(reference, ours)
+
+
+def _flash_attn_stand_in(calls: list[dict]) -> types.ModuleType:
+    """A module named flash_attn whose packed-QKV function records what it is given and computes what
+    flash-attn documents: qkv [B, S, 3, H, D] -> softmax(q k^T * softmax_scale (None: D^-0.5)) v, [B, S, H, D]."""
+
+    def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                                  softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        calls.append({"shape": tuple(qkv.shape), "dropout_p": dropout_p, "softmax_scale": softmax_scale,
+                      "causal": causal, "contiguous": qkv.is_contiguous()})
+        query, key, value = qkv.unbind(2)  # each [B, S, H, D]
+        scale = query.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        scores = torch.einsum("bshd,bthd->bhst", query, key) * scale
+        if causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.einsum("bhst,bthd->bshd", scores.softmax(-1), value)
+
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_qkvpacked_func = flash_attn_qkvpacked_func
+    return module
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "auto"])
+def test_flash_attn_receives_packed_qkv_in_its_layout_without_dropout_or_causal_flag(monkeypatch, backend):
+    """flash-attn is not installed here: a stand-in checks the call (the CUDA / half-precision gate aside).
+    The image tower's calls go to it as [B, S, 3, H, D]; the text tower has a mask and must not."""
+    calls: list[dict] = []
+    monkeypatch.setitem(sys.modules, "flash_attn", _flash_attn_stand_in(calls))
+    monkeypatch.setattr(attention, "_flash_attn_usable", lambda x, attn_mask: attn_mask is None)
+    reference, ours = _open_clip_pair(backend)
+    reference.train()
+    ours.train()
+    _assert_towers_match(reference, ours)
+    tokens_per_image, heads, head_dim = 1 + 8 * 8, 2, 32  # FineCLIP-ViT-T-8: width 64, head_width 32
+    assert calls == [{"shape": (2, tokens_per_image, 3, heads, head_dim), "dropout_p": 0.0, "softmax_scale": None,
+                      "causal": False, "contiguous": True}] * len(ours.visual.transformer.resblocks)
+
+
+def test_flash_attn_serves_only_cuda_half_precision_calls_without_a_mask(monkeypatch):
+    monkeypatch.setattr(attention, "FLASH_ATTN_INSTALLED", True)
+    x = torch.randn(1, 4, 8)
+    assert not attention._flash_attn_usable(x.bfloat16(), None)  # CPU
+    assert not attention._flash_attn_usable(x, None)
+    if torch.cuda.is_available():
+        assert attention._flash_attn_usable(x.cuda().bfloat16(), None)
+        assert not attention._flash_attn_usable(x.cuda().float(), None)
+        assert not attention._flash_attn_usable(x.cuda().bfloat16(), torch.zeros(4, 4, device="cuda"))
+

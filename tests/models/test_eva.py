@@ -83,3 +83,24 @@ def test_a_training_step_runs_with_checkpointing(checkpoint):
     trunk = model.visual.trunk
     assert trunk.blocks[0].attn.qkv.weight.grad is not None and trunk.pos_embed.grad is not None
     assert all(p.grad is None for p in model.text_parameters())
+
+
+def test_checkpointing_leaves_eva_dense_and_global_outputs_and_gradients_unchanged(checkpoint):
+    images = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+
+    def outputs_and_gradients(**checkpointing):
+        model, _ = _model(checkpoint, **checkpointing)
+        model = model.double().train()
+        global_embedding, dense, _ = model.encode_image_and_dense(images)
+        weights = torch.randn(dense.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        ((dense * weights).sum() + global_embedding.square().sum()).backward()
+        grads = {name: p.grad for name, p in model.visual.named_parameters() if p.grad is not None}
+        return global_embedding.detach(), dense.detach(), grads
+
+    want_global, want_dense, want_grads = outputs_and_gradients()
+    got_global, got_dense, got_grads = outputs_and_gradients(grad_checkpointing=True, checkpoint_every=2)
+    torch.testing.assert_close(got_global, want_global, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_dense, want_dense, rtol=1e-10, atol=1e-12)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-9, atol=1e-11, msg=name)

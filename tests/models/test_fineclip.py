@@ -229,3 +229,85 @@ def test_activation_checkpointing_leaves_gradients_unchanged():
         assert recomputed.keys() == reference.keys()
         for name in reference:
             torch.testing.assert_close(recomputed[name], reference[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _dense_by_hand(model, images: torch.Tensor) -> torch.Tensor:
+    """The dense map as the module docstring defines it, from open_clip's modules: the trunk, then the last block
+    with attention reduced to out_proj(v), ln_post and proj per patch token, L2-normalised."""
+    visual = model.visual
+    block = visual.transformer.resblocks[-1]
+    x = visual._embeds(images)
+    for earlier in visual.transformer.resblocks[:-1]:
+        x = earlier(x)
+    width = x.shape[-1]
+    value = F.linear(block.ln_1(x), block.attn.in_proj_weight[2 * width:], block.attn.in_proj_bias[2 * width:])
+    x = x + block.ls_1(block.attn.out_proj(value))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return F.normalize(visual.ln_post(x[:, 1:]) @ visual.proj, dim=-1)
+
+
+def _dense_outputs_and_gradients(model, images: torch.Tensor, by_hand: bool = False):
+    dense = _dense_by_hand(model, images) if by_hand else model.encode_dense(images)[0]
+    weights = torch.randn(dense.shape, dtype=dense.dtype, generator=torch.Generator().manual_seed(1))
+    (dense * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.visual.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return dense.detach(), grads
+
+
+@pytest.mark.parametrize("size", [64, [48, 80]], ids=["square", "non_square"])
+def test_dense_map_with_and_without_checkpointing_is_the_hand_written_one_forward_and_backward(size):
+    """Every patch of an h x w grid (6 x 10 for 48 x 80), row-major; checkpointed blocks give the same map and
+    gradients as the plain path and as the definition written out."""
+    model, _ = _model(image_size=size)
+    model = model.double().train()
+    with torch.no_grad():  # layer scale and biases away from their initial values, so that each one counts
+        for param in model.visual.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    height, width = (size, size) if isinstance(size, int) else size
+    images = torch.randn(2, 3, height, width, dtype=torch.float64)
+    assert model.encode_dense(images)[1] == (height // 8, width // 8)
+    want, want_grads = _dense_outputs_and_gradients(model, images, by_hand=True)
+    assert want.shape == (2, (height // 8) * (width // 8), 64)
+    for every in (None, 1, 2):
+        model.grad_checkpointing, model.checkpoint_every = every is not None, every or 1
+        got, got_grads = _dense_outputs_and_gradients(model, images)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert got_grads.keys() == want_grads.keys()
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def _with_dropout_in_every_block(model, p: float = 0.3):
+    """open_clip's ViT has no dropout; one after each branch (in place of its identity layer scales) makes the
+    blocks draw from the RNG, which a checkpointed block must replay identically in backward."""
+    for block in model.visual.transformer.resblocks:
+        block.ls_1, block.ls_2 = torch.nn.Dropout(p), torch.nn.Dropout(p)
+    return model
+
+
+def test_checkpointing_recomputes_blocks_and_replays_their_dropout_masks():
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    boxes = torch.tensor([[[2.0, 3.0, 40.0, 30.0], [10.0, 10.0, 60.0, 60.0]]], dtype=torch.float64).repeat(2, 1, 1)
+
+    def loss_gradients_and_block_calls(**checkpointing):
+        model, _ = _model(**checkpointing)
+        model = _with_dropout_in_every_block(model.double().train())
+        calls = []
+        for block in model.visual.transformer.resblocks:
+            block.mlp.register_forward_hook(lambda *_: calls.append(1))
+        torch.manual_seed(7)
+        global_embedding, dense, grid_hw = model.encode_image_and_dense(images)
+        loss = global_embedding.square().sum() + model.region_features(dense, grid_hw, boxes).sin().sum()
+        loss.backward()
+        grads = {name: p.grad for name, p in model.visual.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, len(calls)
+
+    want_loss, want_grads, plain_calls = loss_gradients_and_block_calls()
+    for every, recomputed_calls in ((1, 4), (2, 3)):  # 3 blocks, the last twice: indices 0, 1, 2, 2 / 0, 2, 2
+        loss, grads, calls = loss_gradients_and_block_calls(grad_checkpointing=True, checkpoint_every=every)
+        assert calls == plain_calls + recomputed_calls
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+        assert grads.keys() == want_grads.keys()
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
