@@ -68,6 +68,8 @@ class Attention(nn.Module):
         batch, tokens, width = q_x.shape
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = ~attn_mask  # nn.MultiheadAttention's True = not attended; SDPA's and ours: True = attend
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = _per_batch_and_head(attn_mask, batch, self.heads)
         if value_only:
             value = F.linear(q_x, self.in_proj_weight[2 * width:], self.in_proj_bias[2 * width:])
             return self.out_proj(value), None
@@ -93,8 +95,14 @@ def _same_tensor(other: torch.Tensor | None, q_x: torch.Tensor) -> bool:
     return other is None or other is q_x or (other.shape == q_x.shape and other.data_ptr() == q_x.data_ptr())
 
 
+def _per_batch_and_head(attn_mask: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """nn.MultiheadAttention's 3-D mask, [B * H, N, N] batch-major (open_clip's key-padding and class-token text
+    masks), as the [B, H, N, N] that SDPA and math_attention broadcast against [B, H, N, Dh] queries."""
+    return attn_mask.view(batch, heads, *attn_mask.shape[-2:])
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    # q, k, v: [B, H, N, Dh]; attn_mask: additive float [N, N] or boolean (True = attend)
+    # q, k, v: [B, H, N, Dh]; attn_mask: additive float or boolean (True = attend), [N, N] or [B, H, N, N]
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask

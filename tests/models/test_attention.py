@@ -196,3 +196,46 @@ def test_flash_attn_serves_only_cuda_half_precision_calls_without_a_mask(monkeyp
         assert not attention._flash_attn_usable(x.cuda().float(), None)
         assert not attention._flash_attn_usable(x.cuda().bfloat16(), torch.zeros(4, 4, device="cuda"))
 
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", "auto", "flash_attn"])
+@pytest.mark.parametrize("masks", ["causal_and_class_token", "key_padding"])
+def test_open_clip_text_towers_with_per_sequence_masks_match_open_clip(backend, masks):
+    """open_clip's class-token (CoCa) and key-padding text masks are [B * heads, N, N], as nn.MultiheadAttention
+    takes them; SDPA and the math path broadcast [N, N] or [B, heads, N, N] and raised on these for B > 1."""
+    torch.manual_seed(0)
+    options = ({"embed_cls": True} if masks == "causal_and_class_token"
+               else {"no_causal_mask": True, "use_pad_mask": True})
+    reference = open_clip.transformer.TextTransformer(context_length=9, vocab_size=50, width=48, heads=4, layers=2,
+                                                      output_dim=16, **options).double()
+    ours = copy.deepcopy(reference)
+    use_attention_backend(ours.transformer, backend)
+    tokens = torch.tensor([[5, 7, 9, 2, 0, 0, 0, 0, 0], [5, 11, 13, 17, 19, 23, 2, 0, 0], [5, 2, 0, 0, 0, 0, 0, 0, 0]])
+    weights = torch.randn(3, 16, dtype=torch.float64)
+    results = []
+    for model in (reference, ours):
+        features = model(tokens)
+        (features * weights).sum().backward()
+        results.append((features, {name: p.grad for name, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("kind", ["additive", "boolean"])
+def test_per_sequence_masks_match_torch_multihead_attention(backend, kind):
+    """[B * heads, N, N], batch-major: each sequence and head its own mask, as nn.MultiheadAttention reads it."""
+    reference, ours = _pair(backend)
+    x = torch.randn(3, 7, 48, dtype=torch.float64, requires_grad=True)
+    hidden = torch.rand(3 * 4, 7, 7) < 0.3
+    hidden[..., 0] = False  # every query attends to something
+    additive = torch.zeros(3 * 4, 7, 7, dtype=torch.float64).masked_fill(hidden, float("-inf"))
+    mask = hidden if kind == "boolean" else additive
+    expected = reference(x, x, x, need_weights=False, attn_mask=mask)[0]
+    got = ours(x, attn_mask=mask)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(got)
+    for g, e in zip(torch.autograd.grad(got, [x, ours.in_proj_weight], grad),
+                    torch.autograd.grad(expected, [x, reference.in_proj_weight], grad)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
