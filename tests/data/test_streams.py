@@ -6,6 +6,7 @@ import re
 import shutil
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -340,21 +341,28 @@ def test_a_skipped_duplicate_does_not_shift_the_records_after_a_resume(tmp_path,
     def stream() -> WebDatasetStream:
         return WebDatasetStream(str(tmp_path / "dup-{0..1}.tar"), *_parts(), 3, 0, 1, num_workers=workers, seed=7)
 
-    def duplicates(batches: list[dict]) -> int:
-        return sum(batch["data_stats"].get("duplicate_member", 0) for batch in batches)
-
     uninterrupted = _take(stream(), 8)  # 24 samples: 3 epochs of the 8 usable records
     assert Counter(caption for batch in uninterrupted for caption in captions(batch["texts"])) == Counter(
         {f"record {index}": 3 for index in (0, 2, 3, 4, 5, 6, 7, 9)})
-    for stop in (1, 2, 3, 5):
+    _assert_resumes_give_the_same_batches_and_count(stream, uninterrupted, (1, 2, 3, 5), "duplicate_member")
+
+
+def _assert_resumes_give_the_same_batches_and_count(stream: Callable[[], WebDatasetStream], uninterrupted: list[dict],
+                                                    stops: tuple[int, ...], counter: str) -> None:
+    """Stopped after each of `stops` batches and resumed: the rest are the uninterrupted batches, and the skipped
+    records' `counter` adds up to the uninterrupted total."""
+    def total(batches: list[dict]) -> int:
+        return sum(batch["data_stats"].get(counter, 0) for batch in batches)
+
+    for stop in stops:
         first = stream()
         consumed = _take(first, stop)
         resumed = stream()
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-        rest = _take(resumed, 8 - stop)
+        rest = _take(resumed, len(uninterrupted) - stop)
         for expected, got in zip(uninterrupted[stop:], rest):
             _same_batch(expected, got)
-        assert duplicates(consumed + rest) == duplicates(uninterrupted), stop
+        assert total(consumed + rest) == total(uninterrupted), stop
 
 
 def _appended_again(record: dict, index: int) -> dict:
@@ -406,22 +414,11 @@ def test_a_skipped_repeated_key_does_not_shift_the_records_after_a_resume(tmp_pa
     def stream() -> WebDatasetStream:
         return WebDatasetStream(str(tmp_path / "rerun-{0..1}.tar"), *_parts(), 3, 0, 1, num_workers=workers, seed=7)
 
-    def repeats(batches: list[dict]) -> int:
-        return sum(batch["data_stats"].get("repeated_key", 0) for batch in batches)
-
     uninterrupted = _take(stream(), 10)  # 30 samples: 3 epochs of the 10 usable records
     assert Counter(caption for batch in uninterrupted for caption in captions(batch["texts"])) == Counter(
         {f"record {index}": 3 for index in range(10)})
-    assert repeats(uninterrupted) >= 4
-    for stop in (1, 2, 3, 5, 7):
-        first = stream()
-        consumed = _take(first, stop)
-        resumed = stream()
-        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-        rest = _take(resumed, 10 - stop)
-        for expected, got in zip(uninterrupted[stop:], rest):
-            _same_batch(expected, got)
-        assert repeats(consumed + rest) == repeats(uninterrupted), stop
+    assert sum(batch["data_stats"].get("repeated_key", 0) for batch in uninterrupted) >= 4
+    _assert_resumes_give_the_same_batches_and_count(stream, uninterrupted, (1, 2, 3, 5, 7), "repeated_key")
 
 
 def _many_boxes_records(count: int) -> list[dict]:
