@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -224,16 +225,18 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
     marked Collective in the same order: a rank that skips or reorders one hangs the others."""
     run = set_up(config, deepspeed_config_path)
     monitor = Monitor(run.output_dir, run.stop_step, run.start_step, enabled=run.rank == 0)
-    clocks = Clocks()  # after the monitor: its start-up stays out of the figures
     batches = iter(run.stream)
     logged_counts = False  # the data counts of this start not logged yet
     last: dict[str, float] = {}
     run.engine.train()
     preemption = PreemptionWatch()
+    steps = range(run.start_step, run.stop_step)
     try:
-        for step in range(run.start_step, run.stop_step):
+        feed = _with_first_batch_fetched(batches) if steps else batches
+        clocks = Clocks()  # after the monitor's and the data's start-up: they stay out of the figures
+        for step in steps:
             applied_lr = run.engine.get_lr()[0]  # engine.step() moves the schedule on to the next step's lr
-            last = train_step(run, clocks, batches, step)
+            last = train_step(run, clocks, feed, step)
             done = step + 1
             is_log_step = done % config.train.log_every == 0 or done == run.stop_step
             speed = (_device_figures_over_ranks(clocks.since_log.read(), run.world_size, run.engine.device)
@@ -269,6 +272,12 @@ def train(config: RunConfig, deepspeed_config_path: str) -> dict[str, float]:
                  run.output_dir / "summary.json")
     monitor.close()
     return last
+
+
+def _with_first_batch_fetched(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """`batches`, its first batch already fetched: the DataLoader's start-up, and a resume's fast-forward through
+    the records its shards had already given, are not training and must not slow the first logged window."""
+    return itertools.chain([next(batches)], batches)
 
 
 def set_up(config: RunConfig, deepspeed_config_path: str) -> Run:

@@ -8,6 +8,8 @@ from fineclip_ds.training.metrics import peak_tflops
 from tests.training.launcher import run_pretrain, write_ds_config
 
 RANK_METRICS_SCRIPT = Path(__file__).with_name("rank_metrics_pretrain.py")
+SLOW_FIRST_BATCH_SCRIPT = Path(__file__).with_name("slow_first_batch_pretrain.py")
+FIRST_BATCH_DELAY_S = 5.0
 
 
 @pytest.mark.parametrize("device_name,peak", [
@@ -81,3 +83,20 @@ def test_tflops_are_averaged_over_ranks_and_peak_memory_is_the_highest_rank(tmp_
     assert summary["peak_memory_mb"] == 2000.0
     # the data counts of the run, over both ranks (they were only in TensorBoard and the console)
     assert summary["data"]["samples"] == 2 * 2 * 4 and summary["data"]["regions"] <= 2 * 2 * 4 * 4
+
+
+@pytest.mark.slow
+def test_the_data_streams_start_up_counts_in_no_window(tmp_path):
+    """A stream whose first batch arrives 5 s late (a DataLoader starting, a resume fast-forwarding through the
+    records its shards had given): that wait is not training, and the first window's step time and the run's
+    time leave it out. Before, the first window logged the wait plus the step (3.2-4.3 s with a 3 s wait, CPU, 1 rank)."""
+    output_dir = tmp_path / "run"
+    run_pretrain(1, write_ds_config(tmp_path / "ds.json", micro_batch=4, stage=2), output_dir,
+                 "--max_steps", "2", "--set", "train.log_every=1", script=SLOW_FIRST_BATCH_SCRIPT,
+                 env={"FIRST_BATCH_DELAY_S": str(FIRST_BATCH_DELAY_S)})
+    events = EventAccumulator(str(output_dir / "tensorboard"))
+    events.Reload()
+    first_window = events.Scalars("perf/step_time_s")[0]
+    assert first_window.step == 1 and first_window.value < FIRST_BATCH_DELAY_S, first_window
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["step_time_s"] * summary["steps"] < FIRST_BATCH_DELAY_S, summary
