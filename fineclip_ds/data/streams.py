@@ -125,8 +125,9 @@ def read_raw_records(shards: list[str], counts: Counter) -> Iterator[dict[str, A
 
 def _shard_records(shard: str, counts: Counter) -> Iterator[dict[str, Any]]:
     """The raw records of one shard; a read that breaks off (unreadable or truncated data) is logged and counted
-    once in counts["corrupt_shard"], though webdataset reports the failure at two levels. A record yielded after the shard failed was cut off by the failure (webdataset
-    yields the files it had): it is dropped and counted as truncated_record. A record holding a member twice
+    once in counts["corrupt_shard"], though webdataset reports the failure at two levels. A record yielded after
+    the shard failed was cut off by the failure (webdataset yields the files it had): it is dropped and counted
+    as truncated_record. A record holding a member twice
     is dropped and counted as duplicate_member (which of the two is right is unknown). A record whose key an
     earlier record of the shard had (a writer rerun that appended a.jpg ... d.json, a.jpg, a.json) is dropped
     and counted as repeated_key, the first logged: read on, the image would train twice an epoch. All are
